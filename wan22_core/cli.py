@@ -1,0 +1,202 @@
+"""`python -m wan22_core {demo,generate,make-tiny}` (the command-line contract, design.md §4).
+
+Reads like nanoGPT's sample.py: settings at the top, then load, encode, denoise, decode, save,
+each stage timed. Errors exit non-zero with one line (no traceback unless --debug).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from .config import FPS, SOLVERS, SamplerSettings
+
+DEFAULTS = SamplerSettings()
+DEMO_PROMPT = "A red fox trots through fresh snow at sunrise, cinematic tracking shot"
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, steps: int, width: int, height: int, frames: int) -> None:
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--negative-prompt", default=None,
+                   help="default: the official Chinese negative prompt; '' means none")
+    p.add_argument("--width", type=int, default=width)
+    p.add_argument("--height", type=int, default=height)
+    p.add_argument("--frames", type=int, default=frames, help="4k+1")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--shift", type=float, default=DEFAULTS.shift)
+    p.add_argument("--boundary", type=float, default=DEFAULTS.boundary)
+    p.add_argument("--cfg-high", type=float, default=DEFAULTS.cfg_high)
+    p.add_argument("--cfg-low", type=float, default=DEFAULTS.cfg_low)
+    p.add_argument("--solver", choices=SOLVERS, default=DEFAULTS.solver)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=int, default=FPS)
+    p.add_argument("--save-latents", type=Path, default=None,
+                   help="also write the final latents (safetensors, key 'latents', [16,T,H/8,W/8] float32)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--vae-tile", type=int, default=None, metavar="LATENT_PIXELS",
+                   help="decode the VAE in spatial tiles of this many latent pixels (saves memory)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m wan22_core", description="Wan2.2 T2V-A14B (two-expert MoE)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="tiny random model set -> a short mp4 on CPU, in seconds")
+    demo.add_argument("--output", type=Path, default=Path("out/demo.mp4"))
+    demo.add_argument("--cache-dir", type=Path,
+                      default=Path(os.environ.get("WAN22_CACHE", Path.home() / ".cache" / "wan22-moe")))
+    _add_sampling_flags(demo, steps=4, width=128, height=128, frames=17)
+    demo.set_defaults(func=cmd_demo, device="cpu")
+
+    gen = sub.add_parser("generate", help="text -> video from checkpoint files")
+    gen.add_argument("--model-dir", type=Path, help="an official Wan2.2-T2V-A14B folder")
+    gen.add_argument("--high-noise", type=Path)
+    gen.add_argument("--low-noise", type=Path)
+    gen.add_argument("--text-encoder", type=Path)
+    gen.add_argument("--tokenizer", type=Path, help="folder with spiece.model (if the encoder file has none)")
+    gen.add_argument("--vae", type=Path)
+    gen.add_argument("--output", type=Path, default=Path("out/video.mp4"))
+    _add_sampling_flags(gen, steps=DEFAULTS.steps, width=1280, height=720, frames=81)
+    gen.set_defaults(func=cmd_generate)
+
+    tiny = sub.add_parser("make-tiny", help="write a tiny random model set in a real checkpoint layout")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--format", default="official", choices=("official",))
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--dim", type=int)
+    tiny.add_argument("--layers", type=int)
+    tiny.add_argument("--heads", type=int)
+    tiny.add_argument("--ffn-dim", type=int)
+    tiny.add_argument("--text-layers", type=int)
+    tiny.set_defaults(func=cmd_make_tiny)
+    return parser
+
+
+@contextmanager
+def stage(name: str, timings: dict):
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+    print(f"  {name:<14} {timings[name]:7.2f} s", file=sys.stderr)
+
+
+def _model_files(args):
+    from .checkpoints import ModelFiles
+
+    if args.model_dir is not None:
+        return ModelFiles.from_model_dir(args.model_dir)
+    parts = {"--high-noise": args.high_noise, "--low-noise": args.low_noise,
+             "--text-encoder": args.text_encoder, "--vae": args.vae}
+    missing = [flag for flag, value in parts.items() if value is None]
+    if missing:
+        raise ValueError(f"give --model-dir, or all of --high-noise --low-noise --text-encoder --vae "
+                         f"(missing {' '.join(missing)})")
+    return ModelFiles(high_noise=args.high_noise, low_noise=args.low_noise, text_encoder=args.text_encoder,
+                      vae=args.vae, tokenizer=args.tokenizer)
+
+
+def run(args, files) -> dict:
+    """Load, encode, denoise, decode and save; returns the stage timings."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .checkpoints import load_dit, load_text_encoder, load_vae
+    from .pipeline import check_video_size, decode_to_video, denoise, make_noise
+    from .runtime import resolve_device, resolve_dtype
+    from .sampling.moe import ExpertPair
+    from .video import write_mp4
+
+    settings = SamplerSettings(steps=args.steps, shift=args.shift, boundary=args.boundary,
+                               cfg_high=args.cfg_high, cfg_low=args.cfg_low, solver=args.solver).validate()
+    check_video_size(args.frames, args.height, args.width)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    for path in (args.output, args.save_latents):  # fail before minutes of work, not after
+        if path is not None and path.exists() and not args.overwrite:
+            raise FileExistsError(f"{path} exists; choose another name or pass --overwrite")
+    timings: dict[str, float] = {}
+
+    with stage("text encoder", timings):
+        encoder = load_text_encoder(files.text_encoder, files.tokenizer, device="cpu")
+        embeds = encoder.encode_prompt(args.prompt, args.negative_prompt)
+        del encoder  # 11 GB at full size; not needed again
+    with stage("load experts", timings):
+        experts = ExpertPair(load_dit(files.high_noise, dtype), load_dit(files.low_noise, dtype), device)
+    with stage("denoise", timings):
+        noise = make_noise(args.seed, args.frames, args.height, args.width)
+        progress = None if args.quiet else _progress_bar(settings.steps)
+        try:
+            latent = denoise(experts, embeds.positive, embeds.negative, noise, settings,
+                             on_step=progress and (lambda s: progress.update(1)))
+        finally:
+            if progress is not None:
+                progress.close()
+        del experts
+    if args.save_latents is not None:
+        args.save_latents.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.save_latents.with_name(f".{args.save_latents.name}.partial")
+        save_file({"latents": latent.float().cpu().contiguous()}, str(tmp))
+        os.replace(tmp, args.save_latents)
+    with stage("vae decode", timings):
+        vae = load_vae(files.vae, torch.float32 if device.type == "cpu" else dtype).to(device)
+        frames = decode_to_video(vae, latent, tile_size=args.vae_tile)
+    with stage("write mp4", timings):
+        out = write_mp4(frames, args.output, fps=args.fps, overwrite=args.overwrite)
+    print(f"wrote {out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {args.fps} fps)")
+    return timings
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="denoise", unit="step", file=sys.stderr)
+
+
+def cmd_demo(args) -> int:
+    from .tiny import cached_tiny
+
+    timings: dict[str, float] = {}
+    with stage("tiny models", timings):
+        files = cached_tiny(args.cache_dir)
+    timings.update(run(args, files))
+    print(f"total {sum(timings.values()):.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    run(args, _model_files(args))
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from .tiny import make_tiny, tiny_config
+
+    cfg = tiny_config(dim=args.dim, layers=args.layers, heads=args.heads, ffn_dim=args.ffn_dim,
+                      text_layers=args.text_layers)
+    out = make_tiny(args.dir, args.format, cfg, args.seed)
+    print(f"wrote a tiny {args.format} model set to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import Wan22Error
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (Wan22Error, ValueError, OSError) as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2

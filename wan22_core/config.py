@@ -1,0 +1,142 @@
+"""The one source of model sizes and sampling defaults.
+
+Everything that names a dimension, a default step count, the MoE boundary, a CFG scale or the
+default negative prompt reads it from here: nodes, the CLI and the tests included.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """One Wan2.2 diffusion-transformer expert (official `WanModel` hyper-parameters)."""
+
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40  # head dim 128; Ulysses degrees must divide this
+    num_layers: int = 40
+    in_dim: int = 16  # latent channels (Wan2.1 VAE z_dim)
+    out_dim: int = 16
+    text_dim: int = 4096  # UMT5-XXL d_model
+    freq_dim: int = 256  # sinusoidal time-embedding width
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (t, h, w): tokens are 2x2 latent pixels
+    text_len: int = 512  # context is zero-padded to this many slots; cross-attn sees all of them
+    eps: float = 1e-6
+    rope_max_positions: int = 1024  # per axis; official RoPE tables have this many rows
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def __post_init__(self):
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim {self.head_dim} must be even for RoPE")
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """UMT5-XXL encoder as used by Wan (official `umt5_xxl(encoder_only=True)`)."""
+
+    vocab_size: int = 256384
+    dim: int = 4096
+    ffn_dim: int = 10240  # gated-GELU
+    num_heads: int = 64
+    num_layers: int = 24
+    num_buckets: int = 32  # relative-position buckets, one table per layer (shared_pos=False)
+    max_distance: int = 128
+    text_len: int = 512
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Wan2.1 VAE (z_dim 16); the A14B experts share it with Wan2.1."""
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    # Derived from the above, but named because shapes everywhere depend on it:
+    # frames -> (frames - 1) // 4 + 1 latent frames, pixels / 8 per spatial axis.
+    stride: tuple[int, int, int] = (4, 8, 8)
+
+
+# Per-channel latent statistics of the Wan2.1 VAE (official `Wan2_1_VAE.__init__`).
+# The engine samples in normalised space z = (raw - mean) / std.
+LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+# Official `sample_neg_prompt` (shared_config.py), used when the user gives no negative prompt.
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+SOLVERS = ("unipc", "dpm++", "euler")
+NUM_TRAIN_TIMESTEPS = 1000
+FPS = 16
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """What the MoE loop needs besides models, embeddings and noise (official t2v-A14B defaults)."""
+
+    steps: int = 40
+    # Flow shift: sigma' = s*sigma / (1 + (s-1)*sigma). 12 keeps most steps at high noise, where
+    # the A14B high-noise expert was trained to lay out the motion.
+    shift: float = 12.0
+    # The expert switch: high-noise expert iff timestep >= boundary * 1000. 0.875 is the
+    # official t2v value (half the minimum SNR, per the Wan2.2 paper); 26 of 40 steps go high.
+    boundary: float = 0.875
+    cfg_high: float = 4.0  # official sample_guide_scale is (low, high) = (3.0, 4.0)
+    cfg_low: float = 3.0
+    solver: str = "unipc"
+
+    def validate(self) -> "SamplerSettings":
+        import math
+
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if not (isinstance(self.boundary, (int, float)) and 0.0 <= self.boundary <= 1.0):
+            raise ValueError(f"boundary must be in [0, 1], got {self.boundary!r}")
+        for name in ("shift", "cfg_high", "cfg_low"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.shift == 0:
+            raise ValueError("shift must be > 0, got 0")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {self.solver!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A complete model set: two experts of one size, the text encoder and the VAE."""
+
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+
+
+A14B = ModelConfig()
+
+# Tiny sizes for tests and the CPU demo: same structure, random weights, seconds on a laptop.
+TINY = ModelConfig(
+    dit=DiTConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, freq_dim=32),
+    text=TextEncoderConfig(vocab_size=256, dim=32, ffn_dim=64, num_heads=4, num_layers=2),
+    vae=VAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
+)
+
+FLAVOURS = {"a14b": A14B, "tiny": TINY}
+
+
+def with_overrides(cfg: ModelConfig, **dit_fields) -> ModelConfig:
+    """A copy of `cfg` whose DiT fields are replaced (used by make-tiny's size flags)."""
+    return replace(cfg, dit=replace(cfg.dit, **dit_fields))

@@ -1,0 +1,150 @@
+"""Noise, the MoE denoising loop, and (with text encoder and VAE) prompt -> video.
+
+`denoise` is a pure function of its inputs: experts, embeddings, noise, settings. Progress,
+previews and cancellation go through plain callbacks, so ComfyUI nodes, the CLI and the
+multi-GPU workers wrap the same loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import VAEConfig, SamplerSettings
+from .errors import Cancelled, NumericalError
+from .sampling.moe import ExpertPair, apply_guidance, guidance_scale, select_expert
+from .sampling.schedule import partial_schedule
+from .sampling.solvers import make_solver
+
+Z_DIM = VAEConfig().z_dim
+_STRIDE_T, _STRIDE_S, _ = VAEConfig().stride
+MAX_LATENT_POSITIONS = 1024  # RoPE table rows per axis; tokens are 2x2 latent pixels
+
+
+def check_video_size(frames: int, height: int, width: int) -> None:
+    """Raise a ValueError naming the first bad size argument and the allowed values."""
+    for name, value in (("frames", frames), ("height", height), ("width", width)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if frames < 1 or (frames - 1) % _STRIDE_T:
+        below = max(1, (frames - 1) // _STRIDE_T * _STRIDE_T + 1)
+        raise ValueError(f"frames must be 4k+1 (1, 5, ..., 77, 81, ...), got {frames}; "
+                         f"the nearest valid values are {below} and {below + _STRIDE_T}")
+    if (frames - 1) // _STRIDE_T + 1 > MAX_LATENT_POSITIONS:
+        raise ValueError(f"frames must be at most {4 * (MAX_LATENT_POSITIONS - 1) + 1}, got {frames}")
+    limit = 16 * MAX_LATENT_POSITIONS
+    for name, value in (("height", height), ("width", width)):
+        if value < 16 or value % 16 or value > limit:
+            raise ValueError(f"{name} must be a multiple of 16 between 16 and {limit}, got {value}")
+
+
+def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """[16, T_lat, H/8, W/8] for a video of `frames` x `height` x `width` pixels."""
+    check_video_size(frames, height, width)
+    return (Z_DIM, (frames - 1) // _STRIDE_T + 1, height // _STRIDE_S, width // _STRIDE_S)
+
+
+def make_noise(seed: int, frames: int, height: int, width: int) -> torch.Tensor:
+    """The noise contract: a CPU generator, float32, shape (16, T_lat, H/8, W/8).
+
+    Same seed -> same noise on every machine, so CPU, one GPU and N GPUs start identically.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    g = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(latent_shape(frames, height, width), generator=g, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a progress/preview callback sees after each step."""
+
+    index: int  # 0-based step just finished
+    total: int
+    timestep: int
+    expert: str  # "high" or "low"
+    latent: torch.Tensor  # [16, T, h, w] after the step
+    denoised: torch.Tensor  # [16, T, h, w] the model's clean-latent estimate at this step (previews)
+
+
+def stack_contexts(*contexts: torch.Tensor) -> torch.Tensor:
+    """[L_i, D] tensors -> [n, max L_i, D], zero-padded (the model zero-pads to 512 anyway)."""
+    longest = max(c.shape[0] for c in contexts)
+    return torch.stack([F.pad(c, (0, 0, 0, longest - c.shape[0])) for c in contexts])
+
+
+def predict_velocity(model, x, timestep, cond, uncond, scale: float, batch_cfg: bool) -> torch.Tensor:
+    """Guided flow prediction for one latent x [16, T, h, w]; skips the uncond pass when g == 1."""
+    t = torch.tensor([timestep], device=x.device)
+    if scale == 1.0:  # distilled (e.g. 4-step LoRA) sampling: guidance is a no-op, save half
+        return model(x[None], t, cond[None])[0]
+    if batch_cfg:  # one batch-2 forward: fewer kernel launches and one pass over the weights
+        both = model(x[None].expand(2, *x.shape), t.expand(2), stack_contexts(cond, uncond))
+        return apply_guidance(both[0], both[1], scale)
+    return apply_guidance(model(x[None], t, cond[None])[0], model(x[None], t, uncond[None])[0], scale)
+
+
+def denoise(
+    experts: ExpertPair,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    noise: torch.Tensor,
+    settings: SamplerSettings = SamplerSettings(),
+    *,
+    latent: torch.Tensor | None = None,
+    denoise_strength: float = 1.0,
+    batch_cfg: bool = True,
+    on_step: Callable[[StepInfo], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Run the two-expert flow-matching loop and return the final latent [16, T, h, w] float32.
+
+    positive/negative: text embeddings [L, text_dim] (trimmed or zero-padded). noise: the
+    initial noise (see `make_noise`). latent: an optional starting latent (normalised space,
+    same shape as noise); with denoise_strength < 1 the loop starts part-way down the schedule
+    from that latent noised to the first sigma, as ComfyUI's samplers do.
+    """
+    settings.validate()
+    if latent is None and denoise_strength != 1.0:
+        raise ValueError(f"denoise {denoise_strength} < 1 needs an input latent to start from; "
+                         "connect a latent or set denoise to 1.0")
+    if latent is not None and tuple(latent.shape) != tuple(noise.shape):
+        raise ValueError(f"input latent has shape {tuple(latent.shape)}, expected {tuple(noise.shape)} "
+                         f"([16 channels, latent frames, height/8, width/8]) to match the requested size")
+    schedule = partial_schedule(settings.steps, settings.shift, settings.solver, denoise_strength)
+    solver = make_solver(settings.solver, schedule.sigmas)
+    device, dtype = experts.device, torch.float32
+
+    x = noise.to(device, dtype)
+    if latent is not None:
+        sigma0 = float(schedule.sigmas[0])
+        x = sigma0 * x + (1.0 - sigma0) * latent.to(device, dtype)
+    cond, uncond = positive.to(device), negative.to(device)
+
+    total = len(schedule.timesteps)
+    for i, t in enumerate(schedule.timesteps.tolist()):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"cancelled before step {i + 1}/{total}")
+        expert = select_expert(t, settings.boundary)
+        with torch.no_grad():
+            v = predict_velocity(experts.get(expert), x, t, cond, uncond,
+                                 guidance_scale(expert, settings), batch_cfg)
+            denoised = x - float(schedule.sigmas[i]) * v
+            x = solver.step(v, x)
+        if not torch.isfinite(x).all():
+            raise NumericalError(
+                f"NaN/Inf in the latents after step {i + 1}/{total} (timestep {t}, {expert}-noise expert); "
+                "the weights or the dtype overflowed: try bf16 instead of fp16, or check the checkpoint")
+        if on_step is not None:
+            on_step(StepInfo(i, total, t, expert, x, denoised))
+    return x
+
+
+def decode_to_video(vae, latent: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
+    """Normalised latent [16, T, h, w] -> frames [4(T-1)+1, 8h, 8w, 3] float in [0, 1] (CPU)."""
+    from .models.vae import decode_to_images
+
+    with torch.no_grad():
+        return decode_to_images(vae, latent[None].to(vae.dtype), tile_size=tile_size).cpu()

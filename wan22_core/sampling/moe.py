@@ -1,0 +1,69 @@
+"""Mixture-of-experts routing, per-expert guidance and expert residency.
+
+Wan2.2 A14B has two full experts: the high-noise one lays out motion and composition, the
+low-noise one refines detail. Which one runs depends only on the timestep.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import NUM_TRAIN_TIMESTEPS, SamplerSettings
+
+HIGH, LOW = "high", "low"
+
+
+def select_expert(timestep: int, boundary: float) -> str:
+    """High-noise expert iff timestep >= boundary * 1000 (official: int timestep >= 875.0)."""
+    return HIGH if timestep >= boundary * NUM_TRAIN_TIMESTEPS else LOW
+
+
+def guidance_scale(expert: str, settings: SamplerSettings) -> float:
+    return settings.cfg_high if expert == HIGH else settings.cfg_low
+
+
+def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + g * (cond - uncond)."""
+    return uncond + scale * (cond - uncond)
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def both_fit(high: nn.Module, low: nn.Module, device: torch.device) -> bool:
+    """Whether both experts can stay on `device` for the whole run.
+
+    Keep 40% of the card for activations (720p: ~1.5 GB per fp32 residual copy, more in the
+    FFN and attention) and the VAE; A14B bf16 experts are 28.6 GB each, so an 80 GB card swaps
+    and a 141 GB card keeps both.
+    """
+    if device.type != "cuda":
+        return True  # CPU (and other hosts): moving between host memories gains nothing
+    total = torch.cuda.get_device_properties(device).total_memory
+    return module_bytes(high) + module_bytes(low) <= 0.6 * total
+
+
+class ExpertPair:
+    """The two experts and where they live.
+
+    When both fit on the compute device they are both moved there once. Otherwise only the
+    active expert is on the device and the other waits on `offload_device`: one move per
+    switch (at step 0 and at the boundary), never one per step.
+    """
+
+    def __init__(self, high: nn.Module, low: nn.Module, device: torch.device,
+                 keep_both: bool | None = None, offload_device: torch.device = torch.device("cpu")):
+        self.experts = {HIGH: high, LOW: low}
+        self.device = torch.device(device)
+        self.offload_device = torch.device(offload_device)
+        self.keep_both = both_fit(high, low, self.device) if keep_both is None else keep_both
+        self.active: str | None = None
+
+    def get(self, name: str) -> nn.Module:
+        if name != self.active:
+            if not self.keep_both and self.active is not None:
+                self.experts[self.active].to(self.offload_device)  # free memory before loading
+            self.experts[name].to(self.device)
+            self.active = name
+        return self.experts[name]

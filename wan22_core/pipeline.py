@@ -147,4 +147,5 @@ def decode_to_video(vae, latent: torch.Tensor, tile_size: int | None = None) -> 
     from .models.vae import decode_to_images
 
     with torch.no_grad():
-        return decode_to_images(vae, latent[None].to(vae.dtype), tile_size=tile_size).cpu()
+        # no cast here: decode de-normalises in fp32 before casting to the VAE's dtype
+        return decode_to_images(vae, latent[None].to(next(vae.parameters()).device), tile_size=tile_size).cpu()

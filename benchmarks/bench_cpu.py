@@ -1,0 +1,157 @@
+"""Ours vs diffusers, side by side on the CPU (not a test; prints ratios).
+
+    python benchmarks/bench_cpu.py            # loop + forward + peak RSS, default small config
+    python benchmarks/bench_cpu.py --repeats 7 --dim 256 --layers 4 --heads 8
+
+1. loop: our `denoise` vs diffusers `WanPipeline(transformer, transformer_2, boundary_ratio)` on
+   the same random experts, embeddings, noise and official UniPC grid (output_type="latent").
+   Runs alternate (ours, diffusers, ours, ...) so machine noise hits both; the median of the
+   per-pair ratios is reported. Final latents are compared too, so a fast wrong answer shows.
+2. forward: one DiT forward (cond+uncond, i.e. batch 2) ours vs diffusers.
+3. rss: peak resident memory of a fresh process running each loop once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def build(args):
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    from wan22_core.config import DiTConfig, SamplerSettings
+    from wan22_core.keymaps import dit_official_to_diffusers
+    from wan22_core.models.transformer import WanModel
+    from wan22_core.pipeline import make_noise
+    from wan22_core.sampling.moe import ExpertPair
+    from wan22_core.tiny import seeded
+
+    cfg = DiTConfig(dim=args.dim, ffn_dim=args.dim * 3, num_heads=args.heads, num_layers=args.layers,
+                    text_dim=args.text_dim, freq_dim=256)
+    ours = [seeded(i, lambda: WanModel(cfg)) for i in (1, 2)]
+
+    def twin(model):
+        ref = WanTransformer3DModel(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+                                    text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
+                                    num_layers=cfg.num_layers)
+        ref.load_state_dict({dit_official_to_diffusers(k): v for k, v in model.state_dict().items()})
+        return ref.eval()
+
+    class OfficialGridUniPC(UniPCMultistepScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
+            grid = np.linspace(np.float32(0.999).item(), 0, num_inference_steps + 1)[:-1]
+            super().set_timesteps(device=device, sigmas=grid)
+
+    settings = SamplerSettings(steps=args.steps)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=twin(ours[0]),
+                       transformer_2=twin(ours[1]), boundary_ratio=settings.boundary,
+                       scheduler=OfficialGridUniPC(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                   flow_shift=settings.shift, num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.randn(40, cfg.text_dim, generator=g), torch.randn(60, cfg.text_dim, generator=g)
+    noise = make_noise(0, args.frames, args.size, args.size)
+    pad = lambda c: torch.nn.functional.pad(c, (0, 0, 0, 512 - c.shape[0]))[None]
+
+    def run_ours():
+        from wan22_core.pipeline import denoise
+        return denoise(ExpertPair(ours[0], ours[1], torch.device("cpu")), pos, neg, noise, settings)
+
+    def run_diffusers():
+        return pipe(prompt_embeds=pad(pos), negative_prompt_embeds=pad(neg), height=args.size, width=args.size,
+                    num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=settings.cfg_high,
+                    guidance_scale_2=settings.cfg_low, latents=noise[None].clone(), output_type="latent",
+                    return_dict=False)[0][0]
+
+    def forward_ours():
+        with torch.no_grad():
+            x = noise[None].expand(2, *noise.shape)
+            return ours[0](x, torch.tensor([999, 999]), torch.stack([pad(pos)[0], pad(neg)[0]]))
+
+    def forward_diffusers():
+        with torch.no_grad():
+            return [pipe.transformer(noise[None], torch.tensor([999]), c, return_dict=False)[0]
+                    for c in (pad(pos), pad(neg))]
+
+    return cfg, run_ours, run_diffusers, forward_ours, forward_diffusers
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def side_by_side(a, b, repeats):
+    timed(a), timed(b)  # warm-up: first-call allocations, SDPA kernel selection
+    pairs = []
+    for _ in range(repeats):
+        ta, out_a = timed(a)
+        tb, out_b = timed(b)
+        pairs.append((ta, tb))
+    return pairs, out_a, out_b
+
+
+def report(name, pairs):
+    ours, theirs = [p[0] for p in pairs], [p[1] for p in pairs]
+    ratio = statistics.median(a / b for a, b in pairs)
+    print(f"{name:<8} ours {statistics.median(ours):8.3f} s   diffusers {statistics.median(theirs):8.3f} s   "
+          f"median ratio ours/diffusers {ratio:.3f}  (n={len(pairs)})")
+    return ratio
+
+
+def child_rss(args, which):
+    """Peak RSS (MiB) of a fresh process that builds the models and runs one loop."""
+    out = subprocess.run([sys.executable, __file__, "--child", which, *argv_of(args)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["rss_mib"]
+
+
+def argv_of(args):
+    return [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "repeats")]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--text-dim", type=int, default=256)
+    p.add_argument("--frames", type=int, default=33)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--child", choices=("ours", "diffusers"), default=None)
+    args = p.parse_args()
+
+    cfg, run_ours, run_diffusers, fwd_ours, fwd_diffusers = build(args)
+    if args.child:
+        (run_ours if args.child == "ours" else run_diffusers)()
+        print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        return
+
+    tokens = (args.frames - 1) // 4 + 1
+    tokens *= (args.size // 16) ** 2
+    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"# DiT dim {cfg.dim}, {cfg.num_layers} layers, {cfg.num_heads} heads, ffn {cfg.ffn_dim}; "
+          f"{args.frames} frames at {args.size}x{args.size} = {tokens} tokens; {args.steps} steps UniPC, CFG 4/3")
+    pairs, a, b = side_by_side(run_ours, run_diffusers, args.repeats)
+    report("loop", pairs)
+    print(f"         final latents rel. L2 ours vs diffusers: {((a - b).norm() / b.norm()).item():.2e}")
+    pairs, _, _ = side_by_side(fwd_ours, fwd_diffusers, args.repeats)
+    report("forward", pairs)
+    ours_rss, theirs_rss = child_rss(args, "ours"), child_rss(args, "diffusers")
+    print(f"peak RSS ours {ours_rss:.0f} MiB   diffusers {theirs_rss:.0f} MiB   ratio {ours_rss / theirs_rss:.3f}")
+
+
+if __name__ == "__main__":
+    main()

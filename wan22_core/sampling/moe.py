@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import NUM_TRAIN_TIMESTEPS, SamplerSettings
+from ..offload import BlockSwap
 
 HIGH, LOW = "high", "low"
 
@@ -49,21 +50,40 @@ class ExpertPair:
 
     When both fit on the compute device they are both moved there once. Otherwise only the
     active expert is on the device and the other waits on `offload_device`: one move per
-    switch (at step 0 and at the boundary), never one per step.
+    switch (at step 0 and at the boundary), never one per step. With `swap_blocks` > 0 the
+    active expert also keeps that many blocks in host memory, streamed in per block
+    (`wan22_core.offload.BlockSwap`), for cards that cannot hold one whole expert.
     """
 
     def __init__(self, high: nn.Module, low: nn.Module, device: torch.device,
-                 keep_both: bool | None = None, offload_device: torch.device = torch.device("cpu")):
+                 keep_both: bool | None = None, offload_device: torch.device = torch.device("cpu"),
+                 swap_blocks: int = 0):
         self.experts = {HIGH: high, LOW: low}
         self.device = torch.device(device)
         self.offload_device = torch.device(offload_device)
+        self.swap_blocks = swap_blocks
+        if swap_blocks:
+            keep_both = False  # block swap exists because one expert does not fit
         self.keep_both = both_fit(high, low, self.device) if keep_both is None else keep_both
         self.active: str | None = None
+        self._swap: BlockSwap | None = None
 
     def get(self, name: str) -> nn.Module:
         if name != self.active:
             if not self.keep_both and self.active is not None:
-                self.experts[self.active].to(self.offload_device)  # free memory before loading
-            self.experts[name].to(self.device)
+                self._offload(self.experts[self.active])  # free memory before loading
+            self._place(self.experts[name])
             self.active = name
         return self.experts[name]
+
+    def _place(self, expert: nn.Module) -> None:
+        if self.swap_blocks:
+            self._swap = BlockSwap(expert.blocks, self.swap_blocks, self.device)  # moves the rest too
+        else:
+            expert.to(self.device)
+
+    def _offload(self, expert: nn.Module) -> None:
+        if self._swap is not None:
+            self._swap.remove()
+            self._swap = None
+        expert.to(self.offload_device)

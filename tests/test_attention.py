@@ -1,0 +1,69 @@
+"""Attention backends behind the seam, and regional torch.compile: same numbers as eager SDPA."""
+import importlib
+
+import pytest
+import torch
+
+from wan22_core.config import DiTConfig
+from wan22_core.models.attention import AttentionKernel, resolve_backend, set_attention_backend
+from wan22_core.models.transformer import WanModel
+from wan22_core.optimize import compile_blocks, compile_toolchain_problem
+
+CFG = DiTConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, freq_dim=32)
+
+
+def test_sdpa_kernel_equals_float64_softmax_attention():
+    q, k, v = torch.randn(2, 13, 4, 16), torch.randn(2, 7, 4, 16), torch.randn(2, 7, 4, 16)
+    out = AttentionKernel("sdpa")(q, k, v)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / 16**0.5
+    expected = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double())
+    assert out.shape == (2, 13, 4, 16)
+    assert ((out.double() - expected).norm() / expected.norm()).item() <= 1e-6
+
+
+@pytest.mark.parametrize("backend,package", [("flash_attn", "flash_attn"), ("flash_attn3", "flash_attn_interface"),
+                                             ("sage", "sageattention")])
+def test_selecting_a_missing_backend_says_what_to_install(backend, package, monkeypatch):
+    real = importlib.import_module
+
+    def fake(name, *args):
+        if name == package:
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(ValueError, match=f"'{package}' package is not installed.*or choose 'sdpa'"):
+        resolve_backend(backend)
+
+
+def test_auto_is_sdpa_without_cuda_and_unknown_names_fail():
+    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    with pytest.raises(ValueError, match="attention backend must be one of auto, sdpa"):
+        resolve_backend("xformers")
+
+
+def test_set_backend_reaches_every_kernel():
+    model = WanModel(CFG)
+    assert set_attention_backend(model, "auto", torch.device("cpu")) == "sdpa"
+    kernels = [m for m in model.modules() if isinstance(m, AttentionKernel)]
+    assert len(kernels) == 2 * CFG.num_layers and all(k.backend == "sdpa" for k in kernels)
+
+
+@pytest.mark.skipif(compile_toolchain_problem(torch.device("cpu")) is not None, reason="no C++ compiler")
+def test_regional_compile_matches_eager():
+    torch.manual_seed(0)
+    model = WanModel(CFG).eval()
+    x, t, ctx = torch.randn(1, 16, 2, 8, 8), torch.tensor([900]), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        eager = model(x, t, ctx)
+        assert compile_blocks(model, torch.device("cpu"))
+        compiled = model(x, t, ctx)
+    assert ((compiled - eager).norm() / eager.norm()).item() <= 1e-5
+
+
+def test_compile_falls_back_with_a_message_without_toolchain(monkeypatch):
+    import wan22_core.optimize as optimize
+
+    monkeypatch.setattr(optimize.shutil, "which", lambda name: None)
+    with pytest.warns(UserWarning, match="torch.compile disabled: no C\\+\\+ compiler"):
+        assert compile_blocks(WanModel(CFG), torch.device("cpu")) is False

@@ -1,0 +1,82 @@
+"""Block swap: run a model whose blocks do not all fit on the GPU.
+
+The last `num_blocks` transformer blocks keep their weights in (pinned) host memory. Just before
+such a block runs, its weights are copied to the device; right after, the device copy is dropped
+(the weights never change, so nothing is copied back). The next swapped block is prefetched on a
+side CUDA stream while the current block computes, so with enough compute per block the copies
+are hidden. At most two swapped blocks are on the device at any time.
+
+At 720p one A14B block (351M parameters, 0.70 GB in bf16) computes for ~0.4 s on an H100, while
+its copy over PCIe 4 x16 (~25 GB/s) takes ~0.03 s: swapping most of the 40 blocks is nearly free
+there, which is what lets a 24 GB card hold the activations of a 720p video.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BlockSwap:
+    def __init__(self, blocks: nn.ModuleList, num_blocks: int, device: torch.device):
+        if not 0 <= num_blocks <= len(blocks):
+            raise ValueError(f"block swap: num_blocks must be between 0 and {len(blocks)}, got {num_blocks}")
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.swapped = list(blocks)[len(blocks) - num_blocks:]
+        self.order = {block: i for i, block in enumerate(self.swapped)}
+        self.host: dict[nn.Module, list[tuple[nn.Parameter, torch.Tensor]]] = {}
+        self.ready: dict[nn.Module, torch.cuda.Event | None] = {}
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.peak_resident = 0  # most swapped blocks on the device at once (bookkeeping, tests)
+        for block in blocks:
+            if block not in self.order:
+                block.to(self.device)
+        for block in self.swapped:
+            block.to("cpu")
+            self.host[block] = [(p, p.data.pin_memory() if self.cuda else p.data) for p in block.parameters()]
+        self._hooks = [h for block in self.swapped for h in (
+            block.register_forward_pre_hook(self._before), block.register_forward_hook(self._after))]
+
+    def resident(self) -> list[int]:
+        """Indices (within the swapped blocks) whose weights are on the device now."""
+        return [self.order[b] for b in self.ready]
+
+    def _load(self, block: nn.Module) -> None:
+        if block in self.ready:
+            return
+        if self.cuda:
+            with torch.cuda.stream(self.stream):
+                for param, host in self.host[block]:
+                    param.data = host.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        else:  # a real copy, so CPU tests exercise the same bookkeeping
+            for param, host in self.host[block]:
+                param.data = host.clone()
+            event = None
+        self.ready[block] = event
+        self.peak_resident = max(self.peak_resident, len(self.ready))
+
+    def _before(self, block: nn.Module, args) -> None:
+        self._load(block)
+        event = self.ready[block]
+        if event is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            for param, _ in self.host[block]:
+                param.data.record_stream(compute)  # not reused by the allocator before compute is done
+        nxt = self.swapped[(self.order[block] + 1) % len(self.swapped)]
+        if nxt is not block:
+            self._load(nxt)  # prefetch, overlapping this block's compute
+
+    def _after(self, block: nn.Module, args, output) -> None:
+        for param, host in self.host[block]:
+            param.data = host  # drop the device copy; the host copy is the master
+        del self.ready[block]
+
+    def remove(self) -> None:
+        """Undo: hooks off, every swapped block's weights back on the host."""
+        for hook in self._hooks:
+            hook.remove()
+        for block in list(self.ready):
+            self._after(block, None, None)

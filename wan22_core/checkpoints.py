@@ -1,35 +1,67 @@
-"""Find, read and load checkpoint files into our modules.
+"""Find, recognise, read and load checkpoint files into our modules.
 
-Readers never execute code from a file: safetensors are memory-mapped, `.pth` files go through
-`torch.load(weights_only=True)`. Tensors are cast to the target dtype one at a time into a
-model built on the meta device, so loading a 57 GB fp32 expert as bf16 peaks at the bf16 model
-plus one fp32 tensor, never a full fp32 copy.
+Layouts, recognised by tensor names and shapes (never by file names):
+- official `Wan-AI/Wan2.2-T2V-A14B` folder: sharded expert folders, `.pth` T5 and VAE;
+- ComfyUI single files: official DiT names, bare or under `model.diffusion_model.`; the UMT5
+  encoder in transformers names with the tokenizer embedded as a uint8 `spiece_model` tensor;
+- scaled fp8 (a root `scaled_fp8` marker, fp8 weights and per-Linear `.scale_weight`, or newer
+  ComfyUI's `.weight_scale`): block Linears stay fp8 (see `fp8.py`), the rest is dequantised;
+- diffusers `Wan-AI/Wan2.2-T2V-A14B-Diffusers`: `transformer/`, `transformer_2/`, `vae/`
+  (renamed through `keymaps`), `text_encoder/` (transformers UMT5) and `tokenizer/`.
+`check_slot` tells a file in the wrong slot (a VAE as an expert, an I2V or TI2V-5B model, a
+LoRA, ...) from its header alone; every loader calls it first, `ModelFiles.check` for a set.
 
-Layouts: this module reads the official `Wan-AI/Wan2.2-T2V-A14B` folder (see `ModelFiles`).
+Reading never executes code from a file: `.pth` goes through `torch.load(weights_only=True)`,
+safetensors headers are validated by the safetensors library and the tensor bytes are then
+read with plain file reads, one tensor at a time, cast to the target dtype and moved to the
+target device before the next is read. So loading a 57 GB fp32 expert as bf16 peaks at the bf16
+model plus one fp32 tensor: no full fp32 copy, and no memory-mapped pages counted against the
+process (reading through an mmap keeps every touched page of the file resident: 3x the bf16
+size at peak for an fp32 file, measured). A `keep(name)` predicate reads only some tensors, so
+each rank of a sharded model reads just its part from disk.
+
+The DiT head count is not in any tensor shape. Files we write carry it in the safetensors
+metadata (`num_heads`), folders in config.json; other files get the Wan convention of 128-wide
+heads (every released Wan DiT).
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import DiTConfig, TextEncoderConfig, VAEConfig
+from .config import DiTConfig, VAEConfig
 from .errors import Wan22Error
+from .fp8 import FP8, FP8Linear, block_linear_names, dequantize_fp8, quantize_fp8, swap_to_fp8
+from .keymaps import COMFY_DIT_PREFIX, dit_diffusers_to_official, vae_diffusers_to_official
 from .models.transformer import WanModel
 from .models.vae import WanVAE
+
+log = logging.getLogger(__name__)
 
 # Official Wan2.2-T2V-A14B folder names.
 HIGH_NOISE_DIR, LOW_NOISE_DIR = "high_noise_model", "low_noise_model"
 T5_FILE, T5_TOKENIZER_DIR = "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl"
 VAE_FILE = "Wan2.1_VAE.pth"
+# Wan-AI/Wan2.2-T2V-A14B-Diffusers folder names (transformer = high-noise expert).
+DIFFUSERS_DIRS = {"high_noise": "transformer", "low_noise": "transformer_2", "text_encoder": "text_encoder",
+                  "tokenizer": "tokenizer", "vae": "vae"}
+# ComfyUI's model folders (`DIR` can be ComfyUI's `models/`).
+COMFY_DIRS = {"experts": "diffusion_models", "text_encoder": "text_encoders", "vae": "vae"}
 WAN_HEAD_DIM = 128  # every released Wan DiT uses 128-wide heads; files without a config rely on it
+NUM_HEADS_KEY = "num_heads"  # safetensors metadata key for the head count in files we write
+SPIECE_KEY = "spiece_model"  # ComfyUI's umt5 files embed spiece.model as this uint8 tensor
+SCALED_FP8_MARKER = "scaled_fp8"
+
+Keep = Callable[[str], bool]
 
 
 class CheckpointError(Wan22Error):
@@ -37,7 +69,135 @@ class CheckpointError(Wan22Error):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading tensors
+# 1. Reading: headers first, then tensor bytes one at a time
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes are (`start` is the absolute file offset; -1 for `.pth`)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    nbytes: int
+
+
+class Checkpoint:
+    """Names, dtypes and shapes of a checkpoint file or folder, read from headers only.
+
+    Opening one is cheap at any size; `read` then reads the tensors you ask for.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"checkpoint not found: {self.path}")
+        self.entries: dict[str, TensorEntry] = {}
+        self.metadata: dict[str, str] = {}
+        self._pickled: dict[str, torch.Tensor] = {}
+        config = self.path / "config.json"
+        self.config: dict = json.loads(config.read_text()) if self.path.is_dir() and config.is_file() else {}
+        if self.path.is_file() and self.path.suffix in _PICKLE_SUFFIXES:
+            self._pickled = _load_pickle_safely(self.path)
+            self.entries = {k: TensorEntry(v.dtype, tuple(v.shape), self.path, -1, v.nbytes)
+                            for k, v in self._pickled.items()}
+        else:
+            for file in _safetensors_files(self.path):
+                self._add_safetensors(file)
+
+    def _add_safetensors(self, file: Path) -> None:
+        try:  # the library validates the header: JSON, dtypes, shapes, offsets, file length
+            with safe_open(str(file), framework="pt") as f:
+                self.metadata.update(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"cannot read {file}: {err}; the file is truncated or not a "
+                                  "safetensors file, download it again") from err
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        data_start = 8 + header_len
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{file}: tensor {name!r} has dtype {info['dtype']}, which this loader "
+                                      f"does not read (known: {', '.join(_SAFETENSORS_DTYPES)})")
+            begin, end = info["data_offsets"]
+            self.entries[name] = TensorEntry(_SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), file,
+                                             data_start + begin, end - begin)
+
+    @property
+    def num_heads(self) -> int | None:
+        """The DiT head count from config.json (official or diffusers) or our metadata, if any."""
+        heads = (self.config.get("num_heads") or self.config.get("num_attention_heads")
+                 or self.metadata.get(NUM_HEADS_KEY))
+        return int(heads) if heads is not None else None
+
+    def meta_tensors(self, names: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+        """{new name: meta tensor of the right dtype and shape}, for configs and checks without I/O."""
+        names = names if names is not None else {k: k for k in self.entries}
+        return {new: torch.empty(self.entries[old].shape, dtype=self.entries[old].dtype, device="meta")
+                for old, new in names.items()}
+
+    def read(self, names, device: torch.device | str = "cpu",
+             dtype: torch.dtype | dict[str, torch.dtype] | None = None,
+             transient: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) in file order, each on `device` before the next is read.
+
+        dtype: floating tensors are cast to it (one dtype, or {name: dtype}; names not in the
+        dict keep their stored dtype). fp8 tensors are never cast: their value needs a scale.
+        A tensor that is cast or moved anyway is read into one reused scratch buffer, so the
+        process never holds more than one stored-dtype tensor besides what it returns (and a
+        fresh allocation per read would fragment the heap: +50% peak RSS, measured).
+        transient: every tensor may be a view of that buffer, valid until the next one is read,
+        for callers that convert each tensor themselves (quantising to fp8).
+        """
+        ordered = sorted(names, key=lambda n: (str(self.entries[n].file), self.entries[n].start))
+        targets = {n: self._target_dtype(n, dtype) for n in ordered}
+        moved = torch.device(device).type != "cpu"
+        converted = (set(ordered) if transient or moved
+                     else {n for n in ordered if targets[n] != self.entries[n].dtype})
+        scratch = torch.empty(max((self.entries[n].nbytes for n in converted), default=0), dtype=torch.uint8)
+        handles = {}
+        try:
+            for name in ordered:
+                entry = self.entries[name]
+                if entry.start < 0:
+                    tensor = self._pickled[name]
+                else:
+                    if entry.file not in handles:
+                        handles[entry.file] = open(entry.file, "rb")
+                    buffer = scratch[:entry.nbytes] if name in converted else None
+                    tensor = _read_bytes(handles[entry.file], entry, name, buffer)
+                yield name, tensor.to(device, targets[name])
+        finally:
+            for handle in handles.values():
+                handle.close()
+
+    def _target_dtype(self, name: str, dtype: torch.dtype | dict[str, torch.dtype] | None) -> torch.dtype:
+        stored = self.entries[name].dtype
+        wanted = dtype.get(name) if isinstance(dtype, dict) else dtype
+        if wanted is None or not stored.is_floating_point or stored in _FP8_DTYPES:
+            return stored
+        return wanted
+
+
+def _read_bytes(handle, entry: TensorEntry, name: str, buffer: torch.Tensor | None) -> torch.Tensor:
+    """The tensor's bytes read into `buffer` (uint8, reused by the caller) or a fresh one."""
+    buffer = torch.empty(entry.nbytes, dtype=torch.uint8) if buffer is None else buffer
+    handle.seek(entry.start)
+    if entry.nbytes and handle.readinto(memoryview(buffer.numpy())) != entry.nbytes:
+        raise CheckpointError(f"{entry.file} ended inside tensor {name!r}; the file is truncated, download it again")
+    return buffer.view(entry.dtype).reshape(entry.shape)
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -54,27 +214,11 @@ def _safetensors_files(path: Path) -> list[Path]:
         return [path / s for s in shards]
     files = sorted(path.glob("*.safetensors"))
     if len(files) != 1:
-        raise CheckpointError(f"{path} holds {len(files)} .safetensors files and no index json; "
-                              "point at one file, or at a folder with one file or with an index")
+        whole_set = any((path / n).exists() for n in (HIGH_NOISE_DIR, "model_index.json", COMFY_DIRS["experts"]))
+        hint = ("it is a whole model set: pass it as --model-dir (ModelFiles.from_model_dir)" if whole_set else
+                "point at one file, or at a folder with one file or with an index")
+        raise CheckpointError(f"{path} holds {len(files)} .safetensors files and no index json; {hint}")
     return files
-
-
-def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs of a checkpoint file or folder, read one tensor at a time."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.is_file() and path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        yield from _load_pickle_safely(path).items()
-        return
-    for file in _safetensors_files(path):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"cannot read {file}: {err}; the file is truncated or not a "
-                                  "safetensors file, download it again") from err
 
 
 def _load_pickle_safely(path: Path) -> dict[str, torch.Tensor]:
@@ -83,38 +227,265 @@ def _load_pickle_safely(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path} needs code to be unpickled and was refused (only plain tensors are "
                               "loaded from .pth files); convert it to .safetensors") from err
-    except (RuntimeError, OSError, EOFError) as err:
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
         raise CheckpointError(f"cannot read {path}: {err}; the file is truncated or corrupt") from err
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} is not a flat dict of tensors")
     return sd
 
 
-def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The whole state dict; floating tensors cast to `dtype` one by one when given."""
-    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
-            for k, v in iter_tensors(path)}
+def iter_tensors(path: str | Path, keep: Keep | None = None,
+                 device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of a checkpoint file or folder, read one tensor at a time.
+
+    `keep(name)` selects which tensors are read at all (a rank's shard); names are as stored.
+    """
+    ckpt = Checkpoint(path)
+    yield from ckpt.read([n for n in ckpt.entries if keep is None or keep(n)], device)
 
 
-def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
-    """Strict load with a message that lists missing and unexpected names."""
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{what}: {len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected keys "
-            f"(e.g. {unexpected[:3]}); this file is not a {what} of the expected size")
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, keep: Keep | None = None,
+                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The state dict as stored; floating tensors cast to `dtype` one by one when given.
+
+    fp8 tensors are returned as stored: their value needs the layer's `.scale_weight`.
+    """
+    ckpt = Checkpoint(path)
+    return dict(ckpt.read([n for n in ckpt.entries if keep is None or keep(n)], device, dtype))
 
 
 # ---------------------------------------------------------------------------------------------
-# DiT experts
+# 2. What a checkpoint is: kind, layout and variant from names and shapes
+
+DIT, VAE, TEXT_ENCODER = "Wan DiT expert", "Wan2.1 VAE", "UMT5-XXL text encoder"
+SLOT_NEEDS = {
+    DIT: "a Wan2.2 T2V-A14B expert (wan2.2_t2v_{high,low}_noise_14B_*.safetensors, an official "
+         "high_noise_model/low_noise_model folder, or diffusers transformer/ transformer_2/)",
+    VAE: "the Wan2.1 VAE (wan_2.1_vae.safetensors, Wan2.1_VAE.pth or a diffusers vae/ folder)",
+    TEXT_ENCODER: "the UMT5-XXL encoder (umt5_xxl_fp16.safetensors, umt5_xxl_fp8_e4m3fn_scaled.safetensors, "
+                  "models_t5_umt5-xxl-enc-bf16.pth or a diffusers text_encoder/ folder)",
+}
+# Modules only other Wan variants have (the markers ComfyUI's model_detection looks for).
+_VARIANT_PREFIXES = {
+    "vace_": "Wan VACE (video editing)", "control_adapter.": "Wan camera-control",
+    "casual_audio_encoder.": "Wan2.2 S2V (speech-to-video)", "audio_proj.": "Wan HuMo",
+    "face_adapter.": "Wan2.2 Animate",
+}
+_LORA_NAME = re.compile(r"lora_(A|B|up|down)\b|\.lora\.(up|down)\.|\.(alpha|diff|diff_b)$")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a file is. `names` maps stored names to our (official) names for its kind."""
+
+    kind: str  # DIT, VAE, TEXT_ENCODER, "LoRA" or "unknown"
+    layout: str  # "official", "comfy", "comfy-prefixed", "diffusers" or ""
+    description: str  # for messages: "a Wan DiT expert (dim 5120, 40 layers, 14.3B parameters, float16)"
+    names: dict[str, str]
+    scaled_fp8: bool = False
+    problem: str | None = None  # why this file of the right kind still cannot run here, and what to do
+    dit: DiTConfig | None = None
+
+
+def identify(ckpt: Checkpoint) -> Identity:
+    """Recognise a checkpoint from its header (no tensor data is read)."""
+    names = list(ckpt.entries)
+    if any(_LORA_NAME.search(n) for n in names):
+        pairs = sum(bool(re.search(r"lora_(A|down)\b|\.lora\.down\.", n)) for n in names)
+        return Identity("LoRA", "", f"a LoRA ({pairs} low-rank layer pairs, not a full model)", {},
+                        problem="load the base expert in this slot; a LoRA only patches one")
+    official = _dit_names(names)
+    if "head.modulation" in official.values() or "patch_embedding.weight" in official.values():
+        return _identify_dit(ckpt, official)
+    if "decoder.middle.0.residual.0.gamma" in names or "decoder.mid_block.resnets.0.norm1.gamma" in names:
+        return _identify_vae(ckpt)
+    if "token_embedding.weight" in names or any(n.startswith("encoder.block.") for n in names):
+        return _identify_text_encoder(ckpt)
+    return Identity("unknown", "", f"not a Wan checkpoint (first tensors: {', '.join(names[:4]) or 'none'})", {})
+
+
+# Newer ComfyUI saves the same per-tensor fp8 scales as `.weight_scale` / `.input_scale`, with a
+# `.comfy_quant` format tag per layer (comfyui.md 4.7); ours are the legacy names.
+_SCALE_ALIASES = ((".weight_scale", ".scale_weight"), (".input_scale", ".scale_input"))
+_SCALE_SUFFIXES = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".comfy_quant")
+
+
+def _dit_names(names: list[str]) -> dict[str, str]:
+    """{stored name: official name} for DiT files in any layout; drops fp8 markers and format tags."""
+    if sum(n.startswith(COMFY_DIT_PREFIX) for n in names) > len(names) // 2:
+        # ComfyUI full-checkpoint layout; tensors under other prefixes belong to other models
+        renamed = {n: n[len(COMFY_DIT_PREFIX):] for n in names if n.startswith(COMFY_DIT_PREFIX)}
+    elif any(n.startswith("condition_embedder.") for n in names):
+        renamed = {n: dit_diffusers_to_official(n) for n in names}
+    else:
+        renamed = {n: n for n in names}
+    for stored, official in renamed.items():
+        for alias, name in _SCALE_ALIASES:
+            if official.endswith(alias):
+                renamed[stored] = official.removesuffix(alias) + name
+    return {stored: official for stored, official in renamed.items()
+            if official != SCALED_FP8_MARKER and not official.endswith(".comfy_quant")}
+
+
+def _dtype_summary(ckpt: Checkpoint, names) -> str:
+    """Stored dtypes by share of elements, e.g. "float8_e4m3fn/float16" (tokenizer and fp8 scales left out)."""
+    counts: dict[str, int] = {}
+    for n in names:
+        if n in (SPIECE_KEY, SCALED_FP8_MARKER) or n.endswith(_SCALE_SUFFIXES):
+            continue
+        entry = ckpt.entries[n]
+        dtype = str(entry.dtype).removeprefix("torch.")
+        counts[dtype] = counts.get(dtype, 0) + math.prod(entry.shape)
+    return "/".join(sorted(counts, key=counts.get, reverse=True))
+
+
+def _layout(ckpt: Checkpoint, official_names: bool) -> str:
+    """"official" (folder or .pth), "comfy" (one safetensors file, official or transformers names), "diffusers"."""
+    if not official_names:
+        return "diffusers" if ckpt.path.is_dir() else "comfy"
+    return "comfy" if ckpt.path.suffix == ".safetensors" else "official"
+
+
+def _params(count: int) -> str:
+    return f"{count / 1e9:.1f}B" if count >= 1e8 else f"{count / 1e6:.1f}M"
+
+
+def _identify_dit(ckpt: Checkpoint, names: dict[str, str]) -> Identity:
+    layout = ("comfy-prefixed" if next(iter(names)).startswith(COMFY_DIT_PREFIX)
+              else _layout(ckpt, not any(n.startswith("condition_embedder.") for n in names)))
+    scaled = SCALED_FP8_MARKER in ckpt.entries or any(n.endswith(".scale_weight") for n in names.values())
+    sd = ckpt.meta_tensors(names)
+    cfg = dit_config_from_state_dict(sd, ckpt.num_heads)
+    params = sum(t.numel() for n, t in sd.items() if not n.endswith((".scale_weight", ".scale_input")))
+    what = (f"a {{}} (dim {cfg.dim}, {cfg.num_layers} layers, {_params(params)} parameters, "
+            f"{_dtype_summary(ckpt, names)}{', scaled fp8' if scaled else ''})")
+    variant = next((label for prefix, label in _VARIANT_PREFIXES.items() if any(n.startswith(prefix) for n in sd)),
+                   None)
+    problem = None
+    if variant:
+        problem = f"{variant} models have extra inputs; this engine runs text-to-video: use the T2V-A14B experts"
+    elif "img_emb.proj.0.weight" in sd or cfg.in_dim == 36:
+        variant = f"Wan image-to-video expert (in_dim {cfg.in_dim}: noise + image-condition channels)"
+        problem = "image-to-video experts need an image input; use the Wan2.2 T2V-A14B experts"
+    elif cfg.in_dim == 48 or cfg.out_dim == 48:
+        variant = "Wan2.2 TI2V-5B model (48 latent channels of the Wan2.2 VAE)"
+        problem = ("TI2V-5B is a single model on the Wan2.2 VAE's 48-channel latents; "
+                   "use the two Wan2.2 T2V-A14B experts (16 channels, Wan2.1 VAE)")
+    elif cfg.in_dim != 16 or cfg.out_dim != 16:
+        variant = f"Wan variant with {cfg.in_dim} input / {cfg.out_dim} output channels"
+        problem = "text-to-video needs 16 latent channels in and out; use the Wan2.2 T2V-A14B experts"
+    elif any(n.endswith((".scale_weight", ".scale_input")) and sd[n].numel() != 1 for n in sd):
+        problem = ("its fp8 scales are per block, not per tensor, which this loader does not read; "
+                   "use the fp8_scaled, fp16 or bf16 file")
+    return Identity(DIT, layout, what.format(variant or DIT), names, scaled, problem, cfg)
+
+
+def _identify_vae(ckpt: Checkpoint) -> Identity:
+    stored = list(ckpt.entries)
+    diffusers = "decoder.mid_block.resnets.0.norm1.gamma" in ckpt.entries
+    names = vae_diffusers_to_official(stored) if diffusers else {n: n for n in stored}
+    sd = ckpt.meta_tensors(names)
+    z_dim = sd["conv2.weight"].shape[0] if "conv2.weight" in sd else None
+    what = f"a {{}} (z_dim {z_dim}, {_dtype_summary(ckpt, stored)})"
+    if "decoder.upsamples.0.upsamples.0.residual.2.weight" in sd or z_dim != VAEConfig().z_dim:
+        return Identity(VAE, _layout(ckpt, not diffusers), what.format("Wan2.2 VAE"), names,
+                        problem="the A14B experts work on the Wan2.1 VAE's 16-channel latents; "
+                                "choose wan_2.1_vae.safetensors")
+    return Identity(VAE, _layout(ckpt, not diffusers), what.format(VAE), names)
+
+
+def _identify_text_encoder(ckpt: Checkpoint) -> Identity:
+    names = {n: n for n in ckpt.entries}
+    official = "token_embedding.weight" in names
+    scaled = SCALED_FP8_MARKER in names or any(n.endswith(".scale_weight") for n in names)
+    embedding = ckpt.entries.get("token_embedding.weight" if official else "shared.weight")
+    size = f"vocab {embedding.shape[0]}, dim {embedding.shape[1]}, " if embedding else ""
+    layout = _layout(ckpt, official)
+    what = f"a {{}} ({size}{_dtype_summary(ckpt, names)}" \
+           f"{', scaled fp8' if scaled else ''}{', with tokenizer' if SPIECE_KEY in names else ''})"
+    # UMT5 has a relative-position table in every block; T5 v1.1 (Flux's / SD3's t5xxl) only in block 0.
+    bias = "blocks.1.pos_embedding.embedding.weight" if official else \
+        "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"
+    has_second_block = any(n.startswith(("blocks.1.", "encoder.block.1.")) for n in names)
+    if has_second_block and bias not in names:
+        return Identity(TEXT_ENCODER, layout, what.format("T5 v1.1 encoder (one shared position table)"), names,
+                        scaled, problem="that is the T5-XXL of Flux/SD3, not UMT5-XXL; "
+                                        "choose umt5_xxl_fp16.safetensors")
+    return Identity(TEXT_ENCODER, layout, what.format(TEXT_ENCODER), names, scaled)
+
+
+def check_slot(path: str | Path, slot: str, label: str | None = None) -> tuple[Checkpoint, Identity]:
+    """Open `path`, recognise it and fail unless it fits `slot` (DIT, VAE or TEXT_ENCODER).
+
+    Only headers are read, so a wrong file fails in milliseconds, before any heavy work.
+    """
+    ckpt = Checkpoint(path)
+    found = identify(ckpt)
+    label = label or slot
+    if found.kind == slot and found.problem is None:
+        return ckpt, found
+    if found.kind == slot or found.kind not in SLOT_NEEDS:
+        fix = found.problem or "choose the right file for this slot"
+    else:
+        fix = f"that file belongs in the {found.kind} slot" + (f" ({found.problem})" if found.problem else "")
+    raise CheckpointError(f"{Path(path).name} is {found.description}, but the {label} slot needs "
+                          f"{SLOT_NEEDS[slot]}: {fix}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Load reports
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a loader read; attached to the returned model as `.load_report` and logged."""
+
+    path: str
+    kind: str
+    layout: str
+    file_dtypes: str  # by share of elements, e.g. "float16" or "float8_e4m3fn/float16"
+    dtype: str  # compute dtype
+    fp8_layers: int  # Linears held as fp8 (dequantised per layer in forward)
+    parameters: int
+    bytes: int  # parameters + buffers, as held in memory
+    unexpected: tuple[str, ...]  # stored names the model has no place for (not loaded)
+
+    def __str__(self) -> str:
+        fp8 = f", {self.fp8_layers} Linears in fp8" if self.fp8_layers else ""
+        extra = f"; ignored {len(self.unexpected)} unexpected tensors: {', '.join(self.unexpected[:5])}" \
+            if self.unexpected else ""
+        return (f"loaded {self.kind} from {self.path} ({self.layout} layout, stored as {self.file_dtypes}): "
+                f"{self.parameters / 1e6:.1f}M parameters in {self.dtype}{fp8}, "
+                f"{self.bytes / 2**20:.1f} MiB{extra}")
+
+
+def _report(model: torch.nn.Module, ckpt: Checkpoint, found: Identity, dtype: torch.dtype,
+            unexpected: list[str]) -> LoadReport:
+    tensors = [*model.parameters(), *model.buffers()]
+    report = LoadReport(
+        path=str(ckpt.path), kind=found.kind, layout=found.layout,
+        file_dtypes=_dtype_summary(ckpt, found.names),
+        dtype=str(dtype).removeprefix("torch."), fp8_layers=sum(isinstance(m, FP8Linear) for m in model.modules()),
+        parameters=sum(p.numel() for p in model.parameters()),
+        bytes=sum(t.numel() * t.element_size() for t in tensors), unexpected=tuple(sorted(unexpected)))
+    (log.warning if unexpected else log.info)("%s", report)
+    return report
+
+
+def _check_missing(what: str, path: Path, expected, provided) -> None:
+    missing = sorted(set(expected) - set(provided))
+    if missing:
+        raise CheckpointError(f"{path} is missing {len(missing)} tensors of a {what} "
+                              f"(e.g. {', '.join(missing[:3])}); the file is incomplete or a different model size")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. DiT experts
 
 
 def dit_config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> DiTConfig:
-    """Sizes from tensor shapes; the head count is not in any shape, so it comes from a config
-    (folder config.json) or the Wan convention of 128-wide heads."""
+    """Sizes from tensor shapes (official names; meta tensors are fine); the head count is not
+    in any shape, so it comes from a config, metadata, or the Wan convention of 128-wide heads."""
     try:
         patch = sd["patch_embedding.weight"]
         dim = patch.shape[0]
@@ -126,28 +497,92 @@ def dit_config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | Non
             text_dim=sd["text_embedding.0.weight"].shape[1], freq_dim=sd["time_embedding.0.weight"].shape[1],
             out_dim=sd["head.head.weight"].shape[0] // math.prod(patch.shape[2:]))
     except (KeyError, ValueError) as err:
-        raise CheckpointError(f"not a Wan DiT expert state dict (missing or odd {err})") from err
+        raise CheckpointError(f"not a complete Wan DiT expert state dict (missing or odd {err})") from err
 
 
-def _num_heads_from_config(path: Path) -> int | None:
-    config = path / "config.json" if path.is_dir() else None
-    if config is not None and config.is_file():
-        return json.loads(config.read_text()).get("num_heads")
-    return None
+def _fp8_modules(model: WanModel, found: Identity, ckpt: Checkpoint, dtype: torch.dtype,
+                 weight_dtype: torch.dtype | None) -> list[str]:
+    """Which block Linears to hold in fp8: as stored (None), all (fp8), or none (`dtype`)."""
+    blocks = block_linear_names(model)
+    if weight_dtype is None:
+        stored = {official for stored_name, official in found.names.items()
+                  if ckpt.entries[stored_name].dtype in _FP8_DTYPES}
+        return [name for name in blocks if f"{name}.weight" in stored]
+    if weight_dtype == FP8:
+        return blocks
+    if weight_dtype == dtype:
+        return []
+    raise ValueError(f"weight_dtype must be None (as stored), torch.float8_e4m3fn or the compute dtype "
+                     f"{dtype}; got {weight_dtype}")
 
 
-def load_dit(path: str | Path, dtype: torch.dtype = torch.float32) -> WanModel:
-    """An expert from an official sub-folder (config.json + sharded safetensors) or one file."""
-    path = Path(path)
-    sd = read_state_dict(path, dtype)
-    cfg = dit_config_from_state_dict(sd, _num_heads_from_config(path))
+def _convert_dit_tensor(name: str, tensor: torch.Tensor, fp8_modules: set[str], scales: dict[str, torch.Tensor],
+                        dtype: torch.dtype, work: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One stored tensor (official name, already cast unless it becomes fp8) -> our state-dict entries."""
+    module, _, leaf = name.rpartition(".")
+    keep_fp8 = module in fp8_modules and leaf == "weight"
+    if tensor.dtype in _FP8_DTYPES:  # stored value * scale is the real weight (scale 1 for unscaled fp8)
+        scale = scales.get(module, torch.ones(())).to(tensor.device)
+        if keep_fp8 and tensor.dtype == FP8:
+            return {name: tensor, f"{module}.scale_weight": scale}
+        # dequantise as FP8Linear would (fp8 not wanted here), or to fp32 to re-quantise e5m2
+        tensor = dequantize_fp8(tensor, scale, torch.float32 if keep_fp8 else dtype)
+    if keep_fp8:
+        weight, scale = quantize_fp8(tensor, work)
+        return {name: weight, f"{module}.scale_weight": scale}
+    if leaf == "scale_input":
+        return {name: tensor.float().reshape(())}
+    return {name: tensor.to(dtype)}
+
+
+def load_dit(path: str | Path, dtype: torch.dtype = torch.float32, *, weight_dtype: torch.dtype | None = None,
+             device: torch.device | str = "cpu", keep: Keep | None = None) -> WanModel:
+    """One expert from any supported layout, with `.load_report` attached.
+
+    dtype: the compute dtype (all non-fp8 tensors). weight_dtype: None keeps the file's choice
+    (scaled-fp8 block Linears stay fp8, dequantised per layer in forward); torch.float8_e4m3fn
+    quantises the block Linears at load (per-tensor scale); `dtype` dequantises an fp8 file.
+    keep: read only the parameters whose (official) names it accepts; the rest stay on the meta
+    device, for a rank that owns part of the model.
+    """
+    ckpt, found = check_slot(path, DIT)
     with torch.device("meta"):
-        model = WanModel(cfg)
-    return load_into(model, sd, f"Wan DiT expert ({path})")
+        model = WanModel(found.dit)
+    fp8_modules = _fp8_modules(model, found, ckpt, dtype, weight_dtype)
+    with_scale_input = {m for m in fp8_modules if f"{m}.scale_input" in found.names.values()}
+    swap_to_fp8(model, fp8_modules, with_scale_input, bias_dtype=dtype)
+    fp8_modules = set(fp8_modules)
+    expected = set(model.state_dict())
+    wanted = {n for n in expected if keep is None or keep(n)}
+
+    stored_of = {official: stored for stored, official in found.names.items()}
+    scale_names = [stored_of[n] for n in stored_of if n.endswith(".scale_weight")]  # scalars: read them first
+    scales = {found.names[s].rpartition(".")[0]: t.float().reshape(()) for s, t in ckpt.read(scale_names)}
+    to_read = [stored_of[n] for n in wanted if n in stored_of and not n.endswith(".scale_weight")]
+    # Quantised from full precision, each fp8 weight is read into the reused buffer; everything
+    # else is cast to `dtype` while read (fp32 scales excepted).
+    to_quantize = {s for s in to_read if found.names[s].rpartition(".")[0] in fp8_modules
+                   and found.names[s].endswith(".weight") and ckpt.entries[s].dtype != FP8}
+    cast = {s: dtype for s in to_read if not found.names[s].endswith(".scale_input")}
+    work = torch.empty(max((math.prod(ckpt.entries[s].shape) for s in to_quantize), default=0), device=device)
+    state = {}
+    for names, transient in (([s for s in to_read if s not in to_quantize], False), (to_quantize, True)):
+        for stored, tensor in ckpt.read(names, device, None if transient else cast, transient):
+            converted = _convert_dit_tensor(found.names[stored], tensor, fp8_modules, scales, dtype, work)
+            for name, value in converted.items():
+                if name in wanted:
+                    state[name] = value
+    _check_missing(DIT, ckpt.path, wanted, state)
+    model.load_state_dict(state, strict=False, assign=True)
+    # scales of layers we dequantised were used up, not unexpected
+    unexpected = [stored for stored, official in found.names.items()
+                  if official not in expected and not official.endswith((".scale_weight", ".scale_input"))]
+    model.load_report = _report(model, ckpt, found, dtype, unexpected)
+    return model.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------
-# VAE
+# 5. VAE
 
 
 def vae_config_from_state_dict(sd: dict[str, torch.Tensor]) -> VAEConfig:
@@ -169,34 +604,87 @@ def vae_config_from_state_dict(sd: dict[str, torch.Tensor]) -> VAEConfig:
                          dim_mult=tuple(level[-1] // base for level in levels),
                          num_res_blocks=len(levels[0]), temporal_downsample=tuple(temporal))
     except (KeyError, IndexError, ValueError) as err:
-        raise CheckpointError(f"not a Wan2.1 VAE state dict (missing or odd {err})") from err
+        raise CheckpointError(f"not a complete Wan2.1 VAE state dict (missing or odd {err})") from err
 
 
-def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> WanVAE:
-    sd = read_state_dict(path, dtype)
+def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, *,
+             device: torch.device | str = "cpu") -> WanVAE:
+    """The Wan2.1 VAE from official, ComfyUI or diffusers files, with `.load_report` attached."""
+    ckpt, found = check_slot(path, VAE)
     with torch.device("meta"):
-        model = WanVAE(vae_config_from_state_dict(sd))
-    return load_into(model, sd, f"Wan2.1 VAE ({path})")
+        model = WanVAE(vae_config_from_state_dict(ckpt.meta_tensors(found.names)))
+    expected = set(model.state_dict())
+    state = {found.names[stored]: t for stored, t in
+             ckpt.read([s for s, official in found.names.items() if official in expected], device, dtype)}
+    _check_missing(VAE, ckpt.path, expected, state)
+    model.load_state_dict(state, strict=True, assign=True)
+    unexpected = [stored for stored, official in found.names.items() if official not in expected]
+    model.load_report = _report(model, ckpt, found, dtype, unexpected)
+    return model.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------
-# Text encoder
+# 6. Text encoder
+
+
+def _text_encoder_state(ckpt: Checkpoint, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """All tensors, floating ones cast to `dtype`; scaled-fp8 weights dequantised to `dtype` (the
+    encoder runs once per prompt, so its fp8 file only saves disk and download, not compute)."""
+    scale_names = [n for n in ckpt.entries if n.endswith(_SCALE_SUFFIXES)]
+    weight_scales = [n for n in scale_names if n.endswith((".scale_weight", ".weight_scale"))]
+    scales = {n.rpartition(".")[0]: t.float() for n, t in ckpt.read(weight_scales)}
+    state = {}
+    for name, tensor in ckpt.read([n for n in ckpt.entries if n not in scale_names and n != SCALED_FP8_MARKER],
+                                  dtype=dtype):
+        if tensor.dtype in _FP8_DTYPES:
+            tensor = dequantize_fp8(tensor, scales.get(name.rpartition(".")[0], torch.ones(())), dtype)
+        state[name] = tensor
+    return state
+
+
+def _tokenizer_for(ckpt: Checkpoint, tokenizer_dir: str | Path | None) -> Path | None:
+    """The tokenizer folder to use, or None when the file embeds `spiece_model`; fails early otherwise."""
+    if tokenizer_dir is not None:
+        folder = Path(tokenizer_dir)
+        if not (folder / "spiece.model").is_file():
+            raise CheckpointError(f"tokenizer folder {folder} has no spiece.model; point at the google/umt5-xxl "
+                                  "folder or a diffusers tokenizer/ folder")
+        return folder
+    if SPIECE_KEY in ckpt.entries:
+        return None
+    sibling = ckpt.path.parent / DIFFUSERS_DIRS["tokenizer"]  # a diffusers text_encoder/ has one next to it
+    if ckpt.path.is_dir() and (sibling / "spiece.model").is_file():
+        return sibling
+    raise CheckpointError(f"{ckpt.path.name} is a UMT5 text encoder without a tokenizer (no '{SPIECE_KEY}' tensor "
+                          f"inside): pass --tokenizer / tokenizer_dir with a folder holding spiece.model "
+                          f"(google/umt5-xxl), or use Comfy-Org's umt5_xxl_fp16.safetensors, which embeds it")
 
 
 def load_text_encoder(path: str | Path, tokenizer_dir: str | Path | None = None,
                       device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """UMT5 encoder from official (.pth) or transformers-named weights, plus its tokenizer:
-    `tokenizer_dir` when given, else a `spiece_model` tensor inside the file."""
+    """UMT5 encoder (official `.pth`, ComfyUI/transformers safetensors incl. scaled fp8, or a
+    diffusers text_encoder/ folder) plus its tokenizer: `tokenizer_dir` when given, else the
+    file's `spiece_model`, else a diffusers `tokenizer/` folder next to it. `dtype=None` keeps the
+    stored dtype (bf16 for fp8 files). The result has `.load_report`."""
     from .models.text_encoder import TextEncoder
     from .models.tokenizer import Tokenizer
 
-    sd = read_state_dict(path)
-    tokenizer = Tokenizer.from_folder(tokenizer_dir) if tokenizer_dir is not None else None
-    return TextEncoder.from_state_dict(sd, tokenizer, device=device, dtype=dtype)
+    ckpt, found = check_slot(path, TEXT_ENCODER)
+    if dtype is None and any(e.dtype in _FP8_DTYPES for e in ckpt.entries.values()):
+        dtype = torch.bfloat16  # one dtype for the dequantised and the 16-bit tensors
+    tokenizer_folder = _tokenizer_for(ckpt, tokenizer_dir)
+    tokenizer = Tokenizer.from_folder(tokenizer_folder) if tokenizer_folder is not None else None
+    state = _text_encoder_state(ckpt, dtype)
+    try:
+        encoder = TextEncoder.from_state_dict(state, tokenizer, device=device, dtype=dtype)
+    except ValueError as err:
+        raise CheckpointError(f"{ckpt.path}: {err}") from err
+    encoder.load_report = _report(encoder.model, ckpt, found, encoder.dtype, [])
+    return encoder
 
 
 # ---------------------------------------------------------------------------------------------
-# A complete model set
+# 7. A complete model set
 
 
 @dataclass(frozen=True)
@@ -208,18 +696,83 @@ class ModelFiles:
     text_encoder: Path
     vae: Path
     tokenizer: Path | None = None  # None: the text encoder file embeds it (`spiece_model`)
+    boundary: float | None = None  # diffusers' model_index.json boundary_ratio, when the folder has one
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> "ModelFiles":
-        """The official Wan2.2-T2V-A14B folder layout."""
+        """An official Wan2.2-T2V-A14B folder, a diffusers -Diffusers folder, or a ComfyUI models
+        folder (diffusion_models/ with one file named *high* and one *low*, text_encoders/, vae/)."""
         root = Path(model_dir)
         if not root.is_dir():
             raise CheckpointError(f"--model-dir {root} is not a folder")
+        if (root / "model_index.json").is_file():
+            return cls._diffusers(root)
+        if (root / COMFY_DIRS["experts"]).is_dir():
+            return cls._comfy(root)
+        return cls._official(root)
+
+    @classmethod
+    def _official(cls, root: Path) -> "ModelFiles":
         files = cls(high_noise=root / HIGH_NOISE_DIR, low_noise=root / LOW_NOISE_DIR,
                     text_encoder=root / T5_FILE, vae=root / VAE_FILE, tokenizer=root / T5_TOKENIZER_DIR)
         missing = [str(p.relative_to(root)) for p in (files.high_noise, files.low_noise, files.text_encoder,
                                                      files.vae, files.tokenizer) if not p.exists()]
         if missing:
-            raise CheckpointError(f"{root} is not a Wan2.2-T2V-A14B folder: missing {', '.join(missing)} "
-                                  "(make one with `python -m wan22_core make-tiny DIR`)")
+            raise CheckpointError(
+                f"{root} is not a Wan2.2-T2V-A14B folder: missing {', '.join(missing)} (an official folder; "
+                f"diffusers folders have model_index.json, ComfyUI model folders {COMFY_DIRS['experts']}/; "
+                "make one with `python -m wan22_core make-tiny DIR`)")
         return files
+
+    @classmethod
+    def _diffusers(cls, root: Path) -> "ModelFiles":
+        parts = {slot: root / sub for slot, sub in DIFFUSERS_DIRS.items()}
+        missing = [sub for slot, sub in DIFFUSERS_DIRS.items() if not parts[slot].is_dir()]
+        if missing:
+            raise CheckpointError(f"{root} has model_index.json but no {', '.join(missing)} folder; "
+                                  "download the complete Wan2.2-T2V-A14B-Diffusers folder")
+        boundary = json.loads((root / "model_index.json").read_text()).get("boundary_ratio")
+        return cls(**parts, boundary=boundary)
+
+    @classmethod
+    def _comfy(cls, root: Path) -> "ModelFiles":
+        """Each folder's files are recognised from their headers (a real ComfyUI models folder holds
+        other models too); which expert is which can only come from the name."""
+        return cls(high_noise=_only_usable(root, COMFY_DIRS["experts"], DIT, "high"),
+                   low_noise=_only_usable(root, COMFY_DIRS["experts"], DIT, "low"),
+                   text_encoder=_only_usable(root, COMFY_DIRS["text_encoder"], TEXT_ENCODER),
+                   vae=_only_usable(root, COMFY_DIRS["vae"], VAE))
+
+    def check(self) -> dict[str, Identity]:
+        """Recognise every file from its header and fail on the first that does not fit its slot,
+        a missing tokenizer, or experts of different sizes, before any weights are read."""
+        found = {"high_noise": check_slot(self.high_noise, DIT, "high-noise expert")[1],
+                 "low_noise": check_slot(self.low_noise, DIT, "low-noise expert")[1],
+                 "vae": check_slot(self.vae, VAE)[1]}
+        text_ckpt, found["text_encoder"] = check_slot(self.text_encoder, TEXT_ENCODER)
+        _tokenizer_for(text_ckpt, self.tokenizer)
+        high, low = found["high_noise"].dit, found["low_noise"].dit
+        if (high.dim, high.num_layers, high.ffn_dim) != (low.dim, low.num_layers, low.ffn_dim):
+            raise CheckpointError(
+                f"the experts do not belong together: high-noise {self.high_noise.name} is dim {high.dim}, "
+                f"{high.num_layers} layers; low-noise {self.low_noise.name} is dim {low.dim}, {low.num_layers} "
+                "layers: choose the high- and low-noise experts of one model (wan2.2_t2v_*_noise_14B)")
+        return found
+
+
+def _only_usable(root: Path, sub: str, slot: str, name_part: str = "") -> Path:
+    """The one file in root/sub that fits `slot` (and has `name_part` in its name)."""
+    def usable(path: Path) -> bool:
+        try:
+            found = identify(Checkpoint(path))
+        except CheckpointError:
+            return False
+        return found.kind == slot and found.problem is None
+
+    candidates = [p for p in sorted((root / sub).glob("*.safetensors")) if name_part in p.name.lower() and usable(p)]
+    if len(candidates) != 1:
+        what = f"{slot} named *{name_part}*" if name_part else slot
+        listed = ", ".join(p.name for p in candidates) or "none"
+        raise CheckpointError(f"{root} as a ComfyUI models folder needs exactly one {what} in {sub}/, found "
+                              f"{listed}; pass the files with --high-noise --low-noise --text-encoder --vae instead")
+    return candidates[0]

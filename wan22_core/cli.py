@@ -44,6 +44,16 @@ def _add_sampling_flags(p: argparse.ArgumentParser, steps: int, width: int, heig
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-GPU (under torchrun --nproc_per_node N; see docs/multigpu.md)")
+    g.add_argument("--ulysses", type=int, default=1, metavar="N",
+                   help="sequence-parallel degree; divides the 40 heads: 1, 2, 4, 5, 8, 10, 20, 40")
+    g.add_argument("--fsdp", action="store_true", help="shard both experts' weights across all ranks")
+    g.add_argument("--cfg-parallel", action="store_true", help="cond and uncond passes on two halves of the ranks")
+    g.add_argument("--keep-gathered", action="store_true",
+                   help="with --fsdp: keep gathered weights between steps (faster; one full expert per GPU)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m wan22_core", description="Wan2.2 T2V-A14B (two-expert MoE)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -57,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo, device="cpu")
 
     gen = sub.add_parser("generate", help="text -> video from checkpoint files")
-    gen.add_argument("--model-dir", type=Path, help="an official Wan2.2-T2V-A14B folder")
+    gen.add_argument("--model-dir", type=Path, help="an official Wan2.2-T2V-A14B folder, a diffusers "
+                     "Wan2.2-T2V-A14B-Diffusers folder, or a ComfyUI models folder (diffusion_models/ "
+                     "with one *high* and one *low* file, text_encoders/, vae/)")
     gen.add_argument("--high-noise", type=Path)
     gen.add_argument("--low-noise", type=Path)
     gen.add_argument("--text-encoder", type=Path)
@@ -65,11 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--vae", type=Path)
     gen.add_argument("--output", type=Path, default=Path("out/video.mp4"))
     _add_sampling_flags(gen, steps=DEFAULTS.steps, width=1280, height=720, frames=81)
+    _add_parallel_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random model set in a real checkpoint layout")
     tiny.add_argument("dir", type=Path)
-    tiny.add_argument("--format", default="official", choices=("official",))
+    tiny.add_argument("--format", default="official", choices=("official", "comfy", "comfy-fp8", "diffusers"))
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--dim", type=int)
     tiny.add_argument("--layers", type=int)
@@ -105,23 +118,14 @@ def _model_files(args):
 
 def run(args, files) -> dict:
     """Load, encode, denoise, decode and save; returns the stage timings."""
-    import torch
-    from safetensors.torch import save_file
-
-    from .checkpoints import load_dit, load_text_encoder, load_vae
-    from .pipeline import check_video_size, decode_to_video, denoise, make_noise
+    from .checkpoints import load_dit, load_text_encoder
+    from .pipeline import denoise, make_noise
     from .runtime import resolve_device, resolve_dtype
     from .sampling.moe import ExpertPair
-    from .video import write_mp4
 
-    settings = SamplerSettings(steps=args.steps, shift=args.shift, boundary=args.boundary,
-                               cfg_high=args.cfg_high, cfg_low=args.cfg_low, solver=args.solver).validate()
-    check_video_size(args.frames, args.height, args.width)
+    settings = sampler_settings(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    for path in (args.output, args.save_latents):  # fail before minutes of work, not after
-        if path is not None and path.exists() and not args.overwrite:
-            raise FileExistsError(f"{path} exists; choose another name or pass --overwrite")
     timings: dict[str, float] = {}
 
     with stage("text encoder", timings):
@@ -140,6 +144,32 @@ def run(args, files) -> dict:
             if progress is not None:
                 progress.close()
         del experts
+    save_outputs(args, files, latent, device, dtype, timings)
+    return timings
+
+
+def sampler_settings(args) -> SamplerSettings:
+    """Validated settings from the flags; also fails on existing outputs before minutes of work."""
+    from .pipeline import check_video_size
+
+    settings = SamplerSettings(steps=args.steps, shift=args.shift, boundary=args.boundary,
+                               cfg_high=args.cfg_high, cfg_low=args.cfg_low, solver=args.solver).validate()
+    check_video_size(args.frames, args.height, args.width)
+    for path in (args.output, args.save_latents):
+        if path is not None and path.exists() and not args.overwrite:
+            raise FileExistsError(f"{path} exists; choose another name or pass --overwrite")
+    return settings
+
+
+def save_outputs(args, files, latent, device, dtype, timings: dict) -> None:
+    """--save-latents, then VAE decode and the mp4 (rank 0 only under torchrun)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .checkpoints import load_vae
+    from .pipeline import decode_to_video
+    from .video import write_mp4
+
     if args.save_latents is not None:
         args.save_latents.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.save_latents.with_name(f".{args.save_latents.name}.partial")
@@ -151,7 +181,6 @@ def run(args, files) -> dict:
     with stage("write mp4", timings):
         out = write_mp4(frames, args.output, fps=args.fps, overwrite=args.overwrite)
     print(f"wrote {out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {args.fps} fps)")
-    return timings
 
 
 def _progress_bar(total: int):
@@ -172,7 +201,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    run(args, _model_files(args))
+    files = _model_files(args)
+    files.check()  # every file in its slot, read from headers: fail in seconds, not after loading
+    from .parallel.launch import parallel_requested, run_distributed
+
+    if parallel_requested(args):
+        run_distributed(args, files)
+    else:
+        run(args, files)
     return 0
 
 

@@ -12,6 +12,8 @@ there, which is what lets a 24 GB card hold the activations of a 720p video.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -24,7 +26,7 @@ class BlockSwap:
         self.cuda = self.device.type == "cuda"
         self.swapped = list(blocks)[len(blocks) - num_blocks:]
         self.order = {block: i for i, block in enumerate(self.swapped)}
-        self.host: dict[nn.Module, list[tuple[nn.Parameter, torch.Tensor]]] = {}
+        self.host: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.ready: dict[nn.Module, torch.cuda.Event | None] = {}
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.peak_resident = 0  # most swapped blocks on the device at once (bookkeeping, tests)
@@ -33,7 +35,9 @@ class BlockSwap:
                 block.to(self.device)
         for block in self.swapped:
             block.to("cpu")
-            self.host[block] = [(p, p.data.pin_memory() if self.cuda else p.data) for p in block.parameters()]
+            # buffers too: an fp8 layer's scale and an unmerged LoRA's factors travel with the weights
+            tensors = itertools.chain(block.parameters(), block.buffers())
+            self.host[block] = [(t, t.data.pin_memory() if self.cuda else t.data) for t in tensors]
         self._hooks = [h for block in self.swapped for h in (
             block.register_forward_pre_hook(self._before), block.register_forward_hook(self._after))]
 

@@ -1,7 +1,11 @@
 """Tiny random model sets in the layouts users have, for tests, the demo and benchmarks.
 
 No weights can be downloaded here, so every format we load is also one we can write. The same
-(seed, sizes) always writes the same tensors.
+(seed, sizes) always writes the same tensors, and every layout holds the same weights: each
+file is the seeded modules' tensors, cast to that layout's dtype (official: fp32 experts and
+VAE, bf16 T5; comfy: fp16; comfy-fp8: scaled fp8 block Linears, fp16 elsewhere; diffusers:
+official dtypes). Loaded with a common dtype that every layout holds exactly (fp16), all of
+them give bit-identical parameters.
 """
 from __future__ import annotations
 
@@ -10,22 +14,34 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
-from .checkpoints import HIGH_NOISE_DIR, LOW_NOISE_DIR, T5_FILE, T5_TOKENIZER_DIR, VAE_FILE, ModelFiles
-from .config import TINY, DiTConfig, ModelConfig
+from .checkpoints import (COMFY_DIRS, DIFFUSERS_DIRS, HIGH_NOISE_DIR, LOW_NOISE_DIR, NUM_HEADS_KEY,
+                          SCALED_FP8_MARKER, SPIECE_KEY, T5_FILE, T5_TOKENIZER_DIR, VAE_FILE, ModelFiles)
+from .config import LATENT_MEAN, LATENT_STD, TINY, DiTConfig, ModelConfig, SamplerSettings
+from .fp8 import quantize_fp8
+from .keymaps import dit_official_to_diffusers, vae_official_to_diffusers
 from .models.text_encoder import build_umt5, official_to_transformers
 from .models.tokenizer import train_tiny_sentencepiece
 from .models.transformer import WanModel
 from .models.vae import WanVAE
 
-FORMATS = ("official",)
-SHARDS = 2  # the official expert folders are sharded with an index json; exercise that path
+FORMATS = ("official", "comfy", "comfy-fp8", "diffusers")
+SHARDS = 2  # the official and diffusers expert folders are sharded with an index json; exercise that path
+# Comfy-Org's repackaged file names, per format: (high-noise, low-noise, text encoder).
+COMFY_FILES = {
+    "comfy": ("wan2.2_t2v_high_noise_14B_fp16.safetensors", "wan2.2_t2v_low_noise_14B_fp16.safetensors",
+              "umt5_xxl_fp16.safetensors"),
+    "comfy-fp8": ("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+                  "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
+}
+COMFY_VAE_FILE = "wan_2.1_vae.safetensors"
+DIFFUSERS_VERSION = "0.35.0"  # written into configs, as diffusers does; nothing reads it back
 
 
 def seeded(seed: int, factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -46,52 +62,182 @@ def tiny_config(dim: int | None = None, layers: int | None = None, heads: int | 
     return cfg
 
 
-def _official_t5_state_dict(model) -> dict[str, torch.Tensor]:
-    """transformers UMT5 weights -> official Wan T5 names (the inverse of the loader's mapping)."""
-    cfg = model.config
+@dataclass
+class TinySet:
+    """The seeded weights every layout is written from."""
+
+    cfg: ModelConfig
+    high: dict[str, torch.Tensor]  # official DiT names, fp32
+    low: dict[str, torch.Tensor]
+    t5: dict[str, torch.Tensor]  # transformers UMT5 names, bf16 (the official T5 file's dtype)
+    vae: dict[str, torch.Tensor]  # official VAE names, fp32
+    spiece: bytes  # the SentencePiece model (google/umt5-xxl's spiece.model stand-in)
+
+
+def tiny_set(cfg: ModelConfig = TINY, seed: int = 0) -> TinySet:
+    def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.contiguous() for k, v in module.state_dict().items()}
+
+    t5 = seeded(seed + 2, lambda: build_umt5(cfg.text))
+    t5_weights = {k: v.to(torch.bfloat16) for k, v in weights(t5).items()
+                  if k != "encoder.embed_tokens.weight"}  # tied to shared.weight; files store it once
+    return TinySet(cfg, weights(seeded(seed, lambda: WanModel(cfg.dit))),
+                   weights(seeded(seed + 1, lambda: WanModel(cfg.dit))), t5_weights,
+                   weights(seeded(seed + 3, lambda: WanVAE(cfg.vae))), train_tiny_sentencepiece(cfg.text.vocab_size))
+
+
+def _official_t5_names(hf_names) -> dict[str, str]:
+    """{transformers name: official Wan T5 name}, inverting the loader's mapping."""
     per_block = ["norm1.weight", "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight",
                  "pos_embedding.embedding.weight", "norm2.weight", "ffn.gate.0.weight", "ffn.fc1.weight",
                  "ffn.fc2.weight"]
-    names = ["token_embedding.weight", "norm.weight"] + [
-        f"blocks.{i}.{n}" for i in range(cfg.num_layers) for n in per_block]
-    hf_name_of = {official: hf for hf, official in official_to_transformers({n: n for n in names}).items()
-                  if hf != "encoder.embed_tokens.weight"}
-    hf_sd = model.state_dict()
-    return {official: hf_sd[hf].contiguous() for official, hf in hf_name_of.items()}
+    layers = 1 + max(int(n.split(".")[2]) for n in hf_names if n.startswith("encoder.block."))
+    official = ["token_embedding.weight", "norm.weight"] + [
+        f"blocks.{i}.{n}" for i in range(layers) for n in per_block]
+    return {hf: name for hf, name in official_to_transformers({n: n for n in official}).items()
+            if hf != "encoder.embed_tokens.weight"}
 
 
-def _write_expert_folder(folder: Path, model: WanModel, cfg: DiTConfig) -> None:
+def _head_metadata(cfg: DiTConfig) -> dict[str, str]:
+    """The head count is in no tensor shape; our tiny heads are not Wan's 128 wide."""
+    return {"format": "pt", NUM_HEADS_KEY: str(cfg.num_heads)}
+
+
+def _write_sharded(folder: Path, sd: dict[str, torch.Tensor], stem: str, metadata: dict[str, str]) -> None:
+    """`stem-0000i-of-0000n.safetensors` shards plus `stem.safetensors.index.json`."""
     folder.mkdir(parents=True)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     names = list(sd)
     per_shard = math.ceil(len(names) / SHARDS)
     weight_map = {}
     for i in range(SHARDS):
-        shard = f"diffusion_pytorch_model-{i + 1:05d}-of-{SHARDS:05d}.safetensors"
+        shard = f"{stem}-{i + 1:05d}-of-{SHARDS:05d}.safetensors"
         chunk = names[i * per_shard:(i + 1) * per_shard]
-        save_file({k: sd[k] for k in chunk}, str(folder / shard))
+        save_file({k: sd[k] for k in chunk}, str(folder / shard), metadata=metadata)
         weight_map.update({k: shard for k in chunk})
     total = sum(t.numel() * t.element_size() for t in sd.values())
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+    (folder / f"{stem}.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers, one per layout
+
+
+def write_official(out_dir: Path, tiny: TinySet) -> None:
+    """The Wan-AI/Wan2.2-T2V-A14B folder layout, with official file names and dtypes."""
+    cfg = tiny.cfg.dit
     config = {"_class_name": "WanModel", "model_type": "t2v", "dim": cfg.dim, "ffn_dim": cfg.ffn_dim,
               "freq_dim": cfg.freq_dim, "in_dim": cfg.in_dim, "out_dim": cfg.out_dim, "eps": cfg.eps,
               "num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "text_len": cfg.text_len,
               "text_dim": cfg.text_dim}
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def write_official(out_dir: Path, cfg: ModelConfig, seed: int) -> None:
-    """The Wan-AI/Wan2.2-T2V-A14B folder layout, with official file names and dtypes."""
-    _write_expert_folder(out_dir / HIGH_NOISE_DIR, seeded(seed, lambda: WanModel(cfg.dit)), cfg.dit)
-    _write_expert_folder(out_dir / LOW_NOISE_DIR, seeded(seed + 1, lambda: WanModel(cfg.dit)), cfg.dit)
-    t5 = seeded(seed + 2, lambda: build_umt5(cfg.text))
-    torch.save({k: v.to(torch.bfloat16) for k, v in _official_t5_state_dict(t5).items()}, out_dir / T5_FILE)
+    for folder, sd in ((HIGH_NOISE_DIR, tiny.high), (LOW_NOISE_DIR, tiny.low)):
+        _write_sharded(out_dir / folder, sd, "diffusion_pytorch_model", _head_metadata(cfg))
+        (out_dir / folder / "config.json").write_text(json.dumps(config, indent=2))
+    official_t5 = _official_t5_names(tiny.t5)
+    torch.save({official_t5[k]: v for k, v in tiny.t5.items()}, out_dir / T5_FILE)
     tokenizer_dir = out_dir / T5_TOKENIZER_DIR
     tokenizer_dir.mkdir(parents=True)
-    (tokenizer_dir / "spiece.model").write_bytes(train_tiny_sentencepiece(cfg.text.vocab_size))
-    torch.save(seeded(seed + 3, lambda: WanVAE(cfg.vae)).state_dict(), out_dir / VAE_FILE)
-    (out_dir / "tiny_config.json").write_text(json.dumps({"seed": seed, **asdict(cfg)}, indent=2))
+    (tokenizer_dir / "spiece.model").write_bytes(tiny.spiece)
+    torch.save(tiny.vae, out_dir / VAE_FILE)
+
+
+def _scaled_fp8(sd: dict[str, torch.Tensor], quantized: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """Comfy-Org's scaled-fp8 layout: chosen Linear weights in fp8 with a `.scale_weight`, the rest fp16."""
+    out = {SCALED_FP8_MARKER: torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for name, tensor in sd.items():
+        if quantized(name):
+            out[name], scale = quantize_fp8(tensor)
+            out[name.removesuffix("weight") + "scale_weight"] = scale
+        else:
+            out[name] = tensor.to(torch.float16)
+    return out
+
+
+def _linear_weights(module: torch.nn.Module, under: str) -> set[str]:
+    """`<name>.weight` of every nn.Linear below `under` (Comfy-Org's files quantise these)."""
+    return {f"{name}.weight" for name, m in module.named_modules()
+            if name.startswith(under) and isinstance(m, torch.nn.Linear)}
+
+
+def write_comfy(out_dir: Path, tiny: TinySet, fp8: bool = False) -> None:
+    """ComfyUI's models folders with Comfy-Org's file names (bare official DiT names)."""
+    high_name, low_name, t5_name = COMFY_FILES["comfy-fp8" if fp8 else "comfy"]
+    folders = {key: out_dir / sub for key, sub in COMFY_DIRS.items()}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+    with torch.device("meta"):
+        dit_linears = _linear_weights(WanModel(tiny.cfg.dit), "blocks.")
+        t5_linears = _linear_weights(build_umt5(tiny.cfg.text), "encoder.block.")
+    for name, sd in ((high_name, tiny.high), (low_name, tiny.low)):
+        tensors = (_scaled_fp8(sd, dit_linears.__contains__) if fp8
+                   else {k: v.to(torch.float16) for k, v in sd.items()})
+        save_file(tensors, str(folders["experts"] / name), metadata=_head_metadata(tiny.cfg.dit))
+    t5 = (_scaled_fp8(tiny.t5, t5_linears.__contains__) if fp8
+          else {k: v.to(torch.float16) for k, v in tiny.t5.items()})
+    t5[SPIECE_KEY] = torch.frombuffer(bytearray(tiny.spiece), dtype=torch.uint8)
+    save_file(t5, str(folders["text_encoder"] / t5_name), metadata={"format": "pt"})
+    save_file({k: v.to(torch.float16) for k, v in tiny.vae.items()}, str(folders["vae"] / COMFY_VAE_FILE),
+              metadata={"format": "pt"})
+
+
+def write_diffusers(out_dir: Path, tiny: TinySet) -> None:
+    """The Wan-AI/Wan2.2-T2V-A14B-Diffusers layout: diffusers names and configs."""
+    cfg = tiny.cfg
+    transformer_config = {
+        "_class_name": "WanTransformer3DModel", "_diffusers_version": DIFFUSERS_VERSION,
+        "patch_size": list(cfg.dit.patch_size), "num_attention_heads": cfg.dit.num_heads,
+        "attention_head_dim": cfg.dit.head_dim, "in_channels": cfg.dit.in_dim, "out_channels": cfg.dit.out_dim,
+        "text_dim": cfg.dit.text_dim, "freq_dim": cfg.dit.freq_dim, "ffn_dim": cfg.dit.ffn_dim,
+        "num_layers": cfg.dit.num_layers, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads",
+        "eps": cfg.dit.eps, "image_dim": None, "added_kv_proj_dim": None,
+        "rope_max_seq_len": cfg.dit.rope_max_positions, "pos_embed_seq_len": None}
+    for key, sd in (("high_noise", tiny.high), ("low_noise", tiny.low)):
+        folder = out_dir / DIFFUSERS_DIRS[key]
+        _write_sharded(folder, {dit_official_to_diffusers(k): v for k, v in sd.items()},
+                       "diffusion_pytorch_model", _head_metadata(cfg.dit))
+        (folder / "config.json").write_text(json.dumps(transformer_config, indent=2))
+
+    vae_dir = out_dir / DIFFUSERS_DIRS["vae"]
+    vae_dir.mkdir(parents=True)
+    renamed = vae_official_to_diffusers(tiny.vae)
+    save_file({renamed[k]: v for k, v in tiny.vae.items()}, str(vae_dir / "diffusion_pytorch_model.safetensors"),
+              metadata={"format": "pt"})
+    (vae_dir / "config.json").write_text(json.dumps({
+        "_class_name": "AutoencoderKLWan", "_diffusers_version": DIFFUSERS_VERSION, "base_dim": cfg.vae.base_dim,
+        "z_dim": cfg.vae.z_dim, "dim_mult": list(cfg.vae.dim_mult), "num_res_blocks": cfg.vae.num_res_blocks,
+        "attn_scales": [], "temperal_downsample": list(cfg.vae.temporal_downsample), "dropout": 0.0,
+        "latents_mean": list(LATENT_MEAN), "latents_std": list(LATENT_STD)}, indent=2))
+
+    text_dir = out_dir / DIFFUSERS_DIRS["text_encoder"]
+    text_dir.mkdir(parents=True)
+    save_file(tiny.t5, str(text_dir / "model.safetensors"), metadata={"format": "pt"})
+    with torch.device("meta"):  # only its config is written
+        build_umt5(cfg.text).config.save_pretrained(text_dir)
+
+    tokenizer_dir = out_dir / DIFFUSERS_DIRS["tokenizer"]
+    tokenizer_dir.mkdir(parents=True)
+    (tokenizer_dir / "spiece.model").write_bytes(tiny.spiece)
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "T5Tokenizer", "extra_ids": 0, "eos_token": "</s>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "model_max_length": cfg.text.text_len}, indent=2))
+
+    scheduler_dir = out_dir / "scheduler"
+    scheduler_dir.mkdir()
+    (scheduler_dir / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "UniPCMultistepScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+        "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": SamplerSettings().shift,
+        "num_train_timesteps": 1000}, indent=2))
+    (out_dir / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+        "boundary_ratio": SamplerSettings().boundary, "expand_timesteps": False,
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"], "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]},
+        indent=2))
+
+
+WRITERS = {"official": write_official, "comfy": write_comfy,
+           "comfy-fp8": lambda out, tiny: write_comfy(out, tiny, fp8=True), "diffusers": write_diffusers}
 
 
 def make_tiny(out_dir: str | Path, fmt: str = "official", cfg: ModelConfig = TINY, seed: int = 0) -> Path:
@@ -108,7 +254,8 @@ def make_tiny(out_dir: str | Path, fmt: str = "official", cfg: ModelConfig = TIN
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        write_official(staging, cfg, seed)
+        WRITERS[fmt](staging, tiny_set(cfg, seed))
+        (staging / "tiny_config.json").write_text(json.dumps({"seed": seed, "format": fmt, **asdict(cfg)}, indent=2))
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(staging, out_dir)

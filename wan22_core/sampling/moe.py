@@ -87,3 +87,9 @@ class ExpertPair:
             self._swap.remove()
             self._swap = None
         expert.to(self.offload_device)
+
+    def offload_all(self) -> None:
+        """Both experts to `offload_device` (e.g. between prompts, to give the GPU back)."""
+        for expert in self.experts.values():
+            self._offload(expert)
+        self.active = None

@@ -1,0 +1,239 @@
+"""Multi-GPU communication model: bytes each rank sends per step, measured and projected.
+
+    python benchmarks/bench_comm.py                    # print both tables
+    python benchmarks/bench_comm.py --append-results   # also append them to benchmarks/RESULTS.md
+
+1. Measured (CPU, gloo, 2 and 4 ranks, a small random model from disk): every collective the
+   parallel code issues is counted per rank (all_to_all_single: the (P-1)/P of the input that
+   leaves the rank; all_gather / all_gather_single: (P-1) copies of the local input) over the
+   steady-state steps, and compared with the closed form of docs/multigpu.md. They must agree
+   to the byte.
+2. Projected (A14B, 1280x720, 81 frames): the same formula at full size, communication time at
+   NVLink-class (450 GB/s per direction per GPU) and PCIe-class (25 GB/s) bandwidth, next to the
+   compute time from the FLOP count of design.md §5 at 790 TFLOP/s bf16 peak and an assumed MFU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# --- the closed form (docs/multigpu.md, "Communication per step") ---------------------------------
+
+
+def ulysses_bytes(tokens: int, dim: int, layers: int, batch: int, elem: int, degree: int) -> int:
+    """Per rank per forward: q, k, v and the output (4 tensors of [B, L_p/P, dim]) per layer, of
+    which (P-1)/P leaves the rank. L_p pads L to a multiple of P."""
+    local = math.ceil(tokens / degree)
+    return layers * 4 * batch * local * dim * elem * (degree - 1) // degree
+
+
+def gather_bytes(tokens: int, head_out: int, batch: int, degree: int) -> int:
+    """Per rank per forward: the fp32 head output [B, L_p/P, p*C] to each of the P-1 peers."""
+    return batch * math.ceil(tokens / degree) * head_out * 4 * (degree - 1)
+
+
+def fsdp_bytes(row_bytes_and_rows, ranks: int) -> int:
+    """Per rank per forward with resharding: its padded shard of every gathered parameter
+    (ceil(n/P) rows) to each of the P-1 peers; ~ (P-1)/P of the expert."""
+    return (ranks - 1) * sum(math.ceil(rows / ranks) * row_bytes for row_bytes, rows in row_bytes_and_rows)
+
+
+def cfg_bytes(latent_elems: int) -> int:
+    """Per rank per step: its fp32 prediction [1, C, T, H, W] to the other half."""
+    return latent_elems * 4
+
+
+# --- measurement on CPU ranks ---------------------------------------------------------------------
+
+SCENARIOS = {  # name -> plan degrees as a function of P
+    "ulysses": lambda p: dict(ulysses=p),
+    "ulysses+fsdp": lambda p: dict(ulysses=p, fsdp=True),
+    "cfg x ulysses+fsdp": lambda p: dict(cfg_parallel=2, ulysses=p // 2, fsdp=True),
+    "fsdp only": lambda p: dict(fsdp=True),
+}
+FRAMES, HEIGHT, WIDTH = 9, 48, 80  # 3 x 3 x 5 = 45 tokens: padded for both 2 and 4 ranks
+
+
+def count_collectives(counts: dict) -> None:
+    """Wrap the torch.distributed calls the parallel code and FSDP2 use; add bytes sent by this rank."""
+    def wrap(name, sent):
+        original = getattr(dist, name)
+
+        def counted(*args, **kwargs):
+            group = kwargs.get("group")
+            counts[name] = counts.get(name, 0) + sent(args, dist.get_world_size(group))
+            return original(*args, **kwargs)
+        setattr(dist, name, counted)
+
+    wrap("all_to_all_single", lambda a, p: a[1].nbytes * (p - 1) // p)
+    wrap("all_gather", lambda a, p: a[1].nbytes * (p - 1))
+    wrap("all_gather_single", lambda a, p: a[1].nbytes * (p - 1))
+
+
+def rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    from wan22_core.config import SamplerSettings
+    from wan22_core.parallel.loading import load_expert_pair
+    from wan22_core.parallel.mesh import init_groups
+    from wan22_core.parallel.plan import ParallelPlan
+    from wan22_core.pipeline import denoise, make_noise
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", port, is_master=False),
+                            rank=rank, world_size=world)
+    heads = json.loads((Path(model_dir) / "high_noise_model" / "config.json").read_text())["num_heads"]
+    settings = SamplerSettings(steps=3, boundary=0.0)  # all steps on one expert: a steady state
+    g = torch.Generator().manual_seed(0)
+    positive, negative = torch.randn(5, 32, generator=g), torch.randn(5, 32, generator=g)
+    counts, results = {}, {}
+    count_collectives(counts)
+    for name, degrees in SCENARIOS.items():
+        groups = init_groups(ParallelPlan(world_size=world, num_heads=heads, **degrees(world)), torch.device("cpu"))
+        experts = load_expert_pair(Path(model_dir) / "high_noise_model", Path(model_dir) / "low_noise_model",
+                                   groups, torch.device("cpu"), torch.float32)
+        # step 1 gathers the head once (it stays gathered); count steps 2..3 only
+        denoise(experts, positive, negative, make_noise(0, FRAMES, HEIGHT, WIDTH), settings,
+                on_step=lambda info: counts.clear() if info.index == 0 else None)
+        results[name] = {k: v // (settings.steps - 1) for k, v in counts.items()}
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def measure(world: int, model_dir: Path, workdir: Path) -> dict:
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    out = workdir / f"counts{world}.json"
+    procs = [subprocess.Popen([sys.executable, __file__, "--rank", json.dumps(
+        dict(rank=r, world=world, port=store.port, model_dir=str(model_dir), out=str(out)))]) for r in range(world)]
+    if any(p.wait() for p in procs):
+        raise SystemExit(f"a rank of the {world}-rank measurement failed")
+    return json.loads(out.read_text())
+
+
+def expected(name: str, world: int, cfg) -> dict:
+    """The formula's per-rank bytes per step for one scenario on the measurement model (fp32)."""
+    from wan22_core.models.transformer import WanModel
+
+    degrees = SCENARIOS[name](world)
+    u, c = degrees.get("ulysses", 1), degrees.get("cfg_parallel", 1)
+    tokens = ((FRAMES - 1) // 4 + 1) * (HEIGHT // 16) * (WIDTH // 16)
+    batch = 2 // c
+    out = {}
+    if u > 1:
+        out["all_to_all_single"] = ulysses_bytes(tokens, cfg.dim, cfg.num_layers, batch, 4, u)
+        out["all_gather"] = gather_bytes(tokens, math.prod(cfg.patch_size) * cfg.out_dim, batch, u)
+    if c > 1:
+        out["all_gather"] = out.get("all_gather", 0) + cfg_bytes(16 * tokens * 4)
+    if degrees.get("fsdp"):
+        with torch.device("meta"):
+            model = WanModel(cfg)
+        head = {id(p) for p in model.head.parameters()}
+        rows = [(p[0].nbytes if p.dim() > 1 else p.element_size(), p.shape[0])
+                for p in model.parameters() if id(p) not in head]
+        out["all_gather_single"] = fsdp_bytes(rows, world)
+    return out
+
+
+# --- projection to A14B 720p ----------------------------------------------------------------------
+
+PEAK_FLOPS = 790e12  # dense bf16, H100/H200 measured (design.md §5)
+MFU = 0.6  # assumed; 80 forwards x 6.52e15 FLOP / (790e12 x 0.6) = 1100 s vs the official 1041.5 s on one H100
+LINKS = {"NVLink 450 GB/s": 450e9, "PCIe 25 GB/s": 25e9}
+
+
+def forward_flops(tokens: int, dim: int, ffn: int, layers: int, text: int = 512) -> float:
+    """One sample, multiply-add = 2: self-attn projections 8Ld^2, attention 4L^2d, cross-attn
+    projections 4Ld^2 plus its text K/V 4*512*d^2 and scores 4*L*512*d, FFN 4*L*d*ffn."""
+    per_layer = (8 * tokens * dim**2 + 4 * tokens**2 * dim + 4 * tokens * dim**2 + 4 * text * dim**2
+                 + 4 * tokens * text * dim + 4 * tokens * dim * ffn)
+    return layers * per_layer
+
+
+def projection_rows():
+    from wan22_core.config import A14B
+
+    d = A14B.dit
+    tokens = 21 * 45 * 80  # 720p, 81 frames: 75,600
+    latent_elems = 16 * 21 * 90 * 160
+    step_flops = 2 * forward_flops(tokens, d.dim, d.ffn_dim, d.num_layers)  # cond + uncond
+    expert_bytes = 14.29e9 * 2  # bf16
+    head_out = math.prod(d.patch_size) * d.out_dim
+    t1 = step_flops / (PEAK_FLOPS * MFU)
+    rows = []
+    for gpus, cfg in ((1, 1), (2, 1), (4, 1), (8, 1), (8, 2)):
+        u = gpus // cfg
+        batch = 2 // cfg
+        sp = ulysses_bytes(tokens, d.dim, d.num_layers, batch, 2, u)
+        sp += (gather_bytes(tokens, head_out, batch, u) if u > 1 else 0) + (cfg_bytes(latent_elems) if cfg > 1 else 0)
+        fsdp = expert_bytes * (gpus - 1) / gpus  # reshard after forward: one gather per step
+        compute = t1 / gpus
+        row = dict(gpus=gpus, layout=f"{cfg}x{u}" if cfg > 1 else f"U{u}", sp_gb=sp / 1e9, fsdp_gb=fsdp / 1e9,
+                   compute_s=compute)
+        for link, bandwidth in LINKS.items():
+            # Ulysses all-to-alls sit between the projections and the attention: on the critical
+            # path. FSDP gathers are prefetched under the previous block's compute: only the excess shows.
+            step = compute + sp / bandwidth + max(0.0, fsdp / bandwidth - compute)
+            row[link] = (step, t1 / (gpus * step))
+        rows.append(row)
+    return rows
+
+
+def report(measured: dict, cfg) -> str:
+    lines = ["### Measured on CPU ranks (gloo) vs the formula, bytes per rank per step (fp32, "
+             f"{FRAMES} frames {WIDTH}x{HEIGHT}, 45 tokens; dim {cfg.dim}, {cfg.num_layers} layers)", "",
+             "| ranks | plan | collective | measured | formula | match |", "|---|---|---|---|---|---|"]
+    for world, per_scenario in measured.items():
+        for name, counts in per_scenario.items():
+            want = expected(name, world, cfg)
+            for kind in sorted(set(counts) | set(want)):
+                got, formula = counts.get(kind, 0), want.get(kind, 0)
+                match = "yes" if got == formula else "NO"
+                lines.append(f"| {world} | {name} | {kind} | {got:,} | {formula:,} | {match} |")
+    lines += ["", "### Projected: A14B, 1280x720x81 (75,600 tokens), bf16, 40 steps x (cond + uncond)", "",
+              f"Compute from the FLOP count at {PEAK_FLOPS / 1e12:.0f} TFLOP/s x MFU {MFU}; Ulysses traffic on the "
+              "critical path; FSDP all-gathers (reshard after forward) overlapped with compute, only the "
+              "excess counted.",
+              "", "| GPUs | layout | SP+CFG GB/step/rank | FSDP GB/step/rank | compute s/step | "
+              + " | ".join(f"{link}: s/step (efficiency)" for link in LINKS) + " |",
+              "|---|---|---|---|---|" + "---|" * len(LINKS)]
+    for r in projection_rows():
+        cells = " | ".join(f"{r[link][0]:.2f} ({r[link][1]:.0%})" for link in LINKS)
+        lines.append(f"| {r['gpus']} | {r['layout']} | {r['sp_gb']:.1f} | {r['fsdp_gb']:.1f} | "
+                     f"{r['compute_s']:.2f} | {cells} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--append-results", action="store_true")
+    parser.add_argument("--rank", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rank:
+        rank_main(**json.loads(args.rank))
+        return
+    from wan22_core.tiny import make_tiny, tiny_config
+
+    cfg = tiny_config(dim=128, heads=8, layers=2, ffn_dim=256)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_tiny(Path(tmp) / "model", "official", cfg, seed=0)
+        measured = {world: measure(world, model_dir, Path(tmp)) for world in (2, 4)}
+    text = report(measured, cfg.dit)
+    print(text)
+    if "NO |" in text:
+        raise SystemExit("measured bytes differ from the formula")
+    if args.append_results:
+        results = Path(__file__).parent / "RESULTS.md"
+        with results.open("a") as f:
+            f.write(f"\n## Multi-GPU communication model (CPU-measured bytes)\n\n"
+                    f"`python benchmarks/bench_comm.py` (torch {torch.__version__}, CPU).\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()

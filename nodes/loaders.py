@@ -1,0 +1,184 @@
+"""Loader nodes: text encoder, the two MoE experts, the VAE.
+
+The text encoder and the VAE load when their node runs (through the slot cache). The expert
+loader only resolves files and options into a `MoEModel`; the sampler loads the experts on first
+use, so a graph whose sampler output is cached never reads 57 GB, and the multi-GPU path can
+later load shards in its workers instead of in the ComfyUI process.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..wan22_core.checkpoints import load_dit, load_text_encoder, load_vae
+from ..wan22_core.fp8 import set_fp8_compute
+from ..wan22_core.models.attention import BACKENDS, AttentionKernel
+from ..wan22_core.runtime import DTYPES, resolve_dtype
+from ..wan22_core.sampling.moe import ExpertPair
+from . import comfy_adapter
+from .comfy_adapter import DIFFUSION_MODELS, TEXT_ENCODERS, VAE, file_options, model_path
+from .model_cache import CACHE, file_key
+
+CATEGORY = "Wan2.2 MoE"
+DEVICES = ("auto", "cpu", "gpu")
+WEIGHT_DTYPES = ("auto", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast")
+ATTENTION = ("auto", *BACKENDS)
+# offload -> ExpertPair(keep_both=...): auto decides from the card's memory.
+OFFLOAD = {"auto": None, "none": True, "swap_experts": False}
+
+
+@dataclass(frozen=True)
+class TextEncoderOnDevice:
+    """WAN22_TEXT_ENCODER: the encoder (weights wait on the CPU) and the device it encodes on."""
+
+    encoder: object  # wan22_core.models.text_encoder.TextEncoder
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class MoEModel:
+    """WAN22_MOE_MODEL: which expert files to use and how; `experts()` loads them (cached)."""
+
+    high_noise: Path
+    low_noise: Path
+    weight_dtype: str
+    attention: str
+    offload: str
+
+    def experts(self, device: torch.device) -> ExpertPair:
+        dtypes = expert_dtypes(self.weight_dtype, device)
+        backend = "sdpa" if self.attention == "auto" else self.attention
+
+        def cached(slot: str, path: Path):
+            return CACHE.get(slot, (file_key(path), dtypes, backend), lambda: load_expert(path, dtypes, backend))
+
+        high, low = cached("high", self.high_noise), cached("low", self.low_noise)
+        return ExpertPair(high, low, device, keep_both=OFFLOAD[self.offload],
+                          offload_device=comfy_adapter.runtime.offload_device())
+
+
+def expert_dtypes(weight_dtype: str, device: torch.device) -> tuple:
+    """weight_dtype -> (compute dtype, stored weight dtype or None for the file's own, fp8 matmul mode).
+
+    As ComfyUI's UNETLoader: fp8_e4m3fn stores the block weights in fp8 and multiplies in 16 bits;
+    _fast also multiplies in fp8 where the card can (compute capability 8.9+).
+    """
+    if weight_dtype in DTYPES:
+        return DTYPES[weight_dtype], DTYPES[weight_dtype], None
+    compute = resolve_dtype("auto", device)
+    if weight_dtype == "auto":
+        return compute, None, None
+    return compute, torch.float8_e4m3fn, "auto" if weight_dtype.endswith("_fast") else "dequant"
+
+
+def load_expert(path: Path, dtypes: tuple, backend: str) -> torch.nn.Module:
+    compute, stored, fp8_matmul = dtypes
+    model = load_dit(path, compute, weight_dtype=stored)
+    if fp8_matmul is not None:
+        set_fp8_compute(model, fp8_matmul)
+    return use_attention(model, backend)
+
+
+def use_attention(model: torch.nn.Module, backend: str) -> torch.nn.Module:
+    """Give every attention layer of an expert a kernel of `backend` (the model's one seam)."""
+    for module in model.modules():
+        if isinstance(getattr(module, "kernel", None), AttentionKernel):
+            module.kernel = AttentionKernel(backend)
+    return model
+
+
+def _file_input(folder: str, tooltip: str) -> tuple:
+    return (file_options(folder), {"tooltip": tooltip})
+
+
+class Wan22TextEncoderLoader:
+    DESCRIPTION = ("Loads the UMT5-XXL text encoder (e.g. umt5_xxl_fp16.safetensors from ComfyUI/models/"
+                   "text_encoders; its tokenizer is read from the same file).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("WAN22_TEXT_ENCODER",)
+    RETURN_NAMES = ("text_encoder",)
+    OUTPUT_TOOLTIPS = ("The UMT5 encoder, for Wan22TextEncode.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder": _file_input(TEXT_ENCODERS, "UMT5-XXL encoder file in models/text_encoders, "
+                                                       "e.g. umt5_xxl_fp16.safetensors."),
+            "device": (list(DEVICES), {"default": "auto", "tooltip":
+                       "Where prompts are encoded: gpu is ComfyUI's compute device, auto follows ComfyUI's "
+                       "text-encoder placement. The weights wait on the CPU between encodes."}),
+            "dtype": (["auto", *DTYPES], {"default": "auto", "tooltip":
+                      "Compute dtype: auto is bf16 on a GPU and fp32 on the CPU."}),
+        }}
+
+    def load(self, text_encoder: str, device: str, dtype: str):
+        path = model_path(TEXT_ENCODERS, text_encoder)
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+        runtime = comfy_adapter.runtime
+        target = {"auto": runtime.text_encoder_device, "gpu": runtime.compute_device,
+                  "cpu": lambda: torch.device("cpu")}[device]()
+        torch_dtype = resolve_dtype(dtype, target)
+        encoder = CACHE.get("text_encoder", (file_key(path), torch_dtype),
+                            lambda: load_text_encoder(path, dtype=torch_dtype))
+        return (TextEncoderOnDevice(encoder, target),)
+
+
+class Wan22MoEModelLoader:
+    DESCRIPTION = ("Chooses the two Wan2.2 A14B experts (high-noise and low-noise) from ComfyUI/models/"
+                   "diffusion_models. The weights load when the sampler first needs them and stay cached.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("WAN22_MOE_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("Both experts and how to load them, for Wan22MoESampler.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "high_noise_model": _file_input(DIFFUSION_MODELS, "The high-noise expert (runs the first, noisiest "
+                                                              "steps), e.g. wan2.2_t2v_high_noise_14B_fp16."),
+            "low_noise_model": _file_input(DIFFUSION_MODELS, "The low-noise expert (runs the remaining steps), "
+                                                             "e.g. wan2.2_t2v_low_noise_14B_fp16."),
+            "weight_dtype": (list(WEIGHT_DTYPES), {"default": "auto", "tooltip":
+                             "auto: the file's own weights (fp8_scaled files stay fp8), computed in bf16 on a "
+                             "GPU, fp32 on the CPU. bf16/fp16: convert. fp8_e4m3fn: store the block weights in "
+                             "fp8 (half the memory); _fast also multiplies in fp8 on cards that can (Ada, Hopper)."}),
+            "attention": (list(ATTENTION), {"default": "auto", "tooltip":
+                          "Attention kernel: auto picks PyTorch SDPA."}),
+            "offload": (list(OFFLOAD), {"default": "auto", "tooltip":
+                        "none keeps both experts on the GPU; swap_experts keeps only the active one there "
+                        "(one move at the switch); auto keeps both when they fit in 60% of the card."}),
+        }}
+
+    def load(self, high_noise_model: str, low_noise_model: str, weight_dtype: str, attention: str, offload: str):
+        for name, value, allowed in (("weight_dtype", weight_dtype, WEIGHT_DTYPES), ("attention", attention, ATTENTION),
+                                     ("offload", offload, tuple(OFFLOAD))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        return (MoEModel(high_noise=model_path(DIFFUSION_MODELS, high_noise_model),
+                         low_noise=model_path(DIFFUSION_MODELS, low_noise_model),
+                         weight_dtype=weight_dtype, attention=attention, offload=offload),)
+
+
+class Wan22VAELoader:
+    DESCRIPTION = "Loads the Wan2.1 VAE (wan_2.1_vae.safetensors from ComfyUI/models/vae), which the A14B experts use."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("WAN22_VAE",)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The Wan2.1 VAE, for Wan22VAEDecode.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae_name": _file_input(VAE, "The Wan2.1 VAE file in models/vae (not the 48-channel Wan2.2 5B VAE)."),
+        }}
+
+    def load(self, vae_name: str):
+        path = model_path(VAE, vae_name)
+        dtype = resolve_dtype("auto", comfy_adapter.runtime.vae_device())
+        return (CACHE.get("vae", (file_key(path), dtype), lambda: load_vae(path, dtype)),)

@@ -1,0 +1,140 @@
+"""Wan22MoESampler: text embeddings -> video latent, both experts in one node.
+
+The node validates, converts ComfyUI's LATENT (raw VAE space) to the engine's normalised space
+and back, and calls `wan22_core.pipeline.denoise` once per video in the batch. Progress,
+previews and interrupts go through the ComfyUI adapter.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..wan22_core.config import SOLVERS, SamplerSettings, VAEConfig
+from ..wan22_core.errors import Cancelled
+from ..wan22_core.models.vae import denormalize_latent, normalize_latent
+from ..wan22_core.pipeline import MAX_LATENT_POSITIONS, Z_DIM, check_video_size, make_noise
+from ..wan22_core.pipeline import denoise as run_denoise
+from . import comfy_adapter
+from .loaders import CATEGORY
+from .preview import latent_to_rgb
+
+DEFAULTS = SamplerSettings()
+SEED_MAX = 2**64 - 1  # make_noise takes any 64-bit seed, like ComfyUI's KSampler
+STRIDE_T, STRIDE_S, _ = VAEConfig().stride  # frames and pixels per latent pixel
+MAX_FRAMES = STRIDE_T * (MAX_LATENT_POSITIONS - 1) + 1
+MAX_SIDE = 2 * STRIDE_S * MAX_LATENT_POSITIONS  # tokens are 2x2 latent pixels
+
+
+def _int(default: int, lo: int, hi: int, step: int, tooltip: str) -> tuple:
+    return ("INT", {"default": default, "min": lo, "max": hi, "step": step, "tooltip": tooltip})
+
+
+def _float(default: float, lo: float, hi: float, step: float, tooltip: str) -> tuple:
+    return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "round": 0.001, "tooltip": tooltip})
+
+
+def start_latents(latent: dict | None, frames: int, height: int, width: int) -> list[tuple[int, torch.Tensor | None]]:
+    """(seed offset, normalised start latent [16, T, h, w] or None) for each video to sample.
+
+    No latent: one video from pure noise. A LATENT batch: one video per item, seeded
+    seed + batch_index (as ComfyUI numbers batch items), each checked against the size widgets.
+    """
+    if latent is None:
+        return [(0, None)]
+    samples = latent["samples"]
+    if "noise_mask" in latent:
+        raise ValueError("the latent has a noise_mask (inpainting); Wan22MoESampler samples whole videos, "
+                         "so connect a latent without a mask")
+    if samples.ndim != 5 or samples.shape[1] != Z_DIM:
+        raise ValueError(f"latent must be a Wan2.1 video latent [batch, 16, frames, height/8, width/8], got shape "
+                         f"{list(samples.shape)}; use EmptyHunyuanLatentVideo or VAEEncode with wan_2.1_vae")
+    t, h, w = samples.shape[2:]
+    if (t, h, w) != ((frames - 1) // STRIDE_T + 1, height // STRIDE_S, width // STRIDE_S):
+        raise ValueError(f"the latent holds {(t - 1) * STRIDE_T + 1} frames of {w * STRIDE_S}x{h * STRIDE_S} but "
+                         f"width/height/frames ask for {frames} frames of {width}x{height}; "
+                         "set them to match the latent")
+    offsets = latent.get("batch_index", list(range(samples.shape[0])))
+    normalised = normalize_latent(samples.float().cpu())
+    return [(int(offset), z) for offset, z in zip(offsets, normalised, strict=True)]
+
+
+class _Progress:
+    """Maps the engine's per-step callback onto one ComfyUI progress bar over the whole batch."""
+
+    def __init__(self, runtime, steps: int, videos: int):
+        self.bar = runtime.progress_bar(steps * videos)
+        self.previews = runtime.previews_enabled()
+        self.steps = steps
+        self.video = 0
+
+    def on_step(self, info) -> None:
+        preview = latent_to_rgb(info.denoised) if self.previews else None
+        self.bar.update(self.video * self.steps + info.index + 1, preview)
+
+
+class Wan22MoESampler:
+    DESCRIPTION = ("Samples a Wan2.2 A14B video: the high-noise expert runs the first steps (timestep >= boundary "
+                   "x 1000) with cfg_high, the low-noise expert the rest with cfg_low. Outputs a LATENT in "
+                   "ComfyUI's Wan convention, so native VAEDecode works on it too.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The video latent [batch, 16, (frames-1)/4+1, height/8, width/8] (raw VAE space).",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        d = DEFAULTS
+        return {
+            "required": {
+                "model": ("WAN22_MOE_MODEL", {"tooltip": "Both experts, from Wan22MoEModelLoader."}),
+                "embeds": ("WAN22_EMBEDS", {"tooltip": "Positive and negative prompt, from Wan22TextEncode."}),
+                "width": _int(1280, 16, MAX_SIDE, 16, "Video width in pixels, a multiple of 16."),
+                "height": _int(720, 16, MAX_SIDE, 16, "Video height in pixels, a multiple of 16."),
+                "frames": _int(81, 1, MAX_FRAMES, 4, "Number of frames, 4k+1 (81 = 5 s at 16 fps)."),
+                "steps": _int(d.steps, 1, 1000, 1, "Denoising steps in total, both experts together."),
+                "cfg_high": _float(d.cfg_high, 0.0, 100.0, 0.1, "Guidance scale of the high-noise expert "
+                                                               "(1.0 skips the negative prompt)."),
+                "cfg_low": _float(d.cfg_low, 0.0, 100.0, 0.1, "Guidance scale of the low-noise expert."),
+                "boundary": _float(d.boundary, 0.0, 1.0, 0.001, "Expert switch: steps whose timestep is >= "
+                                                                "boundary x 1000 use the high-noise expert."),
+                "shift": _float(d.shift, 0.001, 100.0, 0.1, "Flow shift of the noise schedule; higher spends "
+                                                            "more steps at high noise."),
+                "solver": (list(SOLVERS), {"default": d.solver, "tooltip": "unipc is the official solver; "
+                                                                         "dpm++ (2M) and euler also work."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
+                                 "tooltip": "Noise seed; the same seed gives the same video on CPU and GPU."}),
+            },
+            "optional": {
+                "latent": ("LATENT", {"tooltip": "Optional start latent (e.g. from VAEEncode); its size must "
+                                                 "match width/height/frames. A batch gives one video per item."}),
+                "denoise": _float(1.0, 0.01, 1.0, 0.01, "With a start latent: how much to change it (1.0 "
+                                                        "samples from noise, lower keeps more of the latent)."),
+            },
+        }
+
+    def sample(self, model, embeds, width: int, height: int, frames: int, steps: int, cfg_high: float,
+               cfg_low: float, boundary: float, shift: float, solver: str, seed: int, latent: dict | None = None,
+               denoise: float = 1.0):
+        settings = SamplerSettings(steps=steps, shift=shift, boundary=boundary, cfg_high=cfg_high,
+                                   cfg_low=cfg_low, solver=solver).validate()
+        check_video_size(frames, height, width)
+        starts = start_latents(latent, frames, height, width)
+        runtime = comfy_adapter.runtime
+        progress = _Progress(runtime, steps, len(starts))
+
+        runtime.free_memory()
+        experts = model.experts(runtime.compute_device())
+        outputs = []
+        try:
+            for index, (offset, start) in enumerate(starts):
+                progress.video = index
+                noise = make_noise((seed + offset) % 2**64, frames, height, width)
+                outputs.append(run_denoise(experts, embeds.positive, embeds.negative, noise, settings, latent=start,
+                                           denoise_strength=denoise, on_step=progress.on_step,
+                                           should_cancel=runtime.interrupted).cpu())
+        except Cancelled:
+            runtime.raise_if_interrupted()  # inside ComfyUI: its "interrupted", not an error
+            raise
+        finally:  # our weights are not ComfyUI-managed: give the GPU back between prompts
+            experts.offload_all()
+        return ({"samples": denormalize_latent(torch.stack(outputs))},)

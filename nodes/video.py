@@ -1,0 +1,87 @@
+"""Wan22VAEDecode (LATENT -> IMAGE) and Wan22SaveVideo (IMAGE -> mp4 in ComfyUI's output folder)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..wan22_core.config import FPS
+from ..wan22_core.models.vae import normalize_latent
+from ..wan22_core.pipeline import Z_DIM, decode_to_video
+from ..wan22_core.video import unique_path, write_mp4
+from . import comfy_adapter
+from .loaders import CATEGORY
+
+# Tiled decode: 64 latent pixels = 512 px tiles overlapping by 64 px, ComfyUI's tiled-decode defaults.
+TILE_LATENT_PIXELS = 64
+SAVE_ATTEMPTS = 3  # another saver may take our file name between choosing and writing it
+
+
+class Wan22VAEDecode:
+    DESCRIPTION = ("Decodes a Wan2.1 video LATENT (ours or native, e.g. from KSampler) into frames. A batch of "
+                   "videos becomes one frame sequence, as with native VAEDecode.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("The frames [frames, height, width, 3], RGB in 0..1.",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("WAN22_VAE", {"tooltip": "From Wan22VAELoader."}),
+            "samples": ("LATENT", {"tooltip": "A Wan2.1 video latent [batch, 16, T, height/8, width/8]."}),
+            "tiled": ("BOOLEAN", {"default": False, "tooltip": "Decode in 512 px tiles: much less memory at "
+                                                                "720p, with blended seams."}),
+        }}
+
+    def decode(self, vae, samples: dict, tiled: bool):
+        raw = samples["samples"]
+        if raw.ndim != 5 or raw.shape[1] != Z_DIM:
+            raise ValueError(f"samples must be a Wan2.1 video latent [batch, 16, frames, height/8, width/8], got "
+                             f"shape {list(raw.shape)}; image latents and 48-channel Wan2.2 5B latents do not fit")
+        runtime = comfy_adapter.runtime
+        device = runtime.vae_device()
+        runtime.free_memory()
+        vae.to(device)
+        try:
+            videos = [decode_to_video(vae, normalize_latent(raw[i:i + 1].to(device, torch.float32))[0],
+                                      tile_size=TILE_LATENT_PIXELS if tiled else None)
+                      for i in range(raw.shape[0])]
+        finally:
+            vae.to(runtime.offload_device())
+        return (torch.cat(videos),)
+
+
+class Wan22SaveVideo:
+    DESCRIPTION = ("Saves frames as an H.264 mp4 in ComfyUI's output folder (never overwriting) and shows it "
+                   "on the node.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "images": ("IMAGE", {"tooltip": "The frames, e.g. from Wan22VAEDecode or native VAEDecode."}),
+            "fps": ("FLOAT", {"default": float(FPS), "min": 1.0, "max": 120.0, "step": 1.0, "round": 0.001,
+                              "tooltip": "Frames per second; Wan2.2 A14B is trained at 16."}),
+            "filename_prefix": ("STRING", {"default": "wan22/video", "tooltip":
+                                "File name inside the output folder; subfolders allowed. A counter is added: "
+                                "wan22/video_00001.mp4."}),
+        }}
+
+    def save(self, images: torch.Tensor, fps: float, filename_prefix: str):
+        output = comfy_adapter.runtime.output_directory()
+        for attempt in range(SAVE_ATTEMPTS):
+            path = unique_path(output, filename_prefix)
+            try:
+                write_mp4(images, path, fps=fps)
+                break
+            except FileExistsError:
+                if attempt == SAVE_ATTEMPTS - 1:
+                    raise
+        subfolder = os.path.relpath(path.parent, output.resolve())
+        result = {"filename": path.name, "subfolder": "" if subfolder == "." else subfolder, "type": "output"}
+        return {"ui": {"images": [result], "animated": (True,)}, "result": ()}

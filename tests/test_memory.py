@@ -1,0 +1,222 @@
+"""The memory model (wan22_core.memory) against what tiny models really hold on the CPU.
+
+Activations are checked by accounting: a TorchDispatchMode sees every aten op's outputs, counts
+each new storage once, and subtracts it when the storage is freed (weakref.finalize), so its
+peak is the most tensor bytes alive at once during the forward, as an allocator would see them
+(minus allocations hidden inside a kernel). Weights are checked against the parameters that
+each offload mode leaves on the compute device.
+"""
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from wan22_core.config import DiTConfig
+from wan22_core.memory import (GIB, block_activation_peak, estimate_peak_bytes, param_counts, video_tokens,
+                               weight_bytes)
+from wan22_core.models.transformer import WanModel
+from wan22_core.sampling.moe import HIGH, ExpertPair
+
+CFG = DiTConfig(dim=64, ffn_dim=176, num_heads=4, num_layers=2, text_dim=32, freq_dim=32)
+ACTIVATION_TOLERANCE = 0.02  # relative; the replay is byte-exact on the CPU today, 2% leaves room for kernel changes
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of storages created by ops inside the mode and still referenced."""
+
+    def __init__(self, preexisting):
+        super().__init__()
+        self.skip = {t.untyped_storage()._cdata for t in preexisting}
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self.current -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata  # views share it: counted once
+            if key in self.skip or key in self.live:
+                continue
+            self.live[key] = storage.nbytes()
+            self.current += storage.nbytes()
+            weakref.finalize(storage, self._release, key)
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def measured_activation_peak(model: WanModel, frames: int, height: int, width: int, batch: int) -> int:
+    g = torch.Generator().manual_seed(0)
+    _, t, h, w = (16, (frames - 1) // 4 + 1, height // 8, width // 8)
+    x = torch.randn(batch, 16, t, h, w, generator=g)
+    ctx = torch.randn(batch, 77, model.cfg.text_dim, generator=g)
+    timestep = torch.full((batch,), 900.0)
+    preexisting = [*model.parameters(), *model.buffers(), x, ctx, timestep]
+    with torch.no_grad(), LiveBytes(preexisting) as mode:
+        model(x, timestep, ctx)
+    return mode.peak
+
+
+def tiny_model(dtype: torch.dtype, fp8_compute: str | None = None) -> WanModel:
+    torch.manual_seed(0)
+    model = WanModel(CFG).eval()
+    if fp8_compute is not None:
+        to_fp8(model)
+        from wan22_core.fp8 import set_fp8_compute
+
+        set_fp8_compute(model, fp8_compute)
+    return model.to(dtype) if fp8_compute is None else model
+
+
+def to_fp8(model: WanModel) -> None:
+    """The block Linears as scaled fp8 (as a comfy fp8 checkpoint loads), the rest bf16."""
+    fp8 = pytest.importorskip("wan22_core.fp8")
+    model.to(torch.bfloat16)
+    names = fp8.block_linear_names(model)
+    dense = {name: model.get_submodule(name) for name in names}
+    fp8.swap_to_fp8(model, names)
+    for name, linear in dense.items():
+        layer = model.get_submodule(name)
+        weight, scale = fp8.quantize_fp8(linear.weight.data)
+        layer.weight.data = weight
+        layer.scale_weight.copy_(scale)
+        layer.bias.data.copy_(linear.bias.data)
+
+
+@pytest.mark.parametrize("frames, height, width, batch, dtype", [
+    (9, 256, 256, 2, torch.bfloat16),  # 768 tokens
+    (17, 256, 384, 2, torch.bfloat16),  # 1920 tokens
+    (17, 384, 384, 1, torch.bfloat16),  # 2880 tokens, batch 1 (sequential CFG)
+    (9, 256, 256, 2, torch.float32),  # fp32 weights: the .float()/.to() casts become no-ops
+])
+def test_activation_estimate_matches_accounting(frames, height, width, batch, dtype):
+    model = tiny_model(dtype)
+    measured = measured_activation_peak(model, frames, height, width, batch)
+    est = estimate_peak_bytes(CFG, frames, height, width, weight_bytes_per_param=4 if dtype == torch.float32 else 2,
+                              batch=batch)
+    assert est["activations"] == pytest.approx(measured, rel=ACTIVATION_TOLERANCE), (est, measured)
+
+
+@pytest.mark.parametrize("fp8_compute", ["dequant", "scaled_mm"])
+def test_activation_estimate_matches_accounting_fp8(fp8_compute):
+    model = tiny_model(torch.bfloat16, fp8_compute)
+    measured = measured_activation_peak(model, 17, 256, 384, 2)
+    est = estimate_peak_bytes(CFG, 17, 256, 384, weight_bytes_per_param=1, batch=2, fp8_compute=fp8_compute)
+    assert est["activations"] == pytest.approx(measured, rel=ACTIVATION_TOLERANCE), (est, measured)
+
+
+def test_block_peak_is_in_self_attention_rope_and_scales_with_tokens():
+    """At real size the eager peak is RoPE on k: 22 bytes per [B, L, dim] element (see memory.py)."""
+    cfg = DiTConfig()
+    peak, where, live = block_activation_peak(cfg, 75_600, 2)
+    elems = 2 * 75_600 * cfg.dim
+    assert where.startswith("self_attn.k_rot")
+    assert peak == pytest.approx(22 * elems, rel=0.01)
+    # the fp32 input stream and the bf16 modulated input are alive; the fp32 one is not
+    assert live["x_in"] == 4 * elems and live["h.c"] == 2 * elems and "h" not in live
+    assert block_activation_peak(cfg, 75_600, 1)[0] == pytest.approx(peak / 2, rel=0.01)
+
+
+def param_bytes_on(modules, device: torch.device) -> int:
+    return sum(t.numel() * t.element_size() for m in modules
+               for t in (*m.parameters(), *m.buffers()) if t.device == device)
+
+
+@pytest.mark.parametrize("cfg", [CFG, DiTConfig(dim=96, ffn_dim=200, num_heads=2, num_layers=3, text_dim=48,
+                                                freq_dim=64, in_dim=8, out_dim=12)])
+@pytest.mark.parametrize("bytes_per_param", [4, 2, 1])
+def test_weight_bytes_match_parameters(cfg, bytes_per_param):
+    model = WanModel(cfg)
+    if bytes_per_param == 1:
+        to_fp8(model)
+    else:
+        model.to(torch.float32 if bytes_per_param == 4 else torch.bfloat16)
+    block, expert = weight_bytes(cfg, bytes_per_param)
+    assert param_bytes_on([model], torch.device("cpu")) == expert
+    assert param_bytes_on([model.blocks[0]], torch.device("cpu")) == block
+
+
+def test_a14b_parameter_count_is_exact():
+    cfg = DiTConfig()
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    n = param_counts(cfg)
+    per_block = n["block_linear_weights"] + n["block_other"]
+    assert n["non_block"] + cfg.num_layers * per_block == sum(p.numel() for p in model.parameters())
+    assert weight_bytes(DiTConfig(), 2)[1] == pytest.approx(28.6e9, rel=0.002)  # design.md: 28.6 GB bf16
+
+
+def test_weights_per_offload_mode_match_what_stays_on_the_device():
+    """Compute device cpu, offload device meta: whatever is on the cpu is device-resident."""
+    cpu = torch.device("cpu")
+    high = WanModel(CFG).to(torch.bfloat16)
+    with torch.device("meta"):
+        low = WanModel(CFG).to(torch.bfloat16)
+    both = ExpertPair(high, WanModel(CFG).to(torch.bfloat16), cpu, keep_both=True)
+    both.get(HIGH)
+    assert param_bytes_on(both.experts.values(), cpu) == estimate_peak_bytes(CFG, 5, 64, 64, offload="none")["weights"]
+    one = ExpertPair(high, low, cpu, keep_both=False, offload_device=torch.device("meta"))
+    one.get(HIGH)
+    assert param_bytes_on(one.experts.values(), cpu) == estimate_peak_bytes(
+        CFG, 5, 64, 64, offload="swap_experts")["weights"]
+
+
+@pytest.mark.parametrize("swap_blocks", [1, 2])
+def test_weights_with_block_swap_count_blocks_in_flight(swap_blocks):
+    cfg = DiTConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=32, freq_dim=32)
+    model = WanModel(cfg).to(torch.bfloat16)
+    with torch.device("meta"):
+        low = WanModel(cfg)
+    pair = ExpertPair(model, low, torch.device("cpu"), offload_device=torch.device("meta"), swap_blocks=swap_blocks)
+    pair.get(HIGH)
+    swap = pair._swap
+    fixed = [m for name, m in model.named_children() if name != "blocks"]
+    fixed += [b for b in model.blocks if b not in swap.order]
+    resident = []
+
+    def count(block, args):  # runs after BlockSwap's pre-hook: the block and its prefetch are loaded
+        resident.append(param_bytes_on(fixed, torch.device("cpu"))
+                        + sum(param_bytes_on([b], torch.device("cpu")) for b in swap.ready))
+
+    hooks = [b.register_forward_pre_hook(count) for b in model.blocks]
+    x, t, ctx = torch.randn(1, 16, 1, 8, 8), torch.tensor([900.0]), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        model(x, t, ctx)
+    for h in hooks:
+        h.remove()
+    expected = estimate_peak_bytes(cfg, 1, 64, 64, offload="block_swap", swap_blocks=swap_blocks)["weights"]
+    assert max(resident) == expected
+
+
+def test_video_tokens_for_the_design_sizes():
+    assert video_tokens(DiTConfig(), 81, 720, 1280) == 75_600  # 21 x 45 x 80
+    assert video_tokens(DiTConfig(), 81, 480, 832) == 32_760  # 21 x 30 x 52
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(offload="disk"), "offload must be one of"),
+    (dict(offload="swap_experts", swap_blocks=3), "needs offload='block_swap'"),
+    (dict(offload="block_swap", swap_blocks=41), "between 0 and 40"),
+    (dict(weight_bytes_per_param=3), "weight_bytes_per_param must be 1"),
+    (dict(batch=0), "batch must be an integer >= 1"),
+    (dict(fp8_compute="int8"), "fp8_compute must be one of"),
+])
+def test_bad_arguments_name_the_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        estimate_peak_bytes(DiTConfig(), 81, 720, 1280, **kwargs)
+
+
+def test_min_swap_blocks_is_the_smallest_count_that_fits():
+    from wan22_core.memory import CUDA_OVERHEAD, min_swap_blocks
+
+    cfg, card = DiTConfig(), 24 * GIB
+    need = min_swap_blocks(cfg, 81, 720, 1280, card, batch=1)
+    total = lambda n: estimate_peak_bytes(cfg, 81, 720, 1280, offload="block_swap", swap_blocks=n, batch=1)["total"]
+    assert need is not None and 0 < need < cfg.num_layers
+    assert total(need) + CUDA_OVERHEAD <= card < total(need - 1) + CUDA_OVERHEAD

@@ -1,0 +1,556 @@
+"""The ComfyUI node pack without ComfyUI: import by path, node contracts, example workflows run
+end to end on tiny checkpoints, progress/interrupt through a fake adapter, LATENT convention."""
+import importlib.util
+import json
+import math
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from wan22_core.tiny import make_tiny
+from wan22_core.video import read_mp4_info
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "example_workflows"
+API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.json"))
+UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
+HIGH, LOW = "wan2.2_t2v_high_noise_14B_fp16.safetensors", "wan2.2_t2v_low_noise_14B_fp16.safetensors"
+TEXT_ENCODER, VAE = "umt5_xxl_fp16.safetensors", "wan_2.1_vae.safetensors"
+# Tiny sizes for the tiny models: 32x32 px = 2x2 tokens, 5 frames = 2 latent frames.
+TINY_SETTINGS = {"width": 32, "height": 32, "frames": 5, "steps": 3}
+
+# The issue's node table: class -> (required inputs, optional inputs), in INPUT_TYPES order.
+CONTRACT = {
+    "Wan22TextEncoderLoader": (["text_encoder", "device", "dtype"], []),
+    "Wan22TextEncode": (["text_encoder", "positive", "negative"], []),
+    "Wan22MoEModelLoader": (["high_noise_model", "low_noise_model", "weight_dtype", "attention", "offload"], []),
+    "Wan22VAELoader": (["vae_name"], []),
+    "Wan22MoESampler": (["model", "embeds", "width", "height", "frames", "steps", "cfg_high", "cfg_low", "boundary",
+                         "shift", "solver", "seed"], ["latent", "denoise"]),
+    "Wan22VAEDecode": (["vae", "samples", "tiled"], []),
+    "Wan22SaveVideo": (["images", "fps", "filename_prefix"], []),
+}
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+VIRTUAL_NODES = ("Note", "MarkdownNote", "Reroute")
+
+IMPORT_LIKE_COMFYUI = """
+import importlib.util, json, sys, time
+root = sys.argv[1]
+name = root.replace(".", "_x_")  # ComfyUI's sys.modules name for a pack folder
+start = time.perf_counter()
+spec = importlib.util.spec_from_file_location(name, root + "/__init__.py")
+module = importlib.util.module_from_spec(spec)
+sys.modules[name] = module
+spec.loader.exec_module(module)
+print(json.dumps({"seconds": time.perf_counter() - start, "nodes": sorted(module.NODE_CLASS_MAPPINGS),
+                  "web": module.WEB_DIRECTORY, "heavy": sorted(m for m in ("transformers", "comfy", "folder_paths")
+                                                               if m in sys.modules)}))
+"""
+
+
+def import_pack():
+    """Import the repository root the way ComfyUI's load_custom_node does: by file path, under
+    the folder path (dots mangled) as module name, so only relative imports can work."""
+    name = str(ROOT).replace(".", "_x_")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+PACK = import_pack()
+ADAPTER = sys.modules[PACK.__name__ + ".nodes.comfy_adapter"]
+CACHE = sys.modules[PACK.__name__ + ".nodes.model_cache"].CACHE
+ENGINE = PACK.__name__ + ".wan22_core"  # the pack's own copy of the engine (relative imports)
+MAPPINGS = PACK.NODE_CLASS_MAPPINGS
+
+
+def engine(module: str):
+    importlib.import_module(f"{ENGINE}.{module}")
+    return sys.modules[f"{ENGINE}.{module}"]
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    """Tiny checkpoints in ComfyUI's model-folder layout, under the Comfy-Org file names."""
+    return make_tiny(tmp_path_factory.mktemp("comfy") / "models", "comfy")
+
+
+@pytest.fixture
+def runtime(models_dir, tmp_path, monkeypatch):
+    rt = ADAPTER.StandaloneRuntime(models_dir, tmp_path / "output")
+    monkeypatch.setattr(ADAPTER, "runtime", rt)
+    return rt
+
+
+class FakeInterrupt(Exception):
+    """Stands in for comfy.model_management.InterruptProcessingException."""
+
+
+class FakeComfyRuntime(ADAPTER.StandaloneRuntime):
+    """Records progress and previews; ComfyUI's interrupt flag goes up after `interrupt_after` updates."""
+
+    def __init__(self, models_dir, output_dir, interrupt_after=None):
+        super().__init__(models_dir, output_dir)
+        self.interrupt_after = interrupt_after
+        self.updates, self.totals, self.freed = [], [], 0
+
+    def progress_bar(self, total):
+        self.totals.append(total)
+        return self
+
+    def update(self, value, preview=None):
+        self.updates.append((value, preview))
+
+    def previews_enabled(self):
+        return True
+
+    def free_memory(self):
+        self.freed += 1
+
+    def interrupted(self):
+        return self.interrupt_after is not None and len(self.updates) >= self.interrupt_after
+
+    def raise_if_interrupted(self):
+        if self.interrupted():
+            raise FakeInterrupt()
+
+
+# ---------------------------------------------------------------------------------------------
+# A small prompt executor: ComfyUI's validation of widget values, then outputs in dependency order
+
+
+def input_spec(cls) -> dict:
+    types = cls.INPUT_TYPES()
+    return {**types.get("required", {}), **types.get("optional", {})}
+
+
+def validate_value(node_id, name, spec, value):
+    kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+    if isinstance(kind, list):
+        assert value in kind, f"node {node_id} {name}: {value!r} is not one of {kind}"
+    elif kind in ("INT", "FLOAT"):
+        assert options.get("min", -math.inf) <= value <= options.get("max", math.inf), (node_id, name, value)
+
+
+def run_prompt(prompt: dict) -> dict:
+    """Run an API-format prompt; returns {node_id: ui dict} of the output nodes."""
+    results, ui = {}, {}
+
+    def evaluate(node_id):
+        if node_id in results:
+            return results[node_id]
+        node = prompt[node_id]
+        cls = MAPPINGS[node["class_type"]]
+        spec, kwargs = input_spec(cls), {}
+        required = cls.INPUT_TYPES()["required"]
+        missing = set(required) - set(node["inputs"])
+        assert not missing, f"node {node_id} misses required inputs {missing}"
+        for name, value in node["inputs"].items():
+            assert name in spec, f"node {node_id} ({node['class_type']}) has no input {name!r}"
+            if isinstance(value, list):  # a link [source node id, output index]
+                kwargs[name] = evaluate(value[0])[value[1]]
+            else:
+                validate_value(node_id, name, spec[name], value)
+                kwargs[name] = value
+        out = getattr(cls(), cls.FUNCTION)(**kwargs)
+        if isinstance(out, dict):
+            ui[node_id] = out.get("ui")
+            out = out.get("result", ())
+        results[node_id] = out
+        return out
+
+    for node_id, node in prompt.items():
+        if getattr(MAPPINGS[node["class_type"]], "OUTPUT_NODE", False):
+            evaluate(node_id)
+    return ui
+
+
+def tiny_prompt(path: Path) -> dict:
+    prompt = json.loads(path.read_text())
+    for node in prompt.values():
+        if node["class_type"] == "Wan22MoESampler":
+            node["inputs"].update(TINY_SETTINGS)
+    return prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading like ComfyUI
+
+
+def test_pack_imports_by_path_fast_and_without_heavy_modules():
+    out = subprocess.run([sys.executable, "-c", IMPORT_LIKE_COMFYUI, str(ROOT)], capture_output=True, text=True,
+                         timeout=120, cwd="/")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["nodes"] == sorted(CONTRACT)
+    assert info["heavy"] == []  # no transformers at import, and ComfyUI is optional
+    assert info["seconds"] < 20, info  # torch's own import dominates; no model is built
+    web = ROOT / info["web"]
+    assert (web / "wan22_moe.js").is_file() and (web / "expert_split.js").is_file()
+    assert not list(web.rglob("*.test.*")), "ComfyUI loads every .js under WEB_DIRECTORY as an extension"
+
+
+def test_nodes_use_the_pack_copy_of_the_engine():
+    sampler = sys.modules[PACK.__name__ + ".nodes.sampler"]
+    assert sampler.Cancelled is engine("errors").Cancelled
+    assert not sampler.Cancelled.__module__.startswith("wan22_core")
+
+
+# ---------------------------------------------------------------------------------------------
+# Node contracts
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_input_types_are_well_formed(name, runtime):
+    cls = MAPPINGS[name]
+    types = cls.INPUT_TYPES()
+    assert set(types) <= {"required", "optional", "hidden"}
+    assert (list(types["required"]), list(types.get("optional", {}))) == CONTRACT[name]
+    for input_name, spec in input_spec(cls).items():
+        assert isinstance(spec, tuple) and 1 <= len(spec) <= 2, input_name
+        kind, options = spec[0], spec[1] if len(spec) == 2 else {}
+        assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
+        if isinstance(kind, list):
+            assert kind and all(isinstance(o, str) for o in kind), (input_name, kind)
+            assert options.get("default", kind[0]) in kind, input_name
+        elif kind in ("INT", "FLOAT"):
+            assert options["min"] <= options["default"] <= options["max"], input_name
+            assert options.get("step", 1) > 0 and isinstance(options["default"], int if kind == "INT" else float)
+        elif kind == "BOOLEAN":
+            assert isinstance(options["default"], bool)
+        elif kind == "STRING":
+            assert isinstance(options.get("default", ""), str)
+        else:
+            assert kind.isupper(), f"{name}.{input_name}: socket types are upper case, got {kind!r}"
+    assert cls.CATEGORY == "Wan2.2 MoE" and cls.DESCRIPTION and callable(getattr(cls, cls.FUNCTION))
+    assert len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)) == len(cls.RETURN_TYPES)
+    assert len(getattr(cls, "OUTPUT_TOOLTIPS", cls.RETURN_TYPES)) == len(cls.RETURN_TYPES)
+    assert PACK.NODE_DISPLAY_NAME_MAPPINGS[name].startswith("Wan2.2 ")
+
+
+def test_official_defaults_and_the_seed_widget():
+    from wan22_core.config import DEFAULT_NEGATIVE_PROMPT
+
+    spec = input_spec(MAPPINGS["Wan22MoESampler"])
+    official = {"width": 1280, "height": 720, "frames": 81, "steps": 40, "cfg_high": 4.0, "cfg_low": 3.0,
+                "boundary": 0.875, "shift": 12.0, "solver": "unipc", "denoise": 1.0}
+    assert {name: spec[name][1]["default"] for name in official} == official
+    assert spec["seed"][1]["control_after_generate"] is True and spec["seed"][1]["max"] == 2**64 - 1
+    assert input_spec(MAPPINGS["Wan22TextEncode"])["negative"][1]["default"] == DEFAULT_NEGATIVE_PROMPT
+    assert MAPPINGS["Wan22SaveVideo"].OUTPUT_NODE is True
+
+
+def test_empty_model_folders_show_a_clear_no_files_option(tmp_path, monkeypatch):
+    monkeypatch.setattr(ADAPTER, "runtime", ADAPTER.StandaloneRuntime(tmp_path / "empty", tmp_path / "out"))
+    options = input_spec(MAPPINGS["Wan22MoEModelLoader"])["high_noise_model"][0]
+    assert options == ["(no files in models/diffusion_models)"]
+    with pytest.raises(ValueError, match=r"not found; put it into ComfyUI/models/diffusion_models/"):
+        MAPPINGS["Wan22MoEModelLoader"]().load(options[0], options[0], "auto", "auto", "auto")
+
+
+@pytest.mark.parametrize("name", ["../models/x.safetensors", "/etc/passwd", "a/../../b.safetensors",
+                                  "C:\\models\\x.safetensors", "..\\x.safetensors", ""])
+def test_file_names_cannot_leave_the_model_folders(name, runtime):
+    with pytest.raises(ValueError, match=r"(no absolute path, no '\.\.')|non-empty"):
+        MAPPINGS["Wan22VAELoader"]().load(name)
+
+
+def test_files_in_subfolders_are_listed_and_found(runtime, models_dir, tmp_path):
+    sub = tmp_path / "models"
+    shutil.copytree(models_dir, sub)
+    (sub / "vae" / "wan").mkdir()
+    shutil.move(sub / "vae" / VAE, sub / "vae" / "wan" / VAE)
+    runtime.models_dir = sub
+    assert input_spec(MAPPINGS["Wan22VAELoader"])["vae_name"][0] == [f"wan/{VAE}"]
+    (vae,) = MAPPINGS["Wan22VAELoader"]().load(f"wan/{VAE}")
+    assert isinstance(vae, engine("models.vae").WanVAE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Example workflows
+
+
+def ui_to_api(workflow: dict) -> dict:
+    """Convert a UI (LiteGraph) workflow to API format as the frontend's graphToPrompt does:
+    widgets_values map onto the widget inputs in INPUT_TYPES order, and an INT with
+    control_after_generate carries one extra UI-only value right after it."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in VIRTUAL_NODES or node.get("mode", 0) in (2, 4):  # notes, muted, bypassed
+            continue
+        cls = MAPPINGS[node["type"]]
+        values, inputs = iter(node.get("widgets_values", [])), {}
+        for name, spec in input_spec(cls).items():
+            options = spec[1] if len(spec) > 1 else {}
+            if isinstance(spec[0], list) or spec[0] in WIDGET_TYPES and not options.get("forceInput"):
+                inputs[name] = next(values)
+                if options.get("control_after_generate"):
+                    next(values)
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                _, origin, origin_slot, *_ = links[slot["link"]]
+                inputs[slot["name"]] = [str(origin), origin_slot]
+        assert next(values, None) is None, f"node {node['id']} has more widgets_values than widget inputs"
+        title = node.get("title") or PACK.NODE_DISPLAY_NAME_MAPPINGS[node["type"]]
+        prompt[str(node["id"])] = {"inputs": inputs, "class_type": node["type"], "_meta": {"title": title}}
+    return prompt
+
+
+@pytest.mark.parametrize("ui_path", UI_WORKFLOWS, ids=lambda p: p.name)
+def test_ui_workflow_converts_to_its_api_twin(ui_path, runtime):
+    twin = WORKFLOWS / "api" / ui_path.name
+    assert twin.is_file(), f"{ui_path.name} needs an API twin at {twin}"
+    assert ui_to_api(json.loads(ui_path.read_text())) == json.loads(twin.read_text())
+
+
+def test_ui_workflow_is_wired_with_official_defaults_and_comfy_org_files():
+    from wan22_core.config import DEFAULT_NEGATIVE_PROMPT
+
+    workflow = json.loads((WORKFLOWS / "wan22_t2v_a14b.json").read_text())
+    by_type = {n["type"]: n for n in workflow["nodes"]}
+    assert by_type["Wan22MoESampler"]["widgets_values"][:9] == [1280, 720, 81, 40, 4.0, 3.0, 0.875, 12.0, "unipc"]
+    assert by_type["Wan22TextEncode"]["widgets_values"][1] == DEFAULT_NEGATIVE_PROMPT
+    files = {m["name"]: m for n in workflow["nodes"] for m in n.get("properties", {}).get("models", [])}
+    assert set(files) == {HIGH, LOW, TEXT_ENCODER, VAE}
+    assert all(m["url"].startswith("https://huggingface.co/Comfy-Org/") and m["url"].endswith(m["name"])
+               for m in files.values())
+    note = by_type["MarkdownNote"]["widgets_values"][0]
+    for name, folder in ((HIGH, "diffusion_models"), (TEXT_ENCODER, "text_encoders"), (VAE, "vae")):
+        assert name in note and f"models/{folder}/" in note
+    thumbnail = WORKFLOWS / "wan22_t2v_a14b.jpg"
+    assert thumbnail.is_file() and thumbnail.read_bytes()[:3] == b"\xff\xd8\xff", "the template needs its thumbnail"
+
+
+@pytest.mark.parametrize("api_path", API_WORKFLOWS, ids=lambda p: p.name)
+def test_api_workflow_runs_end_to_end_to_an_mp4(api_path, runtime):
+    ui = run_prompt(tiny_prompt(api_path))
+    (saved,) = [u for u in ui.values() if u]
+    (image,) = saved["images"]
+    assert saved["animated"] == (True,) and image["type"] == "output" and image["filename"].endswith(".mp4")
+    info = read_mp4_info(runtime.output_dir / image["subfolder"] / image["filename"])
+    assert (info["frames"], info["width"], info["height"], info["fps"]) == (5, 32, 32, 16.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler behaviour through the adapter
+
+
+def load_all(text="a red fox in the snow"):
+    (encoder,) = MAPPINGS["Wan22TextEncoderLoader"]().load(TEXT_ENCODER, "cpu", "auto")
+    (embeds,) = MAPPINGS["Wan22TextEncode"]().encode(encoder, text, "")
+    (model,) = MAPPINGS["Wan22MoEModelLoader"]().load(HIGH, LOW, "auto", "auto", "auto")
+    (vae,) = MAPPINGS["Wan22VAELoader"]().load(VAE)
+    return embeds, model, vae
+
+
+def sample(model, embeds, seed=7, **overrides):
+    settings = dict(TINY_SETTINGS, cfg_high=4.0, cfg_low=3.0, boundary=0.875, shift=12.0, solver="unipc") | overrides
+    (latent,) = MAPPINGS["Wan22MoESampler"]().sample(model, embeds, seed=seed, **settings)
+    return latent
+
+
+def test_progress_and_previews_reach_the_adapter(models_dir, tmp_path, monkeypatch):
+    fake = FakeComfyRuntime(models_dir, tmp_path)
+    monkeypatch.setattr(ADAPTER, "runtime", fake)
+    embeds, model, _ = load_all()
+    start = {"samples": torch.zeros(2, 16, 2, 4, 4)}  # a native empty latent, batch of 2
+    sample(model, embeds, latent=start)
+    assert fake.totals == [2 * TINY_SETTINGS["steps"]]
+    assert [value for value, _ in fake.updates] == list(range(1, 7))
+    previews = [p for _, p in fake.updates]
+    assert all(p.dtype == torch.uint8 and p.shape == (4, 4, 3) for p in previews)
+    assert fake.freed >= 1  # ComfyUI's memory was freed before the experts were loaded
+
+
+def test_comfyui_interrupt_stops_sampling_within_one_step(models_dir, tmp_path, monkeypatch):
+    fake = FakeComfyRuntime(models_dir, tmp_path, interrupt_after=2)
+    monkeypatch.setattr(ADAPTER, "runtime", fake)
+    embeds, model, _ = load_all()
+    with pytest.raises(FakeInterrupt):
+        sample(model, embeds, steps=10)
+    assert [value for value, _ in fake.updates] == [1, 2]
+
+
+def test_an_interrupt_raised_by_the_progress_hook_propagates(models_dir, tmp_path, monkeypatch):
+    class HookInterrupts(FakeComfyRuntime):  # ComfyUI's progress hook raises the interrupt itself
+        def update(self, value, preview=None):
+            super().update(value, preview)
+            raise FakeInterrupt()
+
+    monkeypatch.setattr(ADAPTER, "runtime", HookInterrupts(models_dir, tmp_path))
+    embeds, model, _ = load_all()
+    with pytest.raises(FakeInterrupt):
+        sample(model, embeds)
+
+
+@pytest.fixture
+def fake_comfyui(models_dir, tmp_path, monkeypatch):
+    """ComfyUI's modules as the adapter uses them, recording calls; the adapter re-imported on them."""
+    calls, state = [], {"interrupt_after": None, "bars": []}
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total, self.updates = total, []
+            state["bars"].append(self)
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.updates.append((value, preview))
+
+    def interrupted():
+        done = len(state["bars"][-1].updates) if state["bars"] else 0  # steps of the current run
+        return state["interrupt_after"] is not None and done >= state["interrupt_after"]
+
+    def throw_if_interrupted():
+        if interrupted():
+            raise FakeInterrupt()
+
+    folder_paths = types.SimpleNamespace(
+        get_filename_list=lambda folder: sorted(p.name for p in (models_dir / folder).iterdir()),
+        get_full_path=lambda folder, name: str(models_dir / folder / name) if (models_dir / folder / name).is_file()
+        else None,
+        get_output_directory=lambda: str(tmp_path / "comfy_output"))
+    cpu = torch.device("cpu")
+    model_management = types.SimpleNamespace(
+        get_torch_device=lambda: cpu, text_encoder_device=lambda: cpu, vae_device=lambda: cpu,
+        unet_offload_device=lambda: cpu, unload_all_models=lambda: calls.append("unload_all_models"),
+        soft_empty_cache=lambda: calls.append("soft_empty_cache"), processing_interrupted=interrupted,
+        throw_exception_if_processing_interrupted=throw_if_interrupted)
+    preview_method = types.SimpleNamespace(value="auto")
+    cli_args = types.SimpleNamespace(args=types.SimpleNamespace(preview_method=preview_method, preview_size=512))
+    comfy = types.SimpleNamespace(model_management=model_management, cli_args=cli_args,
+                                  utils=types.SimpleNamespace(ProgressBar=ProgressBar))
+    for name, module in (("folder_paths", folder_paths), ("comfy", comfy), ("comfy.model_management", model_management),
+                         ("comfy.utils", comfy.utils), ("comfy.cli_args", comfy.cli_args)):
+        monkeypatch.setitem(sys.modules, name, module)
+    importlib.reload(ADAPTER)
+    yield calls, state
+    monkeypatch.undo()
+    importlib.reload(ADAPTER)
+    assert isinstance(ADAPTER.runtime, ADAPTER.StandaloneRuntime)
+
+
+def test_inside_comfyui_the_adapter_uses_comfyui(fake_comfyui, tmp_path):
+    calls, state = fake_comfyui
+    assert type(ADAPTER.runtime).__name__ == "ComfyRuntime"
+    assert input_spec(MAPPINGS["Wan22VAELoader"])["vae_name"][0] == [VAE]
+    embeds, model, vae = load_all()
+    assert calls == []  # the text encoder ran on the CPU: nothing to free
+    sample(model, embeds)
+    assert calls[:2] == ["unload_all_models", "soft_empty_cache"]
+    (bar,) = state["bars"]
+    assert bar.total == 3 and [v for v, _ in bar.updates] == [1, 2, 3]
+    kind, picture, size = bar.updates[0][1]
+    assert (kind, picture.size, size) == ("JPEG", (4, 4), 512)
+
+    state["interrupt_after"] = 2
+    with pytest.raises(FakeInterrupt):  # ComfyUI's own exception, so ComfyUI reports "interrupted"
+        sample(model, embeds, steps=10)
+    assert [v for v, _ in state["bars"][-1].updates] == [1, 2]
+    ui = MAPPINGS["Wan22SaveVideo"]().save(torch.rand(1, 16, 16, 3), 16.0, "wan22/video")["ui"]
+    assert (tmp_path / "comfy_output" / "wan22" / ui["images"][0]["filename"]).is_file()
+
+
+def test_sampler_latent_is_comfyui_raw_space_and_native_decode_matches_ours(runtime):
+    """ComfyUI keeps Wan latents raw (its latent format normalises only around the model), so our
+    sampler outputs denormalised latents; decoding them as native VAEDecode would (raw into the
+    VAE, i.e. normalise then our decode) gives the engine's own sample + decode."""
+    vae_mod, pipeline = engine("models.vae"), engine("pipeline")
+    embeds, model, vae = load_all()
+    latent = sample(model, embeds, seed=11)
+    raw = latent["samples"]
+    assert raw.shape == (1, 16, 2, 4, 4) and raw.dtype == torch.float32
+
+    settings = engine("config").SamplerSettings(steps=3)
+    z = pipeline.denoise(model.experts(torch.device("cpu")), embeds.positive, embeds.negative,
+                         pipeline.make_noise(11, 5, 32, 32), settings)
+    torch.testing.assert_close(raw[0], vae_mod.denormalize_latent(z[None])[0], rtol=0, atol=1e-5)
+    assert not torch.allclose(raw[0], z, atol=1e-2)  # really raw space, not the engine's
+
+    (native,) = MAPPINGS["Wan22VAEDecode"]().decode(vae, {"samples": raw}, False)
+    ours = pipeline.decode_to_video(vae, z)
+    assert native.shape == (5, 32, 32, 3)
+    torch.testing.assert_close(native, ours, rtol=0, atol=1e-5)  # float32 round trip through mean/std
+
+
+def test_batches_are_seeded_by_batch_index(runtime):
+    embeds, model, _ = load_all()
+    empty = torch.zeros(1, 16, 2, 4, 4)
+    single = sample(model, embeds, seed=3, latent={"samples": empty})["samples"]
+    batch = sample(model, embeds, seed=3, latent={"samples": empty.repeat(2, 1, 1, 1, 1)})["samples"]
+    shifted = sample(model, embeds, seed=2, latent={"samples": empty, "batch_index": [1]})["samples"]
+    torch.testing.assert_close(batch[:1], single, rtol=0, atol=0)
+    torch.testing.assert_close(shifted, single, rtol=0, atol=0)  # seed 2 + batch_index 1 = seed 3
+    assert not torch.allclose(batch[0], batch[1])
+
+
+def test_latents_that_do_not_fit_are_refused_with_the_fix(runtime):
+    embeds, model, _ = load_all()
+    with pytest.raises(ValueError, match="set them to match the latent"):
+        sample(model, embeds, latent={"samples": torch.zeros(1, 16, 3, 4, 4)})
+    with pytest.raises(ValueError, match="Wan2.1 video latent"):
+        sample(model, embeds, latent={"samples": torch.zeros(1, 4, 4, 4)})
+    with pytest.raises(ValueError, match="noise_mask"):
+        sample(model, embeds, latent={"samples": torch.zeros(1, 16, 2, 4, 4), "noise_mask": torch.ones(1)})
+    with pytest.raises(ValueError, match="frames must be 4k\\+1"):
+        sample(model, embeds, frames=6)
+
+
+def test_loaders_cache_by_file_and_options(runtime, models_dir, tmp_path):
+    CACHE.clear()
+    embeds, model, _ = load_all()
+    sample(model, embeds)
+    loads = CACHE.loads
+    embeds, model, _ = load_all()  # a re-run with the same widgets reloads nothing
+    sample(model, embeds)
+    assert CACHE.loads == loads
+
+    shutil.copy(models_dir / "diffusion_models" / LOW, models_dir / "diffusion_models" / "other_low.safetensors")
+    try:
+        (other,) = MAPPINGS["Wan22MoEModelLoader"]().load(HIGH, "other_low.safetensors", "auto", "auto", "auto")
+        sample(other, embeds)
+        assert CACHE.loads == loads + 1  # only the changed expert
+        (fp16,) = MAPPINGS["Wan22MoEModelLoader"]().load(HIGH, "other_low.safetensors", "fp16", "auto", "auto")
+        fp16.experts(torch.device("cpu"))
+        assert CACHE.loads == loads + 3  # another dtype is another load of both
+    finally:
+        (models_dir / "diffusion_models" / "other_low.safetensors").unlink()
+
+
+def test_fp8_weight_dtypes_store_fp8_and_pick_the_matmul(runtime):
+    fp8 = engine("fp8")
+    embeds, _, _ = load_all()
+    for choice, matmul in (("fp8_e4m3fn", "dequant"), ("fp8_e4m3fn_fast", "auto")):
+        (model,) = MAPPINGS["Wan22MoEModelLoader"]().load(HIGH, LOW, choice, "auto", "swap_experts")
+        layers = [m for m in model.experts(torch.device("cpu")).get("high").modules() if isinstance(m, fp8.FP8Linear)]
+        assert layers and {(m.weight.dtype, m.compute) for m in layers} == {(torch.float8_e4m3fn, matmul)}
+    assert torch.isfinite(sample(model, embeds)["samples"]).all()
+
+
+def test_fp8_scaled_files_stay_fp8_with_auto(tmp_path, monkeypatch):
+    fp8_dir = make_tiny(tmp_path / "fp8", "comfy-fp8")
+    monkeypatch.setattr(ADAPTER, "runtime", ADAPTER.StandaloneRuntime(fp8_dir, tmp_path / "out"))
+    high, low = (f"wan2.2_t2v_{n}_noise_14B_fp8_scaled.safetensors" for n in ("high", "low"))
+    (model,) = MAPPINGS["Wan22MoEModelLoader"]().load(high, low, "auto", "auto", "auto")
+    weights = {p.dtype for p in model.experts(torch.device("cpu")).get("low").parameters()}
+    assert torch.float8_e4m3fn in weights
+
+
+def test_save_video_never_overwrites_and_reports_the_file(runtime):
+    frames = torch.rand(5, 16, 16, 3)
+    save = MAPPINGS["Wan22SaveVideo"]()
+    first = save.save(frames, 16.0, "wan22/clip")["ui"]["images"][0]
+    second = save.save(frames, 8.0, "wan22/clip")["ui"]["images"][0]
+    assert (first["filename"], second["filename"]) == ("clip_00001.mp4", "clip_00002.mp4")
+    assert first["subfolder"] == "wan22" and first["type"] == "output"
+    assert read_mp4_info(runtime.output_dir / "wan22" / "clip_00002.mp4")["fps"] == 8.0
+    with pytest.raises(ValueError, match="inside the output folder"):
+        save.save(frames, 16.0, "../outside")

@@ -1,0 +1,65 @@
+"""The frontend extension's shared test vectors stay what the engine computes.
+
+web/js/expert_split.js re-implements the expert switch (schedule + select_expert) for the live
+label on Wan22MoESampler; web/tests/expert_split.test.mjs (node --test) checks it against
+web/tests/vectors.json. This test checks that file against the engine, so a change to the
+schedule fails here until the vectors (and then the JS) are updated:
+
+    .venv/bin/python tests/test_web.py --write
+"""
+import json
+import random
+import sys
+from pathlib import Path
+
+from wan22_core.config import SOLVERS
+from wan22_core.sampling.moe import HIGH, select_expert
+from wan22_core.sampling.schedule import partial_schedule
+
+VECTORS = Path(__file__).resolve().parents[1] / "web" / "tests" / "vectors.json"
+
+
+def _case(steps: int, shift: float, boundary: float, solver: str, denoise: float) -> dict:
+    timesteps = partial_schedule(steps, shift, solver, denoise).timesteps.tolist()
+    high = sum(select_expert(t, boundary) == HIGH for t in timesteps)
+    return dict(steps=steps, shift=shift, boundary=boundary, solver=solver, denoise=denoise,
+                timesteps=timesteps, high_noise_steps=high)
+
+
+def build_vectors() -> list[dict]:
+    """Defaults, every solver, edge values, then random widget-like values (seeded)."""
+    cases = [_case(40, 12.0, 0.875, solver, 1.0) for solver in SOLVERS]
+    for steps in (1, 2, 3, 4, 8, 20, 50):
+        for shift in (1.0, 3.0, 5.0, 8.0, 12.0, 17.5):
+            cases.append(_case(steps, shift, 0.875, SOLVERS[steps % 3], 1.0))
+    for boundary in (0.0, 0.5, 0.9, 0.95, 0.999, 1.0):
+        cases.append(_case(40, 12.0, boundary, "unipc", 1.0))
+    for denoise in (0.3, 0.5, 0.75, 0.99):
+        cases.append(_case(20, 8.0, 0.875, "euler", denoise))
+    rng = random.Random(0)
+    for _ in range(120):
+        cases.append(_case(rng.randint(1, 80), round(rng.uniform(0.5, 25.0), rng.choice((1, 3, 6))),
+                           round(rng.uniform(0.5, 1.0), rng.choice((2, 3, 5))), rng.choice(SOLVERS),
+                           rng.choice((1.0, 1.0, round(rng.uniform(0.05, 1.0), 2)))))
+    return cases
+
+
+def test_vectors_match_the_engine():
+    assert VECTORS.is_file(), f"{VECTORS} is missing; run: .venv/bin/python tests/test_web.py --write"
+    committed = json.loads(VECTORS.read_text())
+    assert committed == build_vectors(), "the schedule changed: run .venv/bin/python tests/test_web.py --write"
+
+
+def test_vectors_cover_both_experts_and_the_default_split():
+    cases = build_vectors()
+    default = cases[0]
+    assert (default["steps"], default["solver"], default["high_noise_steps"]) == (40, "unipc", 26)
+    highs = {(c["high_noise_steps"] == 0, c["high_noise_steps"] == c["steps"]) for c in cases}
+    assert highs == {(False, False), (True, False), (False, True)}  # split, all low, all high
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python tests/test_web.py --write")
+    VECTORS.write_text(json.dumps(build_vectors(), separators=(",", ":")) + "\n")
+    print(f"wrote {VECTORS}")

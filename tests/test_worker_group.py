@@ -1,0 +1,239 @@
+"""The persistent worker group the sampler node drives, on CPU ranks (gpus="cpu:2", gloo).
+
+Imported here the way ComfyUI imports the pack: under a mangled module name, so the workers
+must bootstrap `wan22_core` on their own. Covers: parity with one process (<= 1e-5 relative,
+fp32), progress and previews, reuse and rebuild, cancel at a common step, and faults (a rank
+killed, raising, hanging; the controller killed) with no process left behind.
+"""
+import importlib.machinery
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from wan22_core.checkpoints import load_dit
+from wan22_core.config import TINY, SamplerSettings
+from wan22_core.pipeline import denoise, make_noise
+from wan22_core.sampling.moe import ExpertPair
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+MANGLED = str(PACK_ROOT).replace(".", "_x_")  # ComfyUI's sys.modules name for a pack: its path
+TOL = 1e-5
+HEARTBEAT_S = 4.0  # the fault bound under test (default 60 s); tiny steps beat every few ms
+SETTINGS = SamplerSettings(steps=4, shift=5.0)  # 2 high-noise + 2 low-noise steps
+# Imported by every worker at interpreter start (the tests put its folder on PYTHONPATH): makes
+# rank `rank` raise inside its second prediction when the fault file exists. Production code
+# carries no fault hooks.
+FAULT_HOOK = """
+import json, os
+import torch.distributed as dist
+import wan22_core.pipeline as pipeline
+
+_predict, _calls = pipeline.predict_velocity, [0]
+
+def predict_velocity(*args, **kwargs):
+    if os.path.exists(os.environ["WAN22_TEST_FAULT_FILE"]):
+        with open(os.environ["WAN22_TEST_FAULT_FILE"]) as f:
+            fault = json.load(f)
+        _calls[0] += 1
+        if dist.get_rank() == fault["rank"] and _calls[0] == 2:
+            raise RuntimeError("injected fault")
+    return _predict(*args, **kwargs)
+
+pipeline.predict_velocity = predict_velocity
+"""
+
+
+def rel_l2(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def process_alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has exited (its parent may not have reaped it yet)
+
+
+def children_of(pid):
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def import_mangled():
+    """wan22_core as ComfyUI's pack loading leaves it: a sub-package of a module whose name is
+    the pack's path with "." replaced by "_x_", which no child process could import."""
+    if MANGLED not in sys.modules:
+        spec = importlib.machinery.ModuleSpec(MANGLED, None, is_package=True)
+        spec.submodule_search_locations = [str(PACK_ROOT)]
+        sys.modules[MANGLED] = importlib.util.module_from_spec(spec)
+    return (importlib.import_module(f"{MANGLED}.wan22_core.parallel"),
+            importlib.import_module(f"{MANGLED}.wan22_core.errors"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Model files, the mangled package, the fault hook, and the single-process reference."""
+    from wan22_core.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("group")
+    model_dir = make_tiny(root / "official", "official", TINY, seed=0)
+    hook_dir = root / "hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(FAULT_HOOK)
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "WAN22_TEST_FAULT_FILE")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook_dir), saved["PYTHONPATH"]]))
+    os.environ["WAN22_TEST_FAULT_FILE"] = str(root / "fault.json")
+
+    g = torch.Generator().manual_seed(3)
+    positive, negative = torch.randn(6, TINY.dit.text_dim, generator=g), torch.randn(4, TINY.dit.text_dim, generator=g)
+    noise = make_noise(9, frames=9, height=48, width=48)  # 27 tokens: padded for 2 ranks
+    experts = ExpertPair(load_dit(model_dir / "high_noise_model"), load_dit(model_dir / "low_noise_model"),
+                         torch.device("cpu"))
+    parallel, errors = import_mangled()
+    yield dict(parallel=parallel, errors=errors, fault_file=root / "fault.json",
+               spec=parallel.ModelSpec(model_dir / "high_noise_model", model_dir / "low_noise_model"),
+               job=parallel.Job(positive, negative, noise, SETTINGS),
+               reference=denoise(experts, positive, negative, noise, SETTINGS))
+    if parallel.WorkerGroup._current is not None:
+        parallel.WorkerGroup._current.shutdown()
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def config(env, heartbeat=HEARTBEAT_S):
+    return env["parallel"].parallel_config("cpu:2", ulysses_degree=2, fsdp=True, num_heads=TINY.dit.num_heads,
+                                           heartbeat_timeout=heartbeat)
+
+
+def assert_all_gone(pids, within=10.0):
+    deadline = time.monotonic() + within
+    while any(process_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if process_alive(p)], "worker processes left behind"
+
+
+def test_group_started_under_a_mangled_module_name_matches_single_process(env):
+    statuses, steps = {}, []
+    group = env["parallel"].WorkerGroup.get_or_create(env["spec"], config(env),
+                                                      on_status=lambda rank, s: statuses.__setitem__(rank, s))
+    assert statuses == {0: "ready", 1: "ready"}
+    latent = group.run(env["job"], on_step=steps.append)
+    assert rel_l2(latent, env["reference"]) <= TOL
+    assert [(s.index, s.expert) for s in steps] == [(0, "high"), (1, "high"), (2, "low"), (3, "low")]
+    assert steps[-1].latent.shape == env["reference"].shape and torch.equal(steps[-1].latent, latent)
+    assert steps[0].denoised.shape == latent.shape  # the preview input
+    assert env["parallel"].WorkerGroup.get_or_create(env["spec"], config(env)) is group  # kept across jobs
+
+
+def test_cancel_stops_every_rank_at_the_same_step(env):
+    group = env["parallel"].WorkerGroup.get_or_create(env["spec"], config(env))
+    seen = []
+    with pytest.raises(env["errors"].Cancelled, match="before step 3/4"):
+        group.run(env["job"], on_step=seen.append, should_cancel=lambda: len(seen) >= 2)
+    assert group.last_steps == {0: 2, 1: 2}
+    assert rel_l2(group.run(env["job"]), env["reference"]) <= TOL  # the group survives a cancel
+
+
+def test_sigkill_of_a_rank_mid_sampling_is_a_clear_error_and_tears_down(env):
+    parallel = env["parallel"]
+    group = parallel.WorkerGroup.get_or_create(env["spec"], config(env))
+    pids = group.pids
+
+    def kill_rank_1(step):
+        if step.index == 1:
+            os.kill(pids[1], signal.SIGKILL)
+
+    start = time.monotonic()
+    with pytest.raises(parallel.WorkerGroupError, match=r"rank 1 died \(killed by signal SIGKILL\)") as err:
+        group.run(env["job"], on_step=kill_rank_1)
+    assert time.monotonic() - start < HEARTBEAT_S  # noticed at once, not by the heartbeat bound
+    assert err.value.rank == 1 and "next run starts a fresh one" in str(err.value)
+    assert not group.alive and parallel.WorkerGroup._current is None
+    assert_all_gone(pids)
+
+
+def test_a_rank_that_raises_reports_its_traceback_and_the_next_group_works(env):
+    parallel = env["parallel"]
+    group = parallel.WorkerGroup.get_or_create(env["spec"], config(env))  # fresh after the kill above
+    assert rel_l2(group.run(env["job"]), env["reference"]) <= TOL
+    env["fault_file"].write_text(json.dumps({"rank": 1}))
+    try:
+        with pytest.raises(parallel.WorkerGroupError, match="rank 1 raised RuntimeError: injected fault") as err:
+            group.run(env["job"])
+    finally:
+        env["fault_file"].unlink()
+    assert err.value.rank == 1 and "Traceback" in err.value.traceback and "predict_velocity" in err.value.traceback
+    assert "Traceback from rank 1" in str(err.value)
+    assert_all_gone(group.pids)
+
+
+def test_a_hung_rank_is_detected_within_the_heartbeat_bound(env):
+    parallel = env["parallel"]
+    old = parallel.WorkerGroup._current
+    group = parallel.WorkerGroup.get_or_create(env["spec"], config(env, heartbeat=HEARTBEAT_S + 0.5))
+    assert group is not old  # a changed config rebuilds the group
+    assert rel_l2(group.run(env["job"]), env["reference"]) <= TOL
+    pids, stopped_at = group.pids, []
+
+    def freeze_rank_1(step):
+        if step.index == 0:
+            os.kill(pids[1], signal.SIGSTOP)  # alive but makes no progress, like a deadlock
+            stopped_at.append(time.monotonic())
+
+    with pytest.raises(parallel.WorkerGroupError, match=r"rank 1 sent no heartbeat for .* s, not even from its "
+                                                        r"watchdog thread \(the process is frozen") as err:
+        group.run(env["job"], on_step=freeze_rank_1)
+    assert "rank 0 is alive but made no progress" in str(err.value)  # told apart from the frozen rank
+    waited = time.monotonic() - stopped_at[0]
+    assert HEARTBEAT_S < waited < HEARTBEAT_S + 5, waited
+    assert err.value.rank == 1
+    assert_all_gone(pids)  # SIGKILL ends stopped processes too
+
+
+def test_workers_exit_when_the_controller_is_killed(env):
+    script = textwrap.dedent(f"""
+        import json, sys, time
+        sys.path.insert(0, {str(PACK_ROOT)!r})
+        from wan22_core.parallel import ModelSpec, WorkerGroup, parallel_config
+        group = WorkerGroup.get_or_create(ModelSpec({env['spec'].high_noise!r}, {env['spec'].low_noise!r}),
+                                          parallel_config("cpu:2", fsdp=True, num_heads={TINY.dit.num_heads}))
+        print(json.dumps(group.pids), flush=True)
+        time.sleep(600)
+    """)
+    controller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = json.loads(controller.stdout.readline())
+        assert all(process_alive(p) for p in pids)
+    finally:
+        controller.kill()
+        controller.wait()
+    assert_all_gone(pids, within=5.0)
+
+
+def test_invalid_degrees_fail_before_any_process_starts(env):
+    parallel = env["parallel"]
+    before = set(children_of(os.getpid()))
+    with pytest.raises(ValueError, match="valid degrees: 1, 2, 4, 5, 8, 10, 20, 40"):
+        parallel.parallel_config("cpu:3", ulysses_degree=3)
+    # valid for A14B's 40 heads, but this model has 4: refused from the checkpoint headers
+    eight_way = parallel.parallel_config("cpu:8", ulysses_degree=8, fsdp=True)
+    with pytest.raises(ValueError, match="ulysses degree 8 does not divide the 4 attention heads"):
+        parallel.WorkerGroup.get_or_create(env["spec"], eight_way)
+    assert set(children_of(os.getpid())) == before

@@ -1,0 +1,355 @@
+"""Peak GPU memory of one Wan2.2 expert forward, predicted from shapes alone.
+
+    python -m wan22_core.memory          # the 720p table for every offload mode
+
+The prediction is the peak of `torch.cuda.max_memory_allocated` during denoising:
+
+- weights: what the offload mode keeps on the device. "none": both experts (ExpertPair with
+  keep_both). "swap_experts": the active expert only. "block_swap": the active expert minus
+  its `swap_blocks` streamed blocks, plus the two of those in flight (BlockSwap runs one and
+  prefetches the next).
+- activations: a replay, tensor by tensor, of what the eager `WanBlock.forward` in
+  models/transformer.py allocates and frees under torch.no_grad (see `block_activation_peak`),
+  plus what lives for the whole forward (text context, modulation, RoPE tables).
+
+Not included: the CUDA context and allocator slack outside `max_memory_allocated` (budget about
+1.5 GiB, `CUDA_OVERHEAD`), the text encoder (released after encoding) and the VAE decode, which
+runs after denoising (tile it on small cards).
+"""
+from __future__ import annotations
+
+import math
+
+from .config import DiTConfig
+from .pipeline import latent_shape
+
+OFFLOAD_MODES = ("none", "swap_experts", "block_swap")
+FP8_COMPUTE = ("scaled_mm", "dequant")
+FP32 = 4
+GIB = 1024**3
+CUDA_OVERHEAD = int(1.5 * GIB)  # CUDA context, cuBLAS workspace, allocator rounding: measured 1-1.5 GiB
+LINEARS_PER_BLOCK = 10  # q, k, v, o of both attentions and the two FFN layers
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Weights
+
+
+def param_counts(cfg: DiTConfig) -> dict[str, int]:
+    """Parameters of one expert (official `WanModel`), split the way fp8 checkpoints store them.
+
+    block_linear_weights / block_other: per block (Linear weights; biases, norms, modulation);
+    non_block: embeddings, time projection and head, once per expert.
+    """
+    d, f = cfg.dim, cfg.ffn_dim
+    patch = math.prod(cfg.patch_size)
+    return {
+        "block_linear_weights": 8 * d * d + 2 * d * f,  # self/cross q,k,v,o + ffn.0, ffn.2
+        "block_other": (8 * d + f + d)  # Linear biases
+        + 4 * d + 2 * d  # norm_q, norm_k of both attentions; norm3 weight and bias
+        + 6 * d,  # modulation [1, 6, dim]
+        "non_block": (cfg.in_dim * patch * d + d)  # patch_embedding
+        + (cfg.text_dim * d + d + d * d + d)  # text_embedding MLP
+        + (cfg.freq_dim * d + d + d * d + d)  # time_embedding MLP
+        + (d * 6 * d + 6 * d)  # time_projection
+        + (d * patch * cfg.out_dim + patch * cfg.out_dim + 2 * d),  # head Linear + modulation
+    }
+
+
+def weight_bytes(cfg: DiTConfig, weight_bytes_per_param: int) -> tuple[int, int]:
+    """(bytes of one block, bytes of one whole expert) on the device.
+
+    2 (bf16) and 4 (fp32) apply to every parameter. 1 means ComfyUI's scaled fp8: block Linear
+    weights in fp8 with one fp32 `scale_weight` buffer each, every other parameter in bf16
+    (what `wan22_core.fp8.swap_to_fp8` builds).
+    """
+    n = param_counts(cfg)
+    if weight_bytes_per_param == 1:
+        block = n["block_linear_weights"] + LINEARS_PER_BLOCK * FP32 + 2 * n["block_other"]
+        rest = 2 * n["non_block"]
+    else:
+        block = weight_bytes_per_param * (n["block_linear_weights"] + n["block_other"])
+        rest = weight_bytes_per_param * n["non_block"]
+    return block, cfg.num_layers * block + rest
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Activations: a replay of WanBlock.forward's allocations
+
+
+class _Ledger:
+    """Live tensors in program order; remembers the largest total, where, and what was live.
+
+    Names own storages; `alias` is a no-op cast (`.float()` of an fp32 tensor returns itself),
+    so a storage is freed only when its last name is.
+    """
+
+    def __init__(self):
+        self.owner: dict[str, str] = {}  # tensor name -> storage name
+        self.size: dict[str, int] = {}  # storage name -> bytes
+        self.peak, self.peak_at, self.peak_live = 0, "", {}
+
+    def new(self, name: str, nbytes: int) -> None:
+        self.owner[name], self.size[name] = name, nbytes
+        total = sum(self.size.values())
+        if total > self.peak:
+            self.peak, self.peak_at, self.peak_live = total, name, dict(self.size)
+
+    def cast(self, name: str, src: str, copy: bool, nbytes: int) -> None:
+        """`src.to(dtype)`: a new tensor, or `src` itself when the dtype already matches."""
+        if copy:
+            self.new(name, nbytes)
+        else:
+            self.owner[name] = self.owner[src]
+
+    def free(self, *names: str) -> None:
+        for name in names:
+            storage = self.owner.pop(name)
+            if storage not in self.owner.values():
+                del self.size[storage]
+
+
+def _layer_norm(led: _Ledger, out: str, elems: int, rows: int) -> None:
+    """LayerNorm in fp32 of the (contiguous) residual stream; mean and rstd are one fp32 per token."""
+    led.new(out, elems * FP32)
+    led.new(out + ".stats", 2 * rows * FP32)
+    led.free(out + ".stats")
+
+
+def _linear(led: _Ledger, out: str, in_elems: int, out_elems: int, weight_elems: int, c: int,
+            fp8: str | None) -> None:
+    """nn.Linear, or FP8Linear in its "dequant" / "scaled_mm" compute modes (wan22_core/fp8.py)."""
+    if fp8 == "dequant":  # the layer's weight dequantised to the compute dtype, freed after
+        led.new(out + ".weight", weight_elems * c)
+        led.new(out, out_elems * c)
+        led.free(out + ".weight")
+        return
+    if fp8 == "scaled_mm":  # per-tensor activation scale: abs().max(), then (x / s).clamp().to(fp8)
+        led.new(out + ".abs", in_elems * c)
+        led.free(out + ".abs")
+        led.new(out + ".div", in_elems * c)
+        led.new(out + ".clamp", in_elems * c)
+        led.free(out + ".div")
+        led.new(out + ".fp8", in_elems)
+        led.free(out + ".clamp")
+        led.new(out, out_elems * c)
+        led.free(out + ".fp8")
+        return
+    led.new(out, out_elems * c)
+
+
+def _rms_norm(led: _Ledger, out: str, src: str, elems: int, rows: int, c: int) -> None:
+    """RMSNorm: `F.rms_norm(x.float()).type_as(x) * weight` (fused kernel: output + rstd)."""
+    led.cast(out + ".f32", src, c != FP32, elems * FP32)
+    led.new(out + ".norm", elems * FP32)
+    led.new(out + ".rstd", rows * FP32)
+    led.free(out + ".rstd", out + ".f32")
+    led.cast(out + ".typed", out + ".norm", c != FP32, elems * c)
+    led.free(out + ".norm")
+    led.new(out, elems * c)
+    led.free(out + ".typed")
+
+
+def _rope(led: _Ledger, out: str, src: str, elems: int, c: int) -> None:
+    """apply_rope: fp32 copy, four half-size products, two sums, the stacked result, cast back."""
+    half = elems // 2 * FP32
+    led.cast(out + ".f32", src, c != FP32, elems * FP32)
+    for part in ("re", "im"):  # x1*cos - x2*sin, then x1*sin + x2*cos
+        led.new(f"{out}.{part}.a", half)
+        led.new(f"{out}.{part}.b", half)
+        led.new(f"{out}.{part}", half)
+        led.free(f"{out}.{part}.a", f"{out}.{part}.b")
+    led.new(out + ".stack", elems * FP32)
+    led.free(out + ".re", out + ".im", out + ".f32")
+    led.cast(out, out + ".stack", c != FP32, elems * c)
+    led.free(out + ".stack")
+
+
+def _attention(led: _Ledger, name: str, q_elems: int, kv_elems: int, rows: int, lse: int, d: int, c: int,
+               fp8: str | None, rope: bool) -> str:
+    """SelfAttention / CrossAttention.forward (k, v from the tokens or the text context).
+
+    Returns the name of its output; the caller frees its input after the call.
+    """
+    kv_rows = kv_elems // d
+    # q = apply_rope(norm_q(q(x))), then k the same way: q's temporaries are gone before k's exist
+    q, k = f"{name}.q", f"{name}.k"
+    for t, elems, t_rows in ((q, q_elems, rows), (k, kv_elems, kv_rows)):  # k, v keep their input's size
+        _linear(led, f"{t}_lin", q_elems if t == q else kv_elems, elems, d * d, c, fp8)
+        _rms_norm(led, t, f"{t}_lin", elems, t_rows, c)
+        led.free(f"{t}_lin")
+        if rope:
+            _rope(led, f"{t}_rot", t, elems, c)
+            led.free(t)
+    if rope:
+        q, k = f"{q}_rot", f"{k}_rot"
+    _linear(led, f"{name}.v", kv_elems, kv_elems, d * d, c, fp8)
+    led.new(f"{name}.sdpa", q_elems * c)  # [B, L, H, D]
+    led.new(f"{name}.lse", lse)  # flash/cuDNN log-sum-exp, fp32 per (batch, head, token)
+    led.free(f"{name}.lse")
+    _linear(led, f"{name}.o", q_elems, q_elems, d * d, c, fp8)
+    led.free(f"{name}.sdpa", q, k, f"{name}.v")
+    return f"{name}.o"
+
+
+def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes: int = 2,
+                          fp8_compute: str | None = None) -> tuple[int, str, dict[str, int]]:
+    """Most bytes live at once while one eager `WanBlock.forward` runs under torch.no_grad.
+
+    Counts the block's fp32 input (the caller's loop variable holds it until the block returns)
+    and every tensor the forward makes, in the order transformer.py makes and drops them; not
+    the weights, the text context or the RoPE tables. Returns (bytes, the tensor whose
+    allocation reached the peak, bytes by tensor live at the peak).
+    compute_bytes: 2 for bf16/fp16 weights, 4 for fp32. fp8_compute: None for 16/32-bit
+    Linears, "scaled_mm" or "dequant" for FP8Linear's compute modes.
+    """
+    b, n, d, c = batch, tokens, cfg.dim, compute_bytes
+    s = b * n * d  # elements of one token activation [B, L, dim]
+    ctx = b * cfg.text_len * d  # [B, 512, dim]
+    hidden = b * n * cfg.ffn_dim  # [B, L, ffn_dim]
+    rows = b * n
+    lse = b * cfg.num_heads * n * FP32
+    led = _Ledger()
+    led.new("x_in", s * FP32)  # [B, L, dim] fp32 residual stream
+    led.new("modulation", 6 * b * d * FP32)  # modulation + e0: 6 x [B, 1, dim] fp32
+
+    # self-attention: h = norm1(x) * (1 + scale) + shift; x = x + self_attn(h.to(dtype)) * gate
+    _layer_norm(led, "norm1", s, rows)
+    led.new("norm1.scaled", s * FP32)
+    led.free("norm1")
+    led.new("h", s * FP32)
+    led.free("norm1.scaled")
+    led.cast("h.c", "h", c != FP32, s * c)
+    led.free("h")  # unnamed in the forward: only its compute-dtype copy (or itself, in fp32) lives on
+    out = _attention(led, "self_attn", s, s, rows, lse, d, c, fp8_compute, rope=True)
+    led.free("h.c")
+    led.new("self_attn.gated", s * FP32)  # compute dtype * fp32 gate -> fp32
+    led.free(out)
+    led.new("x1", s * FP32)
+    led.free("self_attn.gated")
+
+    # cross-attention: x = x + cross_attn(norm3(x).to(dtype), context)
+    _layer_norm(led, "norm3", s, rows)
+    led.cast("norm3.c", "norm3", c != FP32, s * c)
+    led.free("norm3")
+    out = _attention(led, "cross_attn", s, ctx, rows, lse, d, c, fp8_compute, rope=False)
+    led.free("norm3.c")
+    led.new("x2", s * FP32)
+    led.free(out, "x1")
+
+    # feed-forward: h = norm2(x) * (1 + scale) + shift; x + ffn(h.to(dtype)) * gate
+    _layer_norm(led, "norm2", s, rows)
+    led.new("norm2.scaled", s * FP32)
+    led.free("norm2")
+    led.new("h2", s * FP32)
+    led.free("norm2.scaled")
+    led.cast("h2.c", "h2", c != FP32, s * c)
+    led.free("h2")
+    _linear(led, "ffn.0", s, hidden, d * cfg.ffn_dim, c, fp8_compute)
+    led.new("ffn.gelu", hidden * c)
+    led.free("ffn.0")
+    _linear(led, "ffn.2", hidden, s, d * cfg.ffn_dim, c, fp8_compute)
+    led.free("ffn.gelu", "h2.c")
+    led.new("ffn.gated", s * FP32)
+    led.free("ffn.2")
+    led.new("x_out", s * FP32)
+    return led.peak, led.peak_at, led.peak_live
+
+
+def forward_persistent_bytes(cfg: DiTConfig, tokens: int, batch: int, compute_bytes: int) -> int:
+    """Tensors alive through the whole block loop: context [B, 512, dim], e [B, dim] and
+    e0 [B, 6, dim] in fp32, and the cached RoPE cos/sin tables [L, 1, head_dim/2] fp32."""
+    return (batch * cfg.text_len * cfg.dim * compute_bytes + 7 * batch * cfg.dim * FP32
+            + 2 * tokens * (cfg.head_dim // 2) * FP32)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The estimate
+
+
+def video_tokens(cfg: DiTConfig, frames: int, height: int, width: int) -> int:
+    """Tokens of a video: latent frames x (height/8)/2 x (width/8)/2 for the A14B patch size."""
+    _, t, h, w = latent_shape(frames, height, width)
+    pt, ph, pw = cfg.patch_size
+    return (t // pt) * (h // ph) * (w // pw)
+
+
+def _check(weight_bytes_per_param, offload, swap_blocks, batch, fp8_compute, num_layers) -> None:
+    if weight_bytes_per_param not in (1, 2, 4):
+        raise ValueError(f"weight_bytes_per_param must be 1 (fp8), 2 (bf16/fp16) or 4 (fp32), "
+                         f"got {weight_bytes_per_param!r}")
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}; got {offload!r}")
+    if not (isinstance(swap_blocks, int) and 0 <= swap_blocks <= num_layers):
+        raise ValueError(f"swap_blocks must be an integer between 0 and {num_layers}, got {swap_blocks!r}")
+    if offload != "block_swap" and swap_blocks:
+        raise ValueError(f"swap_blocks={swap_blocks} needs offload='block_swap' (got offload={offload!r})")
+    if not (isinstance(batch, int) and batch >= 1):
+        raise ValueError(f"batch must be an integer >= 1 (2: cond+uncond batched), got {batch!r}")
+    if fp8_compute not in FP8_COMPUTE:
+        raise ValueError(f"fp8_compute must be one of {', '.join(FP8_COMPUTE)}; got {fp8_compute!r}")
+
+
+def estimate_peak_bytes(dit_cfg: DiTConfig, frames: int, height: int, width: int, *,
+                        weight_bytes_per_param: int = 2, offload: str = "none", swap_blocks: int = 0,
+                        batch: int = 2, fp8_compute: str = "scaled_mm") -> dict:
+    """Predicted peak device bytes (allocator view) of denoising a `frames` x `height` x `width` video.
+
+    batch 2 is cond+uncond in one forward (the pipeline's default batch_cfg=True); 1 is
+    batch_cfg=False or guidance 1. fp8_compute matters only for weight_bytes_per_param=1
+    ("scaled_mm" on sm_89+ GPUs, "dequant" elsewhere). Returns ints in bytes: weights,
+    activations (= block_activations + persistent_activations), total; plus tokens and
+    peak_at (the tensor whose allocation reaches the peak).
+    """
+    _check(weight_bytes_per_param, offload, swap_blocks, batch, fp8_compute, dit_cfg.num_layers)
+    block, expert = weight_bytes(dit_cfg, weight_bytes_per_param)
+    weights = {"none": 2 * expert, "swap_experts": expert,
+               "block_swap": expert - swap_blocks * block + min(2, swap_blocks) * block}[offload]
+    tokens = video_tokens(dit_cfg, frames, height, width)
+    compute = FP32 if weight_bytes_per_param == 4 else 2
+    fp8 = fp8_compute if weight_bytes_per_param == 1 else None
+    in_block, peak_at, _ = block_activation_peak(dit_cfg, tokens, batch, compute, fp8)
+    persistent = forward_persistent_bytes(dit_cfg, tokens, batch, compute)
+    return {"tokens": tokens, "weights": weights, "block_activations": in_block,
+            "persistent_activations": persistent, "activations": in_block + persistent,
+            "total": weights + in_block + persistent, "peak_at": peak_at}
+
+
+def min_swap_blocks(dit_cfg: DiTConfig, frames: int, height: int, width: int, card_bytes: int,
+                    **kwargs) -> int | None:
+    """Fewest swapped blocks whose predicted peak plus CUDA_OVERHEAD fits `card_bytes` (None: none does)."""
+    for n in range(dit_cfg.num_layers + 1):
+        est = estimate_peak_bytes(dit_cfg, frames, height, width, offload="block_swap", swap_blocks=n, **kwargs)
+        if est["total"] + CUDA_OVERHEAD <= card_bytes:
+            return n
+    return None
+
+
+def table_720p(cfg: DiTConfig = DiTConfig(), card_gib: int = 24) -> str:
+    """Markdown table of the 720p (81 x 1280 x 720) predictions, with the 24 GB verdict."""
+    frames, height, width = 81, 720, 1280
+    lines = ["| weights | batch | offload | weights GiB | activations GiB | total GiB | peak at |",
+             "|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for wb, wname in ((2, "bf16"), (1, "fp8")):
+        for batch in (2, 1):
+            need = min_swap_blocks(cfg, frames, height, width, card_gib * GIB, weight_bytes_per_param=wb, batch=batch)
+            rows = [("none", 0), ("swap_experts", 0), ("block_swap", cfg.num_layers)]
+            if need is not None and need != cfg.num_layers:
+                rows.append(("block_swap", need))
+            for offload, n in rows:
+                e = estimate_peak_bytes(cfg, frames, height, width, weight_bytes_per_param=wb,
+                                        offload=offload, swap_blocks=n, batch=batch)
+                label = f"block_swap({n})" if offload == "block_swap" else offload
+                lines.append(f"| {wname} | {batch} | {label} | {e['weights'] / GIB:.1f} | "
+                             f"{e['activations'] / GIB:.1f} | {e['total'] / GIB:.1f} | {e['peak_at']} |")
+            verdicts.append(f"- {wname}, batch {batch}: " + (
+                f"fits a {card_gib} GiB card with block_swap >= {need}" if need is not None else
+                f"does not fit a {card_gib} GiB card even with all {cfg.num_layers} blocks swapped"))
+    note = (f"\n\n(total = the allocator peak; a card also needs about {CUDA_OVERHEAD / GIB:.1f} GiB for the CUDA "
+            f"context and allocator slack, counted in the verdicts below; a \"24 GB\" card has 24 GiB)\n\n")
+    return "\n".join(lines) + note + "\n".join(verdicts)
+
+
+if __name__ == "__main__":
+    print(table_720p())

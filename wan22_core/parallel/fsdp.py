@@ -1,0 +1,58 @@
+"""FSDP2 weight sharding for the experts: `fully_shard` per block, then the head, then the root.
+
+Each rank stores 1/P of every parameter (rows of dim 0) in the compute dtype, so the gathered
+weights are exactly what a single GPU would hold and the numerics match a one-GPU run.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from ..sampling.moe import ExpertPair
+
+
+def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
+    """The one policy every FSDP unit uses.
+
+    param_dtype is the storage (= compute) dtype, so gathering never rounds. Forward inputs are
+    not cast: blocks take the fp32 residual stream and fp32 modulation on purpose (casting them
+    to bf16, FSDP's default, would change the numerics against a single GPU).
+    """
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def apply_fsdp(model: nn.Module, mesh, dtype: torch.dtype, reshard_after_forward: bool = True) -> nn.Module:
+    """Shard a WanModel over `mesh` (in place): one unit per block, the head, and the root.
+
+    Per-block units bound the gathered memory to about one block at a time. The head is tiny
+    (dim x 64) and runs once per forward at the very end, so it stays gathered and saves an
+    all-gather per forward. The root unit holds the embeddings and the time projection.
+    """
+    policy = mixed_precision(dtype)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model.head, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    # Explicit bool on the root: left at None, FSDP2 keeps the root gathered after forward
+    # (training wants it for backward at once), which inference never needs.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+class ShardedExperts(ExpertPair):
+    """Both experts stay sharded on this rank's device for the whole run: a switch moves nothing.
+
+    With reshard_after_forward=False an expert keeps its gathered weights once it has run; at
+    the switch they are released, so at most one expert is ever held in full.
+    """
+
+    def __init__(self, high: nn.Module, low: nn.Module, device: torch.device):
+        super().__init__(high, low, device, keep_both=True)
+
+    def get(self, name: str) -> nn.Module:
+        if self.active is not None and name != self.active:
+            for module in self.experts[self.active].modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+        self.active = name
+        return self.experts[name]

@@ -1,0 +1,148 @@
+"""Build an expert on this rank: meta model -> parallelize -> read only this rank's rows from disk.
+
+FSDP2 shards dim 0 of every parameter in torch.chunk layout: with P ranks, rank r holds rows
+[r * ceil(n/P), ...) and trailing ranks may hold fewer or none. A `keep(name)` filter cannot
+express that (every rank needs part of every tensor), but a row range of a C-contiguous tensor
+is one contiguous byte range of a safetensors file: the checkpoint header gives each tensor's
+offset (`checkpoints.Checkpoint.entries`), so a rank seeks and reads just its rows, about 1/P
+of the expert, and never holds a full tensor. Without FSDP every rank reads whole tensors.
+
+Every layout `checkpoints.check_slot` recognises works (official, ComfyUI with or without the
+prefix, diffusers names, scaled fp8): names come from its `Identity`. fp8 rows are dequantised
+into the compute dtype here, since the shards are what the ranks compute with.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..checkpoints import DIT, CheckpointError, check_slot
+from ..config import DiTConfig
+from ..models.transformer import WanModel
+from .mesh import ParallelGroups
+from .parallelize import parallelize
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+class ExpertReader:
+    """Row-range reads of one expert checkpoint, by official parameter name."""
+
+    def __init__(self, path: str | Path):
+        self.ckpt, found = check_slot(path, DIT)
+        self.cfg: DiTConfig = found.dit
+        self.stored = {official: stored for stored, official in found.names.items()}
+        self._files: dict[Path, object] = {}
+
+    def __enter__(self) -> "ExpertReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._files.values():
+            handle.close()
+
+    def rows(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows [start, stop) of parameter `name` in `dtype` (fp8 rows times their scale)."""
+        entry = self.ckpt.entries[self.stored[name]]
+        if entry.start < 0:  # a .pth file: memory-mapped, slicing reads only these rows
+            tensor = next(self.ckpt.read([self.stored[name]]))[1][start:stop]
+        else:
+            row_bytes = entry.nbytes // entry.shape[0]
+            if entry.file not in self._files:
+                self._files[entry.file] = open(entry.file, "rb")
+            handle = self._files[entry.file]
+            buffer = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+            handle.seek(entry.start + start * row_bytes)
+            if handle.readinto(memoryview(buffer.numpy())) != buffer.numel():
+                raise CheckpointError(f"{entry.file} ended inside tensor {name!r}; the file is truncated, "
+                                      "download it again")
+            tensor = buffer.view(entry.dtype).reshape(stop - start, *entry.shape[1:])
+        if tensor.dtype in _FP8_DTYPES:
+            tensor = tensor.float() * self._fp8_scale(name)
+        return tensor.to(dtype)
+
+    def _fp8_scale(self, name: str) -> torch.Tensor:
+        scale_name = f"{name.rpartition('.')[0]}.scale_weight"
+        if scale_name not in self.stored:  # unscaled fp8
+            return torch.ones(())
+        return next(self.ckpt.read([self.stored[scale_name]]))[1].float().reshape(())
+
+    def check_names(self, model: nn.Module) -> None:
+        expected = {name for name, _ in model.named_parameters()}
+        missing = sorted(expected - set(self.stored))
+        if missing:
+            raise CheckpointError(f"{self.ckpt.path} is missing {len(missing)} tensors of a Wan DiT expert "
+                                  f"(e.g. {', '.join(missing[:3])}); the file is incomplete or a different model size")
+
+
+def expert_config(path: str | Path) -> DiTConfig:
+    """The expert's sizes from its headers alone (used to validate a plan before spawning)."""
+    return check_slot(path, DIT)[1].dit
+
+
+def _fill(param: nn.Parameter, reader: ExpertReader, name: str, dtype: torch.dtype) -> None:
+    """Copy this rank's rows of `name` into `param` (a DTensor shard under FSDP, else the whole tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        param.copy_(reader.rows(name, 0, param.shape[0], dtype))
+        return
+    local = param.to_local()
+    per_rank = math.ceil(param.shape[0] / param.device_mesh.size())
+    start = param.device_mesh.get_coordinate()[0] * per_rank
+    if local.shape[1:] != param.shape[1:] or (local.shape[0] and start + local.shape[0] > param.shape[0]):
+        raise RuntimeError(f"{name}: unexpected FSDP shard {tuple(local.shape)} of {tuple(param.shape)} at row "
+                           f"{start}; this torch version shards differently from torch.chunk")
+    if local.shape[0]:
+        local.copy_(reader.rows(name, start, start + local.shape[0], dtype))
+
+
+def load_expert(path: str | Path, groups: ParallelGroups, device: torch.device, dtype: torch.dtype,
+                on_tensor: Callable[[], None] | None = None) -> nn.Module:
+    """One parallelized expert with this rank's weights, ready for `denoise`.
+
+    on_tensor is called after each parameter is read (the worker's heartbeat while loading).
+    """
+    with ExpertReader(path) as reader:
+        with torch.device("meta"):
+            model = WanModel(reader.cfg).requires_grad_(False)
+        reader.check_names(model)
+        runnable = parallelize(model, groups, dtype)
+        model.to_empty(device=device)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                _fill(param, reader, name, dtype)
+                if on_tensor is not None:
+                    on_tensor()
+    return runnable.eval()
+
+
+def local_parameter_bytes(model: nn.Module) -> int:
+    """Bytes of parameters this rank stores (its FSDP shards, or whole tensors without FSDP)."""
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
+
+
+def load_expert_pair(high_noise: str | Path, low_noise: str | Path, groups: ParallelGroups, device: torch.device,
+                     dtype: torch.dtype, on_tensor: Callable[[str], None] | None = None):
+    """Both experts for this rank, in the holder the sampling loop takes.
+
+    With FSDP both stay sharded on `device` for the whole run (ShardedExperts). Without it
+    every rank holds full experts: they load to host memory and ExpertPair places them as on
+    one GPU (both on the device when they fit, else one at a time).
+    """
+    from ..sampling.moe import ExpertPair
+
+    where = device if groups.plan.fsdp_enabled else torch.device("cpu")
+    experts = [load_expert(path, groups, where, dtype, on_tensor and (lambda n=name: on_tensor(n)))
+               for name, path in (("high", high_noise), ("low", low_noise))]
+    if groups.plan.fsdp_enabled:
+        from .fsdp import ShardedExperts
+
+        return ShardedExperts(*experts, device)
+    return ExpertPair(*experts, device)

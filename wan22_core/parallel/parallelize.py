@@ -1,0 +1,30 @@
+"""`parallelize(model, groups, dtype)`: apply a plan's parallelisms to one expert, in a fixed order."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .mesh import ParallelGroups
+
+
+def parallelize(model: nn.Module, groups: ParallelGroups, dtype: torch.dtype) -> nn.Module:
+    """Ulysses, then FSDP, then the CFG split; returns the module the sampling loop calls.
+
+    Ulysses first: it only swaps parameter-free seam modules, so FSDP then wraps blocks that
+    already hold their final kernels. The CFG split wraps the root last because it decides
+    which batch row this rank feeds into the whole (sharded, sequence-parallel) model.
+    """
+    plan = groups.plan
+    if plan.ulysses_enabled:
+        from .ulysses import apply_ulysses
+
+        apply_ulysses(model, groups.ulysses)
+    if plan.fsdp_enabled:
+        from .fsdp import apply_fsdp
+
+        apply_fsdp(model, groups.fsdp_mesh, dtype, plan.reshard_after_forward)
+    if plan.cfg_parallel_enabled:
+        from .cfg_parallel import apply_cfg_parallel
+
+        model = apply_cfg_parallel(model, groups.cfg)
+    return model

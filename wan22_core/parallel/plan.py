@@ -1,0 +1,160 @@
+"""Parallel degrees and devices, validated before any process starts.
+
+Ranks form a grid (replica, cfg, ulysses) with the Ulysses index fastest, so each Ulysses group
+is a run of neighbouring ranks (neighbouring GPUs share the fastest links). FSDP shards the
+weights over *all* ranks: every rank runs the same modules in the same order (the CFG halves
+run the same expert on different text), so one all-gather per module serves the whole grid.
+
+Nothing here touches torch.distributed; the node, the CLI and the worker group validate with
+these before spawning anything.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import A14B
+
+A14B_HEADS = A14B.dit.num_heads
+
+
+def valid_ulysses_degrees(num_heads: int = A14B_HEADS) -> list[int]:
+    """Ulysses scatters whole heads, so the degree must divide the head count (40 -> 1, 2, 4, 5, 8, 10, 20, 40)."""
+    return [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """How `world_size` ranks split one sampling run.
+
+    ulysses: sequence-parallel degree (tokens and heads split across this many ranks).
+    cfg_parallel: 2 runs the conditional and unconditional passes on two halves of the ranks.
+    fsdp: shard both experts' weights across all ranks (each rank holds 1/world_size).
+    reshard_after_forward: with fsdp, free gathered weights after each module (False keeps a
+        full copy of each expert once used: faster, needs memory for both full experts).
+    Ranks beyond ulysses x cfg_parallel are replicas that repeat the same work, which is only
+    useful to spread the weights with fsdp (e.g. "FSDP only" on 2 GPUs).
+    """
+
+    world_size: int
+    ulysses: int = 1
+    cfg_parallel: int = 1
+    fsdp: bool = False
+    reshard_after_forward: bool = True
+    num_heads: int = A14B_HEADS
+
+    def __post_init__(self):
+        _check_int("world_size", self.world_size, 1)
+        _check_int("num_heads", self.num_heads, 1)
+        _check_int("ulysses", self.ulysses, 1)
+        if self.cfg_parallel not in (1, 2):
+            raise ValueError(f"cfg_parallel must be 1 or 2 (cond and uncond), got {self.cfg_parallel!r}")
+        if self.num_heads % self.ulysses:
+            raise ValueError(
+                f"ulysses degree {self.ulysses} does not divide the {self.num_heads} attention heads; "
+                f"valid degrees: {', '.join(map(str, valid_ulysses_degrees(self.num_heads)))}")
+        used = self.ulysses * self.cfg_parallel
+        if self.world_size % used:
+            raise ValueError(
+                f"{self.world_size} ranks cannot be split into groups of ulysses {self.ulysses} x "
+                f"cfg_parallel {self.cfg_parallel} = {used}; use a rank count that is a multiple of {used}")
+        if self.world_size > used and not self.fsdp:
+            raise ValueError(
+                f"{self.world_size} ranks but ulysses {self.ulysses} x cfg_parallel {self.cfg_parallel} = {used}: "
+                f"the other ranks would repeat the same work; set ulysses to {self.world_size // self.cfg_parallel} "
+                "(if it divides the heads) or enable fsdp to use them for weight sharding")
+
+    @property
+    def replicas(self) -> int:
+        return self.world_size // (self.ulysses * self.cfg_parallel)
+
+    @property
+    def ulysses_enabled(self) -> bool:
+        return self.ulysses > 1
+
+    @property
+    def cfg_parallel_enabled(self) -> bool:
+        return self.cfg_parallel > 1
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.fsdp
+
+    def ulysses_groups(self) -> list[list[int]]:
+        """Rank lists of the Ulysses groups: runs of `ulysses` consecutive ranks."""
+        u = self.ulysses
+        return [list(range(start, start + u)) for start in range(0, self.world_size, u)]
+
+    def cfg_groups(self) -> list[list[int]]:
+        """Rank lists of the CFG pairs: same Ulysses position, the two halves of one replica."""
+        u, c = self.ulysses, self.cfg_parallel
+        return [[base + i + k * u for k in range(c)]
+                for base in range(0, self.world_size, u * c) for i in range(u)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices: what the multi-GPU node's `gpus` string means
+
+
+def parse_gpus(gpus: str) -> tuple[str, ...]:
+    """"all", "0,1,2,3" (CUDA indices) or "cpu:N" (N CPU ranks on gloo) -> one device name per rank."""
+    import torch
+
+    text = str(gpus).strip().lower()
+    if text.startswith("cpu:"):
+        count = text[4:]
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"gpus {gpus!r}: 'cpu:N' needs a whole number of ranks N >= 1, e.g. 'cpu:2'")
+        return ("cpu",) * int(count)
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if text == "all":
+        if available == 0:
+            raise ValueError("gpus 'all': this machine has no CUDA GPU (or torch has no CUDA); "
+                             "use 'cpu:N' to run N ranks on the CPU")
+        return tuple(f"cuda:{i}" for i in range(available))
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items or not all(item.isdigit() for item in items):
+        raise ValueError(f"gpus {gpus!r} is not 'all', a list of GPU indices like '0,1,2,3', or 'cpu:N'")
+    indices = [int(item) for item in items]
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"gpus {gpus!r} names a GPU twice; list each GPU once")
+    missing = [i for i in indices if i >= available]
+    if missing:
+        raise ValueError(f"gpus {gpus!r}: GPU {missing[0]} does not exist; this machine has {available} "
+                         f"CUDA GPU(s) (indices 0..{available - 1})" if available else
+                         f"gpus {gpus!r}: this machine has no CUDA GPU; use 'cpu:N' to run N CPU ranks")
+    return tuple(f"cuda:{i}" for i in indices)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Everything a worker group is built from besides the model: devices, plan, fault bound."""
+
+    devices: tuple[str, ...]
+    plan: ParallelPlan
+    heartbeat_timeout: float = 60.0  # seconds of silence from a rank before it counts as hung
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.devices[0].startswith("cuda") else "gloo"
+
+
+def parallel_config(gpus: str = "all", ulysses_degree: int = 0, fsdp: bool = True, cfg_parallel: bool = False,
+                    *, num_heads: int = A14B_HEADS, reshard_after_forward: bool = True,
+                    heartbeat_timeout: float = 60.0) -> ParallelConfig:
+    """The multi-GPU node's inputs -> a validated ParallelConfig (ulysses_degree 0: all ranks of a CFG half)."""
+    devices = parse_gpus(gpus)
+    cfg = 2 if cfg_parallel else 1
+    _check_int("ulysses_degree", ulysses_degree, 0)
+    if cfg_parallel and len(devices) % 2:
+        raise ValueError(f"cfg_parallel needs an even number of ranks (two halves); gpus {gpus!r} gives {len(devices)}")
+    ulysses = ulysses_degree or len(devices) // cfg
+    if not (isinstance(heartbeat_timeout, (int, float)) and heartbeat_timeout > 0):
+        raise ValueError(f"heartbeat_timeout must be a number of seconds > 0, got {heartbeat_timeout!r}")
+    plan = ParallelPlan(world_size=len(devices), ulysses=ulysses, cfg_parallel=cfg, fsdp=fsdp,
+                        reshard_after_forward=reshard_after_forward, num_heads=num_heads)
+    return ParallelConfig(devices=devices, plan=plan, heartbeat_timeout=float(heartbeat_timeout))

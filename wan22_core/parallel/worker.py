@@ -1,0 +1,213 @@
+"""One rank of a WorkerGroup: rendezvous, load this rank's shards, then run jobs in lockstep.
+
+Started by `worker_group.py` as a fresh interpreter whose bootstrap puts the pack root on
+sys.path and imports `wan22_core` as a top-level package, so it works however the controller
+imported us (ComfyUI loads the pack under a mangled module name the child could not import).
+
+Messages are plain pickled dicts of built-in types and tensors, never our own classes, for
+the same reason. Controller -> rank: job, proceed (rank 0, the cancel decision), shutdown.
+Rank -> controller: beat, ready, boundary and step (rank 0), done, error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import Connection
+
+import torch
+import torch.distributed as dist
+
+from ..config import SamplerSettings
+from ..errors import Cancelled, NumericalError
+from ..models.transformer import WanBlock
+from ..pipeline import denoise
+from ..runtime import resolve_dtype
+from .loading import load_expert_pair
+from .mesh import init_groups
+from .plan import ParallelPlan
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class Channel:
+    """The rank's socket to the controller: pickled dicts, plus two kinds of heartbeat.
+
+    `beat` (main thread, at progress points) says the rank is getting somewhere; `alive`
+    (watchdog thread, while busy) says the process still runs when the main thread is blocked.
+    A rank silent on both is frozen; one that is alive but not progressing is usually waiting
+    in a collective for a frozen peer, which is how the controller tells the two apart.
+    """
+
+    def __init__(self, conn: Connection, beat_interval: float):
+        self.conn = conn
+        self.beat_interval = beat_interval
+        self.status = "starting"
+        self.busy = True  # between a request and its answer (starting up, or running a job)
+        self._last_beat = 0.0
+        self._lock = threading.Lock()
+
+    def send(self, **message) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._lock:
+            self.conn.send_bytes(data)
+        self._last_beat = time.monotonic()
+
+    def alive(self) -> None:
+        """From the watchdog thread; skipped while the main thread is sending (that says enough)."""
+        if self.busy and self._lock.acquire(blocking=False):
+            try:
+                self.conn.send_bytes(pickle.dumps({"type": "alive"}))
+            finally:
+                self._lock.release()
+
+    def recv(self) -> dict:
+        return pickle.loads(self.conn.recv_bytes())
+
+    def beat(self, status: str | None = None) -> None:
+        """Called from the main thread at progress points: a silent rank is a stuck rank."""
+        changed = status is not None and status != self.status
+        self.status = status or self.status
+        if changed or time.monotonic() - self._last_beat >= self.beat_interval:
+            self.send(type="beat", status=self.status)
+
+
+def start_watchdog(parent_pid: int, channel: Channel) -> None:
+    """Die when the controller dies, however it dies (no orphans holding GPU memory), and send
+    `alive` beats.
+
+    PR_SET_PDEATHSIG makes the kernel SIGKILL us when the thread that started us exits (the
+    controller starts workers from one long-lived thread for this reason); the watchdog also
+    polls for re-parenting, which covers other platforms and the race before prctl.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            channel.alive()
+            time.sleep(min(0.5, channel.beat_interval))
+        os._exit(1)
+
+    threading.Thread(target=watch, name="wan22-watchdog", daemon=True).start()
+
+
+class Worker:
+    def __init__(self, setup: dict, channel: Channel):
+        self.setup = setup
+        self.channel = channel
+        self.rank = setup["rank"]
+        self.device = torch.device(setup["device"])
+        self.plan = ParallelPlan(**setup["plan"])
+
+    def start(self) -> None:
+        """Join the process group, build the groups, load both experts' shards."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        else:  # N CPU ranks share the cores; oversubscribing them makes every rank slower
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.plan.world_size))
+        self.channel.beat("rendezvous")
+        store = dist.TCPStore(self.setup["host"], self.setup["port"], is_master=False,
+                              timeout=timedelta(seconds=self.setup["rendezvous_timeout"]))
+        dist.init_process_group(self.setup["backend"], store=store, rank=self.rank,
+                                world_size=self.plan.world_size,
+                                device_id=self.device if self.device.type == "cuda" else None)
+        groups = init_groups(self.plan, self.device)
+        spec = self.setup["spec"]
+        self.experts = load_expert_pair(spec["high_noise"], spec["low_noise"], groups, self.device,
+                                        resolve_dtype(spec["dtype"], self.device),
+                                        on_tensor=lambda name: self.channel.beat(f"loading {name}-noise expert"))
+        for expert in self.experts.experts.values():
+            for module in expert.modules():
+                if isinstance(module, WanBlock):  # a heartbeat per block forward while sampling
+                    module.register_forward_pre_hook(lambda *_: self.channel.beat())
+        self.channel.busy = False
+        self.channel.send(type="ready")
+        self.channel.status = "ready"
+
+    def serve(self) -> None:
+        while True:
+            message = self.channel.recv()
+            if message["type"] == "shutdown":
+                dist.destroy_process_group()
+                return
+            if message["type"] != "job":
+                raise RuntimeError(f"protocol error: got {message['type']!r} while idle")
+            self.run_job(message)
+
+    def run_job(self, job: dict) -> None:
+        """The lockstep loop; ends with one "done" message per rank (rank 0's carries the latent)."""
+        self.channel.busy = True
+        cancel = CollectiveCancel(self, job["id"])
+        on_step = self._on_step_sender(job) if self.rank == 0 else (
+            lambda info: self.channel.beat(f"step {info.index + 1}/{info.total}"))
+        try:
+            latent = denoise(self.experts, job["positive"], job["negative"], job["noise"],
+                             SamplerSettings(**job["settings"]), latent=job["latent"],
+                             denoise_strength=job["denoise_strength"], batch_cfg=True,
+                             on_step=on_step, should_cancel=cancel)
+            outcome = dict(status="ok", steps=cancel.checks, latent=latent.cpu() if self.rank == 0 else None)
+        except (Cancelled, NumericalError) as err:  # raised by every rank at the same step: the group stays
+            outcome = dict(status=type(err).__name__, message=str(err), steps=cancel.checks - 1)
+        self.channel.busy = False
+        self.channel.status = "ready"
+        self.channel.send(type="done", id=job["id"], **outcome)
+
+    def _on_step_sender(self, job: dict):
+        def send(info) -> None:
+            tensors = dict(latent=info.latent.cpu(), denoised=info.denoised.cpu()) if job["stream"] else {}
+            self.channel.send(type="step", id=job["id"], index=info.index, total=info.total,
+                              timestep=info.timestep, expert=info.expert, **tensors)
+        return send
+
+
+class CollectiveCancel:
+    """denoise's should_cancel on every rank: rank 0 asks the controller, all ranks agree.
+
+    One round trip (rank 0) and one broadcast per step, so every rank stops before the same
+    step, or none does.
+    """
+
+    def __init__(self, worker: Worker, job_id: int):
+        self.worker = worker
+        self.job_id = job_id
+        self.checks = 0  # how many step boundaries were reached
+
+    def __call__(self) -> bool:
+        self.checks += 1
+        cancel = False
+        if self.worker.rank == 0:
+            channel = self.worker.channel
+            channel.send(type="boundary", id=self.job_id, index=self.checks - 1)
+            reply = channel.recv()
+            if reply["type"] != "proceed":
+                raise RuntimeError(f"protocol error: got {reply['type']!r} while waiting to proceed")
+            cancel = reply["cancel"]
+        flag = torch.tensor([int(cancel)], device=self.worker.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+
+def main(setup_json: str) -> None:
+    setup = json.loads(setup_json)
+    channel = Channel(Connection(setup["fd"]), setup["beat_interval"])
+    start_watchdog(setup["parent_pid"], channel)
+    try:
+        worker = Worker(setup, channel)
+        worker.start()
+        worker.serve()
+    except BaseException as err:  # report, then exit hard: peers may be stuck in a collective with us
+        try:
+            channel.send(type="error", message=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+        finally:
+            os._exit(1)

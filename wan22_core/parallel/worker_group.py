@@ -1,0 +1,401 @@
+"""The persistent multi-process group that a sampler node drives (design.md §4).
+
+    config = parallel_config(gpus="0,1,2,3", ulysses_degree=0, fsdp=True)
+    group = WorkerGroup.get_or_create(ModelSpec(high, low), config)
+    latent = group.run(Job(positive, negative, noise, settings), on_step=..., should_cancel=...)
+
+One process per device, started as a fresh interpreter (what multiprocessing calls "spawn";
+started with subprocess so the child does not re-run the host's `__main__`, which for ComfyUI
+is the whole server). The ranks rendezvous on a TCPStore that this process hosts on 127.0.0.1
+with a port the OS picks, load their shards and wait for jobs; the group lives across jobs and
+is rebuilt only when the model spec or the parallel config changes, or after a fault.
+
+Faults: a rank that raises, dies or stays silent for `heartbeat_timeout` seconds ends the run
+with a WorkerGroupError naming the rank (with its traceback when it sent one); the group is
+killed and the next `get_or_create` starts a fresh one.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import SamplerSettings
+from ..errors import Cancelled, NumericalError, Wan22Error
+from ..pipeline import StepInfo
+from .plan import ParallelConfig, ParallelPlan
+
+PACK_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the wan22_core package
+# The child imports wan22_core as a top-level package from the pack root, whatever our name is.
+BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); "
+             "from wan22_core.parallel.worker import main; main(sys.argv[2])")
+POLL_S = 0.1
+RENDEZVOUS_S = 120.0  # interpreter start, imports and rendezvous: before a rank can send heartbeats
+GRACE_S = 0.5  # after a fault, how long to wait for the other ranks' reports before killing them
+
+# PR_SET_PDEATHSIG fires when the *thread* that started a child exits; start every worker from
+# this one thread, which lives as long as the process, whichever thread asks for a group.
+_spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wan22-spawner")
+
+
+class WorkerGroupError(Wan22Error):
+    """A rank raised, died or hung; the group has been shut down."""
+
+    def __init__(self, message: str, rank: int | None = None, traceback: str | None = None):
+        super().__init__(message)
+        self.rank = rank
+        self.traceback = traceback
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What every rank loads: the two expert checkpoints (any layout `checkpoints.check_slot`
+    recognises) and the compute dtype."""
+
+    high_noise: str
+    low_noise: str
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or bf16 / fp16 / fp32
+
+    def __post_init__(self):  # paths travel to the ranks as JSON strings
+        object.__setattr__(self, "high_noise", str(self.high_noise))
+        object.__setattr__(self, "low_noise", str(self.low_noise))
+
+
+@dataclass
+class Job:
+    """One sampling run: the inputs of `pipeline.denoise`."""
+
+    positive: torch.Tensor  # [L, text_dim] text embeddings
+    negative: torch.Tensor
+    noise: torch.Tensor  # [16, T, h, w] (see pipeline.make_noise)
+    settings: SamplerSettings = SamplerSettings()
+    latent: torch.Tensor | None = None  # optional start latent (normalised space)
+    denoise_strength: float = 1.0
+
+
+def validate_spec(spec: ModelSpec, plan: ParallelPlan) -> ParallelPlan:
+    """Check the files and the plan against the model's real head count, before any process starts."""
+    from dataclasses import replace
+
+    from ..runtime import DTYPES
+    from .loading import expert_config
+
+    if spec.dtype != "auto" and spec.dtype not in DTYPES:
+        raise ValueError(f"multi-GPU compute dtype must be auto, {', '.join(DTYPES)}; got {spec.dtype!r} "
+                         "(fp8 checkpoint files are fine: their shards are dequantised into this dtype)")
+    heads = {expert_config(path).num_heads for path in (spec.high_noise, spec.low_noise)}
+    if len(heads) != 1:
+        raise ValueError(f"the two experts have different head counts {sorted(heads)}; they must be one model pair")
+    return replace(plan, num_heads=heads.pop())  # re-runs ParallelPlan's checks with the real heads
+
+
+class WorkerGroup:
+    _current: "WorkerGroup | None" = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def get_or_create(cls, spec: ModelSpec, config: ParallelConfig,
+                      on_status: Callable[[int, str], None] | None = None) -> "WorkerGroup":
+        """The live group for (spec, config); replaces a group built for anything else or broken."""
+        validate_spec(spec, config.plan)  # a bad request must not cost the working group
+        with cls._lock:
+            current = cls._current
+            if current is not None and current.spec == spec and current.config == config and current.alive:
+                current.on_status = on_status
+                return current
+            if current is not None:
+                current.shutdown()
+            cls._current = cls(spec, config, on_status)
+            return cls._current
+
+    def __init__(self, spec: ModelSpec, config: ParallelConfig,
+                 on_status: Callable[[int, str], None] | None = None):
+        self.spec, self.config, self.on_status = spec, config, on_status
+        plan = validate_spec(spec, config.plan)
+        self._procs: dict[int, subprocess.Popen] = {}
+        self._conns: dict[int, Connection] = {}
+        self._status: dict[int, str] = {}
+        self._closed = False
+        self._job_id = 0
+        self.last_steps: dict[int, int] = {}  # steps each rank completed in the last job
+        self._store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        try:
+            for rank in range(plan.world_size):
+                self._spawn(rank, plan)
+            self._exchange(lambda rank, message: message["type"] == "ready", "starting up")
+        except BaseException:
+            self._kill()
+            raise
+
+    # -- public ---------------------------------------------------------------------------
+
+    @property
+    def pids(self) -> list[int]:
+        return [self._procs[r].pid for r in sorted(self._procs)]
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and all(p.poll() is None for p in self._procs.values())
+
+    def run(self, job: Job, on_step: Callable[[StepInfo], None] | None = None,
+            should_cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Run one job on every rank; returns the final latent [16, T, h, w] float32 (CPU).
+
+        on_step gets rank 0's StepInfo after each step (latent and preview included); a True
+        from should_cancel stops every rank before the same step and raises Cancelled.
+        """
+        if self._closed:
+            raise WorkerGroupError("this worker group was shut down; call WorkerGroup.get_or_create again")
+        job.settings.validate()
+        self._job_id += 1
+        message = dict(type="job", id=self._job_id, positive=job.positive.cpu(), negative=job.negative.cpu(),
+                       noise=job.noise.cpu(), latent=None if job.latent is None else job.latent.cpu(),
+                       denoise_strength=job.denoise_strength, settings=asdict(job.settings),
+                       stream=on_step is not None)
+        for conn in self._conns.values():
+            _send(conn, message)
+        job_run = _JobRun(self, on_step, should_cancel)
+        try:
+            done = self._exchange(job_run.handle, "sampling")
+        except WorkerGroupError:
+            raise
+        except BaseException:  # e.g. KeyboardInterrupt: the ranks are mid-job, the group is unusable
+            self._kill()
+            raise
+        if job_run.error is not None:
+            raise job_run.error
+        return self._job_result(done)
+
+    def shutdown(self) -> None:
+        """Stop the workers (politely, then by force) and free their devices."""
+        if self._closed:
+            return
+        for conn in self._conns.values():
+            try:
+                _send(conn, dict(type="shutdown"))
+            except OSError:
+                pass
+        deadline = time.monotonic() + 10
+        for proc in self._procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill()
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def _spawn(self, rank: int, plan: ParallelPlan) -> None:
+        ours, theirs = socket.socketpair()  # EOF on either side when the other process dies
+        setup = dict(rank=rank, device=self.config.devices[rank], backend=self.config.backend,
+                     host="127.0.0.1", port=self._store.port, rendezvous_timeout=RENDEZVOUS_S,
+                     plan=asdict(plan), spec=asdict(self.spec), parent_pid=os.getpid(), fd=theirs.fileno(),
+                     beat_interval=min(1.0, self.config.heartbeat_timeout / 4))
+        command = [sys.executable, "-c", BOOTSTRAP, str(PACK_ROOT), json.dumps(setup)]
+        # A new session: a Ctrl-C in the host's terminal reaches the host, which then stops us.
+        self._procs[rank] = _spawner.submit(subprocess.Popen, command, pass_fds=(theirs.fileno(),),
+                                            start_new_session=True).result()
+        theirs.close()
+        self._conns[rank] = Connection(ours.detach())
+        self._status[rank] = "starting"
+
+    def _kill(self) -> None:
+        """SIGKILL every rank (a rank blocked in a collective cannot stop politely) and reap them."""
+        self._closed = True
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self._procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # stuck in the kernel (e.g. a wedged driver): nothing more to do
+                pass
+        for conn in self._conns.values():
+            conn.close()
+        self._store = None
+        if WorkerGroup._current is self:
+            WorkerGroup._current = None
+
+    # -- the message pump --------------------------------------------------------------------
+
+    def _exchange(self, handle: Callable[[int, dict], bool], phase: str) -> dict[int, dict]:
+        """Receive until `handle(rank, message)` was True once per rank; returns those messages.
+
+        Silence is counted only while this thread waits (not while a callback runs), so a slow
+        progress callback is never mistaken for a hung rank; finished ranks are idle, not silent.
+        """
+        finished: dict[int, dict] = {}
+        silent = {rank: 0.0 for rank in self._procs}  # seconds without progress
+        frozen = dict(silent)  # seconds without any sign of life
+        while len(finished) < len(self._procs):
+            by_conn = {conn: rank for rank, conn in self._conns.items()}
+            started = time.monotonic()
+            ready = wait(list(by_conn), timeout=POLL_S)
+            waited = time.monotonic() - started
+            lively, progressing = {by_conn[conn] for conn in ready}, set()
+            for rank in sorted(lively):
+                message = self._receive(rank, phase)
+                if message["type"] == "alive":
+                    continue
+                progressing.add(rank)
+                if message["type"] != "beat" and handle(rank, message):
+                    finished[rank] = message
+            for rank in silent:
+                idle = rank in finished
+                silent[rank] = 0.0 if idle or rank in progressing else silent[rank] + waited
+                frozen[rank] = 0.0 if idle or rank in lively else frozen[rank] + waited
+            self._check_health(silent, frozen, phase)
+        return finished
+
+    def _receive(self, rank: int, phase: str) -> dict:
+        """One message from `rank`; deaths and errors end the group here, statuses are passed on."""
+        try:
+            message = _recv(self._conns[rank])
+        except (EOFError, OSError):
+            self._fail([(rank, f"died ({self._exit_reason(rank)})", None)], phase)
+        if message["type"] == "error":
+            self._fail([(rank, f"raised {message['message']}", message["traceback"])], phase)
+        status = {"beat": message.get("status"), "step": f"step {message.get('index', 0) + 1}/{message.get('total')}",
+                  "done": "ready"}.get(message["type"], message["type"])
+        if message["type"] not in ("alive", "boundary") and status != self._status.get(rank):
+            self._status[rank] = status
+            if self.on_status is not None:
+                self.on_status(rank, status)
+        return message
+
+    def _check_health(self, silent: dict[int, float], frozen: dict[int, float], phase: str) -> None:
+        for rank, proc in self._procs.items():
+            if proc.poll() is not None and not self._conns[rank].poll():
+                self._fail([(rank, f"died ({self._exit_reason(rank)})", None)], phase)
+        limits = {rank: RENDEZVOUS_S if self._status[rank] in ("starting", "rendezvous") else
+                  self.config.heartbeat_timeout for rank in silent}
+        hung = [r for r in silent if silent[r] > limits[r]]
+        if hung:
+            # The watchdog beats every <= 0.5 s: several missed beats mean the whole process is stuck.
+            stuck = [r for r in hung if frozen[r] > min(2.0, limits[r] / 2)]
+            self._fail([(r, f"sent no heartbeat for {silent[r]:.1f} s, not even from its watchdog thread "
+                            "(the process is frozen: stopped, or stuck holding the interpreter lock)", None)
+                        for r in stuck] +
+                       [(r, f"is alive but made no progress for {silent[r]:.1f} s (deadlocked, or waiting "
+                            "in a collective for a stuck peer)", None) for r in hung if r not in stuck], phase)
+
+    def _exit_reason(self, rank: int) -> str:
+        try:
+            code = self._procs[rank].wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return "closed its connection"
+        if code < 0:
+            return f"killed by signal {signal.Signals(-code).name}"
+        return f"exited with code {code}"
+
+    def _fail(self, reports: list[tuple[int, str, str | None]], phase: str):
+        """Collect the other ranks' reports for a moment, kill the group, raise one clear error."""
+        reported = {rank for rank, _, _ in reports}
+        deadline = time.monotonic() + GRACE_S
+        while time.monotonic() < deadline and len(reported) < len(self._procs):
+            by_conn = {c: r for r, c in self._conns.items() if r not in reported}
+            for conn in wait(list(by_conn), timeout=max(0.0, deadline - time.monotonic())):
+                rank = by_conn[conn]
+                try:
+                    message = _recv(conn)
+                except (EOFError, OSError):
+                    reports.append((rank, f"died ({self._exit_reason(rank)})", None))
+                    reported.add(rank)
+                    continue
+                if message["type"] == "error":
+                    reports.append((rank, f"raised {message['message']}", message["traceback"]))
+                    reported.add(rank)
+        self._kill()
+        # A rank that died without a word is the likeliest cause; peers then fail in collectives.
+        reports.sort(key=lambda report: report[2] is not None)
+        rank, what, trace = reports[0]
+        others = "; ".join(f"rank {r} {w.splitlines()[0]}" for r, w, _ in reports[1:])
+        message = (f"multi-GPU worker group failed while {phase}: rank {rank} {what}"
+                   f"{f' (then: {others})' if others else ''}. The group was shut down; "
+                   "the next run starts a fresh one.")
+        if trace:
+            message += f"\n\nTraceback from rank {rank}:\n{trace}"
+        if self.on_status is not None:
+            self.on_status(rank, "error")
+        raise WorkerGroupError(message, rank=rank, traceback=trace)
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def _job_result(self, done: dict[int, dict]) -> torch.Tensor:
+        self.last_steps = {rank: message["steps"] for rank, message in sorted(done.items())}
+        outcomes = {(message["status"], message["steps"]) for message in done.values()}
+        if len(outcomes) != 1:  # cannot happen while the ranks agree through the cancel broadcast
+            self._kill()
+            endings = {rank: (message["status"], message["steps"]) for rank, message in done.items()}
+            raise WorkerGroupError(f"ranks ended the job differently (status, steps): {endings}; "
+                                   "the group was shut down")
+        status = done[0]["status"]
+        if status == "Cancelled":
+            raise Cancelled(f"{done[0]['message']} (all {len(done)} ranks stopped there)")
+        if status == "NumericalError":
+            raise NumericalError(done[0]["message"])
+        return done[0]["latent"]
+
+
+class _JobRun:
+    """The controller's side of one job: progress callbacks and the cancel decision.
+
+    Rank 0 asks before every step ("boundary") and waits for the answer, so should_cancel is
+    consulted exactly once per step, after that step's on_step: a cancel seen after step i
+    stops every rank before step i + 1, deterministically.
+    """
+
+    def __init__(self, group: WorkerGroup, on_step, should_cancel):
+        self.group, self.on_step, self.should_cancel = group, on_step, should_cancel
+        self.error: BaseException | None = None  # from a caller's callback, re-raised once the ranks stop
+
+    def handle(self, rank: int, message: dict) -> bool:
+        if message.get("id") != self.group._job_id:
+            self.group._fail([(rank, f"answered job {message.get('id')} during job {self.group._job_id} "
+                                     "(protocol error)", None)], "sampling")
+        if message["type"] == "boundary":
+            _send(self.group._conns[0], dict(type="proceed", cancel=self.wants_cancel()))
+        if message["type"] == "step" and self.on_step is not None and self.error is None:
+            try:
+                self.on_step(StepInfo(message["index"], message["total"], message["timestep"], message["expert"],
+                                      message.get("latent"), message.get("denoised")))
+            except Exception as err:
+                self.error = err
+        return message["type"] == "done"
+
+    def wants_cancel(self) -> bool:
+        if self.error is None and self.should_cancel is not None:
+            try:
+                return bool(self.should_cancel())
+            except Exception as err:
+                self.error = err
+        return self.error is not None
+
+
+
+def _send(conn: Connection, message: dict) -> None:
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _recv(conn: Connection) -> dict:
+    return pickle.loads(conn.recv_bytes())
+
+
+@atexit.register
+def _stop_current_group() -> None:
+    if WorkerGroup._current is not None:
+        WorkerGroup._current._kill()

@@ -72,10 +72,11 @@ def build(args):
                     guidance_scale_2=settings.cfg_low, latents=noise[None].clone(), output_type="latent",
                     return_dict=False)[0][0]
 
-    def forward_ours():
+    def forward_ours():  # what the loop does: cond + uncond in one batch, trimmed contexts
+        from wan22_core.pipeline import stack_contexts
         with torch.no_grad():
             x = noise[None].expand(2, *noise.shape)
-            return ours[0](x, torch.tensor([999, 999]), torch.stack([pad(pos)[0], pad(neg)[0]]))
+            return ours[0](x, torch.tensor([999, 999]), stack_contexts(pos, neg))
 
     def forward_diffusers():
         with torch.no_grad():

@@ -107,14 +107,14 @@ def test_parse_gpus_and_node_config():
 
 def test_shard_tokens_pads_with_identity_rotation_and_reassembles():
     tokens = torch.randn(2, 5, 8)
-    cos, sin = torch.rand(5, 1, 4), torch.rand(5, 1, 4)
-    parts = [shard_tokens(tokens, (cos, sin), rank, 2) for rank in range(2)]
+    rope = torch.polar(torch.ones(5, 1, 4), torch.rand(5, 1, 4))  # [L, 1, D/2] unit rotations
+    parts = [shard_tokens(tokens, rope, rank, 2) for rank in range(2)]
     assert [p[0].shape[1] for p in parts] == [3, 3]  # 5 tokens -> 6 = 2 x 3
     assert torch.equal(torch.cat([p[0] for p in parts], dim=1)[:, :5], tokens)
-    assert torch.equal(torch.cat([p[1][0] for p in parts])[:5], cos)  # each rank keeps its global positions
-    pad_token, (pad_cos, pad_sin) = parts[1][0][:, -1], (parts[1][1][0][-1], parts[1][1][1][-1])
+    assert torch.equal(torch.cat([p[1] for p in parts])[:5], rope)  # each rank keeps its global positions
+    pad_token, pad_rope = parts[1][0][:, -1], parts[1][1][-1]
     assert torch.equal(pad_token, torch.zeros_like(pad_token))
-    assert torch.equal(pad_cos, torch.ones_like(pad_cos)) and torch.equal(pad_sin, torch.zeros_like(pad_sin))
+    assert torch.equal(pad_rope, torch.ones_like(pad_rope))  # identity rotation 1 + 0i
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,18 +151,12 @@ def _rms_norm(led: _Ledger, out: str, src: str, elems: int, rows: int, c: int) -
 
 
 def _rope(led: _Ledger, out: str, src: str, elems: int, c: int) -> None:
-    """apply_rope: fp32 copy, four half-size products, two sums, the stacked result, cast back."""
-    half = elems // 2 * FP32
+    """apply_rope: an fp32 copy, one complex product (same bytes as fp32), the cast back."""
     led.cast(out + ".f32", src, c != FP32, elems * FP32)
-    for part in ("re", "im"):  # x1*cos - x2*sin, then x1*sin + x2*cos
-        led.new(f"{out}.{part}.a", half)
-        led.new(f"{out}.{part}.b", half)
-        led.new(f"{out}.{part}", half)
-        led.free(f"{out}.{part}.a", f"{out}.{part}.b")
-    led.new(out + ".stack", elems * FP32)
-    led.free(out + ".re", out + ".im", out + ".f32")
-    led.cast(out, out + ".stack", c != FP32, elems * c)
-    led.free(out + ".stack")
+    led.new(out + ".prod", elems * FP32)
+    led.free(out + ".f32")
+    led.cast(out, out + ".prod", c != FP32, elems * c)
+    led.free(out + ".prod")
 
 
 def _attention(led: _Ledger, name: str, q_elems: int, kv_elems: int, rows: int, lse: int, d: int, c: int,
@@ -256,10 +250,13 @@ def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes
     return led.peak, led.peak_at, led.peak_live
 
 
-def forward_persistent_bytes(cfg: DiTConfig, tokens: int, batch: int, compute_bytes: int) -> int:
-    """Tensors alive through the whole block loop: context [B, 512, dim], e [B, dim] and
-    e0 [B, 6, dim] in fp32, and the cached RoPE cos/sin tables [L, 1, head_dim/2] fp32."""
-    return (batch * cfg.text_len * cfg.dim * compute_bytes + 7 * batch * cfg.dim * FP32
+def forward_persistent_bytes(cfg: DiTConfig, tokens: int, batch: int, compute_bytes: int,
+                             text_tokens: int | None = None) -> int:
+    """Tensors alive through the whole block loop: the embedded context [B, Lc + 1, dim] (Lc text
+    tokens plus the one slot that stands for the zero padding; the 512-slot bound by default),
+    e [B, dim] and e0 [B, 6, dim] in fp32, and the RoPE table [L, 1, head_dim/2] complex64."""
+    slots = cfg.text_len if text_tokens is None or text_tokens >= cfg.text_len else text_tokens + 1
+    return (batch * slots * cfg.dim * compute_bytes + 7 * batch * cfg.dim * FP32
             + 2 * tokens * (cfg.head_dim // 2) * FP32)
 
 
@@ -292,12 +289,13 @@ def _check(weight_bytes_per_param, offload, swap_blocks, batch, fp8_compute, num
 
 def estimate_peak_bytes(dit_cfg: DiTConfig, frames: int, height: int, width: int, *,
                         weight_bytes_per_param: int = 2, offload: str = "none", swap_blocks: int = 0,
-                        batch: int = 2, fp8_compute: str = "scaled_mm") -> dict:
+                        batch: int = 2, fp8_compute: str = "scaled_mm", text_tokens: int | None = None) -> dict:
     """Predicted peak device bytes (allocator view) of denoising a `frames` x `height` x `width` video.
 
     batch 2 is cond+uncond in one forward (the pipeline's default batch_cfg=True); 1 is
     batch_cfg=False or guidance 1. fp8_compute matters only for weight_bytes_per_param=1
-    ("scaled_mm" on sm_89+ GPUs, "dequant" elsewhere). Returns ints in bytes: weights,
+    ("scaled_mm" on sm_89+ GPUs, "dequant" elsewhere). text_tokens: the prompt length (None: the
+    512-token bound). Returns ints in bytes: weights,
     activations (= block_activations + persistent_activations), total; plus tokens and
     peak_at (the tensor whose allocation reaches the peak).
     """
@@ -309,7 +307,7 @@ def estimate_peak_bytes(dit_cfg: DiTConfig, frames: int, height: int, width: int
     compute = FP32 if weight_bytes_per_param == 4 else 2
     fp8 = fp8_compute if weight_bytes_per_param == 1 else None
     in_block, peak_at, _ = block_activation_peak(dit_cfg, tokens, batch, compute, fp8)
-    persistent = forward_persistent_bytes(dit_cfg, tokens, batch, compute)
+    persistent = forward_persistent_bytes(dit_cfg, tokens, batch, compute, text_tokens)
     return {"tokens": tokens, "weights": weights, "block_activations": in_block,
             "persistent_activations": persistent, "activations": in_block + persistent,
             "total": weights + in_block + persistent, "peak_at": peak_at}

@@ -65,17 +65,20 @@ def resolve_backend(name: str, device: torch.device | None = None) -> str:
 
 
 class AttentionKernel(nn.Module):
-    """softmax(q k^T / sqrt(d)) v, no mask, no dropout. Holds no weights."""
+    """softmax(q k^T / sqrt(d) + bias) v, no dropout. Holds no weights."""
 
     def __init__(self, backend: str = "sdpa"):
         super().__init__()
         self.backend = resolve_backend(backend)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
-        if self.backend == "sdpa" or q.device.type != "cuda":  # flash kernels exist only on CUDA
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """q [B, Lq, H, D], k/v [B, Lk, H, D], optional additive logit bias [Lk] -> [B, Lq, H, D]."""
+        # flash kernels exist only on CUDA and take no bias (only the short cross-attention has one)
+        if self.backend == "sdpa" or q.device.type != "cuda" or bias is not None:
             # SDPA wants [B, H, L, D]; the transposes are views and SDPA handles the strides.
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=None if bias is None else bias.to(q.dtype).expand(q.shape[1], -1))
             return out.transpose(1, 2)
         dtype = q.dtype
         if dtype not in (torch.float16, torch.bfloat16):  # flash kernels take half precision only

@@ -10,8 +10,8 @@ GPU). Two deliberate departures, both exact up to rounding:
 - For text-to-video the timestep is the same for every token, so the modulation is computed once
   per sample ([B, 6, dim]) instead of per token (the official [B, L, 6, dim] fp32 tensor is
   9.3 GB at 720p).
-- RoPE angles are built in float64 once per grid shape and kept as fp32 cos/sin tables; the
-  rotation itself is fp32 (the official code makes float64 copies of q and k on every call).
+- RoPE angles are built in float64 once per grid shape and kept as a complex64 table; the
+  rotation is one fp32 complex multiply (the official code makes float64 copies of q and k).
 
 No torch.distributed here: sequence parallelism replaces `self_attn.kernel` (attention seam) and
 `sequence_shard` (token split/gather) from outside, in `wan22_core.parallel`.
@@ -101,8 +101,8 @@ class RotaryEmbedding(nn.Module):
             per_axis[2][None, None, :, :].expand(f, h, w, -1),
         ], dim=-1).reshape(f * h * w, -1)
 
-    def forward(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each [L, 1, head_dim/2] fp32, cached per grid shape and device."""
+    def forward(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        """Unit complex rotations e^(i*angle) [L, 1, head_dim/2] complex64, cached per grid and device."""
         if max(grid) > self.max_positions:
             raise ValueError(
                 f"token grid {tuple(grid)} exceeds the {self.max_positions} RoPE positions per axis "
@@ -112,15 +112,17 @@ class RotaryEmbedding(nn.Module):
             if len(self._tables) >= 4:  # a handful of shapes per session; keep memory bounded
                 self._tables.pop(next(iter(self._tables)))
             a = self.angles(grid)
-            self._tables[key] = (a.cos().float()[:, None].to(device), a.sin().float()[:, None].to(device))
+            self._tables[key] = torch.polar(torch.ones_like(a), a).to(torch.complex64)[:, None].to(device)
         return self._tables[key]
 
 
-def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate interleaved pairs of x [B, L, H, D] by (cos, sin) [L, 1, D/2]; math in fp32."""
-    cos, sin = rope
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, L, H, D/2] each
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) of x [B, L, H, D] by rope [L, 1, D/2]; fp32 math.
+
+    One complex multiply: (x1 + i x2)(cos + i sin) = (x1 cos - x2 sin) + i (x1 sin + x2 cos).
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, L, H, D/2] complex64
+    return torch.view_as_real(pairs * rope).flatten(-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
         self.kernel = AttentionKernel()  # the seam Ulysses wraps
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         # -1 for heads: read shapes from tensors, never from config (parallel code may reshape).
         # One statement per tensor, so the fp32 RoPE temporaries of q are freed before k's exist.
@@ -147,14 +149,19 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(SelfAttention):
-    """Tokens attend to all 512 text slots (zero-padded ones included, as official: no mask)."""
+    """Tokens attend to all 512 text slots, zero-padded ones included (official: no mask).
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    The padded slots are identical keys and values, so `embed_text` keeps one of them and
+    `pad_bias` adds log(count) to its logit: exp(s + log n) = n * exp(s), the same softmax as n
+    copies. Cross-attention then costs the real text length + 1 keys instead of 512.
+    """
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, pad_bias: torch.Tensor | None) -> torch.Tensor:
         b, n, _ = x.shape
         q = self.norm_q(self.q(x)).view(b, n, -1, self.head_dim)  # [B, L, H, D]
-        k = self.norm_k(self.k(context)).view(b, context.shape[1], -1, self.head_dim)  # [B, 512, H, D]
+        k = self.norm_k(self.k(context)).view(b, context.shape[1], -1, self.head_dim)  # [B, Lc, H, D]
         v = self.v(context).view(b, context.shape[1], -1, self.head_dim)
-        return self.o(self.kernel(q, k, v).flatten(2))
+        return self.o(self.kernel(q, k, v, pad_bias).flatten(2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,8 +180,9 @@ class WanBlock(nn.Module):
             nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x, e0, context, rope):
-        """x [B, L, dim] fp32 residual stream; e0 [B, 6, dim] fp32; context [B, 512, dim]."""
+    def forward(self, x, e0, context, rope, pad_bias=None):
+        """x [B, L, dim] fp32 residual stream; e0 [B, 6, dim] fp32; context [B, Lc, dim] and
+        pad_bias [Lc] from `WanModel.embed_text`; rope [L, 1, D/2] from `RotaryEmbedding`."""
         dtype = context.dtype  # the compute dtype; the residual stream stays fp32
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (
             (self.modulation.float() + e0).unsqueeze(2).unbind(1))  # 6 x [B, 1, dim]
@@ -184,7 +192,7 @@ class WanBlock(nn.Module):
         # self-attention, adaLN-modulated and gated
         x = x + self.self_attn((self.norm1(x) * (1 + scale_sa) + shift_sa).to(dtype), rope) * gate_sa
         # cross-attention to the text, no modulation
-        x = x + self.cross_attn(self.norm3(x).to(dtype), context)
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context, pad_bias)
         # feed-forward, adaLN-modulated and gated
         return x + self.ffn((self.norm2(x) * (1 + scale_ff) + shift_ff).to(dtype)) * gate_ff
 
@@ -245,13 +253,22 @@ class WanModel(nn.Module):
         e0 = linear_fp32(self.time_projection[1], F.silu(e)).unflatten(1, (6, -1))
         return e, e0
 
-    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
-        """[B, Lc <= 512, text_dim] -> [B, 512, dim]; zero-padded to 512 *before* the MLP (official)."""
-        text_len = self.cfg.text_len
-        if context.shape[1] > text_len:
-            raise ValueError(f"context has {context.shape[1]} tokens; at most {text_len} are supported")
-        context = F.pad(context.to(self.dtype), (0, 0, 0, text_len - context.shape[1]))
-        return self.text_embedding(context)
+    def embed_text(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B, Lc <= 512, text_dim] -> ([B, Lc + 1, dim], pad_bias [Lc + 1]).
+
+        Official: zero-pad to 512 slots *before* the MLP and attend to all of them. The 512 - Lc
+        padded slots embed to the same vector, so one slot stands for all of them with a
+        log(512 - Lc) logit bias (see CrossAttention). With Lc == 512 nothing is added.
+        """
+        text_len, n = self.cfg.text_len, context.shape[1]
+        if n > text_len:
+            raise ValueError(f"context has {n} tokens; at most {text_len} are supported")
+        if n == text_len:
+            return self.text_embedding(context.to(self.dtype)), None
+        context = self.text_embedding(F.pad(context.to(self.dtype), (0, 0, 0, 1)))
+        pad_bias = torch.zeros(n + 1, device=context.device, dtype=context.dtype)
+        pad_bias[-1] = math.log(text_len - n)
+        return context, pad_bias
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, L, pt*ph*pw*C] -> [B, C, f*pt, h*ph, w*pw]; channels innermost in each patch."""
@@ -272,13 +289,13 @@ class WanModel(nn.Module):
         # every LayerNorm copy it and every elementwise op mix layouts)
         tokens = tokens.flatten(2).transpose(1, 2).float().contiguous()
         e, e0 = self.embed_time(t)
-        context = self.embed_text(context)
+        context, pad_bias = self.embed_text(context)
         rope = self.rope(grid, x.device)
 
         # 2. Blocks (on this rank's share of the tokens under sequence parallelism)
         tokens, rope = self.sequence_shard.split(tokens, rope)
         for block in self.blocks:
-            tokens = block(tokens, e0, context, rope)
+            tokens = block(tokens, e0, context, rope, pad_bias)
 
         # 3. Output norm, projection and unpatchify
         tokens = self.sequence_shard.gather(self.head(tokens, e))

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-Rope = tuple[torch.Tensor, torch.Tensor]
+Rope = torch.Tensor  # [L, 1, head_dim/2] complex rotations (models/transformer.py)
 
 
 class SequenceLayout:
@@ -30,20 +30,18 @@ class SequenceLayout:
 
 
 def shard_tokens(tokens: torch.Tensor, rope: Rope, index: int, degree: int) -> tuple[torch.Tensor, Rope]:
-    """Rank `index`'s slice of tokens [B, L, dim] and RoPE (cos, sin) [L, 1, D/2], padded to P*ceil(L/P).
+    """Rank `index`'s slice of tokens [B, L, dim] and RoPE rotations [L, 1, D/2], padded to P*ceil(L/P).
 
-    Pad tokens are zeros and get the identity rotation (cos 1, sin 0), as the official code pads
-    its frequencies with ones; their keys are never attended to, their outputs are dropped.
+    Pad tokens are zeros and get the identity rotation (1 + 0i), as the official code pads its
+    frequencies with ones; their keys are never attended to, their outputs are dropped.
     """
     length = tokens.shape[1]
     per_rank = math.ceil(length / degree)
     pad = per_rank * degree - length
-    cos, sin = rope
     tokens = F.pad(tokens, (0, 0, 0, pad))  # [B, P*ceil(L/P), dim]
-    cos = torch.cat([cos, cos.new_ones(pad, *cos.shape[1:])])
-    sin = torch.cat([sin, sin.new_zeros(pad, *sin.shape[1:])])
+    rope = torch.cat([rope, rope.new_ones(pad, *rope.shape[1:])])
     rows = slice(index * per_rank, (index + 1) * per_rank)
-    return tokens[:, rows], (cos[rows], sin[rows])
+    return tokens[:, rows], rope[rows]
 
 
 def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup) -> torch.Tensor:

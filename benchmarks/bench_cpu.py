@@ -8,7 +8,8 @@
    Runs alternate (ours, diffusers, ours, ...) so machine noise hits both; the median of the
    per-pair ratios is reported. Final latents are compared too, so a fast wrong answer shows.
 2. forward: one DiT forward (cond+uncond, i.e. batch 2) ours vs diffusers.
-3. rss: peak resident memory of a fresh process running each loop once.
+3. rss: in a fresh process that builds both sides' models, how far one loop raises the peak
+   resident memory (the activations and temporaries of the loop, not the shared weights).
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ def report(name, pairs):
 
 
 def child_rss(args, which):
-    """Peak RSS (MiB) of a fresh process that builds the models and runs one loop."""
+    """MiB by which one loop raises the peak RSS of a fresh process (see the module docstring)."""
     out = subprocess.run([sys.executable, __file__, "--child", which, *argv_of(args)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["rss_mib"]
@@ -135,9 +136,11 @@ def main():
     args = p.parse_args()
 
     cfg, run_ours, run_diffusers, fwd_ours, fwd_diffusers = build(args)
-    if args.child:
+    if args.child:  # the peak during one loop above what building both sides' models left
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         (run_ours if args.child == "ours" else run_diffusers)()
-        print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        print(json.dumps({"rss_mib": grown / 1024}))
         return
 
     tokens = (args.frames - 1) // 4 + 1
@@ -151,7 +154,7 @@ def main():
     pairs, _, _ = side_by_side(fwd_ours, fwd_diffusers, args.repeats)
     report("forward", pairs)
     ours_rss, theirs_rss = child_rss(args, "ours"), child_rss(args, "diffusers")
-    print(f"peak RSS ours {ours_rss:.0f} MiB   diffusers {theirs_rss:.0f} MiB   ratio {ours_rss / theirs_rss:.3f}")
+    print(f"peak RSS growth during one loop: ours {ours_rss:.1f} MiB   diffusers {theirs_rss:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Parameter-name mappings between the official Wan naming (ours) and other namings.
 
 The DiT table is the checked official <-> diffusers equivalence from
-shared/reference/mappings.md. Each rule is a regex on the official name and its diffusers
-replacement; rules are disjoint, so order only matters for readability. ComfyUI's files use the
-official names, optionally under `COMFY_DIT_PREFIX`. The VAE tables are written from the
-structure of diffusers' `AutoencoderKLWan` (checked name by name in tests/test_formats.py).
+shared/reference/mappings.md. ComfyUI's files use the official names, optionally under
+`COMFY_DIT_PREFIX`. The VAE tables are written from the structure of diffusers'
+`AutoencoderKLWan` (checked name by name in tests/test_formats.py).
+
+Each table is a list of (official, diffusers) name fragments, read in both directions: literal
+text, `^` / `$` anchors, and placeholders `{n}` (a number), `{qk}`, `{qkv}` (one of those
+letters) and `{side}` (encoder or decoder) that carry over to the other name.
 """
 from __future__ import annotations
 
@@ -12,46 +15,44 @@ import re
 
 COMFY_DIT_PREFIX = "model.diffusion_model."  # ComfyUI's full-checkpoint prefix for the DiT
 
-_DIT_RULES = [  # (official pattern, diffusers replacement)
-    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
-    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
-    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
-    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
-    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
-    (r"^head\.modulation$", "scale_shift_table"),
-    (r"^head\.head\.", "proj_out."),
-    (r"\.self_attn\.norm_([qk])\.", r".attn1.norm_\1."),
-    (r"\.self_attn\.([qkv])\.", r".attn1.to_\1."),
-    (r"\.self_attn\.o\.", ".attn1.to_out.0."),
-    (r"\.cross_attn\.norm_([qk])\.", r".attn2.norm_\1."),
-    (r"\.cross_attn\.([qkv])\.", r".attn2.to_\1."),
-    (r"\.cross_attn\.o\.", ".attn2.to_out.0."),
-    (r"\.ffn\.0\.", ".ffn.net.0.proj."),
-    (r"\.ffn\.2\.", ".ffn.net.2."),
-    (r"^(blocks\.\d+)\.modulation$", r"\1.scale_shift_table"),
-    (r"^(blocks\.\d+)\.norm3\.", r"\1.norm2."),  # official norm1/norm2 carry no weights
+_DIT_PAIRS = [
+    ("^time_embedding.0.", "^condition_embedder.time_embedder.linear_1."),
+    ("^time_embedding.2.", "^condition_embedder.time_embedder.linear_2."),
+    ("^text_embedding.0.", "^condition_embedder.text_embedder.linear_1."),
+    ("^text_embedding.2.", "^condition_embedder.text_embedder.linear_2."),
+    ("^time_projection.1.", "^condition_embedder.time_proj."),
+    ("^head.modulation$", "^scale_shift_table$"),
+    ("^head.head.", "^proj_out."),
+    (".self_attn.norm_{qk}.", ".attn1.norm_{qk}."),
+    (".self_attn.{qkv}.", ".attn1.to_{qkv}."),
+    (".self_attn.o.", ".attn1.to_out.0."),
+    (".cross_attn.norm_{qk}.", ".attn2.norm_{qk}."),
+    (".cross_attn.{qkv}.", ".attn2.to_{qkv}."),
+    (".cross_attn.o.", ".attn2.to_out.0."),
+    (".ffn.0.", ".ffn.net.0.proj."),
+    (".ffn.2.", ".ffn.net.2."),
+    ("^blocks.{n}.modulation$", "^blocks.{n}.scale_shift_table$"),
+    ("^blocks.{n}.norm3.", "^blocks.{n}.norm2."),  # official norm1/norm2 carry no weights
 ]
 
-# The inverse direction, written out as regexes on the diffusers name.
-_DIT_RULES_INVERSE = [
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^scale_shift_table$", "head.modulation"),
-    (r"^proj_out\.", "head.head."),
-    (r"\.attn1\.norm_([qk])\.", r".self_attn.norm_\1."),
-    (r"\.attn1\.to_([qkv])\.", r".self_attn.\1."),
-    (r"\.attn1\.to_out\.0\.", ".self_attn.o."),
-    (r"\.attn2\.norm_([qk])\.", r".cross_attn.norm_\1."),
-    (r"\.attn2\.to_([qkv])\.", r".cross_attn.\1."),
-    (r"\.attn2\.to_out\.0\.", ".cross_attn.o."),
-    (r"\.ffn\.net\.0\.proj\.", ".ffn.0."),
-    (r"\.ffn\.net\.2\.", ".ffn.2."),
-    (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
-    (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),
-]
+_PLACEHOLDER = re.compile(r"\{(n|qk|qkv|side)\}")
+_GROUPS = {"n": r"(\d+)", "qk": "([qk])", "qkv": "([qkv])", "side": "(encoder|decoder)"}
+
+
+def _rule(source: str, target: str) -> tuple[str, str]:
+    """A fragment pair -> (regex on the source name, replacement)."""
+    parts = _PLACEHOLDER.split(source.strip("^$"))  # literal, placeholder, literal, ...
+    pattern = "".join(_GROUPS[p] if i % 2 else re.escape(p) for i, p in enumerate(parts))
+    pattern = ("^" if source.startswith("^") else "") + pattern + ("$" if source.endswith("$") else "")
+    group = iter(range(1, len(parts)))
+    return pattern, _PLACEHOLDER.sub(lambda m: f"\\{next(group)}", target.strip("^$"))
+
+
+def _rules(pairs, inverse: bool = False) -> list[tuple[str, str]]:
+    return [_rule(b, a) if inverse else _rule(a, b) for a, b in pairs]
+
+
+_DIT_RULES, _DIT_RULES_INVERSE = _rules(_DIT_PAIRS), _rules(_DIT_PAIRS, inverse=True)
 
 
 def _rename(name: str, rules) -> str:
@@ -76,44 +77,27 @@ def dit_diffusers_to_official(name: str) -> str:
 # `resnets_per_level` residual blocks (num_res_blocks + 1) and, except the last, one upsampler,
 # so N = level * (resnets_per_level + 1) + position.
 
-_VAE_BLOCK_RULES = [  # (official pattern, diffusers replacement), for everything but decoder.upsamples
-    (r"^encoder\.downsamples\.", "encoder.down_blocks."),
-    (r"^(encoder|decoder)\.middle\.0\.", r"\1.mid_block.resnets.0."),
-    (r"^(encoder|decoder)\.middle\.1\.", r"\1.mid_block.attentions.0."),
-    (r"^(encoder|decoder)\.middle\.2\.", r"\1.mid_block.resnets.1."),
-    (r"^(encoder|decoder)\.head\.0\.", r"\1.norm_out."),
-    (r"^(encoder|decoder)\.head\.2\.", r"\1.conv_out."),
-    (r"^(encoder|decoder)\.conv1\.", r"\1.conv_in."),
-    (r"^conv1\.", "quant_conv."),
-    (r"^conv2\.", "post_quant_conv."),
+_VAE_BLOCK_PAIRS = [  # everything but decoder.upsamples
+    ("^encoder.downsamples.", "^encoder.down_blocks."),
+    ("^{side}.middle.0.", "^{side}.mid_block.resnets.0."),
+    ("^{side}.middle.1.", "^{side}.mid_block.attentions.0."),
+    ("^{side}.middle.2.", "^{side}.mid_block.resnets.1."),
+    ("^{side}.head.0.", "^{side}.norm_out."),
+    ("^{side}.head.2.", "^{side}.conv_out."),
+    ("^{side}.conv1.", "^{side}.conv_in."),
+    ("^conv1.", "^quant_conv."),
+    ("^conv2.", "^post_quant_conv."),
 ]
-_VAE_RESIDUAL_RULES = [  # inside a residual block: official nn.Sequential indices -> diffusers names
-    (r"\.residual\.0\.", ".norm1."),
-    (r"\.residual\.2\.", ".conv1."),
-    (r"\.residual\.3\.", ".norm2."),
-    (r"\.residual\.6\.", ".conv2."),
-    (r"\.shortcut\.", ".conv_shortcut."),
+_VAE_RESIDUAL_PAIRS = [  # inside a residual block: official nn.Sequential indices <-> diffusers names
+    (".residual.0.", ".norm1."),
+    (".residual.2.", ".conv1."),
+    (".residual.3.", ".norm2."),
+    (".residual.6.", ".conv2."),
+    (".shortcut.", ".conv_shortcut."),
 ]
-
-# The inverse directions, written out as regexes on the diffusers name.
-_VAE_BLOCK_RULES_INVERSE = [
-    (r"^encoder\.down_blocks\.", "encoder.downsamples."),
-    (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.middle.0."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.middle.1."),
-    (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.middle.2."),
-    (r"^(encoder|decoder)\.norm_out\.", r"\1.head.0."),
-    (r"^(encoder|decoder)\.conv_out\.", r"\1.head.2."),
-    (r"^(encoder|decoder)\.conv_in\.", r"\1.conv1."),
-    (r"^quant_conv\.", "conv1."),
-    (r"^post_quant_conv\.", "conv2."),
-]
-_VAE_RESIDUAL_RULES_INVERSE = [
-    (r"\.norm1\.", ".residual.0."),
-    (r"\.conv1\.", ".residual.2."),
-    (r"\.norm2\.", ".residual.3."),
-    (r"\.conv2\.", ".residual.6."),
-    (r"\.conv_shortcut\.", ".shortcut."),
-]
+_VAE_BLOCK_RULES, _VAE_BLOCK_RULES_INVERSE = _rules(_VAE_BLOCK_PAIRS), _rules(_VAE_BLOCK_PAIRS, inverse=True)
+_VAE_RESIDUAL_RULES, _VAE_RESIDUAL_RULES_INVERSE = (_rules(_VAE_RESIDUAL_PAIRS),
+                                                    _rules(_VAE_RESIDUAL_PAIRS, inverse=True))
 
 
 def _vae_resnets_per_level(names: list[str], diffusers: bool) -> int:

@@ -1,10 +1,10 @@
 """The one module that imports ComfyUI.
 
 Every node reaches ComfyUI (model folders, output folder, devices, memory, interrupts, the
-progress bar) through `runtime`, an object with one small method per need. Inside ComfyUI it is
-a `ComfyRuntime`; anywhere else (unit tests, scripts) the imports fail and it is a
-`StandaloneRuntime` that reads plain folders, so the pack imports and runs without ComfyUI.
-Tests swap `runtime` for a fake to drive interrupts and watch progress.
+progress bar, status messages to the frontend) through `runtime`, an object with one small
+method per need. Inside ComfyUI it is a `ComfyRuntime`; anywhere else (unit tests, scripts) the
+imports fail and it is a `StandaloneRuntime` that reads plain folders, so the pack imports and
+runs without ComfyUI. Tests swap `runtime` for a fake to drive interrupts and watch progress.
 """
 from __future__ import annotations
 
@@ -23,9 +23,12 @@ if folder_paths is not None:  # in ComfyUI a failure here must be loud, not a si
     import comfy.model_management as model_management
     import comfy.utils as comfy_utils
     from comfy.cli_args import args as comfy_args
+    from server import PromptServer
 
 # ComfyUI's names for the model folders our loaders read.
-DIFFUSION_MODELS, TEXT_ENCODERS, VAE = "diffusion_models", "text_encoders", "vae"
+DIFFUSION_MODELS, TEXT_ENCODERS, VAE, LORAS = "diffusion_models", "text_encoders", "vae", "loras"
+# The websocket event that carries a worker group's per-rank status to the sampler node (web/js).
+WORKER_STATUS_EVENT = "wan22moe.worker_status"
 NO_FILES = "(no files in models/{folder})"  # the combo's only option when a folder is empty
 
 
@@ -106,6 +109,9 @@ class StandaloneRuntime:
     def previews_enabled(self) -> bool:
         return False
 
+    def send_status(self, node_id: str | None, rank: int, ranks: int, status: str) -> None:
+        """No frontend to tell; the worker group's errors still reach the caller as exceptions."""
+
 
 class _NoProgress:
     def update(self, value: int, preview=None) -> None:
@@ -156,6 +162,16 @@ class ComfyRuntime:
         # ComfyUI's own samplers preview only when started with a --preview-method other than none.
         method = comfy_args.preview_method
         return getattr(method, "value", method) != "none"
+
+    def send_status(self, node_id: str | None, rank: int, ranks: int, status: str) -> None:
+        """One rank's status ("loading ...", "ready", "step 3/40", "error") for the sampler's status line.
+
+        send_sync is thread-safe and goes to the client that queued the prompt (all clients when
+        it was queued without one).
+        """
+        server = PromptServer.instance
+        server.send_sync(WORKER_STATUS_EVENT, {"node": node_id, "rank": rank, "ranks": ranks, "status": status},
+                         server.client_id)
 
 
 class _ComfyProgress:

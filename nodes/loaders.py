@@ -3,7 +3,7 @@
 The text encoder and the VAE load when their node runs (through the slot cache). The expert
 loader only resolves files and options into a `MoEModel`; the sampler loads the experts on first
 use, so a graph whose sampler output is cached never reads 57 GB, and the multi-GPU path can
-later load shards in its workers instead of in the ComfyUI process.
+load shards in its workers instead of in the ComfyUI process.
 """
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from pathlib import Path
 import torch
 
 from ..wan22_core.checkpoints import load_dit, load_text_encoder, load_vae
+from ..wan22_core.config import A14B
 from ..wan22_core.fp8 import set_fp8_compute
-from ..wan22_core.models.attention import BACKENDS, AttentionKernel
+from ..wan22_core.lora import LoraError, LoraReport, LoraSpec, apply_loras
+from ..wan22_core.models.attention import BACKENDS, resolve_backend, set_attention_backend
+from ..wan22_core.optimize import compile_blocks
 from ..wan22_core.runtime import DTYPES, resolve_dtype
 from ..wan22_core.sampling.moe import ExpertPair
 from . import comfy_adapter
@@ -24,9 +27,12 @@ from .model_cache import CACHE, file_key
 CATEGORY = "Wan2.2 MoE"
 DEVICES = ("auto", "cpu", "gpu")
 WEIGHT_DTYPES = ("auto", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast")
-ATTENTION = ("auto", *BACKENDS)
-# offload -> ExpertPair(keep_both=...): auto decides from the card's memory.
-OFFLOAD = {"auto": None, "none": True, "swap_experts": False}
+# offload -> ExpertPair(keep_both=...): auto decides from the card's memory; block_swap also
+# streams `swap_blocks` blocks of the active expert from CPU memory.
+OFFLOAD = {"auto": None, "none": True, "swap_experts": False, "block_swap": False}
+MAX_SWAP_BLOCKS = A14B.dit.num_layers
+DEFAULT_SWAP_BLOCKS = 20  # half of A14B's 40: 720p fits a 32 GB card (memory.min_swap_blocks)
+EXPERT_NAMES = {"high": "high-noise", "low": "low-noise"}
 
 
 @dataclass(frozen=True)
@@ -39,24 +45,42 @@ class TextEncoderOnDevice:
 
 @dataclass(frozen=True)
 class MoEModel:
-    """WAN22_MOE_MODEL: which expert files to use and how; `experts()` loads them (cached)."""
+    """WAN22_MOE_MODEL: which expert files to use and how; `experts()` loads them (cached).
+
+    The LoRAs are part of this spec, not of the cached weights: `experts()` makes exactly these
+    LoRAs applied to the cached experts (re-merging only the layers whose terms changed), so a
+    new LoRA or strength never re-reads a base checkpoint. The attention backend is set on each
+    run too; only the files, weight_dtype and compile decide what is loaded.
+    """
 
     high_noise: Path
     low_noise: Path
     weight_dtype: str
     attention: str
     offload: str
+    swap_blocks: int = 0
+    compile: bool = False
+    loras_high: tuple[LoraSpec, ...] = ()
+    loras_low: tuple[LoraSpec, ...] = ()
+    lora_mode: str = "merge"
 
-    def experts(self, device: torch.device) -> ExpertPair:
+    def experts(self, device: torch.device) -> tuple[ExpertPair, tuple[tuple[str, LoraReport], ...]]:
+        """Both experts ready to sample on `device`, and (expert, report) for each LoRA applied."""
         dtypes = expert_dtypes(self.weight_dtype, device)
-        backend = "sdpa" if self.attention == "auto" else self.attention
-
-        def cached(slot: str, path: Path):
-            return CACHE.get(slot, (file_key(path), dtypes, backend), lambda: load_expert(path, dtypes, backend))
-
-        high, low = cached("high", self.high_noise), cached("low", self.low_noise)
-        return ExpertPair(high, low, device, keep_both=OFFLOAD[self.offload],
-                          offload_device=comfy_adapter.runtime.offload_device())
+        experts, reports = {}, []
+        for slot, path, loras in (("high", self.high_noise, self.loras_high), ("low", self.low_noise, self.loras_low)):
+            expert = cached_expert(slot, path, dtypes, self.compile, device)
+            set_attention_backend(expert, self.attention, device)
+            reports += [(EXPERT_NAMES[slot], r) for r in apply_expert_loras(slot, expert, loras, self.lora_mode)]
+            experts[slot] = expert
+        swap_blocks = self.swap_blocks if self.offload == "block_swap" else 0
+        blocks = len(experts["high"].blocks)
+        if swap_blocks > blocks:
+            raise ValueError(f"swap_blocks {swap_blocks} is more than the {blocks} blocks of these experts; "
+                             f"set it to at most {blocks}")
+        pair = ExpertPair(experts["high"], experts["low"], device, keep_both=OFFLOAD[self.offload],
+                          offload_device=comfy_adapter.runtime.offload_device(), swap_blocks=swap_blocks)
+        return pair, tuple(reports)
 
 
 def expert_dtypes(weight_dtype: str, device: torch.device) -> tuple:
@@ -73,20 +97,37 @@ def expert_dtypes(weight_dtype: str, device: torch.device) -> tuple:
     return compute, torch.float8_e4m3fn, "auto" if weight_dtype.endswith("_fast") else "dequant"
 
 
-def load_expert(path: Path, dtypes: tuple, backend: str) -> torch.nn.Module:
+def cached_expert(slot: str, path: Path, dtypes: tuple, compile: bool, device: torch.device) -> torch.nn.Module:
+    return CACHE.get(slot, (file_key(path), dtypes, compile), lambda: load_expert(path, dtypes, compile, device))
+
+
+def release_cached_experts() -> None:
+    """Drop the experts this process keeps (up to 57 GB of host memory), e.g. while worker processes
+    hold the model instead."""
+    for slot in EXPERT_NAMES:
+        CACHE.drop(slot)
+
+
+def load_expert(path: Path, dtypes: tuple, compile: bool, device: torch.device) -> torch.nn.Module:
     compute, stored, fp8_matmul = dtypes
     model = load_dit(path, compute, weight_dtype=stored)
     if fp8_matmul is not None:
         set_fp8_compute(model, fp8_matmul)
-    return use_attention(model, backend)
-
-
-def use_attention(model: torch.nn.Module, backend: str) -> torch.nn.Module:
-    """Give every attention layer of an expert a kernel of `backend` (the model's one seam)."""
-    for module in model.modules():
-        if isinstance(getattr(module, "kernel", None), AttentionKernel):
-            module.kernel = AttentionKernel(backend)
+    if compile:  # warns and stays eager when the toolchain is missing
+        compile_blocks(model, device)
     return model
+
+
+def apply_expert_loras(slot: str, expert: torch.nn.Module, loras: tuple[LoraSpec, ...],
+                       mode: str) -> tuple[LoraReport, ...]:
+    """Make exactly `loras` applied to a cached expert ((): none), logging what each patched."""
+    try:
+        return apply_loras(expert, loras, mode)
+    except LoraError:
+        raise  # a file that is missing or does not fit: found before any weight changed
+    except BaseException:
+        CACHE.drop(slot)  # stopped part-way through the weights: reload them on the next run
+        raise
 
 
 def _file_input(folder: str, tooltip: str) -> tuple:
@@ -147,21 +188,42 @@ class Wan22MoEModelLoader:
                              "auto: the file's own weights (fp8_scaled files stay fp8), computed in bf16 on a "
                              "GPU, fp32 on the CPU. bf16/fp16: convert. fp8_e4m3fn: store the block weights in "
                              "fp8 (half the memory); _fast also multiplies in fp8 on cards that can (Ada, Hopper)."}),
-            "attention": (list(ATTENTION), {"default": "auto", "tooltip":
-                          "Attention kernel: auto picks PyTorch SDPA."}),
+            "attention": (list(BACKENDS), {"default": "auto", "tooltip":
+                          "Attention kernel. auto: the fastest exact one installed (FlashAttention 3 on Hopper, "
+                          "then FlashAttention 2, else PyTorch SDPA). flash_attn / flash_attn3 / sage need their "
+                          "package; sage (SageAttention) is faster but not exact."}),
             "offload": (list(OFFLOAD), {"default": "auto", "tooltip":
                         "none keeps both experts on the GPU; swap_experts keeps only the active one there "
-                        "(one move at the switch); auto keeps both when they fit in 60% of the card."}),
+                        "(one move at the switch); block_swap also keeps swap_blocks of its blocks in CPU memory "
+                        "(for cards that cannot hold one expert); auto keeps both when they fit in 60% of the card."}),
+        }, "optional": {  # optional, so API prompts written before these inputs existed stay valid
+            "swap_blocks": ("INT", {"default": DEFAULT_SWAP_BLOCKS, "min": 0, "max": MAX_SWAP_BLOCKS, "step": 1,
+                                    "tooltip":
+                            f"Used only with offload = block_swap: how many of the {MAX_SWAP_BLOCKS} blocks to keep "
+                            "on the CPU, each streamed to the GPU just before it runs. 720p x 81 frames in bf16 needs "
+                            "about 32 on a 24 GB card and 20 on a 32 GB card."}),
+            "compile": ("BOOLEAN", {"default": False, "tooltip":
+                        "torch.compile the transformer block (one compile reused by all blocks): faster steps "
+                        "after a first slow one, same results. Needs triton on a GPU; without it this warns and "
+                        "runs uncompiled. Changing it reloads the experts. Not with offload = block_swap."}),
         }}
 
-    def load(self, high_noise_model: str, low_noise_model: str, weight_dtype: str, attention: str, offload: str):
-        for name, value, allowed in (("weight_dtype", weight_dtype, WEIGHT_DTYPES), ("attention", attention, ATTENTION),
+    def load(self, high_noise_model: str, low_noise_model: str, weight_dtype: str, attention: str, offload: str,
+             swap_blocks: int = DEFAULT_SWAP_BLOCKS, compile: bool = False):
+        for name, value, allowed in (("weight_dtype", weight_dtype, WEIGHT_DTYPES), ("attention", attention, BACKENDS),
                                      ("offload", offload, tuple(OFFLOAD))):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        if not 0 <= swap_blocks <= MAX_SWAP_BLOCKS:
+            raise ValueError(f"swap_blocks must be between 0 and {MAX_SWAP_BLOCKS}; got {swap_blocks!r}")
+        if compile and offload == "block_swap":
+            raise ValueError("compile and offload 'block_swap' do not combine (block swap moves the weights from hooks "
+                             "around each block, which a compiled block would trace); turn compile off or choose "
+                             "another offload")
+        resolve_backend(attention)  # a backend whose package is missing fails here, naming the package
         return (MoEModel(high_noise=model_path(DIFFUSION_MODELS, high_noise_model),
-                         low_noise=model_path(DIFFUSION_MODELS, low_noise_model),
-                         weight_dtype=weight_dtype, attention=attention, offload=offload),)
+                         low_noise=model_path(DIFFUSION_MODELS, low_noise_model), weight_dtype=weight_dtype,
+                         attention=attention, offload=offload, swap_blocks=swap_blocks, compile=compile),)
 
 
 class Wan22VAELoader:

@@ -35,6 +35,10 @@ class LoadCache:
         self._entries[slot] = (key, value)
         return value
 
+    def drop(self, slot: str) -> None:
+        """Forget a slot: its memory is needed elsewhere, or its value can no longer be trusted."""
+        self._entries.pop(slot, None)
+
     def clear(self) -> None:
         self._entries.clear()
 

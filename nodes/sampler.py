@@ -1,20 +1,25 @@
 """Wan22MoESampler: text embeddings -> video latent, both experts in one node.
 
 The node validates, converts ComfyUI's LATENT (raw VAE space) to the engine's normalised space
-and back, and calls `wan22_core.pipeline.denoise` once per video in the batch. Progress,
-previews and interrupts go through the ComfyUI adapter.
+and back, and runs each video of the batch either here (`wan22_core.pipeline.denoise`) or, with
+the `parallel` input connected, on the multi-GPU worker group (`nodes/parallel.py`). Progress,
+previews and interrupts go through the ComfyUI adapter on both paths.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from ..wan22_core.config import SOLVERS, SamplerSettings, VAEConfig
 from ..wan22_core.errors import Cancelled
 from ..wan22_core.models.vae import denormalize_latent, normalize_latent
+from ..wan22_core.parallel import ParallelConfig
 from ..wan22_core.pipeline import MAX_LATENT_POSITIONS, Z_DIM, check_video_size, make_noise
 from ..wan22_core.pipeline import denoise as run_denoise
 from . import comfy_adapter
-from .loaders import CATEGORY
+from .loaders import CATEGORY, MoEModel
+from .parallel import release_gpu_group, sample_on_group
 from .preview import latent_to_rgb
 
 DEFAULTS = SamplerSettings()
@@ -109,32 +114,56 @@ class Wan22MoESampler:
                                                  "match width/height/frames. A batch gives one video per item."}),
                 "denoise": _float(1.0, 0.01, 1.0, 0.01, "With a start latent: how much to change it (1.0 "
                                                         "samples from noise, lower keeps more of the latent)."),
+                "parallel": ("WAN22_PARALLEL", {"tooltip": "Optional, from Wan22MultiGPUConfig: sample on several "
+                                                           "GPUs (a worker group that stays up between prompts)."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},  # addresses the worker status line to this node
         }
 
-    def sample(self, model, embeds, width: int, height: int, frames: int, steps: int, cfg_high: float,
+    def sample(self, model: MoEModel, embeds, width: int, height: int, frames: int, steps: int, cfg_high: float,
                cfg_low: float, boundary: float, shift: float, solver: str, seed: int, latent: dict | None = None,
-               denoise: float = 1.0):
+               denoise: float = 1.0, parallel: ParallelConfig | None = None, unique_id: str | None = None):
         settings = SamplerSettings(steps=steps, shift=shift, boundary=boundary, cfg_high=cfg_high,
                                    cfg_low=cfg_low, solver=solver).validate()
         check_video_size(frames, height, width)
         starts = start_latents(latent, frames, height, width)
+        jobs = [(make_noise((seed + offset) % 2**64, frames, height, width), start) for offset, start in starts]
         runtime = comfy_adapter.runtime
-        progress = _Progress(runtime, steps, len(starts))
-
-        runtime.free_memory()
-        experts = model.experts(runtime.compute_device())
-        outputs = []
+        progress = _Progress(runtime, steps, len(jobs))
         try:
-            for index, (offset, start) in enumerate(starts):
-                progress.video = index
-                noise = make_noise((seed + offset) % 2**64, frames, height, width)
-                outputs.append(run_denoise(experts, embeds.positive, embeds.negative, noise, settings, latent=start,
-                                           denoise_strength=denoise, on_step=progress.on_step,
-                                           should_cancel=runtime.interrupted).cpu())
+            if parallel is None:
+                outputs, reports = sample_here(model, embeds, jobs, settings, denoise, progress)
+            else:
+                outputs, reports = sample_on_group(parallel, model, embeds, jobs, settings, denoise, progress,
+                                                   unique_id)
         except Cancelled:
             runtime.raise_if_interrupted()  # inside ComfyUI: its "interrupted", not an error
             raise
-        finally:  # our weights are not ComfyUI-managed: give the GPU back between prompts
-            experts.offload_all()
-        return ({"samples": denormalize_latent(torch.stack(outputs))},)
+        return {"ui": {"lora_report": [lora_line(expert, r) for expert, r in reports]},
+                "result": ({"samples": denormalize_latent(torch.stack(outputs))},)}
+
+
+def sample_here(model: MoEModel, embeds, jobs: list, settings: SamplerSettings, denoise: float,
+                progress: _Progress) -> tuple[list[torch.Tensor], tuple]:
+    """Each (noise, start latent) job in this process; the final latents (normalised, CPU) and LoRA reports."""
+    runtime = comfy_adapter.runtime
+    device = runtime.compute_device()
+    runtime.free_memory()
+    release_gpu_group(device)
+    experts, reports = model.experts(device)
+    outputs = []
+    try:
+        for index, (noise, start) in enumerate(jobs):
+            progress.video = index
+            outputs.append(run_denoise(experts, embeds.positive, embeds.negative, noise, settings, latent=start,
+                                       denoise_strength=denoise, on_step=progress.on_step,
+                                       should_cancel=runtime.interrupted).cpu())
+    finally:  # our weights are not ComfyUI-managed: give the GPU back between prompts
+        experts.offload_all()
+    return outputs, reports
+
+
+def lora_line(expert: str, report) -> str:
+    """One LoraReport as a short line for the sampler node (the full report is in the log)."""
+    line = f"{expert}: {Path(report.path).name} x{report.strength:g}, {report.parameters} parameters patched"
+    return line + (f", {len(report.unmatched)} tensors unmatched (see the log)" if report.unmatched else "")

@@ -1,20 +1,24 @@
 """Run the pack inside a real ComfyUI checkout, end to end, and leave nothing behind.
 
-    python scripts/comfyui_smoke.py --comfyui PATH [--python PY] [--screenshot OUT.jpg]
+    python scripts/comfyui_smoke.py --comfyui PATH [--python PY] [--screenshot DIR]
 
 Run it with a Python that can run ComfyUI (its requirements + ours installed); `--python` picks
 another one for the server. Steps: a temporary base folder (so the checkout's own custom_nodes,
 models, user settings and output are untouched) with this repository linked in as
-custom_nodes/wan22-moe; tiny checkpoints under the Comfy-Org file names in a temporary models
-folder given by --extra-model-paths-config; `main.py --cpu --listen 127.0.0.1 --port <free>`;
-check /object_info lists our nodes; POST the API example workflow with tiny sizes as a websocket
-client (one progress message and a live preview per step); check the mp4 that /history names;
-interrupt a long run through POST /interrupt (it must stop within a step); shut the server down.
+custom_nodes/wan22-moe; tiny checkpoints under the Comfy-Org file names and tiny LoRAs under the
+lightx2v 4-step names in a temporary models folder given by --extra-model-paths-config;
+`main.py --cpu --listen 127.0.0.1 --port <free>`; check /object_info lists our nodes; POST each
+API example workflow with tiny sizes as a websocket client (one progress message and a live
+preview per step; the multi-GPU one with gpus = cpu:2, whose worker ranks report their status
+over the websocket; the 4-step one reports what its LoRAs patched); check the mp4s that /history
+names; interrupt long runs through POST /interrupt, in this process and on the worker group (both
+must stop within a step); shut the server down and check its worker processes are gone too.
 
---screenshot also opens ComfyUI's own frontend in headless Chromium (Debian's `chromium`, driven
-over the DevTools protocol), loads the UI example workflow with `app.loadGraphData`, checks
-that the frontend turns it into exactly our API twin (so the expert-split label is display-only),
-closes any dialog and saves a JPEG (the template thumbnail and the README's graph picture).
+--screenshot DIR also opens ComfyUI's own frontend in headless Chromium (Debian's `chromium`,
+driven over the DevTools protocol), loads each UI example workflow with `app.loadGraphData`,
+checks that the frontend turns it into exactly its API twin (so the sampler's read-only lines
+are display-only), closes any dialog and saves DIR/<workflow>.jpg (the template thumbnails; the
+README's graph picture is wan22_t2v_a14b.jpg).
 """
 from __future__ import annotations
 
@@ -37,11 +41,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACK_NAME = "wan22-moe"
-API_WORKFLOW = REPO / "example_workflows" / "api" / "wan22_t2v_a14b.json"
-UI_WORKFLOW = REPO / "example_workflows" / "wan22_t2v_a14b.json"
-NODES = ("Wan22TextEncoderLoader", "Wan22TextEncode", "Wan22MoEModelLoader", "Wan22VAELoader",
-         "Wan22MoESampler", "Wan22VAEDecode", "Wan22SaveVideo")
-TINY_SETTINGS = {"width": 32, "height": 32, "frames": 5, "steps": 3}
+WORKFLOWS = REPO / "example_workflows"
+BASE, MULTIGPU, FOUR_STEP = "wan22_t2v_a14b", "wan22_t2v_a14b_multigpu", "wan22_t2v_a14b_4step_lora"
+NODES = ("Wan22TextEncoderLoader", "Wan22TextEncode", "Wan22MoEModelLoader", "Wan22LoRA", "Wan22VAELoader",
+         "Wan22MultiGPUConfig", "Wan22MoESampler", "Wan22VAEDecode", "Wan22SaveVideo")
+TINY_SIZE = {"width": 32, "height": 32, "frames": 5}
+TINY_STEPS = 4  # at most: a few steps show progress, previews and the expert switch
+LORAS = ("wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
+         "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors")
+WORKER_STATUS_EVENT = "wan22moe.worker_status"
+WORKER_MARK = "wan22_core.parallel.worker"  # in every worker rank's command line
+# The sampler's read-only lines right after loading each UI workflow in the frontend.
+EXPECTED_LINES = {
+    BASE: {"expert_split": "high-noise steps 1-26 | low-noise 27-40", "worker_status": ""},
+    MULTIGPU: {"expert_split": "high-noise steps 1-26 | low-noise 27-40",
+               "worker_status": "workers: start on the first run"},
+    FOUR_STEP: {"expert_split": "high-noise steps 1-2 | low-noise 3-4", "worker_status": ""},
+}
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--disable-quic", "--hide-scrollbars"]
 VIEWPORT = (1600, 1000)
@@ -101,17 +117,26 @@ def stop(process: subprocess.Popen | None, name: str) -> None:
 
 
 def prepare(work: Path) -> tuple[Path, Path]:
-    """base folder with custom_nodes/wan22-moe -> this repo; tiny models; extra_model_paths yaml."""
+    """base folder with custom_nodes/wan22-moe -> this repo; tiny models and LoRAs; extra_model_paths yaml."""
     sys.path.insert(0, str(REPO))
+    import torch
+    from wan22_core.config import TINY
+    from wan22_core.lora import write_tiny_lora
+    from wan22_core.models.transformer import WanModel
     from wan22_core.tiny import make_tiny
 
     base = work / "base"
     (base / "custom_nodes").mkdir(parents=True)
     (base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
     models = make_tiny(work / "models", "comfy")
+    (models / "loras").mkdir()
+    with torch.device("meta"):
+        dit = WanModel(TINY.dit)
+    for seed, name in enumerate(LORAS):
+        write_tiny_lora(models / "loras" / name, dit, "lightx2v", seed=seed)
     config = work / "extra_model_paths.yaml"
     config.write_text(f"wan22_smoke:\n    base_path: {models}\n    diffusion_models: diffusion_models\n"
-                      f"    text_encoders: text_encoders\n    vae: vae\n")
+                      f"    text_encoders: text_encoders\n    vae: vae\n    loras: loras\n")
     log(f"tiny models: {sorted(str(p.relative_to(models)) for p in models.rglob('*.safetensors'))}")
     return base, config
 
@@ -145,11 +170,14 @@ def check_object_info(url: str) -> None:
     log(f"/extensions serves {ours}")
 
 
-def tiny_prompt(steps: int) -> dict:
-    prompt = json.loads(API_WORKFLOW.read_text())
+def tiny_prompt(name: str, steps: int | None = None) -> dict:
+    """An API example at tiny sizes and steps with gpus = cpu:2 for the multi-GPU config."""
+    prompt = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
     for node in prompt.values():
         if node["class_type"] == "Wan22MoESampler":
-            node["inputs"].update(TINY_SETTINGS, steps=steps)
+            node["inputs"].update(TINY_SIZE, steps=steps or min(node["inputs"]["steps"], TINY_STEPS))
+        if node["class_type"] == "Wan22MultiGPUConfig":
+            node["inputs"]["gpus"] = "cpu:2"
     return prompt
 
 
@@ -157,12 +185,13 @@ async def watch_prompt(url: str, prompt: dict, interrupt_at_step: int | None = N
     """Queue `prompt` as a websocket client and collect what ComfyUI reports until it ends.
 
     Returns {"prompt_id", "end" (the final event), "progress" (sampler step values), "previews"
-    (binary preview frames), "after_interrupt" (progress messages after POST /interrupt)}.
+    (binary preview frames), "after_interrupt" (progress messages after POST /interrupt),
+    "statuses" (the worker group's status events), "executed" ({node: its ui output})}.
     """
     import aiohttp  # ComfyUI's own requirement
 
     client_id = str(uuid.uuid4())
-    seen = {"progress": [], "previews": 0, "after_interrupt": None}
+    seen = {"progress": [], "previews": 0, "after_interrupt": None, "statuses": [], "executed": {}}
     sampler = next(k for k, v in prompt.items() if v["class_type"] == "Wan22MoESampler")
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(f"{url.replace('http', 'ws')}/ws?clientId={client_id}", max_msg_size=0) as ws:
@@ -181,7 +210,11 @@ async def watch_prompt(url: str, prompt: dict, interrupt_at_step: int | None = N
                 event, data = json.loads(message.data)["type"], json.loads(message.data)["data"]
                 if data.get("prompt_id") not in (None, prompt_id):
                     continue
-                if event == "progress" and data.get("node") == sampler:
+                if event == WORKER_STATUS_EVENT:
+                    seen["statuses"].append(data)
+                elif event == "executed":
+                    seen["executed"][data["node"]] = data["output"]
+                elif event == "progress" and data.get("node") == sampler:
                     seen["progress"].append(data["value"])
                     if seen["after_interrupt"] is not None:
                         seen["after_interrupt"] += 1
@@ -192,39 +225,97 @@ async def watch_prompt(url: str, prompt: dict, interrupt_at_step: int | None = N
                     return {"prompt_id": prompt_id, "end": event, "data": data, **seen}
 
 
-async def run_workflow(url: str, output_dir: Path) -> Path:
-    """The API example with tiny sizes: progress per step, previews, an mp4 in history."""
-    run = await watch_prompt(url, tiny_prompt(TINY_SETTINGS["steps"]))
+def sampler_of(prompt: dict) -> tuple[str, dict]:
+    return next((k, v["inputs"]) for k, v in prompt.items() if v["class_type"] == "Wan22MoESampler")
+
+
+async def run_workflow(url: str, output_dir: Path, name: str) -> dict:
+    """An API example with tiny sizes: progress per step, previews, an mp4 in history."""
+    prompt = tiny_prompt(name)
+    steps = sampler_of(prompt)[1]["steps"]
+    run = await watch_prompt(url, prompt)
     if run["end"] != "execution_success":
-        raise RuntimeError(f"the prompt ended with {run['end']}: {json.dumps(run['data'])[-3000:]}")
-    if run["progress"] != list(range(1, TINY_SETTINGS["steps"] + 1)) or run["previews"] < 1:
-        raise RuntimeError(f"sampler progress {run['progress']} with {run['previews']} previews; expected one "
+        raise RuntimeError(f"{name} ended with {run['end']}: {json.dumps(run['data'])[-3000:]}")
+    if run["progress"] != list(range(1, steps + 1)) or run["previews"] < 1:
+        raise RuntimeError(f"{name}: sampler progress {run['progress']} with {run['previews']} previews; expected one "
                            "progress message and one preview per step")
-    entry = http_json(f"{url}/history/{run['prompt_id']}")[run["prompt_id"]]
+    # ComfyUI files the history entry just after it reports execution_success
+    entry = wait_for("the prompt in /history", lambda: http_json(f"{url}/history/{run['prompt_id']}").get(
+        run["prompt_id"]), 30)
     (video,) = [image for output in entry["outputs"].values() for image in output.get("images", [])]
     path = output_dir / video["subfolder"] / video["filename"]
     from wan22_core.video import read_mp4_info
 
     info = read_mp4_info(path)
-    expected = dict(frames=TINY_SETTINGS["frames"], width=TINY_SETTINGS["width"], height=TINY_SETTINGS["height"])
-    if {k: info[k] for k in expected} != expected:
-        raise RuntimeError(f"{path} is {info}, expected {expected}")
+    if {k: info[k] for k in TINY_SIZE} != TINY_SIZE:
+        raise RuntimeError(f"{path} is {info}, expected {TINY_SIZE}")
     with urllib.request.urlopen(f"{url}/view?filename={video['filename']}&subfolder={video['subfolder']}"
                                 f"&type=output", timeout=10) as response:
         served = len(response.read())
-    log(f"prompt ran: progress {run['progress']}, {run['previews']} previews; history has {path.name} {info}; "
+    log(f"{name}: progress {run['progress']}, {run['previews']} previews; history has {path.name} {info}; "
         f"/view serves {served} bytes")
-    return path
+    return run
 
 
-async def interrupt_workflow(url: str) -> None:
+async def run_multigpu_workflow(url: str, output_dir: Path) -> None:
+    """The multi-GPU example on 2 CPU ranks: each rank reports loading/ready/steps to the sampler."""
+    run = await run_workflow(url, output_dir, MULTIGPU)
+    sampler, inputs = sampler_of(tiny_prompt(MULTIGPU))
+    statuses = [(s["rank"], s["status"]) for s in run["statuses"] if s["node"] == sampler and s["ranks"] == 2]
+    steps = inputs["steps"]
+    wanted = {(0, "ready"), (1, "ready"), (0, f"step {steps}/{steps}")}
+    if not wanted <= set(statuses):
+        raise RuntimeError(f"worker status events {statuses} lack {sorted(wanted - set(statuses))}")
+    log(f"{MULTIGPU}: {len(statuses)} worker status events, e.g. {statuses[:3]} ... {statuses[-2:]}")
+
+
+async def run_lora_workflow(url: str, output_dir: Path) -> None:
+    """The 4-step example with tiny LoRAs under the lightx2v names: the sampler reports both."""
+    run = await run_workflow(url, output_dir, FOUR_STEP)
+    sampler, _ = sampler_of(tiny_prompt(FOUR_STEP))
+    lines = run["executed"].get(sampler, {}).get("lora_report", [])
+    if len(lines) != 2 or not all(name in line for name, line in zip(LORAS, lines)):
+        raise RuntimeError(f"{FOUR_STEP}: the sampler reported LoRAs {lines}, expected one line for each of {LORAS}")
+    log(f"{FOUR_STEP}: LoRA report {lines}")
+
+
+async def interrupt_workflow(url: str, name: str) -> None:
     """A long tiny run, interrupted through ComfyUI at step 3, must stop within a step."""
     steps = 500
-    run = await watch_prompt(url, tiny_prompt(steps), interrupt_at_step=3)
+    run = await watch_prompt(url, tiny_prompt(name, steps), interrupt_at_step=3)
     if run["end"] != "execution_interrupted" or run["after_interrupt"] > 1:
-        raise RuntimeError(f"interrupt: ended with {run['end']} after progress {run['progress'][-5:]} "
+        raise RuntimeError(f"{name} interrupt: ended with {run['end']} after progress {run['progress'][-5:]} "
                            f"({run['after_interrupt']} steps after POST /interrupt)")
-    log(f"POST /interrupt at step 3 of {steps}: execution_interrupted, last step {run['progress'][-1]}")
+    log(f"{name}: POST /interrupt at step 3 of {steps}: execution_interrupted, last step {run['progress'][-1]}")
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    """The server's worker-rank processes (children whose command line runs our worker)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if parent == server_pid and WORKER_MARK in command:
+            pids.append(int(stat.parent.name))
+    return sorted(pids)
+
+
+def check_workers_gone(pids: list[int], timeout: float = 15.0) -> None:
+    """After the server stopped, its worker ranks must exit on their own (they watch their parent)."""
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in pids if Path(f"/proc/{p}").exists()
+                 and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    if alive:
+        for pid in alive:  # do not leave them behind, then fail
+            os.kill(pid, signal.SIGKILL)
+        raise RuntimeError(f"worker processes {alive} outlived the ComfyUI server")
+    log(f"the server's worker ranks {pids} exited with it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,12 +347,15 @@ class DevTools:
 
 PAGE_SCRIPT = """(async () => {
   const workflow = %s;
-  await app.loadGraphData(workflow, true, true, 'wan22_t2v_a14b');
+  await app.loadGraphData(workflow, true, true, %s);
   await new Promise((resolve) => setTimeout(resolve, 1500));
   const dialogs = document.querySelectorAll('.p-dialog').length;
   for (const close of document.querySelectorAll('.p-dialog-close-button, .p-dialog-header-close')) close.click();
   const sampler = app.graph.nodes.find((n) => n.type === 'Wan22MoESampler');
-  const label = sampler.widgets.find((w) => w.name === 'expert_split');
+  app.graph.setDirtyCanvas(true, true);
+  await new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)));  // lines drawn
+  const lines = Object.fromEntries(['expert_split', 'worker_status', 'lora_report']
+    .map((name) => [name, sampler.widgets.find((w) => w.name === name)?.value]));
   const { output } = await app.graphToPrompt();
   // Zoom the whole graph into the free canvas area (between the side bar, the menu and the
   // bottom toolbar), then report that area as the picture's clip.
@@ -282,12 +376,13 @@ PAGE_SCRIPT = """(async () => {
   const pad = 16;
   const clip = { x: free.left - pad, y: free.top - pad, width: (x1 - x0) * scale + 2 * pad,
                  height: (y1 - y0) * scale + 2 * pad, scale: 1 };
-  return JSON.stringify({ dialogs, output, clip, widgets_values: app.graph.serialize().nodes
-    .find((n) => n.type === 'Wan22MoESampler').widgets_values, label: label && label.value });
+  return JSON.stringify({ dialogs, output, clip, lines, widgets_values: app.graph.serialize().nodes
+    .find((n) => n.type === 'Wan22MoESampler').widgets_values });
 })()"""
 
 
-async def screenshot(url: str, out: Path, work: Path) -> None:
+async def screenshot(url: str, out_dir: Path, work: Path) -> None:
+    """Each UI example in ComfyUI's frontend: checked against its API twin, saved as out_dir/<name>.jpg."""
     import aiohttp  # ComfyUI's own requirement
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -317,30 +412,35 @@ async def screenshot(url: str, out: Path, work: Path) -> None:
                     raise TimeoutError("ComfyUI's frontend did not start in the browser")
                 await tools.evaluate("new Promise((resolve) => setTimeout(resolve, 2000))")
                 await tools.evaluate("document.querySelectorAll('.p-dialog-close-button').forEach((b) => b.click())")
-                result = json.loads(await tools.evaluate(PAGE_SCRIPT % UI_WORKFLOW.read_text()))
-                check_frontend_result(result)
-                await asyncio.sleep(1.0)
-                shot = await tools.call("Page.captureScreenshot", format="jpeg", quality=88, clip=result["clip"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(base64.b64decode(shot["data"]))
-        log(f"screenshot {out} ({out.stat().st_size} bytes); dialogs closed: {result['dialogs']}")
+                out_dir.mkdir(parents=True, exist_ok=True)
+                for name in (BASE, MULTIGPU, FOUR_STEP):
+                    ui_text = (WORKFLOWS / f"{name}.json").read_text()
+                    result = json.loads(await tools.evaluate(PAGE_SCRIPT % (ui_text, json.dumps(name))))
+                    check_frontend_result(name, result)
+                    await asyncio.sleep(1.0)
+                    shot = await tools.call("Page.captureScreenshot", format="jpeg", quality=88, clip=result["clip"])
+                    out = out_dir / f"{name}.jpg"
+                    out.write_bytes(base64.b64decode(shot["data"]))
+                    log(f"screenshot {out} ({out.stat().st_size} bytes); dialogs closed: {result['dialogs']}")
     finally:
         stop(browser, "chromium")
 
 
-def check_frontend_result(result: dict) -> None:
-    """The frontend's own graphToPrompt must give our API twin; the label is on the node, not in it."""
-    twin = json.loads(API_WORKFLOW.read_text())
+def check_frontend_result(name: str, result: dict) -> None:
+    """The frontend's own graphToPrompt must give our API twin; the read-only lines are on the node, not in it."""
+    twin = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
     if result["output"] != twin:
-        raise RuntimeError("the frontend converts the UI workflow to\n"
+        raise RuntimeError(f"the frontend converts {name} to\n"
                            f"{json.dumps(result['output'], ensure_ascii=False)}\nwhich is not the API twin")
-    ui = json.loads(UI_WORKFLOW.read_text())
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     saved = next(n for n in ui["nodes"] if n["type"] == "Wan22MoESampler")["widgets_values"]
     if result["widgets_values"] != saved:
-        raise RuntimeError(f"the frontend saves the sampler as {result['widgets_values']}, the file has {saved}")
-    if result["label"] != "high-noise steps 1-26 | low-noise 27-40":
-        raise RuntimeError(f"expert-split label is {result['label']!r}")
-    log(f"frontend: graphToPrompt == API twin; sampler label {result['label']!r}")
+        raise RuntimeError(f"{name}: the frontend saves the sampler as {result['widgets_values']}, "
+                           f"the file has {saved}")
+    expected = {**EXPECTED_LINES[name], "lora_report": ""}
+    if result["lines"] != expected:
+        raise RuntimeError(f"{name}: the sampler's lines are {result['lines']}, expected {expected}")
+    log(f"frontend: {name} graphToPrompt == API twin; sampler lines {result['lines']}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--comfyui", type=Path, required=True, help="a ComfyUI checkout (the folder with main.py)")
     parser.add_argument("--python", default=sys.executable, help="the Python that runs ComfyUI (default: this one)")
-    parser.add_argument("--screenshot", type=Path, help="also save a JPEG of the UI workflow in the frontend")
+    parser.add_argument("--screenshot", type=Path, metavar="DIR",
+                        help="also save DIR/<workflow>.jpg of each UI example workflow in the frontend")
     parser.add_argument("--timeout", type=float, default=300, help="seconds for start-up and for the prompt")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, outputs)")
     args = parser.parse_args(argv)
@@ -367,10 +468,19 @@ def main(argv: list[str] | None = None) -> int:
         wait_for("ComfyUI to answer /object_info", lambda: http_json(f"{url}/object_info", timeout=30),
                  args.timeout, server, every=1.0)
         check_object_info(url)
-        asyncio.run(asyncio.wait_for(run_workflow(url, base / "output"), args.timeout))
-        asyncio.run(asyncio.wait_for(interrupt_workflow(url), args.timeout))
+        output = base / "output"
+        asyncio.run(asyncio.wait_for(run_workflow(url, output, BASE), args.timeout))
+        asyncio.run(asyncio.wait_for(interrupt_workflow(url, BASE), args.timeout))
+        asyncio.run(asyncio.wait_for(run_lora_workflow(url, output), args.timeout))
+        asyncio.run(asyncio.wait_for(run_multigpu_workflow(url, output), args.timeout))
+        asyncio.run(asyncio.wait_for(interrupt_workflow(url, MULTIGPU), args.timeout))
+        workers = worker_pids(server.pid)
+        if len(workers) != 2:
+            raise RuntimeError(f"expected the 2 worker ranks to stay up between prompts, found {workers}")
         if args.screenshot is not None:
             asyncio.run(screenshot(url, args.screenshot.resolve(), work))
+        stop(server, "ComfyUI")
+        check_workers_gone(workers)
         log("OK")
         return 0
     except Exception as err:  # one report: what failed, then the server's last words

@@ -1,17 +1,26 @@
 """The ComfyUI node pack without ComfyUI: import by path, node contracts, example workflows run
-end to end on tiny checkpoints, progress/interrupt through a fake adapter, LATENT convention."""
+end to end on tiny checkpoints, progress/interrupt through a fake adapter, LATENT convention,
+the multi-GPU path through the worker group on CPU ranks (cpu:2), LoRAs, and the loader's
+attention / block swap / compile options."""
+import builtins
 import importlib.util
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import types
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
+from wan22_core.config import TINY
+from wan22_core.lora import write_tiny_lora
+from wan22_core.models.transformer import WanModel
 from wan22_core.tiny import make_tiny
 from wan22_core.video import read_mp4_info
 
@@ -21,17 +30,27 @@ API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.json"))
 UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
 HIGH, LOW = "wan2.2_t2v_high_noise_14B_fp16.safetensors", "wan2.2_t2v_low_noise_14B_fp16.safetensors"
 TEXT_ENCODER, VAE = "umt5_xxl_fp16.safetensors", "wan_2.1_vae.safetensors"
+# ComfyUI's own Wan2.2 T2V template names for the lightx2v 4-step LoRAs.
+LORA_HIGH = "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors"
+LORA_LOW = "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors"
+STYLE_LORA = "style_lora.safetensors"
 # Tiny sizes for the tiny models: 32x32 px = 2x2 tokens, 5 frames = 2 latent frames.
-TINY_SETTINGS = {"width": 32, "height": 32, "frames": 5, "steps": 3}
+TINY_SIZE = {"width": 32, "height": 32, "frames": 5}
+TINY_SETTINGS = {**TINY_SIZE, "steps": 3}
+CPU2 = ("cpu:2", 0, True, False)  # Wan22MultiGPUConfig inputs: 2 CPU ranks, 2-way Ulysses, FSDP
+TOL = 1e-5  # relative L2, fp32: the worker group and LoRA modes against the in-process sampler
 
 # The issue's node table: class -> (required inputs, optional inputs), in INPUT_TYPES order.
 CONTRACT = {
     "Wan22TextEncoderLoader": (["text_encoder", "device", "dtype"], []),
     "Wan22TextEncode": (["text_encoder", "positive", "negative"], []),
-    "Wan22MoEModelLoader": (["high_noise_model", "low_noise_model", "weight_dtype", "attention", "offload"], []),
+    "Wan22MoEModelLoader": (["high_noise_model", "low_noise_model", "weight_dtype", "attention", "offload"],
+                            ["swap_blocks", "compile"]),
+    "Wan22LoRA": (["model", "lora_high", "lora_low", "strength_high", "strength_low", "lora_mode"], []),
     "Wan22VAELoader": (["vae_name"], []),
+    "Wan22MultiGPUConfig": (["gpus", "ulysses_degree", "fsdp", "cfg_parallel"], []),
     "Wan22MoESampler": (["model", "embeds", "width", "height", "frames", "steps", "cfg_high", "cfg_low", "boundary",
-                         "shift", "solver", "seed"], ["latent", "denoise"]),
+                         "shift", "solver", "seed"], ["latent", "denoise", "parallel"]),
     "Wan22VAEDecode": (["vae", "samples", "tiled"], []),
     "Wan22SaveVideo": (["images", "fps", "filename_prefix"], []),
 }
@@ -68,8 +87,10 @@ def import_pack():
 PACK = import_pack()
 ADAPTER = sys.modules[PACK.__name__ + ".nodes.comfy_adapter"]
 CACHE = sys.modules[PACK.__name__ + ".nodes.model_cache"].CACHE
+LOADERS = sys.modules[PACK.__name__ + ".nodes.loaders"]
 ENGINE = PACK.__name__ + ".wan22_core"  # the pack's own copy of the engine (relative imports)
 MAPPINGS = PACK.NODE_CLASS_MAPPINGS
+CPU = torch.device("cpu")
 
 
 def engine(module: str):
@@ -77,10 +98,35 @@ def engine(module: str):
     return sys.modules[f"{ENGINE}.{module}"]
 
 
+def rel_l2(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def write_tiny_loras(models: Path) -> dict[str, object]:
+    """Tiny LoRAs in models/loras under the lightx2v names (lightx2v layout: low-rank + full deltas)
+    and a ComfyUI-layout style LoRA; {file name: what was written}."""
+    (models / "loras").mkdir(exist_ok=True)
+    with torch.device("meta"):
+        model = WanModel(TINY.dit)
+    return {name: write_tiny_lora(models / "loras" / name, model, fmt, seed=seed)
+            for name, fmt, seed in ((LORA_HIGH, "lightx2v", 1), (LORA_LOW, "lightx2v", 2), (STYLE_LORA, "comfy", 3))}
+
+
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
-    """Tiny checkpoints in ComfyUI's model-folder layout, under the Comfy-Org file names."""
-    return make_tiny(tmp_path_factory.mktemp("comfy") / "models", "comfy")
+    """Tiny checkpoints in ComfyUI's model-folder layout, under the Comfy-Org file names, and tiny LoRAs."""
+    models = make_tiny(tmp_path_factory.mktemp("comfy") / "models", "comfy")
+    write_tiny_loras(models)
+    return models
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_worker_group_left():
+    """The multi-GPU tests share one cpu:2 group (it persists across prompts); stop it at the end."""
+    yield
+    group = engine("parallel").WorkerGroup._current
+    if group is not None:
+        group.shutdown()
 
 
 @pytest.fixture
@@ -100,7 +146,7 @@ class FakeComfyRuntime(ADAPTER.StandaloneRuntime):
     def __init__(self, models_dir, output_dir, interrupt_after=None):
         super().__init__(models_dir, output_dir)
         self.interrupt_after = interrupt_after
-        self.updates, self.totals, self.freed = [], [], 0
+        self.updates, self.totals, self.freed, self.statuses = [], [], 0, []
 
     def progress_bar(self, total):
         self.totals.append(total)
@@ -122,6 +168,9 @@ class FakeComfyRuntime(ADAPTER.StandaloneRuntime):
         if self.interrupted():
             raise FakeInterrupt()
 
+    def send_status(self, node_id, rank, ranks, status):
+        self.statuses.append((node_id, rank, ranks, status))
+
 
 # ---------------------------------------------------------------------------------------------
 # A small prompt executor: ComfyUI's validation of widget values, then outputs in dependency order
@@ -141,7 +190,7 @@ def validate_value(node_id, name, spec, value):
 
 
 def run_prompt(prompt: dict) -> dict:
-    """Run an API-format prompt; returns {node_id: ui dict} of the output nodes."""
+    """Run an API-format prompt; returns {node_id: ui dict} of the nodes that ran."""
     results, ui = {}, {}
 
     def evaluate(node_id):
@@ -174,11 +223,18 @@ def run_prompt(prompt: dict) -> dict:
 
 
 def tiny_prompt(path: Path) -> dict:
+    """An example workflow at tiny sizes (at most 4 steps) with CPU ranks for the multi-GPU config."""
     prompt = json.loads(path.read_text())
     for node in prompt.values():
         if node["class_type"] == "Wan22MoESampler":
-            node["inputs"].update(TINY_SETTINGS)
+            node["inputs"].update(TINY_SIZE, steps=min(node["inputs"]["steps"], 4))
+        if node["class_type"] == "Wan22MultiGPUConfig":
+            node["inputs"]["gpus"] = "cpu:2"
     return prompt
+
+
+def nodes_of(prompt: dict, class_type: str) -> list[str]:
+    return [node_id for node_id, node in prompt.items() if node["class_type"] == class_type]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +250,7 @@ def test_pack_imports_by_path_fast_and_without_heavy_modules():
     assert info["heavy"] == []  # no transformers at import, and ComfyUI is optional
     assert info["seconds"] < 20, info  # torch's own import dominates; no model is built
     web = ROOT / info["web"]
-    assert (web / "wan22_moe.js").is_file() and (web / "expert_split.js").is_file()
+    assert all((web / name).is_file() for name in ("wan22_moe.js", "expert_split.js", "worker_status.js"))
     assert not list(web.rglob("*.test.*")), "ComfyUI loads every .js under WEB_DIRECTORY as an extension"
 
 
@@ -312,32 +368,80 @@ def test_ui_workflow_converts_to_its_api_twin(ui_path, runtime):
     assert ui_to_api(json.loads(ui_path.read_text())) == json.loads(twin.read_text())
 
 
+def ui_nodes(name: str) -> dict:
+    """{type: node} of a UI example workflow (one node per type in ours)."""
+    return {n["type"]: n for n in json.loads((WORKFLOWS / name).read_text())["nodes"]}
+
+
+def model_files(nodes: dict) -> dict:
+    return {m["name"]: m for n in nodes.values() for m in n.get("properties", {}).get("models", [])}
+
+
 def test_ui_workflow_is_wired_with_official_defaults_and_comfy_org_files():
     from wan22_core.config import DEFAULT_NEGATIVE_PROMPT
 
-    workflow = json.loads((WORKFLOWS / "wan22_t2v_a14b.json").read_text())
-    by_type = {n["type"]: n for n in workflow["nodes"]}
+    by_type = ui_nodes("wan22_t2v_a14b.json")
     assert by_type["Wan22MoESampler"]["widgets_values"][:9] == [1280, 720, 81, 40, 4.0, 3.0, 0.875, 12.0, "unipc"]
+    assert by_type["Wan22MoEModelLoader"]["widgets_values"] == [HIGH, LOW, "auto", "auto", "auto", 20, False]
     assert by_type["Wan22TextEncode"]["widgets_values"][1] == DEFAULT_NEGATIVE_PROMPT
-    files = {m["name"]: m for n in workflow["nodes"] for m in n.get("properties", {}).get("models", [])}
+    files = model_files(by_type)
     assert set(files) == {HIGH, LOW, TEXT_ENCODER, VAE}
     assert all(m["url"].startswith("https://huggingface.co/Comfy-Org/") and m["url"].endswith(m["name"])
                for m in files.values())
     note = by_type["MarkdownNote"]["widgets_values"][0]
     for name, folder in ((HIGH, "diffusion_models"), (TEXT_ENCODER, "text_encoders"), (VAE, "vae")):
         assert name in note and f"models/{folder}/" in note
-    thumbnail = WORKFLOWS / "wan22_t2v_a14b.jpg"
+
+
+@pytest.mark.parametrize("ui_path", UI_WORKFLOWS, ids=lambda p: p.name)
+def test_every_ui_workflow_has_its_thumbnail(ui_path):
+    thumbnail = ui_path.with_suffix(".jpg")
     assert thumbnail.is_file() and thumbnail.read_bytes()[:3] == b"\xff\xd8\xff", "the template needs its thumbnail"
+
+
+def test_multigpu_workflow_connects_the_config_to_the_sampler():
+    workflow = json.loads((WORKFLOWS / "wan22_t2v_a14b_multigpu.json").read_text())
+    by_type = {n["type"]: n for n in workflow["nodes"]}
+    config, sampler = by_type["Wan22MultiGPUConfig"], by_type["Wan22MoESampler"]
+    assert config["widgets_values"] == ["all", 0, True, False]
+    (link,) = [link for link in workflow["links"] if link[1] == config["id"]]
+    slot = [i["name"] for i in sampler["inputs"]].index("parallel")
+    assert link[3:] == [sampler["id"], slot, "WAN22_PARALLEL"]
+    assert sampler["widgets_values"][:9] == [1280, 720, 81, 40, 4.0, 3.0, 0.875, 12.0, "unipc"]
+    assert "cpu:2" in by_type["MarkdownNote"]["widgets_values"][0]
+
+
+def test_4step_workflow_uses_the_lightx2v_loras_and_the_distilled_settings():
+    from wan22_core.sampling.moe import HIGH as HIGH_EXPERT, select_expert
+    from wan22_core.sampling.schedule import partial_schedule
+
+    by_type = ui_nodes("wan22_t2v_a14b_4step_lora.json")
+    lora, sampler = by_type["Wan22LoRA"], by_type["Wan22MoESampler"]
+    assert lora["widgets_values"] == [LORA_HIGH, LORA_LOW, 1.0, 1.0, "merge"]
+    steps, cfg_high, cfg_low, boundary, shift, solver = sampler["widgets_values"][3:9]
+    assert (steps, cfg_high, cfg_low, shift, solver) == (4, 1.0, 1.0, 5.0, "euler")
+    timesteps = partial_schedule(steps, shift, solver, 1.0).timesteps.tolist()
+    assert [select_expert(t, boundary) == HIGH_EXPERT for t in timesteps] == [True, True, False, False]
+    files = model_files(by_type)
+    for name in (LORA_HIGH, LORA_LOW):  # where ComfyUI's own template downloads them from
+        assert files[name]["directory"] == "loras" and files[name]["url"] == (
+            f"https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/loras/{name}")
+        assert name in by_type["MarkdownNote"]["widgets_values"][0]
 
 
 @pytest.mark.parametrize("api_path", API_WORKFLOWS, ids=lambda p: p.name)
 def test_api_workflow_runs_end_to_end_to_an_mp4(api_path, runtime):
-    ui = run_prompt(tiny_prompt(api_path))
-    (saved,) = [u for u in ui.values() if u]
+    prompt = tiny_prompt(api_path)
+    ui = run_prompt(prompt)
+    (saved,) = [ui[node_id] for node_id in nodes_of(prompt, "Wan22SaveVideo")]
     (image,) = saved["images"]
     assert saved["animated"] == (True,) and image["type"] == "output" and image["filename"].endswith(".mp4")
     info = read_mp4_info(runtime.output_dir / image["subfolder"] / image["filename"])
     assert (info["frames"], info["width"], info["height"], info["fps"]) == (5, 32, 32, 16.0)
+    (sampler,) = nodes_of(prompt, "Wan22MoESampler")
+    loras = [prompt[n]["inputs"][f"lora_{e}"] for n in nodes_of(prompt, "Wan22LoRA") for e in ("high", "low")]
+    reported = ui[sampler]["lora_report"]  # with tiny LoRAs under the lightx2v names for the 4-step workflow
+    assert [line.split(": ")[1].split(" x")[0] for line in reported] == loras
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,9 +456,14 @@ def load_all(text="a red fox in the snow"):
     return embeds, model, vae
 
 
-def sample(model, embeds, seed=7, **overrides):
+def run_sampler(model, embeds, seed=7, **overrides) -> dict:
+    """The sampler node's whole return value: {"ui": ..., "result": (LATENT,)}."""
     settings = dict(TINY_SETTINGS, cfg_high=4.0, cfg_low=3.0, boundary=0.875, shift=12.0, solver="unipc") | overrides
-    (latent,) = MAPPINGS["Wan22MoESampler"]().sample(model, embeds, seed=seed, **settings)
+    return MAPPINGS["Wan22MoESampler"]().sample(model, embeds, seed=seed, **settings)
+
+
+def sample(model, embeds, seed=7, **overrides) -> dict:
+    (latent,) = run_sampler(model, embeds, seed, **overrides)["result"]
     return latent
 
 
@@ -428,8 +537,11 @@ def fake_comfyui(models_dir, tmp_path, monkeypatch):
     cli_args = types.SimpleNamespace(args=types.SimpleNamespace(preview_method=preview_method, preview_size=512))
     comfy = types.SimpleNamespace(model_management=model_management, cli_args=cli_args,
                                   utils=types.SimpleNamespace(ProgressBar=ProgressBar))
+    prompt_server = types.SimpleNamespace(client_id="client-1", send_sync=lambda event, data, sid=None: calls.append(
+        ("send_sync", event, data, sid)))
+    server = types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=prompt_server))
     for name, module in (("folder_paths", folder_paths), ("comfy", comfy), ("comfy.model_management", model_management),
-                         ("comfy.utils", comfy.utils), ("comfy.cli_args", comfy.cli_args)):
+                         ("comfy.utils", comfy.utils), ("comfy.cli_args", comfy.cli_args), ("server", server)):
         monkeypatch.setitem(sys.modules, name, module)
     importlib.reload(ADAPTER)
     yield calls, state
@@ -458,6 +570,10 @@ def test_inside_comfyui_the_adapter_uses_comfyui(fake_comfyui, tmp_path):
     ui = MAPPINGS["Wan22SaveVideo"]().save(torch.rand(1, 16, 16, 3), 16.0, "wan22/video")["ui"]
     assert (tmp_path / "comfy_output" / "wan22" / ui["images"][0]["filename"]).is_file()
 
+    ADAPTER.runtime.send_status("5", 1, 2, "step 2/3")  # to the client that queued the prompt
+    assert calls[-1] == ("send_sync", "wan22moe.worker_status", {"node": "5", "rank": 1, "ranks": 2,
+                                                                  "status": "step 2/3"}, "client-1")
+
 
 def test_sampler_latent_is_comfyui_raw_space_and_native_decode_matches_ours(runtime):
     """ComfyUI keeps Wan latents raw (its latent format normalises only around the model), so our
@@ -470,7 +586,7 @@ def test_sampler_latent_is_comfyui_raw_space_and_native_decode_matches_ours(runt
     assert raw.shape == (1, 16, 2, 4, 4) and raw.dtype == torch.float32
 
     settings = engine("config").SamplerSettings(steps=3)
-    z = pipeline.denoise(model.experts(torch.device("cpu")), embeds.positive, embeds.negative,
+    z = pipeline.denoise(model.experts(CPU)[0], embeds.positive, embeds.negative,
                          pipeline.make_noise(11, 5, 32, 32), settings)
     torch.testing.assert_close(raw[0], vae_mod.denormalize_latent(z[None])[0], rtol=0, atol=1e-5)
     assert not torch.allclose(raw[0], z, atol=1e-2)  # really raw space, not the engine's
@@ -519,7 +635,7 @@ def test_loaders_cache_by_file_and_options(runtime, models_dir, tmp_path):
         sample(other, embeds)
         assert CACHE.loads == loads + 1  # only the changed expert
         (fp16,) = MAPPINGS["Wan22MoEModelLoader"]().load(HIGH, "other_low.safetensors", "fp16", "auto", "auto")
-        fp16.experts(torch.device("cpu"))
+        fp16.experts(CPU)
         assert CACHE.loads == loads + 3  # another dtype is another load of both
     finally:
         (models_dir / "diffusion_models" / "other_low.safetensors").unlink()
@@ -530,7 +646,7 @@ def test_fp8_weight_dtypes_store_fp8_and_pick_the_matmul(runtime):
     embeds, _, _ = load_all()
     for choice, matmul in (("fp8_e4m3fn", "dequant"), ("fp8_e4m3fn_fast", "auto")):
         (model,) = MAPPINGS["Wan22MoEModelLoader"]().load(HIGH, LOW, choice, "auto", "swap_experts")
-        layers = [m for m in model.experts(torch.device("cpu")).get("high").modules() if isinstance(m, fp8.FP8Linear)]
+        layers = [m for m in model.experts(CPU)[0].get("high").modules() if isinstance(m, fp8.FP8Linear)]
         assert layers and {(m.weight.dtype, m.compute) for m in layers} == {(torch.float8_e4m3fn, matmul)}
     assert torch.isfinite(sample(model, embeds)["samples"]).all()
 
@@ -540,7 +656,7 @@ def test_fp8_scaled_files_stay_fp8_with_auto(tmp_path, monkeypatch):
     monkeypatch.setattr(ADAPTER, "runtime", ADAPTER.StandaloneRuntime(fp8_dir, tmp_path / "out"))
     high, low = (f"wan2.2_t2v_{n}_noise_14B_fp8_scaled.safetensors" for n in ("high", "low"))
     (model,) = MAPPINGS["Wan22MoEModelLoader"]().load(high, low, "auto", "auto", "auto")
-    weights = {p.dtype for p in model.experts(torch.device("cpu")).get("low").parameters()}
+    weights = {p.dtype for p in model.experts(CPU)[0].get("low").parameters()}
     assert torch.float8_e4m3fn in weights
 
 
@@ -554,3 +670,253 @@ def test_save_video_never_overwrites_and_reports_the_file(runtime):
     assert read_mp4_info(runtime.output_dir / "wan22" / "clip_00002.mp4")["fps"] == 8.0
     with pytest.raises(ValueError, match="inside the output folder"):
         save.save(frames, 16.0, "../outside")
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-GPU: the sampler's parallel input drives the worker group (2 CPU ranks on gloo)
+
+
+def multigpu_config(gpus="cpu:2", ulysses_degree=0, fsdp=True, cfg_parallel=False):
+    (config,) = MAPPINGS["Wan22MultiGPUConfig"]().configure(gpus, ulysses_degree, fsdp, cfg_parallel)
+    return config
+
+
+def current_group():
+    return engine("parallel").WorkerGroup._current
+
+
+def children() -> set[int]:
+    """Live child processes of this test process (worker ranks are started as children)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+@pytest.fixture
+def fake(models_dir, tmp_path, monkeypatch):
+    rt = FakeComfyRuntime(models_dir, tmp_path)
+    monkeypatch.setattr(ADAPTER, "runtime", rt)
+    return rt
+
+
+def test_sampler_on_the_worker_group_equals_in_process(fake):
+    embeds, model, _ = load_all()
+    here = sample(model, embeds)["samples"]
+    fake.updates.clear()
+    there = sample(model, embeds, parallel=multigpu_config(), unique_id="5")["samples"]
+    assert rel_l2(there, here) <= TOL
+    assert [value for value, _ in fake.updates] == [1, 2, 3]  # rank 0's progress, one update per step
+    assert all(p.dtype == torch.uint8 and p.shape == (4, 4, 3) for _, p in fake.updates)  # and its previews
+    statuses = {(rank, status) for _, rank, _, status in fake.statuses}
+    assert {(0, "ready"), (1, "ready"), (0, "step 3/3")} <= statuses
+    assert {(node, ranks) for node, _, ranks, _ in fake.statuses} == {("5", 2)}
+    loads = CACHE.loads
+    sample(model, embeds)
+    assert CACHE.loads == loads + 2  # the group run released this process's copy of the experts
+
+
+def test_the_group_stays_up_across_prompts_and_interrupts(fake):
+    embeds, model, _ = load_all()
+    sample(model, embeds, parallel=multigpu_config())
+    pids = current_group().pids
+    fake.interrupt_after, fake.updates = 2, []
+    with pytest.raises(FakeInterrupt):  # ComfyUI's interrupt, agreed by both ranks at the same step
+        sample(model, embeds, steps=10, parallel=multigpu_config())
+    assert [value for value, _ in fake.updates] == [1, 2]
+    fake.interrupt_after = None
+    sample(model, embeds, seed=8, parallel=multigpu_config())
+    assert current_group().pids == pids  # the same processes served all three prompts
+
+
+def test_a_changed_config_rebuilds_the_group(fake):
+    embeds, model, _ = load_all()
+    sample(model, embeds, parallel=multigpu_config())
+    old = current_group().pids
+    sample(model, embeds, parallel=multigpu_config(fsdp=False))  # each rank holds whole experts
+    assert current_group().pids != old and not children() & set(old)
+
+
+def test_invalid_multigpu_settings_fail_before_any_process_starts(fake, monkeypatch):
+    config_node, before = MAPPINGS["Wan22MultiGPUConfig"](), children()
+    with pytest.raises(ValueError, match=r"ulysses degree 3 does not divide the 40 attention heads; "
+                                         r"valid degrees: 1, 2, 4, 5, 8, 10, 20, 40"):
+        config_node.configure("cpu:3", 3, True, False)
+    with pytest.raises(ValueError, match="cfg_parallel needs an even number of ranks"):
+        config_node.configure("cpu:3", 0, True, True)
+    with pytest.raises(ValueError, match="is not 'all', a list of GPU indices"):
+        config_node.configure("gpu0", 0, True, False)
+    embeds, model, _ = load_all()
+    eight = multigpu_config("cpu:8", 8)  # fine for A14B's 40 heads, not for the tiny model's 4
+    with pytest.raises(ValueError, match="ulysses degree 8 does not divide the 4 attention heads"):
+        sample(model, embeds, parallel=eight)
+    (fp8,) = MAPPINGS["Wan22MoEModelLoader"]().load(HIGH, LOW, "fp8_e4m3fn", "auto", "auto")
+    with pytest.raises(ValueError, match="weight_dtype 'fp8_e4m3fn' does not work with the parallel input"):
+        sample(fp8, embeds, parallel=multigpu_config())
+    assert children() == before
+
+
+def test_a_dead_rank_is_a_clear_error_and_the_status_line_says_error(fake):
+    embeds, model, _ = load_all()
+    sample(model, embeds, parallel=multigpu_config(), unique_id="5")
+    group = current_group()
+
+    def kill_rank_1(info):
+        if info.index == 0:
+            os.kill(group.pids[1], signal.SIGKILL)
+
+    fake.progress_bar = lambda total: types.SimpleNamespace(update=lambda value, preview=None: kill_rank_1(
+        types.SimpleNamespace(index=value - 1)))
+    error = engine("parallel").WorkerGroupError
+    with pytest.raises(error, match=r"rank 1 died \(killed by signal SIGKILL\).*the next run starts a fresh one"):
+        sample(model, embeds, steps=10, parallel=multigpu_config(), unique_id="5")
+    assert fake.statuses[-1] == ("5", 1, 2, "error")
+    assert current_group() is None and not children() & set(group.pids)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+def lora_node(model, high=LORA_HIGH, low=LORA_LOW, strength_high=1.0, strength_low=1.0, mode="merge"):
+    (out,) = MAPPINGS["Wan22LoRA"]().add(model, high, low, strength_high, strength_low, mode)
+    return out
+
+
+def count_base_reads(monkeypatch) -> Counter:
+    """Every open() of a base expert file, by name (headers and tensors are both read through it)."""
+    reads, real_open = Counter(), builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file).name in (HIGH, LOW):
+            reads[Path(file).name] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    return reads
+
+
+def test_changing_loras_and_strengths_reads_no_base_checkpoint(runtime, monkeypatch):
+    CACHE.clear()
+    reads = count_base_reads(monkeypatch)
+    embeds, model, _ = load_all()
+    plain = sample(model, embeds)["samples"]
+    assert reads[HIGH] and reads[LOW]  # the counter sees the first load
+    reads.clear()
+    latents = {(mode, s): sample(lora_node(model, strength_high=s, mode=mode), embeds)["samples"]
+               for mode in ("merge", "unmerged") for s in (1.0, 0.5)}
+    without = sample(model, embeds)["samples"]  # the LoRAs taken out again
+    assert reads == Counter(), "a LoRA or strength change re-read a base checkpoint"
+    assert rel_l2(latents["merge", 1.0], plain) > 1e-2 and rel_l2(latents["merge", 0.5], latents["merge", 1.0]) > 1e-3
+    for strength in (1.0, 0.5):  # merged into the weights == run beside the layers
+        assert rel_l2(latents["unmerged", strength], latents["merge", strength]) <= TOL
+    assert rel_l2(without, plain) <= TOL  # un-merging restores the base weights
+
+
+def test_the_sampler_reports_what_each_lora_patched(runtime, models_dir):
+    tiny = write_tiny_loras(models_dir)  # the same files again (same seeds), to know what they hold
+    embeds, model, _ = load_all()
+    chained = lora_node(lora_node(model), high=STYLE_LORA, low="None", strength_high=0.5)
+    lines = run_sampler(chained, embeds)["ui"]["lora_report"]
+    patched = {name: len({f"{m}.weight" for m in t.low_rank} | set(t.diffs)) for name, t in tiny.items()}
+    assert lines == [f"high-noise: {LORA_HIGH} x1, {patched[LORA_HIGH]} parameters patched",
+                     f"high-noise: {STYLE_LORA} x0.5, {patched[STYLE_LORA]} parameters patched",
+                     f"low-noise: {LORA_LOW} x1, {patched[LORA_LOW]} parameters patched"]
+    assert run_sampler(model, embeds)["ui"]["lora_report"] == []  # cleared when the LoRAs are gone
+
+
+def test_lora_chains_and_their_checks(runtime, models_dir):
+    _, model, _ = load_all()
+    assert lora_node(model, "None", "None", mode="unmerged") is model  # nothing to add
+    chained = lora_node(lora_node(model, low="None"), high="None", low=STYLE_LORA, strength_low=0.3)
+    assert [(s.path.name, s.strength) for s in chained.loras_high] == [(LORA_HIGH, 1.0)]
+    assert [(s.path.name, s.strength) for s in chained.loras_low] == [(STYLE_LORA, 0.3)]
+    with pytest.raises(ValueError, match="lora_mode 'unmerged' differs from the 'merge' of an earlier Wan22LoRA"):
+        lora_node(chained, mode="unmerged")
+    assert input_spec(MAPPINGS["Wan22LoRA"])["lora_high"][0] == ["None", *sorted([LORA_HIGH, LORA_LOW, STYLE_LORA])]
+    with pytest.raises(ValueError, match=r"loras file 'missing.safetensors' was not found; put it into "
+                                         r"ComfyUI/models/loras/"):
+        lora_node(model, high="missing.safetensors")
+
+
+def test_a_lora_that_fits_nothing_fails_clearly_and_keeps_the_cached_experts(runtime, models_dir):
+    from safetensors.torch import save_file
+
+    save_file({"double_blocks.0.img_attn.qkv.lora_down.weight": torch.zeros(4, 8),
+               "double_blocks.0.img_attn.qkv.lora_up.weight": torch.zeros(8, 4)},
+              str(models_dir / "loras" / "flux_lora.safetensors"))
+    try:
+        embeds, model, _ = load_all()
+        plain = sample(model, embeds)["samples"]
+        loads = CACHE.loads
+        with pytest.raises(engine("lora").LoraError, match="flux_lora.safetensors matches nothing .* another "
+                                                           "model family"):
+            sample(lora_node(model, high="flux_lora.safetensors", low="None"), embeds)
+        torch.testing.assert_close(sample(model, embeds)["samples"], plain, rtol=0, atol=0)
+        assert CACHE.loads == loads  # the experts were left as they were, not reloaded
+    finally:
+        (models_dir / "loras" / "flux_lora.safetensors").unlink()
+
+
+def test_loras_on_the_worker_group_equal_in_process(fake):
+    embeds, model, _ = load_all()
+    with_lora = lora_node(model, strength_low=0.5)
+    here = run_sampler(with_lora, embeds)
+    there = run_sampler(with_lora, embeds, parallel=multigpu_config())
+    assert rel_l2(there["result"][0]["samples"], here["result"][0]["samples"]) <= TOL
+    assert there["ui"] == here["ui"]  # the same reports from the ranks' merge
+
+
+# ---------------------------------------------------------------------------------------------
+# Loader options: attention backends, block swap, compile
+
+
+def test_attention_choices_are_the_engine_backends_and_a_missing_package_is_named(runtime):
+    attention = engine("models.attention")
+    assert input_spec(MAPPINGS["Wan22MoEModelLoader"])["attention"][0] == list(attention.BACKENDS)
+    (model,) = MAPPINGS["Wan22MoEModelLoader"]().load(HIGH, LOW, "auto", "sdpa", "auto")
+    kernels = [m for m in model.experts(CPU)[0].get("high").modules() if isinstance(m, attention.AttentionKernel)]
+    assert kernels and {k.backend for k in kernels} == {"sdpa"}
+    missing = next((b for b, package in (("flash_attn", "flash_attn"), ("flash_attn3", "flash_attn_interface"),
+                                         ("sage", "sageattention")) if importlib.util.find_spec(package) is None), None)
+    if missing is None:
+        pytest.skip("every attention package is installed here")
+    with pytest.raises(ValueError, match=f"attention backend '{missing}' is selected but the .* package is not "
+                                         "installed .* or choose 'sdpa'"):
+        MAPPINGS["Wan22MoEModelLoader"]().load(HIGH, LOW, "auto", missing, "auto")
+
+
+def test_block_swap_samples_the_same_latent_and_checks_the_block_count(runtime):
+    embeds, model, _ = load_all()
+    loader = MAPPINGS["Wan22MoEModelLoader"]()
+    (swapped,) = loader.load(HIGH, LOW, "auto", "auto", "block_swap", 1)
+    pair, _ = swapped.experts(CPU)
+    assert (pair.swap_blocks, pair.keep_both) == (1, False)
+    torch.testing.assert_close(sample(swapped, embeds)["samples"], sample(model, embeds)["samples"], rtol=0, atol=0)
+    (ignored,) = loader.load(HIGH, LOW, "auto", "auto", "none", 30)  # swap_blocks counts only with block_swap
+    assert ignored.experts(CPU)[0].swap_blocks == 0
+    (too_many,) = loader.load(HIGH, LOW, "auto", "auto", "block_swap", 3)
+    with pytest.raises(ValueError, match="swap_blocks 3 is more than the 2 blocks of these experts"):
+        sample(too_many, embeds)
+
+
+def test_compile_runs_once_per_loaded_expert_and_changing_it_reloads(runtime, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(LOADERS, "compile_blocks", lambda model, device: compiled.append((model, device)) or True)
+    CACHE.clear()
+    loader = MAPPINGS["Wan22MoEModelLoader"]()
+    (model,) = loader.load(HIGH, LOW, "auto", "auto", "auto", 20, True)
+    first, _ = model.experts(CPU)
+    model.experts(CPU)
+    assert [(m, d) for m, d in compiled] == [(first.get("high"), CPU), (first.get("low"), CPU)]
+    loads = CACHE.loads
+    (eager,) = loader.load(HIGH, LOW, "auto", "auto", "auto", 20, False)
+    eager.experts(CPU)
+    assert CACHE.loads == loads + 2 and len(compiled) == 2
+    with pytest.raises(ValueError, match="compile and offload 'block_swap' do not combine"):
+        loader.load(HIGH, LOW, "auto", "auto", "block_swap", 1, True)

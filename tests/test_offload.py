@@ -59,3 +59,18 @@ def test_expert_pair_with_block_swap_gives_the_same_latents():
     swapped = denoise(pair, pos, neg, noise, settings)
     assert torch.equal(plain, swapped)
     assert pair.keep_both is False and pair.active == "low" and pair._swap.peak_resident <= 2
+
+
+def test_expert_pair_places_everything_but_the_swapped_blocks_on_the_device():
+    """Bookkeeping with a stand-in device (meta): what lands where when an expert is activated."""
+    from wan22_core.sampling.moe import ExpertPair
+
+    high, low = WanModel(CFG), WanModel(CFG)
+    pair = ExpertPair(high, low, torch.device("meta"), swap_blocks=2)
+    pair.get("high")
+    swapped = set(pair._swap.swapped)
+    for name, param in high.named_parameters():
+        block = int(name.split(".")[1]) if name.startswith("blocks.") else None
+        on_host = block is not None and high.blocks[block] in swapped
+        assert param.device.type == ("cpu" if on_host else "meta"), name
+    assert all(p.device.type == "cpu" for p in low.parameters())  # the idle expert stays offloaded

@@ -1,8 +1,9 @@
 """Plans, token sharding, and parallel runs on 2 and 4 CPU ranks (gloo) against one process.
 
 The multi-rank runs are real processes: this file re-executes itself as each rank (see the
-bottom), every rank loads its shards of a tiny official-layout model from disk and samples with
-each plan; the test process compares the final latents with `denoise` on the full model.
+bottom), every rank loads its shards of a tiny official-layout model from disk (in one scenario
+with LoRAs merged into the shards) and samples with each plan; the test process compares the
+final latents with `denoise` on the full model (with `apply_loras` for the LoRA scenario).
 Tolerance: 1e-5 relative L2 in fp32 (the parallel paths only reorder float sums; Ulysses and
 FSDP alone are bit-exact here), one bf16 ulp in bf16 (see BF16_TOL).
 """
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from wan22_core.checkpoints import load_dit
 from wan22_core.config import TINY, SamplerSettings
+from wan22_core.lora import LoraSpec, apply_loras, write_tiny_lora
 from wan22_core.models.transformer import WanModel
 from wan22_core.parallel import ParallelPlan, parallel_config, parse_gpus, valid_ulysses_degrees
 from wan22_core.parallel.ulysses import shard_tokens
@@ -36,7 +38,8 @@ SHAPES = {"16 tokens": (5, 32, 64), "27 tokens": (9, 48, 48)}  # (frames, height
 SCENARIOS = {
     2: {"ulysses": dict(ulysses=2), "fsdp": dict(fsdp=True), "ulysses+fsdp": dict(ulysses=2, fsdp=True),
         "cfg": dict(cfg_parallel=2), "cfg+fsdp": dict(cfg_parallel=2, fsdp=True),
-        "ulysses+fsdp bf16": dict(ulysses=2, fsdp=True, dtype=torch.bfloat16)},
+        "ulysses+fsdp bf16": dict(ulysses=2, fsdp=True, dtype=torch.bfloat16),
+        "ulysses+fsdp loras": dict(ulysses=2, fsdp=True, loras=True)},
     4: {"ulysses": dict(ulysses=4), "fsdp": dict(fsdp=True), "ulysses+fsdp": dict(ulysses=4, fsdp=True),
         "cfg+ulysses": dict(cfg_parallel=2, ulysses=2),
         "cfg+ulysses+fsdp, kept gathered": dict(cfg_parallel=2, ulysses=2, fsdp=True, reshard_after_forward=False),
@@ -129,22 +132,42 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir):
-    """{dtype: {shape: latent}} from one process on the full experts."""
+def loras(tmp_path_factory):
+    """{expert: [(file, strength)]}: a block-Linear LoRA on the high-noise expert; on the low-noise
+    one a lightx2v-style file (biases, norm3 and the [1, 6, dim] modulation too, so one rank holds
+    none of some rows) under a second LoRA at a negative strength."""
+    model, folder = WanModel(TINY.dit), tmp_path_factory.mktemp("loras")
+    comfy = write_tiny_lora(folder / "comfy.safetensors", model, "comfy", seed=1).path
+    lightx2v = write_tiny_lora(folder / "lightx2v.safetensors", model, "lightx2v", seed=2).path
+    return {"high": [(str(comfy), 0.8)], "low": [(str(lightx2v), 1.0), (str(comfy), -0.5)]}
+
+
+def lora_specs(pairs):
+    return [LoraSpec(path, strength) for path, strength in pairs]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, loras):
+    """{dtype, or "loras": {shape: latent}} from one process on the full experts."""
     out = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        experts = ExpertPair(load_dit(model_dir / "high_noise_model", dtype),
-                             load_dit(model_dir / "low_noise_model", dtype), torch.device("cpu"))
-        out[dtype] = {name: denoise(experts, *job_inputs(name), SETTINGS) for name in SHAPES}
+    for key in (torch.float32, torch.bfloat16, "loras"):
+        dtype = torch.float32 if key == "loras" else key
+        high, low = load_dit(model_dir / "high_noise_model", dtype), load_dit(model_dir / "low_noise_model", dtype)
+        if key == "loras":
+            apply_loras(high, lora_specs(loras["high"]))
+            apply_loras(low, lora_specs(loras["low"]))
+        experts = ExpertPair(high, low, torch.device("cpu"))
+        out[key] = {name: denoise(experts, *job_inputs(name), SETTINGS) for name in SHAPES}
     return out
 
 
-def start_ranks(world, model_dir, out_dir):
+def start_ranks(world, model_dir, out_dir, loras):
     """Start `world` copies of this file as the ranks of one gloo group."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     procs = []
     for rank in range(world):
-        setup = dict(rank=rank, world=world, port=store.port, model_dir=str(model_dir), out_dir=str(out_dir))
+        setup = dict(rank=rank, world=world, port=store.port, model_dir=str(model_dir), out_dir=str(out_dir),
+                     loras=loras)
         procs.append(subprocess.Popen([sys.executable, __file__, json.dumps(setup)],
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return store, procs
@@ -158,11 +181,11 @@ def collect_ranks(procs, out_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(model_dir, tmp_path_factory):
+def runs(model_dir, loras, tmp_path_factory):
     """{world size: [per-rank results]}: one launch per world size (run side by side), each
     running every scenario, because starting a process costs far more than a tiny run."""
     out = {world: tmp_path_factory.mktemp(f"ranks{world}") for world in SCENARIOS}
-    started = {world: start_ranks(world, model_dir, out[world]) for world in SCENARIOS}
+    started = {world: start_ranks(world, model_dir, out[world], loras) for world in SCENARIOS}
     return {world: collect_ranks(procs, out[world]) for world, (_, procs) in started.items()}
 
 
@@ -172,8 +195,10 @@ CASES = [(world, scenario, shape) for world in SCENARIOS for scenario in SCENARI
 @pytest.mark.parametrize("world,scenario,shape", CASES, ids=[f"{w}ranks-{s}-{t}".replace(" ", "") for w, s, t in CASES])
 def test_parallel_latents_equal_single_process(runs, reference, world, scenario, shape):
     per_rank = [results[scenario]["latents"][shape] for results in runs[world]]
-    dtype = SCENARIOS[world][scenario].get("dtype", torch.float32)
-    assert rel_l2(per_rank[0], reference[dtype][shape]) <= (TOL if dtype == torch.float32 else BF16_TOL)
+    degrees = SCENARIOS[world][scenario]
+    dtype = degrees.get("dtype", torch.float32)
+    expected = reference["loras" if degrees.get("loras") else dtype][shape]
+    assert rel_l2(per_rank[0], expected) <= (TOL if dtype == torch.float32 else BF16_TOL)
     for rank, latent in enumerate(per_rank[1:], start=1):  # every rank ends with the same latent
         assert torch.equal(latent, per_rank[0]), f"rank {rank} differs from rank 0"
 
@@ -203,11 +228,15 @@ def test_cli_parallel_flags_make_the_plan():
         plan_from_args(build_parser().parse_args(["generate", "--ulysses", "3"]), world_size=3, num_heads=40)
 
 
-def test_torchrun_cli_matches_single_process(model_dir, tmp_path):
+def test_torchrun_cli_with_loras_matches_single_process(model_dir, loras, tmp_path):
+    """Both paths merge the same --lora-high/--lora-low: the one process into whole tensors, the
+    ranks into their FSDP shards while reading them."""
     from wan22_core.cli import main
 
+    lora_flags = [arg for expert, pairs in loras.items() for path, strength in pairs
+                  for arg in (f"--lora-{expert}", f"{path}:{strength}")]
     common = ["generate", "--model-dir", str(model_dir), "--frames", "9", "--height", "48", "--width", "48",
-              "--steps", "4", "--shift", "5", "--quiet"]
+              "--steps", "4", "--shift", "5", "--quiet", *lora_flags]
     torchrun = subprocess.Popen(  # started first: it runs while this process makes the reference
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "wan22_core", *common, "--ulysses", "2", "--fsdp",
@@ -226,7 +255,7 @@ def test_torchrun_cli_matches_single_process(model_dir, tmp_path):
 # What each rank process runs (this file executed as a script)
 
 
-def rank_main(rank, world, port, model_dir, out_dir):
+def rank_main(rank, world, port, model_dir, out_dir, loras):
     from wan22_core.parallel.loading import load_expert_pair, local_parameter_bytes
     from wan22_core.parallel.mesh import init_groups
 
@@ -237,8 +266,11 @@ def rank_main(rank, world, port, model_dir, out_dir):
     for scenario, degrees in SCENARIOS[world].items():
         degrees = dict(degrees)
         dtype = degrees.pop("dtype", torch.float32)
+        with_loras = degrees.pop("loras", False)
+        merged = {expert: lora_specs(pairs) if with_loras else [] for expert, pairs in loras.items()}
         groups = init_groups(ParallelPlan(world_size=world, num_heads=HEADS, **degrees), cpu)
-        experts = load_expert_pair(model_dir / "high_noise_model", model_dir / "low_noise_model", groups, cpu, dtype)
+        experts = load_expert_pair(model_dir / "high_noise_model", model_dir / "low_noise_model", groups, cpu, dtype,
+                                   merged["high"], merged["low"])
         results[scenario] = dict(
             param_bytes=sum(local_parameter_bytes(e) for e in experts.experts.values()),
             latents={name: denoise(experts, *job_inputs(name), SETTINGS) for name in SHAPES})

@@ -1,4 +1,4 @@
-"""The frontend extension's shared test vectors stay what the engine computes.
+"""The frontend extension's contracts with the Python side.
 
 web/js/expert_split.js re-implements the expert switch (schedule + select_expert) for the live
 label on Wan22MoESampler; web/tests/expert_split.test.mjs (node --test) checks it against
@@ -6,9 +6,14 @@ web/tests/vectors.json. This test checks that file against the engine, so a chan
 schedule fails here until the vectors (and then the JS) are updated:
 
     .venv/bin/python tests/test_web.py --write
+
+The worker status line and the LoRA report listen for names the nodes send: those are checked
+against the Python constants here.
 """
+import ast
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -16,7 +21,8 @@ from wan22_core.config import SOLVERS
 from wan22_core.sampling.moe import HIGH, select_expert
 from wan22_core.sampling.schedule import partial_schedule
 
-VECTORS = Path(__file__).resolve().parents[1] / "web" / "tests" / "vectors.json"
+ROOT = Path(__file__).resolve().parents[1]
+VECTORS = ROOT / "web" / "tests" / "vectors.json"
 
 
 def _case(steps: int, shift: float, boundary: float, solver: str, denoise: float) -> dict:
@@ -56,6 +62,21 @@ def test_vectors_cover_both_experts_and_the_default_split():
     assert (default["steps"], default["solver"], default["high_noise_steps"]) == (40, "unipc", 26)
     highs = {(c["high_noise_steps"] == 0, c["high_noise_steps"] == c["steps"]) for c in cases}
     assert highs == {(False, False), (True, False), (False, True)}  # split, all low, all high
+
+
+def python_constant(path: Path, name: str) -> str:
+    """A module-level string constant, read without importing the pack (its imports are relative)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [name]:
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{path.name} defines no {name} = ...")
+
+
+def test_the_status_event_and_the_lora_report_key_match_the_nodes():
+    js_event = re.search(r'export const EVENT = "([^"]+)"', (ROOT / "web/js/worker_status.js").read_text()).group(1)
+    assert js_event == python_constant(ROOT / "nodes/comfy_adapter.py", "WORKER_STATUS_EVENT")
+    sampler, extension = (ROOT / "nodes/sampler.py").read_text(), (ROOT / "web/js/wan22_moe.js").read_text()
+    assert '{"ui": {"lora_report": ' in sampler and "output?.lora_report" in extension
 
 
 if __name__ == "__main__":

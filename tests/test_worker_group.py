@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import torch
 
 from wan22_core.checkpoints import load_dit
 from wan22_core.config import TINY, SamplerSettings
+from wan22_core.lora import LoraSpec, apply_loras, write_tiny_lora
 from wan22_core.pipeline import denoise, make_noise
 from wan22_core.sampling.moe import ExpertPair
 
@@ -140,6 +142,38 @@ def test_group_started_under_a_mangled_module_name_matches_single_process(env):
     assert steps[-1].latent.shape == env["reference"].shape and torch.equal(steps[-1].latent, latent)
     assert steps[0].denoised.shape == latent.shape  # the preview input
     assert env["parallel"].WorkerGroup.get_or_create(env["spec"], config(env)) is group  # kept across jobs
+
+
+def test_lora_changes_re_merge_the_live_shards_and_match_apply_loras(env, tmp_path):
+    """A LoRA change on a live Ulysses+FSDP group re-merges every rank's shards in place (same
+    processes, no checkpoint read); each state equals one process with `apply_loras`
+    (<= 1e-5 relative, fp32). Merging while loading is covered by test_parallel.py."""
+    parallel = env["parallel"]
+    lora_spec = importlib.import_module(f"{MANGLED}.wan22_core.lora").LoraSpec  # the group's own class
+    group = parallel.WorkerGroup.get_or_create(env["spec"], config(env))
+    pids, statuses = group.pids, []
+    model = load_dit(env["spec"].high_noise)
+    # the head too: FSDP keeps it gathered after a forward, so a re-merge must release it first
+    targets = [n for n, m in model.named_modules() if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)]
+    comfy = write_tiny_lora(tmp_path / "comfy.safetensors", model, "comfy", seed=1, targets=targets + ["head.head"]).path
+    # lightx2v also patches biases, norm3 and the [1, 6, dim] modulation, of which rank 1 holds no rows
+    lightx2v = write_tiny_lora(tmp_path / "lightx2v.safetensors", model, "lightx2v", seed=2).path
+    states = [([(comfy, 0.8)], [(lightx2v, 1.0), (comfy, -0.5)]), ([(comfy, 0.3)], []), ([], [])]
+    for high, low in states:
+        spec = replace(env["spec"], loras_high=tuple(lora_spec(*x) for x in high),
+                       loras_low=tuple(lora_spec(*x) for x in low))
+        again = parallel.WorkerGroup.get_or_create(spec, config(env), lambda rank, s: statuses.append(s))
+        assert again is group and group.spec == spec
+        assert [r.strength for r in group.lora_reports["low"]] == [s for _, s in low]
+        experts = []
+        for path, loras in ((spec.high_noise, high), (spec.low_noise, low)):
+            experts.append(load_dit(path))
+            apply_loras(experts[-1], [LoraSpec(*x) for x in loras])
+        job = env["job"]
+        expected = denoise(ExpertPair(*experts, torch.device("cpu")), job.positive, job.negative, job.noise, SETTINGS)
+        assert rel_l2(group.run(job), expected) <= TOL, (high, low)
+    assert group.pids == pids and "merging LoRAs" in statuses
+    assert not [s for s in statuses if s.startswith("loading")]
 
 
 def test_cancel_stops_every_rank_at_the_same_step(env):

@@ -54,6 +54,43 @@ def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
                    help="with --fsdp: keep gathered weights between steps (faster; one full expert per GPU)")
 
 
+def _lora_arg(text: str):
+    """argparse type for FILE[:STRENGTH]; a bad strength is a usage error naming the value."""
+    from .lora import LoraSpec
+
+    try:
+        return LoraSpec.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _add_lora_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA (merged into the weights at load; repeatable, applied in order)")
+    for expert in ("high", "low"):
+        g.add_argument(f"--lora-{expert}", type=_lora_arg, action="append", default=[], metavar="FILE[:STRENGTH]",
+                       help=f"a LoRA for the {expert}-noise expert, strength 1.0 unless given (e.g. lightx2v.safetensors:1)")
+
+
+def _add_speed_flags(p: argparse.ArgumentParser) -> None:
+    from .memory import OFFLOAD_MODES
+    from .models.attention import BACKENDS
+
+    g = p.add_argument_group("speed and memory")
+    g.add_argument("--attention", choices=BACKENDS, default="auto",
+                   help="attention kernel; auto: the fastest installed exact one (sage is not exact)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (one process; eager with a warning if the "
+                        "toolchain is missing)")
+    g.add_argument("--offload", choices=("auto", *OFFLOAD_MODES), default="auto",
+                   help="one process: none keeps both experts on the GPU, swap_experts only the active one, "
+                        "block_swap also streams --swap-blocks of its blocks from CPU memory; auto: from the card's memory")
+    g.add_argument("--swap-blocks", type=int, default=0, metavar="N",
+                   help="with --offload block_swap: blocks per expert kept in CPU memory (1 to 40)")
+    g.add_argument("--batch-cfg", action=argparse.BooleanOptionalAction, default=True,
+                   help="cond and uncond passes as one batch of 2 (faster); --no-batch-cfg runs them one by one, "
+                        "halving activation memory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m wan22_core", description="Wan2.2 T2V-A14B (two-expert MoE)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -64,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", type=Path,
                       default=Path(os.environ.get("WAN22_CACHE", Path.home() / ".cache" / "wan22-moe")))
     _add_sampling_flags(demo, steps=4, width=128, height=128, frames=17)
-    demo.set_defaults(func=cmd_demo, device="cpu")
+    _add_speed_flags(demo)
+    demo.set_defaults(func=cmd_demo, device="cpu", lora_high=[], lora_low=[])
 
     gen = sub.add_parser("generate", help="text -> video from checkpoint files")
     gen.add_argument("--model-dir", type=Path, help="an official Wan2.2-T2V-A14B folder, a diffusers "
@@ -77,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--vae", type=Path)
     gen.add_argument("--output", type=Path, default=Path("out/video.mp4"))
     _add_sampling_flags(gen, steps=DEFAULTS.steps, width=1280, height=720, frames=81)
+    _add_lora_flags(gen)
+    _add_speed_flags(gen)
     _add_parallel_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -118,7 +158,7 @@ def _model_files(args):
 
 def run(args, files) -> dict:
     """Load, encode, denoise, decode and save; returns the stage timings."""
-    from .checkpoints import load_dit, load_text_encoder
+    from .checkpoints import load_text_encoder
     from .pipeline import denoise, make_noise
     from .runtime import resolve_device, resolve_dtype
     from .sampling.moe import ExpertPair
@@ -126,6 +166,8 @@ def run(args, files) -> dict:
     settings = sampler_settings(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    check_model_options(args)
+    placement = expert_placement(args, files)
     timings: dict[str, float] = {}
 
     with stage("text encoder", timings):
@@ -133,12 +175,15 @@ def run(args, files) -> dict:
         embeds = encoder.encode_prompt(args.prompt, args.negative_prompt)
         del encoder  # 11 GB at full size; not needed again
     with stage("load experts", timings):
-        experts = ExpertPair(load_dit(files.high_noise, dtype), load_dit(files.low_noise, dtype), device)
-    with stage("denoise", timings):
+        experts = ExpertPair(load_expert(args, files.high_noise, args.lora_high, dtype, device),
+                             load_expert(args, files.low_noise, args.lora_low, dtype, device), device, **placement)
+        if args.compile:
+            compile_experts(experts.experts.values(), device)
+    with stage("denoise", timings):  # includes the compile on the first step with --compile
         noise = make_noise(args.seed, args.frames, args.height, args.width)
         progress = None if args.quiet else _progress_bar(settings.steps)
         try:
-            latent = denoise(experts, embeds.positive, embeds.negative, noise, settings,
+            latent = denoise(experts, embeds.positive, embeds.negative, noise, settings, batch_cfg=args.batch_cfg,
                              on_step=progress and (lambda s: progress.update(1)))
         finally:
             if progress is not None:
@@ -146,6 +191,61 @@ def run(args, files) -> dict:
         del experts
     save_outputs(args, files, latent, device, dtype, timings)
     return timings
+
+
+def check_model_options(args) -> None:
+    """Fail on the model flags now, not after the text encoder ran: attention package, LoRA files."""
+    from .models.attention import resolve_backend
+
+    resolve_backend(args.attention)
+    for lora in args.lora_high + args.lora_low:
+        if not lora.path.is_file():
+            raise FileNotFoundError(f"LoRA file not found: {lora.path}")
+    if args.compile and args.offload == "block_swap":
+        raise ValueError("--compile and --offload block_swap do not combine (block swap moves weights from "
+                         "hooks around each block, which a compiled block would trace); drop one")
+
+
+def expert_placement(args, files) -> dict:
+    """--offload / --swap-blocks -> ExpertPair keyword arguments (auto: both experts stay on the
+    device when they fit in 60% of it, else one at a time)."""
+    from .checkpoints import DIT, check_slot
+
+    if args.offload != "block_swap":
+        if args.swap_blocks:
+            raise ValueError(f"--swap-blocks {args.swap_blocks} needs --offload block_swap (got --offload {args.offload})")
+        return {"auto": {}, "none": dict(keep_both=True), "swap_experts": dict(keep_both=False)}[args.offload]
+    layers = check_slot(files.high_noise, DIT)[1].dit.num_layers
+    if not 1 <= args.swap_blocks <= layers:
+        raise ValueError(f"--offload block_swap needs --swap-blocks N with 1 <= N <= {layers} (the expert's "
+                         f"blocks), got {args.swap_blocks}")
+    return dict(swap_blocks=args.swap_blocks)
+
+
+def load_expert(args, path, loras, dtype, device):
+    """One expert with its LoRAs merged and the attention backend set."""
+    from .checkpoints import load_dit
+    from .lora import apply_loras
+    from .models.attention import set_attention_backend
+
+    expert = load_dit(path, dtype)
+    for report in apply_loras(expert, loras):
+        if not report.unmatched:  # a report with unmatched keys is already logged as a warning
+            print(f"  {report}", file=sys.stderr)
+    set_attention_backend(expert, args.attention, device)
+    return expert
+
+
+def compile_experts(experts, device) -> None:
+    """--compile: regional torch.compile of both experts; without the toolchain, one line and eager."""
+    from .optimize import compile_blocks, compile_toolchain_problem
+
+    problem = compile_toolchain_problem(device)
+    if problem is not None:
+        print(f"warning: --compile ignored: {problem}; running eager (same results, slower)", file=sys.stderr)
+        return
+    for expert in experts:
+        compile_blocks(expert, device)
 
 
 def sampler_settings(args) -> SamplerSettings:

@@ -377,11 +377,17 @@ def _terms(bound: Sequence[tuple[BoundLora, float]], keep_low_rank=lambda name: 
     return {name: tuple(t) for name, t in terms.items()}
 
 
-def lora_deltas(specs: Sequence[LoraSpec], shapes: Mapping[str, Sequence[int]]) -> tuple[LoraDeltas, tuple[LoraReport, ...]]:
+def lora_deltas(specs: Sequence[LoraSpec], shapes: Mapping[str, Sequence[int]],
+                reuse: LoraDeltas | None = None) -> tuple[LoraDeltas, tuple[LoraReport, ...]]:
     """Read and bind `specs` for a model with these parameter shapes (official names; a meta model
     is fine). For loaders that merge while reading, e.g. each FSDP rank adding the delta rows of
-    its shard: `deltas.add_to(rows_fp32, name, start)`."""
-    bound = [(bind_lora(read_lora(spec.path), shapes), spec.strength) for spec in specs]
+    its shard: `deltas.add_to(rows_fp32, name, start)`. Files already bound in `reuse` (the
+    deltas merged now, same file key) are not read again, so a strength change reads nothing."""
+    known = reuse.bound if reuse is not None else {}
+    bound = []
+    for spec in specs:
+        lora = known.get(file_key(spec.path)) if spec.path.is_file() else None
+        bound.append((lora if lora is not None else bind_lora(read_lora(spec.path), shapes), spec.strength))
     return (LoraDeltas({b.file.key: b for b, _ in bound}, _terms(bound)),
             tuple(_report(b, s) for b, s in bound))
 

@@ -3,7 +3,8 @@
 torchrun starts the processes and sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT (multi-node with its usual rendezvous flags). Every rank loads its shards and runs
 the same loop; rank 0 encodes the prompt on the CPU (as the one-process CLI does) and
-broadcasts the embeddings, and rank 0 alone decodes and writes the outputs.
+broadcasts the embeddings, and rank 0 alone decodes and writes the outputs. LoRAs are merged
+into each rank's shards while it reads them; --attention applies on every rank.
 """
 from __future__ import annotations
 
@@ -31,6 +32,18 @@ def local_device(name: str) -> torch.device:
     return device
 
 
+def check_parallel_options(args) -> None:
+    """Refuse the one-process options the ranks do not implement, before anything starts."""
+    refused = [flag for flag, given in (("--compile", args.compile), (f"--offload {args.offload}", args.offload != "auto"),
+                                        (f"--swap-blocks {args.swap_blocks}", args.swap_blocks)) if given]
+    if refused:
+        raise ValueError(f"{', '.join(refused)}: one-process options, not supported with --ulysses/--fsdp/"
+                         "--cfg-parallel (--fsdp already spreads both experts over the GPUs); drop them")
+    if args.cfg_parallel and not args.batch_cfg:
+        raise ValueError("--no-batch-cfg and --cfg-parallel do not combine: CFG-parallel splits the batched "
+                         "cond/uncond pair over two halves of the ranks; drop one")
+
+
 def plan_from_args(args, world_size: int, num_heads: int) -> ParallelPlan:
     return ParallelPlan(world_size=world_size, ulysses=args.ulysses, cfg_parallel=2 if args.cfg_parallel else 1,
                         fsdp=args.fsdp, reshard_after_forward=not args.keep_gathered, num_heads=num_heads)
@@ -52,11 +65,14 @@ def _encode_on_rank0(args, files, device: torch.device) -> tuple[torch.Tensor, t
 def run_distributed(args, files) -> dict:
     """This rank's part of `generate`; returns the stage timings (printed on rank 0 only)."""
     from ..cli import _progress_bar, sampler_settings, save_outputs, stage
+    from ..models.attention import resolve_backend, set_attention_backend
     from ..pipeline import denoise, make_noise
     from ..runtime import resolve_dtype
     from .loading import expert_config, load_expert_pair
     from .mesh import init_groups
 
+    check_parallel_options(args)
+    resolve_backend(args.attention)  # a missing package fails here, once, not on every rank after loading
     if "RANK" not in os.environ:
         raise ValueError("--ulysses, --fsdp and --cfg-parallel run under torchrun: "
                          "torchrun --nproc_per_node N -m wan22_core generate ... (see docs/multigpu.md)")
@@ -76,12 +92,15 @@ def run_distributed(args, files) -> dict:
         with timed("text encoder", timings):
             positive, negative = _encode_on_rank0(args, files, device)
         with timed("load experts", timings):
-            experts = load_expert_pair(files.high_noise, files.low_noise, groups, device, dtype)
+            experts = load_expert_pair(files.high_noise, files.low_noise, groups, device, dtype,
+                                       args.lora_high, args.lora_low)  # merged into each rank's shards
+            for expert in experts.experts.values():
+                set_attention_backend(expert, args.attention, device)
         with timed("denoise", timings):
             noise = make_noise(args.seed, args.frames, args.height, args.width)
             progress = _progress_bar(settings.steps) if rank0 and not args.quiet else None
             try:
-                latent = denoise(experts, positive, negative, noise, settings,
+                latent = denoise(experts, positive, negative, noise, settings, batch_cfg=args.batch_cfg,
                                  on_step=progress and (lambda s: progress.update(1)))
             finally:
                 if progress is not None:

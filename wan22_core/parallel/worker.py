@@ -5,8 +5,9 @@ sys.path and imports `wan22_core` as a top-level package, so it works however th
 imported us (ComfyUI loads the pack under a mangled module name the child could not import).
 
 Messages are plain pickled dicts of built-in types and tensors, never our own classes, for
-the same reason. Controller -> rank: job, proceed (rank 0, the cancel decision), shutdown.
-Rank -> controller: beat, ready, boundary and step (rank 0), done, error.
+the same reason. Controller -> rank: job, update (new LoRAs / attention backend), proceed
+(rank 0, the cancel decision), shutdown. Rank -> controller: beat, ready (after start-up and
+after an update), boundary and step (rank 0), done, error.
 """
 from __future__ import annotations
 
@@ -26,12 +27,14 @@ import torch.distributed as dist
 
 from ..config import SamplerSettings
 from ..errors import Cancelled, NumericalError
+from ..models.attention import set_attention_backend
 from ..models.transformer import WanBlock
 from ..pipeline import denoise
 from ..runtime import resolve_dtype
-from .loading import load_expert_pair
+from .loading import load_expert_pair, set_expert_loras
 from .mesh import init_groups
 from .plan import ParallelPlan
+from .worker_group import ModelSpec
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -123,11 +126,12 @@ class Worker:
                                 world_size=self.plan.world_size,
                                 device_id=self.device if self.device.type == "cuda" else None)
         groups = init_groups(self.plan, self.device)
-        spec = self.setup["spec"]
-        self.experts = load_expert_pair(spec["high_noise"], spec["low_noise"], groups, self.device,
-                                        resolve_dtype(spec["dtype"], self.device),
+        spec = ModelSpec.from_message(self.setup["spec"])
+        self.experts = load_expert_pair(spec.high_noise, spec.low_noise, groups, self.device,
+                                        resolve_dtype(spec.dtype, self.device), spec.loras_high, spec.loras_low,
                                         on_tensor=lambda name: self.channel.beat(f"loading {name}-noise expert"))
         for expert in self.experts.experts.values():
+            set_attention_backend(expert, spec.attention, self.device)
             for module in expert.modules():
                 if isinstance(module, WanBlock):  # a heartbeat per block forward while sampling
                     module.register_forward_pre_hook(lambda *_: self.channel.beat())
@@ -141,9 +145,25 @@ class Worker:
             if message["type"] == "shutdown":
                 dist.destroy_process_group()
                 return
-            if message["type"] != "job":
+            if message["type"] == "update":
+                self.update(ModelSpec.from_message(message["spec"]))
+            elif message["type"] == "job":
+                self.run_job(message)
+            else:
                 raise RuntimeError(f"protocol error: got {message['type']!r} while idle")
-            self.run_job(message)
+
+    def update(self, spec: ModelSpec) -> None:
+        """Re-merge both experts' shards for the spec's LoRAs and set its attention backend.
+
+        Any failure here ends the rank (and so the group): a half-merged expert must not sample.
+        """
+        self.channel.busy = True
+        for name, expert in self.experts.experts.items():
+            set_expert_loras(expert, spec.loras(name), on_tensor=lambda: self.channel.beat("merging LoRAs"))
+            set_attention_backend(expert, spec.attention, self.device)
+        self.channel.busy = False
+        self.channel.send(type="ready")
+        self.channel.status = "ready"
 
     def run_job(self, job: dict) -> None:
         """The lockstep loop; ends with one "done" message per rank (rank 0's carries the latent)."""

@@ -36,6 +36,7 @@ import torch
 
 from ..config import SamplerSettings
 from ..errors import Cancelled, NumericalError, Wan22Error
+from ..lora import LoraReport, LoraSpec
 from ..pipeline import StepInfo
 from .plan import ParallelConfig, ParallelPlan
 
@@ -64,15 +65,52 @@ class WorkerGroupError(Wan22Error):
 @dataclass(frozen=True)
 class ModelSpec:
     """What every rank loads: the two expert checkpoints (any layout `checkpoints.check_slot`
-    recognises) and the compute dtype."""
+    recognises), the compute dtype, the LoRAs merged into each expert's shards, and the
+    attention backend.
+
+    Hashable. A live group whose spec differs only in `loras_*` or `attention` is updated in
+    place (each rank re-merges its shards from the LoRA factors it keeps; the base checkpoints
+    are not read again); any other change rebuilds the group.
+    """
 
     high_noise: str
     low_noise: str
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or bf16 / fp16 / fp32
+    loras_high: tuple[LoraSpec, ...] = ()  # merged in this order, each with its own strength
+    loras_low: tuple[LoraSpec, ...] = ()
+    attention: str = "auto"  # one of models.attention.BACKENDS, resolved on each rank's device
 
     def __post_init__(self):  # paths travel to the ranks as JSON strings
         object.__setattr__(self, "high_noise", str(self.high_noise))
         object.__setattr__(self, "low_noise", str(self.low_noise))
+        for field in ("loras_high", "loras_low"):
+            loras = tuple(getattr(self, field))
+            wrong = [lora for lora in loras if not isinstance(lora, LoraSpec)]
+            if wrong:
+                raise TypeError(f"ModelSpec.{field} takes wan22_core.lora.LoraSpec(path, strength) items, "
+                                f"got {type(wrong[0]).__name__}")
+            object.__setattr__(self, field, loras)
+
+    @property
+    def weights(self) -> tuple[str, str, str]:
+        """The part of the spec that needs a fresh load (and so a new group) when it changes."""
+        return self.high_noise, self.low_noise, self.dtype
+
+    def loras(self, expert: str) -> tuple[LoraSpec, ...]:
+        return self.loras_high if expert == "high" else self.loras_low
+
+    def to_message(self) -> dict:
+        """Built-in types only, for the JSON setup and the pickled messages to the ranks."""
+        message = asdict(self)
+        for field in ("loras_high", "loras_low"):
+            message[field] = [[str(lora.path), lora.strength] for lora in getattr(self, field)]
+        return message
+
+    @classmethod
+    def from_message(cls, message: dict) -> "ModelSpec":
+        loras = {field: tuple(LoraSpec(path, strength) for path, strength in message[field])
+                 for field in ("loras_high", "loras_low")}
+        return cls(**{**message, **loras})
 
 
 @dataclass
@@ -88,19 +126,51 @@ class Job:
 
 
 def validate_spec(spec: ModelSpec, plan: ParallelPlan) -> ParallelPlan:
-    """Check the files and the plan against the model's real head count, before any process starts."""
+    """Check the files, the LoRAs and the plan against the model's real head count, before any
+    process starts."""
     from dataclasses import replace
 
+    from ..models.attention import resolve_backend
     from ..runtime import DTYPES
     from .loading import expert_config
 
     if spec.dtype != "auto" and spec.dtype not in DTYPES:
         raise ValueError(f"multi-GPU compute dtype must be auto, {', '.join(DTYPES)}; got {spec.dtype!r} "
                          "(fp8 checkpoint files are fine: their shards are dequantised into this dtype)")
+    resolve_backend(spec.attention)  # unknown names and missing packages fail here, not on every rank
     heads = {expert_config(path).num_heads for path in (spec.high_noise, spec.low_noise)}
     if len(heads) != 1:
         raise ValueError(f"the two experts have different head counts {sorted(heads)}; they must be one model pair")
+    check_loras(spec)
     return replace(plan, num_heads=heads.pop())  # re-runs ParallelPlan's checks with the real heads
+
+
+# (expert config, LoRA file key) -> report at strength 1: a file is read here once while unchanged
+_checked_loras: dict[tuple, LoraReport] = {}
+
+
+def check_loras(spec: ModelSpec) -> dict[str, tuple[LoraReport, ...]]:
+    """{"high"/"low": reports}: every LoRA read and matched against its expert's parameter shapes
+    (from the checkpoint headers), so a wrong file fails here with the LoRA's own message."""
+    from dataclasses import replace
+
+    from ..lora import file_key, lora_deltas
+    from ..models.transformer import WanModel
+    from .loading import expert_config
+
+    reports = {}
+    for expert, path in (("high", spec.high_noise), ("low", spec.low_noise)):
+        cfg = expert_config(path) if spec.loras(expert) else None
+        for lora in spec.loras(expert):
+            key = (cfg, file_key(lora.path)) if lora.path.is_file() else None
+            if key not in _checked_loras:
+                with torch.device("meta"):
+                    shapes = {n: p.shape for n, p in WanModel(cfg).named_parameters()}
+                _, (report,) = lora_deltas([LoraSpec(lora.path)], shapes)  # raises LoraError on a bad file
+                _checked_loras[key] = report
+        reports[expert] = tuple(replace(_checked_loras[(cfg, file_key(lora.path))], strength=lora.strength)
+                                for lora in spec.loras(expert))
+    return reports
 
 
 class WorkerGroup:
@@ -110,12 +180,20 @@ class WorkerGroup:
     @classmethod
     def get_or_create(cls, spec: ModelSpec, config: ParallelConfig,
                       on_status: Callable[[int, str], None] | None = None) -> "WorkerGroup":
-        """The live group for (spec, config); replaces a group built for anything else or broken."""
+        """The live group for (spec, config); replaces a group built for anything else or broken.
+
+        A live group for the same files, dtype and config is kept: if only the LoRAs or the
+        attention backend changed, its ranks re-merge their shards in place (seconds, no
+        checkpoint read) instead of a rebuild.
+        """
         validate_spec(spec, config.plan)  # a bad request must not cost the working group
         with cls._lock:
             current = cls._current
-            if current is not None and current.spec == spec and current.config == config and current.alive:
+            if (current is not None and current.spec.weights == spec.weights and current.config == config
+                    and current.alive):
                 current.on_status = on_status
+                if current.spec != spec:
+                    current._update(spec)
                 return current
             if current is not None:
                 current.shutdown()
@@ -126,6 +204,7 @@ class WorkerGroup:
                  on_status: Callable[[int, str], None] | None = None):
         self.spec, self.config, self.on_status = spec, config, on_status
         plan = validate_spec(spec, config.plan)
+        self.lora_reports = check_loras(spec)  # what each LoRA patches, for the caller to show
         self._procs: dict[int, subprocess.Popen] = {}
         self._conns: dict[int, Connection] = {}
         self._status: dict[int, str] = {}
@@ -180,6 +259,20 @@ class WorkerGroup:
             raise job_run.error
         return self._job_result(done)
 
+    def _update(self, spec: ModelSpec) -> None:
+        """Make the live ranks hold `spec`'s LoRAs and attention backend (same files and dtype)."""
+        self.lora_reports = check_loras(spec)
+        for conn in self._conns.values():
+            _send(conn, dict(type="update", spec=spec.to_message()))
+        try:
+            self._exchange(lambda rank, message: message["type"] == "ready", "applying LoRAs")
+        except WorkerGroupError:
+            raise
+        except BaseException:  # the ranks are mid-merge: their weights are unknown
+            self._kill()
+            raise
+        self.spec = spec
+
     def shutdown(self) -> None:
         """Stop the workers (politely, then by force) and free their devices."""
         if self._closed:
@@ -203,7 +296,7 @@ class WorkerGroup:
         ours, theirs = socket.socketpair()  # EOF on either side when the other process dies
         setup = dict(rank=rank, device=self.config.devices[rank], backend=self.config.backend,
                      host="127.0.0.1", port=self._store.port, rendezvous_timeout=RENDEZVOUS_S,
-                     plan=asdict(plan), spec=asdict(self.spec), parent_pid=os.getpid(), fd=theirs.fileno(),
+                     plan=asdict(plan), spec=self.spec.to_message(), parent_pid=os.getpid(), fd=theirs.fileno(),
                      beat_interval=min(1.0, self.config.heartbeat_timeout / 4))
         command = [sys.executable, "-c", BOOTSTRAP, str(PACK_ROOT), json.dumps(setup)]
         # A new session: a Ctrl-C in the host's terminal reaches the host, which then stops us.

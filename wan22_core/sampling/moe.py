@@ -78,7 +78,10 @@ class ExpertPair:
 
     def _place(self, expert: nn.Module) -> None:
         if self.swap_blocks:
-            self._swap = BlockSwap(expert.blocks, self.swap_blocks, self.device)  # moves the rest too
+            for name, child in expert.named_children():  # embeddings, head: on the device
+                if name != "blocks":
+                    child.to(self.device)
+            self._swap = BlockSwap(expert.blocks, self.swap_blocks, self.device)  # places the blocks
         else:
             expert.to(self.device)
 

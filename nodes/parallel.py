@@ -1,0 +1,113 @@
+"""Wan22MultiGPUConfig and the sampler's multi-GPU path (wan22_core.parallel's worker group).
+
+The config node validates devices and degrees (`parallel_config`) when it runs, before any
+process starts. The sampler then runs each video on the persistent worker group: started on
+the first run, kept across prompts, rebuilt when the model spec or the config changes or after
+a fault. Each rank's status goes to the sampler's status line through the adapter.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..wan22_core.config import A14B, SamplerSettings
+from ..wan22_core.lora import LoraReport
+from ..wan22_core.parallel import Job, ModelSpec, ParallelConfig, WorkerGroup, parallel_config
+from . import comfy_adapter
+from .loaders import CATEGORY, EXPERT_NAMES, MoEModel, release_cached_experts
+
+# The group this process drives, if any (WorkerGroup keeps at most one alive).
+_group: WorkerGroup | None = None
+
+
+class Wan22MultiGPUConfig:
+    DESCRIPTION = ("Runs Wan22MoESampler on several GPUs (connect to its parallel input): each GPU holds 1/N of "
+                   "both experts (FSDP) and 1/N of the video tokens (Ulysses). The worker processes start on the "
+                   "first run and stay up between prompts; a changed setting or model restarts them.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("WAN22_PARALLEL",)
+    RETURN_NAMES = ("parallel",)
+    OUTPUT_TOOLTIPS = ("The validated devices and degrees, for Wan22MoESampler's parallel input.",)
+    FUNCTION = "configure"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        heads = A14B.dit.num_heads
+        return {"required": {
+            "gpus": ("STRING", {"default": "all", "tooltip":
+                     "Which GPUs: all, a list of CUDA indices like 0,1,2,3, or cpu:N for N CPU processes "
+                     "(no GPU needed; slow, for trying the setup)."}),
+            "ulysses_degree": ("INT", {"default": 0, "min": 0, "max": heads, "step": 1, "tooltip":
+                               "Sequence-parallel degree; 0 uses all GPUs (of each CFG half). It must divide the "
+                               f"{heads} attention heads: 1, 2, 4, 5, 8, 10, 20 or 40."}),
+            "fsdp": ("BOOLEAN", {"default": True, "tooltip":
+                     "Shard both experts' weights across the GPUs (each holds 1/N); off: every GPU holds whole "
+                     "experts."}),
+            "cfg_parallel": ("BOOLEAN", {"default": False, "tooltip":
+                             "Run the positive and the negative pass on two halves of the GPUs (an even GPU "
+                             "count; no gain when cfg is 1)."}),
+        }}
+
+    def configure(self, gpus: str, ulysses_degree: int, fsdp: bool, cfg_parallel: bool):
+        return (parallel_config(gpus, ulysses_degree, fsdp, cfg_parallel),)
+
+
+def model_spec(model: MoEModel) -> ModelSpec:
+    """The worker group's view of the experts; loader options the workers cannot honour are refused.
+
+    LoRAs are always merged into each rank's shards there (lora_mode does not apply): a strength
+    change re-merges from the factors the ranks keep, without reading a checkpoint.
+    """
+    if model.weight_dtype.startswith("fp8"):
+        raise ValueError(f"weight_dtype {model.weight_dtype!r} does not work with the parallel input: the workers "
+                         "hold 16-bit shards (fp8 files are dequantised, sharding already divides the memory); "
+                         "set weight_dtype to auto, bf16 or fp16")
+    if model.offload == "block_swap":
+        raise ValueError("offload 'block_swap' does not work with the parallel input (FSDP already spreads the "
+                         "weights over the GPUs); set offload to auto")
+    if model.compile:
+        raise ValueError("compile does not work with the parallel input yet; turn compile off in the loader")
+    return ModelSpec(model.high_noise, model.low_noise, dtype=model.weight_dtype, loras_high=model.loras_high,
+                     loras_low=model.loras_low, attention=model.attention)
+
+
+def uses_gpus(config: ParallelConfig) -> bool:
+    return any(device.startswith("cuda") for device in config.devices)
+
+
+Reports = tuple[tuple[str, LoraReport], ...]  # (expert, what one LoRA patched)
+
+
+def sample_on_group(config: ParallelConfig, model: MoEModel, embeds, jobs: list, settings: SamplerSettings,
+                    denoise: float, progress, node_id: str | None) -> tuple[list[torch.Tensor], Reports]:
+    """Run each (noise, start latent) job on the worker group; the final latents (normalised, CPU)
+    and the LoRA reports."""
+    global _group
+    runtime = comfy_adapter.runtime
+    spec = model_spec(model)
+    ranks = config.plan.world_size
+
+    def on_status(rank: int, status: str) -> None:
+        runtime.send_status(node_id, rank, ranks, status)
+
+    if uses_gpus(config):
+        runtime.free_memory()  # the workers allocate on GPUs where ComfyUI may hold models
+    _group = WorkerGroup.get_or_create(spec, config, on_status)  # validates the spec before spawning
+    release_cached_experts()  # the workers hold the model now; an in-process copy would only take memory
+    for rank in range(ranks):  # a kept group says nothing until it works: refresh the status line
+        on_status(rank, "ready")
+    outputs = []
+    for index, (noise, start) in enumerate(jobs):
+        progress.video = index
+        job = Job(embeds.positive, embeds.negative, noise, settings, latent=start, denoise_strength=denoise)
+        outputs.append(_group.run(job, on_step=progress.on_step, should_cancel=runtime.interrupted))
+    reports = tuple((EXPERT_NAMES[expert], report) for expert in ("high", "low")
+                    for report in _group.lora_reports[expert])
+    return outputs, reports
+
+
+def release_gpu_group(device: torch.device) -> None:
+    """Stop a worker group that holds GPU memory before this process computes on a GPU itself."""
+    global _group
+    if _group is not None and device.type == "cuda" and uses_gpus(_group.config):
+        _group.shutdown()
+        _group = None

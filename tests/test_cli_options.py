@@ -1,0 +1,167 @@
+"""`generate` options on one process: LoRAs, attention backend, compile, offload, batched CFG.
+
+Each option is checked through the real CLI on the tiny official-layout model (a run takes
+~0.3 s): the latents it saves are compared with the default run or with the Python API doing
+the same thing. Offload and LoRA wiring must give identical latents (the same float ops in the
+same order); sequential CFG reorders nothing either on CPU, but is held to 1e-5 relative as in
+test_pipeline.py.
+"""
+import importlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from wan22_core.checkpoints import ModelFiles, load_dit, load_text_encoder
+from wan22_core.cli import build_parser, main
+from wan22_core.config import TINY, SamplerSettings
+from wan22_core.lora import LoraSpec, apply_loras, write_tiny_lora
+from wan22_core.models.transformer import WanModel
+from wan22_core.pipeline import denoise, make_noise
+from wan22_core.sampling.moe import ExpertPair
+from wan22_core.tiny import make_tiny
+
+PROMPT, NEGATIVE, SEED = "a fox in snow", "blurry", 11
+SIZE = dict(frames=9, height=48, width=64)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("models") / "official", "official", TINY, seed=0)
+
+
+@pytest.fixture
+def generate(model_dir, tmp_path):
+    """generate(*flags) -> (exit code, saved latents or None)."""
+    runs = iter(range(100))
+
+    def run(*flags):
+        n = next(runs)
+        latents = tmp_path / f"lat{n}.safetensors"
+        code = main(["generate", "--model-dir", str(model_dir), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+                     "--seed", str(SEED), "--steps", "4", "--device", "cpu", "--quiet",
+                     *[f"--{k}={v}" for k, v in SIZE.items()],
+                     "--output", str(tmp_path / f"v{n}.mp4"), "--save-latents", str(latents), *flags])
+        return code, load_file(str(latents))["latents"] if code == 0 else None
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def default_latents(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("default") / "lat.safetensors"
+    assert main(["generate", "--model-dir", str(model_dir), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+                 "--seed", str(SEED), "--steps", "4", "--device", "cpu", "--quiet",
+                 *[f"--{k}={v}" for k, v in SIZE.items()],
+                 "--output", str(out.with_suffix(".mp4")), "--save-latents", str(out)]) == 0
+    return load_file(str(out))["latents"]
+
+
+def rel_l2(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_lora_flags_parse_file_and_strength_and_repeat():
+    args = build_parser().parse_args(["generate", "--lora-high", "a.safetensors:0.5", "--lora-high", "b.safetensors",
+                                      "--lora-low", "C:\\loras\\c.safetensors"])
+    assert args.lora_high == [LoraSpec("a.safetensors", 0.5), LoraSpec("b.safetensors", 1.0)]
+    assert args.lora_low == [LoraSpec("C:\\loras\\c.safetensors")]  # a drive colon is part of the path
+    assert build_parser().parse_args(["generate"]).lora_high == []
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["generate", "--lora-low", "a.safetensors:nan"])
+    assert exit_.value.code == 2
+
+
+def test_lora_flags_equal_the_python_api_with_apply_loras(model_dir, generate, default_latents, tmp_path, capsys):
+    model = WanModel(TINY.dit)
+    comfy = write_tiny_lora(tmp_path / "comfy.safetensors", model, "comfy", seed=1).path
+    lightx2v = write_tiny_lora(tmp_path / "lightx2v.safetensors", model, "lightx2v", seed=2).path
+    code, latents = generate("--lora-high", f"{comfy}:0.8", "--lora-low", str(lightx2v), "--lora-low", f"{comfy}:-0.5")
+    assert code == 0
+    assert capsys.readouterr().err.count("parameters patched") == 3  # one report per LoRA
+
+    files = ModelFiles.from_model_dir(model_dir)
+    embeds = load_text_encoder(files.text_encoder, files.tokenizer).encode_prompt(PROMPT, NEGATIVE)
+    high, low = load_dit(files.high_noise), load_dit(files.low_noise)
+    apply_loras(high, [LoraSpec(comfy, 0.8)])
+    apply_loras(low, [LoraSpec(lightx2v), LoraSpec(comfy, -0.5)])
+    direct = denoise(ExpertPair(high, low, torch.device("cpu")), embeds.positive, embeds.negative,
+                     make_noise(SEED, **SIZE), SamplerSettings(steps=4))
+    assert torch.equal(latents, direct)
+    assert rel_l2(latents, default_latents) > 1e-3  # the control: the LoRAs change the result
+
+
+def test_offload_and_attention_flags_reach_the_experts(generate, default_latents, monkeypatch):
+    import types
+
+    import wan22_core.sampling.moe as moe
+    from wan22_core.models.attention import AttentionKernel
+
+    made = []
+    original = moe.ExpertPair.__init__
+
+    def recording(self, high, low, *args, **kwargs):
+        original(self, high, low, *args, **kwargs)
+        backends = {m.backend for e in (high, low) for m in e.modules() if isinstance(m, AttentionKernel)}
+        made.append((self.keep_both, self.swap_blocks, backends))
+
+    monkeypatch.setattr(moe.ExpertPair, "__init__", recording)
+    real = importlib.import_module  # a stand-in sageattention: on CPU the kernel runs SDPA anyway
+    monkeypatch.setattr(importlib, "import_module",
+                        lambda name, *a: types.ModuleType(name) if name == "sageattention" else real(name, *a))
+    for flags in [(), ("--offload", "none"), ("--offload", "swap_experts"),
+                  ("--offload", "block_swap", "--swap-blocks", "1"), ("--attention", "sage")]:
+        code, latents = generate(*flags)
+        assert code == 0 and torch.equal(latents, default_latents), flags
+    assert made == [(True, 0, {"sdpa"}), (True, 0, {"sdpa"}), (False, 0, {"sdpa"}),  # auto on CPU keeps both
+                    (False, 1, {"sdpa"}), (True, 0, {"sage"})]
+
+
+def test_sequential_cfg_matches_batched(generate, default_latents):
+    code, latents = generate("--no-batch-cfg")
+    assert code == 0 and rel_l2(latents, default_latents) <= 1e-5
+
+
+def test_compile_without_toolchain_runs_eager_with_one_warning_line(generate, default_latents, monkeypatch, capsys):
+    import wan22_core.optimize as optimize
+
+    monkeypatch.setattr(optimize, "compile_toolchain_problem", lambda device: "no C++ compiler on PATH (install g++)")
+    code, latents = generate("--compile")
+    assert code == 0 and torch.equal(latents, default_latents)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: --compile ignored: no C++ compiler on PATH (install g++); "
+                        "running eager (same results, slower)"]
+
+
+def test_missing_attention_package_exits_2_with_the_engines_message(generate, monkeypatch, capsys):
+    real = importlib.import_module
+
+    def without_flash_attn(name, *args):
+        if name == "flash_attn":
+            raise ImportError("No module named 'flash_attn'")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_flash_attn)
+    assert generate("--attention", "flash_attn")[0] == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: attention backend 'flash_attn' is selected but the 'flash_attn' package is not "
+                          "installed") and "or choose 'sdpa'" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--swap-blocks", "2"), "--swap-blocks 2 needs --offload block_swap (got --offload auto)"),
+    (("--offload", "block_swap"), "--offload block_swap needs --swap-blocks N with 1 <= N <= 2"),
+    (("--offload", "block_swap", "--swap-blocks", "3"), "1 <= N <= 2 (the expert's blocks), got 3"),
+    (("--compile", "--offload", "block_swap", "--swap-blocks", "1"), "--compile and --offload block_swap do not combine"),
+    (("--lora-high", "missing.safetensors"), "LoRA file not found: missing.safetensors"),
+    (("--compile", "--ulysses", "2"), "--compile: one-process options, not supported with --ulysses"),
+    (("--fsdp", "--offload", "none", "--swap-blocks", "1"), "--offload none, --swap-blocks 1: one-process options"),
+    (("--cfg-parallel", "--no-batch-cfg"), "--no-batch-cfg and --cfg-parallel do not combine"),
+])
+def test_option_errors_are_one_line_before_any_work(generate, flags, message, capsys, monkeypatch):
+    import wan22_core.checkpoints as checkpoints
+
+    monkeypatch.setattr(checkpoints, "load_text_encoder", lambda *a, **k: pytest.fail("work started"))
+    assert generate(*flags)[0] == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

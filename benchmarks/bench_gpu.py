@@ -455,7 +455,9 @@ def section_overhead(bench: Bench, b2) -> None:
     cfg, dev = bench.cfg, bench.device
     torch.manual_seed(0)
     with torch.device(dev):
-        model = WanModel(replace(cfg, num_layers=0)).to(DTYPE).eval()
+        model = WanModel(replace(cfg, num_layers=1))
+    model.blocks = torch.nn.ModuleList()  # everything but the blocks
+    model = model.to(DTYPE).eval()
     overhead = {}
     for shape in b2:
         f, h, w = shape.grid
@@ -608,6 +610,9 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+SECTIONS = ("ours", "attention", "fp8", "swap", "compile", "overhead", "vae")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", help="write all numbers here (rewritten after every configuration)")
@@ -619,6 +624,7 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=380.0,
                    help="start nothing new after this many seconds (default 380: the longest single item, a "
                         "recompile or the VAE decode, then still ends before 8 minutes)")
+    p.add_argument("--only", help=f"comma-separated sections to run (default all): {','.join(SECTIONS)}")
     args = p.parse_args()
     if args.warmup < 1 or args.repeats < 1 or args.blocks < 1:
         p.error(f"--warmup, --repeats and --blocks must be >= 1, got {args.warmup}, {args.repeats}, {args.blocks}")
@@ -637,12 +643,18 @@ def main() -> None:
     print(f"\n{'configuration':<34} {'shape':<8} {'ms/block':>10} {'TFLOP/s':>8} {'%peak':>6} {'peakGiB':>7} "
           f"{'actGiB':>7} {'predGiB':>7} {'compile_s':>8}  note")
     blocks = make_blocks(cfg, args.blocks, device)
-    bench.section(section_ours_and_diffusers, bench, blocks, shapes)
-    for section in (section_attention, section_fp8, section_block_swap):
-        bench.section(section, bench, blocks, b2)
-    bench.section(section_overhead, bench, b2)
-    bench.section(section_vae, bench, b2[0])
-    bench.section(section_compile, bench, blocks, b2)  # last: compiling may take minutes
+    run = set(args.only.split(",")) if args.only else set(SECTIONS)
+    if "ours" in run:
+        bench.section(section_ours_and_diffusers, bench, blocks, shapes)
+    for name, section in (("attention", section_attention), ("fp8", section_fp8), ("swap", section_block_swap)):
+        if name in run:
+            bench.section(section, bench, blocks, b2)
+    if "compile" in run:
+        bench.section(section_compile, bench, blocks, b2)  # compiling may take minutes
+    if "overhead" in run:
+        bench.section(section_overhead, bench, b2)
+    if "vae" in run:
+        bench.section(section_vae, bench, b2[0])
     del blocks
     bench.extra["ratios"] = ratios(bench)
     rows = projection(bench, b2)

@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m wan22_core demo --output out/demo.mp4
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests
 
 clean-venv:
 	rm -rf $(VENV)

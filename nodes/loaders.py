@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..wan22_core.checkpoints import load_dit, load_text_encoder, load_vae
+from ..wan22_core.checkpoints import check_expert_pair, load_dit, load_text_encoder, load_vae
 from ..wan22_core.config import A14B
 from ..wan22_core.fp8 import set_fp8_compute
 from ..wan22_core.lora import LoraError, LoraReport, LoraSpec, apply_loras
@@ -221,8 +221,10 @@ class Wan22MoEModelLoader:
                              "around each block, which a compiled block would trace); turn compile off or choose "
                              "another offload")
         resolve_backend(attention)  # a backend whose package is missing fails here, naming the package
-        return (MoEModel(high_noise=model_path(DIFFUSION_MODELS, high_noise_model),
-                         low_noise=model_path(DIFFUSION_MODELS, low_noise_model), weight_dtype=weight_dtype,
+        high = model_path(DIFFUSION_MODELS, high_noise_model)
+        low = model_path(DIFFUSION_MODELS, low_noise_model)
+        check_expert_pair(high, low)  # headers only: wrong slots or two different models fail here, in ms
+        return (MoEModel(high_noise=high, low_noise=low, weight_dtype=weight_dtype,
                          attention=attention, offload=offload, swap_blocks=swap_blocks, compile=compile),)
 
 

@@ -26,12 +26,13 @@ heads (every released Wan DiT).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -105,7 +106,7 @@ class Checkpoint:
         self.metadata: dict[str, str] = {}
         self._pickled: dict[str, torch.Tensor] = {}
         config = self.path / "config.json"
-        self.config: dict = json.loads(config.read_text()) if self.path.is_dir() and config.is_file() else {}
+        self.config: dict = _read_json(config) if self.path.is_dir() and config.is_file() else {}
         if self.path.is_file() and self.path.suffix in _PICKLE_SUFFIXES:
             self._pickled = _load_pickle_safely(self.path)
             self.entries = {k: TensorEntry(v.dtype, tuple(v.shape), self.path, -1, v.nbytes)
@@ -115,6 +116,7 @@ class Checkpoint:
                 self._add_safetensors(file)
 
     def _add_safetensors(self, file: Path) -> None:
+        _check_readable(file)  # safe_open reports "permission denied" as "no such file"
         try:  # the library validates the header: JSON, dtypes, shapes, offsets, file length
             with safe_open(str(file), framework="pt") as f:
                 self.metadata.update(f.metadata() or {})
@@ -140,7 +142,13 @@ class Checkpoint:
         """The DiT head count from config.json (official or diffusers) or our metadata, if any."""
         heads = (self.config.get("num_heads") or self.config.get("num_attention_heads")
                  or self.metadata.get(NUM_HEADS_KEY))
-        return int(heads) if heads is not None else None
+        if heads is None:
+            return None
+        if isinstance(heads, bool) or not isinstance(heads, (int, str)) or not str(heads).isdecimal() \
+                or int(heads) < 1:
+            raise CheckpointError(f"{self.path}: the head count in its config or metadata is {heads!r}, not a whole "
+                                  "number >= 1; the file is damaged, download it again")
+        return int(heads)
 
     def meta_tensors(self, names: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
         """{new name: meta tensor of the right dtype and shape}, for configs and checks without I/O."""
@@ -206,7 +214,11 @@ def _safetensors_files(path: Path) -> list[Path]:
         return [path]
     index = sorted(path.glob("*.safetensors.index.json"))
     if index:
-        shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        weight_map = _read_json(index[0]).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise CheckpointError(f"{index[0]} has no weight_map of tensor names to shard files; "
+                                  "download the complete folder again")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise CheckpointError(f"{index[0]} lists shards that are not in the folder: {', '.join(missing)}; "
@@ -221,14 +233,38 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+def _check_readable(path: Path) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        fix = ("make it readable by the user running this process" if isinstance(err, PermissionError)
+               else "check the path and the disk")
+        raise CheckpointError(f"cannot open {path}: {err.strerror or err}; {fix}") from err
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointError(f"cannot read {path}: {err}; the file is damaged, download it again") from err
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object; download it again")
+    return value
+
+
 def _load_pickle_safely(path: Path) -> dict[str, torch.Tensor]:
+    _check_readable(path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path} needs code to be unpickled and was refused (only plain tensors are "
-                              "loaded from .pth files); convert it to .safetensors") from err
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise CheckpointError(f"cannot read {path}: {err}; the file is truncated or corrupt") from err
+        if "Unsupported global" in str(err):  # torch's refusal to import what the pickle names
+            raise CheckpointError(f"{path} needs code to be unpickled and was refused (only plain tensors are "
+                                  "loaded from .pth files); convert it to .safetensors") from err
+        raise CheckpointError(f"cannot read {path}: its pickle is corrupt; download it again") from err
+    except Exception as err:  # a damaged archive fails in many ways (zip, pickle, storage checks)
+        raise CheckpointError(f"cannot read {path}: {type(err).__name__}: {err}; the file is truncated or "
+                              "corrupt, download it again") from err
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} is not a flat dict of tensors")
     return sd
@@ -377,7 +413,42 @@ def _identify_dit(ckpt: Checkpoint, names: dict[str, str]) -> Identity:
     elif any(n.endswith((".scale_weight", ".scale_input")) and sd[n].numel() != 1 for n in sd):
         problem = ("its fp8 scales are per block, not per tensor, which this loader does not read; "
                    "use the fp8_scaled, fp16 or bf16 file")
+    else:
+        problem = _dit_shape_problem(sd, cfg)
     return Identity(DIT, layout, what.format(variant or DIT), names, scaled, problem, cfg)
+
+
+_BLOCK_PREFIX = re.compile(r"^blocks\.(\d+)\.")
+
+
+@functools.lru_cache(maxsize=8)
+def _dit_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a DiT of `cfg`, with one block standing for all (they are alike)."""
+    with torch.device("meta"):
+        model = WanModel(replace(cfg, num_layers=1))
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _dit_shape_problem(sd: dict[str, torch.Tensor], cfg: DiTConfig) -> str | None:
+    """Why the stored shapes cannot be the DiT that `cfg` (read from a few tensors) describes, if they cannot.
+
+    From the header alone, before anything is read: a valid-looking header whose other tensors
+    disagree (a damaged or spliced file) must not load, nor read rows of the wrong size.
+    """
+    blocks = {int(m.group(1)) for name in sd if (m := _BLOCK_PREFIX.match(name))}
+    if len(blocks) != cfg.num_layers:  # num_layers is the highest index + 1 (which may be huge)
+        first = next(i for i in range(cfg.num_layers) if i not in blocks)
+        return (f"its blocks go up to blocks.{cfg.num_layers - 1} but {cfg.num_layers - len(blocks)} are missing "
+                f"(e.g. blocks.{first}); the file is incomplete, download it again")
+    expected = _dit_shapes(cfg)
+    for name, tensor in sd.items():
+        if name.endswith((".scale_weight", ".scale_input")):
+            continue  # fp8 scales: one number per tensor, checked above
+        wanted = expected.get(_BLOCK_PREFIX.sub("blocks.0.", name))
+        if wanted is not None and tuple(tensor.shape) != wanted:
+            return (f"tensor {name} has shape {list(tensor.shape)} where a DiT of dim {cfg.dim} and ffn_dim "
+                    f"{cfg.ffn_dim} has {list(wanted)}; the file is damaged or mixes models, download it again")
+    return None
 
 
 def _identify_vae(ckpt: Checkpoint) -> Identity:
@@ -385,7 +456,7 @@ def _identify_vae(ckpt: Checkpoint) -> Identity:
     diffusers = "decoder.mid_block.resnets.0.norm1.gamma" in ckpt.entries
     names = vae_diffusers_to_official(stored) if diffusers else {n: n for n in stored}
     sd = ckpt.meta_tensors(names)
-    z_dim = sd["conv2.weight"].shape[0] if "conv2.weight" in sd else None
+    z_dim = sd["conv2.weight"].shape[0] if "conv2.weight" in sd and sd["conv2.weight"].ndim else None
     what = f"a {{}} (z_dim {z_dim}, {_dtype_summary(ckpt, stored)})"
     if "decoder.upsamples.0.upsamples.0.residual.2.weight" in sd or z_dim != VAEConfig().z_dim:
         return Identity(VAE, _layout(ckpt, not diffusers), what.format("Wan2.2 VAE"), names,
@@ -399,7 +470,7 @@ def _identify_text_encoder(ckpt: Checkpoint) -> Identity:
     official = "token_embedding.weight" in names
     scaled = SCALED_FP8_MARKER in names or any(n.endswith(".scale_weight") for n in names)
     embedding = ckpt.entries.get("token_embedding.weight" if official else "shared.weight")
-    size = f"vocab {embedding.shape[0]}, dim {embedding.shape[1]}, " if embedding else ""
+    size = f"vocab {embedding.shape[0]}, dim {embedding.shape[1]}, " if embedding and len(embedding.shape) == 2 else ""
     layout = _layout(ckpt, official)
     what = f"a {{}} ({size}{_dtype_summary(ckpt, names)}" \
            f"{', scaled fp8' if scaled else ''}{', with tokenizer' if SPIECE_KEY in names else ''})"
@@ -496,7 +567,7 @@ def dit_config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | Non
             num_heads=num_heads or max(1, dim // WAN_HEAD_DIM),
             text_dim=sd["text_embedding.0.weight"].shape[1], freq_dim=sd["time_embedding.0.weight"].shape[1],
             out_dim=sd["head.head.weight"].shape[0] // math.prod(patch.shape[2:]))
-    except (KeyError, ValueError) as err:
+    except (KeyError, IndexError, ValueError, ZeroDivisionError) as err:  # missing names, too few dims
         raise CheckpointError(f"not a complete Wan DiT expert state dict (missing or odd {err})") from err
 
 
@@ -611,13 +682,21 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, *,
              device: torch.device | str = "cpu") -> WanVAE:
     """The Wan2.1 VAE from official, ComfyUI or diffusers files, with `.load_report` attached."""
     ckpt, found = check_slot(path, VAE)
-    with torch.device("meta"):
-        model = WanVAE(vae_config_from_state_dict(ckpt.meta_tensors(found.names)))
+    try:
+        with torch.device("meta"):
+            model = WanVAE(vae_config_from_state_dict(ckpt.meta_tensors(found.names)))
+    except ValueError as err:
+        raise CheckpointError(f"{ckpt.path}: its tensors do not make a Wan2.1 VAE ({err}); the file is damaged "
+                              "or another model, download it again") from err
     expected = set(model.state_dict())
     state = {found.names[stored]: t for stored, t in
              ckpt.read([s for s, official in found.names.items() if official in expected], device, dtype)}
     _check_missing(VAE, ckpt.path, expected, state)
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:  # "size mismatch for ...": a damaged or spliced file
+        raise CheckpointError(f"{ckpt.path}: tensor shapes do not fit a Wan2.1 VAE of the sizes its other tensors "
+                              f"give ({str(err).strip().splitlines()[-1].strip()}); download it again") from err
     unexpected = [stored for stored, official in found.names.items() if official not in expected]
     model.load_report = _report(model, ckpt, found, dtype, unexpected)
     return model.eval().requires_grad_(False)
@@ -746,18 +825,30 @@ class ModelFiles:
     def check(self) -> dict[str, Identity]:
         """Recognise every file from its header and fail on the first that does not fit its slot,
         a missing tokenizer, or experts of different sizes, before any weights are read."""
-        found = {"high_noise": check_slot(self.high_noise, DIT, "high-noise expert")[1],
-                 "low_noise": check_slot(self.low_noise, DIT, "low-noise expert")[1],
-                 "vae": check_slot(self.vae, VAE)[1]}
+        found = dict(zip(("high_noise", "low_noise"), check_expert_pair(self.high_noise, self.low_noise)))
+        found["vae"] = check_slot(self.vae, VAE)[1]
         text_ckpt, found["text_encoder"] = check_slot(self.text_encoder, TEXT_ENCODER)
         _tokenizer_for(text_ckpt, self.tokenizer)
-        high, low = found["high_noise"].dit, found["low_noise"].dit
-        if (high.dim, high.num_layers, high.ffn_dim) != (low.dim, low.num_layers, low.ffn_dim):
-            raise CheckpointError(
-                f"the experts do not belong together: high-noise {self.high_noise.name} is dim {high.dim}, "
-                f"{high.num_layers} layers; low-noise {self.low_noise.name} is dim {low.dim}, {low.num_layers} "
-                "layers: choose the high- and low-noise experts of one model (wan2.2_t2v_*_noise_14B)")
         return found
+
+
+def check_expert_pair(high_noise: str | Path, low_noise: str | Path) -> tuple[Identity, Identity]:
+    """Both experts recognised from their headers and of one model (equal sizes), else CheckpointError.
+
+    Experts of two different models would still run, each on its own steps, and make a worse
+    video with no error; every path that takes a pair (CLI, nodes, worker group) checks it.
+    """
+    high = check_slot(high_noise, DIT, "high-noise expert")[1]
+    low = check_slot(low_noise, DIT, "low-noise expert")[1]
+    if high.dit != low.dit:
+        def sizes(cfg: DiTConfig) -> str:
+            return f"dim {cfg.dim}, {cfg.num_layers} layers, {cfg.num_heads} heads, {cfg.in_dim} latent channels"
+
+        raise CheckpointError(
+            f"the experts do not belong together: high-noise {Path(high_noise).name} is {sizes(high.dit)}; "
+            f"low-noise {Path(low_noise).name} is {sizes(low.dit)}: choose the high- and low-noise experts of "
+            "one model (wan2.2_t2v_*_noise_14B)")
+    return high, low
 
 
 def _only_usable(root: Path, sub: str, slot: str, name_part: str = "") -> Path:

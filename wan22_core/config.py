@@ -30,6 +30,15 @@ class DiTConfig:
         return self.dim // self.num_heads
 
     def __post_init__(self):
+        sizes = {name: getattr(self, name) for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim",
+                                                        "out_dim", "text_dim", "freq_dim", "text_len",
+                                                        "rope_max_positions")}
+        sizes.update({f"patch_size[{i}]": p for i, p in enumerate(self.patch_size)})
+        for name, value in sizes.items():  # sizes read from file headers arrive here unchecked
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DiT {name} must be an integer >= 1, got {value!r}")
+        if len(self.patch_size) != 3:
+            raise ValueError(f"patch_size must be (t, h, w), got {self.patch_size!r}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
@@ -79,6 +88,7 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 
 SOLVERS = ("unipc", "dpm++", "euler")
+MAX_STEPS = 10000  # as ComfyUI's KSampler
 NUM_TRAIN_TIMESTEPS = 1000
 FPS = 16
 
@@ -101,13 +111,18 @@ class SamplerSettings:
     def validate(self) -> "SamplerSettings":
         import math
 
-        if not isinstance(self.steps, int) or self.steps < 1:
+        def real(value) -> bool:  # bool is an int to Python, but True is no step count or scale
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if not (isinstance(self.boundary, (int, float)) and 0.0 <= self.boundary <= 1.0):
+        if self.steps > MAX_STEPS:  # the schedule is built in memory; a typo like 4000000 must not exhaust it
+            raise ValueError(f"steps must be at most {MAX_STEPS}, got {self.steps} (Wan2.2 uses 40)")
+        if not (real(self.boundary) and 0.0 <= self.boundary <= 1.0):
             raise ValueError(f"boundary must be in [0, 1], got {self.boundary!r}")
         for name in ("shift", "cfg_high", "cfg_low"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not real(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.shift == 0:
             raise ValueError("shift must be > 0, got 0")

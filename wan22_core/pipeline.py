@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import VAEConfig, SamplerSettings
-from .errors import Cancelled, NumericalError
+from .errors import Cancelled, NumericalError, OutOfMemory, is_out_of_memory
 from .sampling.moe import ExpertPair, apply_guidance, guidance_scale, select_expert
 from .sampling.schedule import partial_schedule
 from .sampling.solvers import make_solver
@@ -105,15 +105,56 @@ def denoise(
     initial noise (see `make_noise`). latent: an optional starting latent (normalised space,
     same shape as noise); with denoise_strength < 1 the loop starts part-way down the schedule
     from that latent noised to the first sigma, as ComfyUI's samplers do.
+
+    Running out of memory raises OutOfMemory (after freeing this run's tensors) naming the
+    settings that would make it fit.
     """
     settings.validate()
+    _check_inputs(positive, negative, noise, latent, denoise_strength)
+    schedule = partial_schedule(settings.steps, settings.shift, settings.solver, denoise_strength)
+    position = _Position(total=len(schedule.timesteps))
+    try:
+        return _sample(experts, positive, negative, noise, latent, settings, schedule, batch_cfg, on_step,
+                       should_cancel, position)
+    except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(err):
+            raise
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300].rstrip(". ")
+    # Raised outside the except block: its traceback held every frame of the failed step, and
+    # with them the activations; now they are gone and the allocator can give the memory back.
+    release_cached_memory(experts.device)
+    raise OutOfMemory(_out_of_memory_message(position, noise, experts.device, batch_cfg, reason))
+
+
+@dataclass
+class _Position:
+    """Where the loop is, for the out-of-memory message."""
+
+    total: int
+    step: int = 0  # 1-based step being computed; 0 before the first
+    expert: str = ""
+
+
+def _check_inputs(positive, negative, noise, latent, denoise_strength) -> None:
+    for name, embeds in (("positive", positive), ("negative", negative)):
+        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 2:
+            shape = list(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise ValueError(f"{name} must be text embeddings [tokens, dim] (from the text encoder), got {shape}")
+    if not isinstance(noise, torch.Tensor) or noise.ndim != 4 or noise.shape[0] != Z_DIM:
+        shape = list(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"noise must have shape [{Z_DIM}, latent frames, height/8, width/8] (see make_noise), "
+                         f"got {shape}")
     if latent is None and denoise_strength != 1.0:
         raise ValueError(f"denoise {denoise_strength} < 1 needs an input latent to start from; "
                          "connect a latent or set denoise to 1.0")
     if latent is not None and tuple(latent.shape) != tuple(noise.shape):
         raise ValueError(f"input latent has shape {tuple(latent.shape)}, expected {tuple(noise.shape)} "
                          f"([16 channels, latent frames, height/8, width/8]) to match the requested size")
-    schedule = partial_schedule(settings.steps, settings.shift, settings.solver, denoise_strength)
+
+
+def _sample(experts, positive, negative, noise, latent, settings, schedule, batch_cfg, on_step, should_cancel,
+            position: _Position) -> torch.Tensor:
+    """The step loop; every device tensor of the run lives in this frame or below it."""
     solver = make_solver(settings.solver, schedule.sigmas)
     device, dtype = experts.device, torch.float32
 
@@ -123,11 +164,12 @@ def denoise(
         x = sigma0 * x + (1.0 - sigma0) * latent.to(device, dtype)
     cond, uncond = positive.to(device), negative.to(device)
 
-    total = len(schedule.timesteps)
+    total = position.total
     for i, t in enumerate(schedule.timesteps.tolist()):
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"cancelled before step {i + 1}/{total}")
         expert = select_expert(t, settings.boundary)
+        position.step, position.expert = i + 1, expert
         with torch.no_grad():
             v = predict_velocity(experts.get(expert), x, t, cond, uncond,
                                  guidance_scale(expert, settings), batch_cfg)
@@ -140,6 +182,27 @@ def denoise(
         if on_step is not None:
             on_step(StepInfo(i, total, t, expert, x, denoised))
     return x
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the CUDA caching allocator's free blocks back to the driver (a no-op elsewhere)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _out_of_memory_message(position: _Position, noise: torch.Tensor, device, batch_cfg: bool, reason: str) -> str:
+    frames, height, width = noise.shape[1:]
+    tokens = frames * (height // 2) * (width // 2)  # 2x2 latent pixels per token
+    where = (f"at step {position.step}/{position.total} ({position.expert}-noise expert)" if position.step
+             else "before the first step")
+    knobs = ["fp8 weights (loader weight_dtype fp8_e4m3fn, or an fp8_scaled checkpoint)",
+             "offloading (offload swap_experts, or block_swap with more swap_blocks; CLI --offload, --swap-blocks)",
+             "a smaller width/height or fewer frames"]
+    if batch_cfg:
+        knobs.append("unbatched CFG (batch_cfg=False, CLI --no-batch-cfg: the two passes one after the other)")
+    knobs.append("more GPUs (the multi-GPU sampler, or torchrun with --ulysses and --fsdp)")
+    return (f"out of memory {where} on {device} with a {tokens}-token video (latent {[Z_DIM, frames, height, width]}): "
+            f"{reason}. The run's tensors were freed. To fit, try: {'; '.join(knobs)}")
 
 
 def decode_to_video(vae, latent: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:

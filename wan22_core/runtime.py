@@ -32,3 +32,23 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
     return DTYPES[name]
+
+
+def check_backend(backend: str) -> None:
+    """Fail before any process starts when this torch build cannot run `backend` ("nccl" or "gloo").
+
+    NCCL ships only with torch's Linux GPU builds (not on Windows or macOS), and a few builds
+    leave out torch.distributed altogether.
+    """
+    import torch.distributed as dist
+
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend must be nccl or gloo, got {backend!r}")
+    if not dist.is_available():  # then the is_*_available functions may be missing too
+        raise ValueError(f"multi-GPU needs torch.distributed, which this torch build ({torch.__version__}) lacks; "
+                         "install the Linux build of torch from pytorch.org")
+    if not (dist.is_nccl_available() if backend == "nccl" else dist.is_gloo_available()):
+        fix = ("install a CUDA build of torch for Linux from pytorch.org (it ships NCCL), or run the ranks on "
+               "the CPU with gpus 'cpu:N'" if backend == "nccl" else "install the official torch build")
+        raise ValueError(f"multi-GPU on {'CUDA' if backend == 'nccl' else 'the CPU'} needs the {backend} "
+                         f"backend, which this torch build ({torch.__version__}) lacks; {fix}")

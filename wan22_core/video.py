@@ -25,6 +25,7 @@ from . import config
 # Official Wan2.2 saves with imageio `quality=8`, which imageio-ffmpeg turns into
 # `-crf int((1 - 8/10) * 51)` = 10 for libx264: near-lossless, so we keep that.
 DEFAULT_CRF = 10
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota is used up
 
 
 def write_mp4(frames, path, fps: float = config.FPS, overwrite: bool = False,
@@ -51,8 +52,10 @@ def write_mp4(frames, path, fps: float = config.FPS, overwrite: bool = False,
         _encode(frames, tmp, fps, crf)
         _fsync_file(tmp)
         _publish(tmp, final, overwrite)
-    except BaseException:  # KeyboardInterrupt too: never leave a partial file behind
+    except BaseException as err:  # KeyboardInterrupt too: never leave a partial file behind
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, FileExistsError):
+            raise _save_error(err, final) from err
         raise
     _fsync_dir(folder)
     return final
@@ -154,6 +157,14 @@ def _exists_error(final: pathlib.Path) -> FileExistsError:
                            "to replace it or choose another name (see unique_path)")
 
 
+def _save_error(err: OSError, final: pathlib.Path) -> OSError:
+    """A failure while writing (e.g. the disk filled up): say that nothing was saved, and what helps."""
+    fix = ("the disk is full: free some space or choose an output folder on another disk"
+           if err.errno in _DISK_FULL else "choose another output folder or fix this one")
+    return OSError(err.errno, f"could not save {str(final)!r}: {err.strerror or err}; nothing was written under "
+                   f"that name (the partial file was removed); {fix}")
+
+
 def _folder_error(err: OSError, folder: pathlib.Path) -> OSError:
     # OSError(errno, ...) builds the matching subclass (PermissionError for EACCES), so callers
     # can still catch the specific type.
@@ -206,6 +217,9 @@ def _encode(frames, out: pathlib.Path, fps: float, crf: int) -> None:
         if returncode != 0:
             log.seek(0)
             detail = log.read().decode(errors="replace").strip()[-2000:]
+            for code in _DISK_FULL:  # ffmpeg's own writes failed: an OSError, like our writes would give
+                if os.strerror(code) in detail:
+                    raise OSError(code, os.strerror(code))
             raise RuntimeError(f"ffmpeg failed (exit code {returncode}) writing {str(out)!r}:\n"
                                f"{detail or '(no output)'}")
 

@@ -27,6 +27,9 @@ UNK_ID = 2
 # or a binary file) would otherwise become UNK tokens; a space keeps word boundaries instead.
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _WHITESPACE_RUN = re.compile(r"\s+")
+# Lone UTF-16 surrogates: what Python makes of bytes that are not UTF-8 (errors="surrogateescape"),
+# or a JSON "\udcff" escape. They are no characters, and SentencePiece cannot take them.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 try:  # The official cleaning starts with ftfy.fix_text; ftfy is optional here, not a dependency.
     import ftfy
@@ -38,6 +41,10 @@ def clean_text(text: str) -> str:
     """Official 'whitespace' cleaning (ftfy if installed, html-unescape twice, collapse spaces)."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}: {text!r:.80}")
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise ValueError(f"prompt {text[:60]!r} has {bad.group()!r} at character {bad.start()}, which is not text: "
+                         "it was read from bytes that are not UTF-8; save the prompt as UTF-8 and enter it again")
     if ftfy is not None:
         text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()

@@ -67,7 +67,7 @@ def run_distributed(args, files) -> dict:
     from ..cli import _progress_bar, sampler_settings, save_outputs, stage
     from ..models.attention import resolve_backend, set_attention_backend
     from ..pipeline import denoise, make_noise
-    from ..runtime import resolve_dtype
+    from ..runtime import check_backend, resolve_dtype
     from .loading import expert_config, load_expert_pair
     from .mesh import init_groups
 
@@ -82,8 +82,9 @@ def run_distributed(args, files) -> dict:
     dtype = resolve_dtype(args.dtype, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the default for every allocation and for NCCL on this rank
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            device_id=device if device.type == "cuda" else None)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    check_backend(backend)  # a clear line, not a traceback, when this torch build lacks it
+    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     try:
         rank0 = dist.get_rank() == 0
         timings: dict[str, float] = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import A14B
+from ..runtime import check_backend
 
 A14B_HEADS = A14B.dit.num_heads
 
@@ -100,6 +101,9 @@ class ParallelPlan:
 # Devices: what the multi-GPU node's `gpus` string means
 
 
+MAX_CPU_RANKS = 256  # a typo like cpu:20000 must not fork-bomb the machine
+
+
 def parse_gpus(gpus: str) -> tuple[str, ...]:
     """"all", "0,1,2,3" (CUDA indices) or "cpu:N" (N CPU ranks on gloo) -> one device name per rank."""
     import torch
@@ -107,8 +111,9 @@ def parse_gpus(gpus: str) -> tuple[str, ...]:
     text = str(gpus).strip().lower()
     if text.startswith("cpu:"):
         count = text[4:]
-        if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"gpus {gpus!r}: 'cpu:N' needs a whole number of ranks N >= 1, e.g. 'cpu:2'")
+        if not count.isdecimal() or not 1 <= int(count) <= MAX_CPU_RANKS:
+            raise ValueError(f"gpus {gpus!r}: 'cpu:N' needs a whole number of ranks N >= 1 "
+                             f"(at most {MAX_CPU_RANKS}), e.g. 'cpu:2'")
         return ("cpu",) * int(count)
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if text == "all":
@@ -148,6 +153,7 @@ def parallel_config(gpus: str = "all", ulysses_degree: int = 0, fsdp: bool = Tru
                     heartbeat_timeout: float = 60.0) -> ParallelConfig:
     """The multi-GPU node's inputs -> a validated ParallelConfig (ulysses_degree 0: all ranks of a CFG half)."""
     devices = parse_gpus(gpus)
+    check_backend("nccl" if devices[0].startswith("cuda") else "gloo")  # e.g. a torch build without NCCL
     cfg = 2 if cfg_parallel else 1
     _check_int("ulysses_degree", ulysses_degree, 0)
     if cfg_parallel and len(devices) % 2:

@@ -130,19 +130,17 @@ def validate_spec(spec: ModelSpec, plan: ParallelPlan) -> ParallelPlan:
     process starts."""
     from dataclasses import replace
 
+    from ..checkpoints import check_expert_pair
     from ..models.attention import resolve_backend
     from ..runtime import DTYPES
-    from .loading import expert_config
 
     if spec.dtype != "auto" and spec.dtype not in DTYPES:
         raise ValueError(f"multi-GPU compute dtype must be auto, {', '.join(DTYPES)}; got {spec.dtype!r} "
                          "(fp8 checkpoint files are fine: their shards are dequantised into this dtype)")
     resolve_backend(spec.attention)  # unknown names and missing packages fail here, not on every rank
-    heads = {expert_config(path).num_heads for path in (spec.high_noise, spec.low_noise)}
-    if len(heads) != 1:
-        raise ValueError(f"the two experts have different head counts {sorted(heads)}; they must be one model pair")
+    high, _ = check_expert_pair(spec.high_noise, spec.low_noise)  # headers only: one model's two experts
     check_loras(spec)
-    return replace(plan, num_heads=heads.pop())  # re-runs ParallelPlan's checks with the real heads
+    return replace(plan, num_heads=high.dit.num_heads)  # re-runs ParallelPlan's checks with the real heads
 
 
 # (expert config, LoRA file key) -> report at strength 1: a file is read here once while unchanged

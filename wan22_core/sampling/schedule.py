@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import NUM_TRAIN_TIMESTEPS, SOLVERS
+from ..config import MAX_STEPS, NUM_TRAIN_TIMESTEPS, SOLVERS
 
 # The official UniPC scheduler starts its grid at its first *training* sigma, 1 - 1/1000, which
 # it stores in float32 and reads back with `.item()`: 0.9990000128746033, not 0.999. The extra
@@ -62,6 +62,9 @@ def partial_schedule(steps: int, shift: float, solver: str, denoise: float) -> S
         raise ValueError(f"denoise must be a number in (0, 1], got {denoise!r}; use 1.0 for a full run")
     _check_settings(steps, shift, solver)
     steps = int(steps)
+    if steps / denoise > MAX_STEPS:  # denoise d runs the last `steps` of a steps/d schedule, built in memory
+        raise ValueError(f"denoise {denoise} with {steps} steps needs a schedule of steps / denoise = "
+                         f"{steps / denoise:.0f} steps, more than {MAX_STEPS}; use denoise >= {steps / MAX_STEPS:g}")
     total = max(steps, int(steps / denoise))
     full = flow_schedule(total, shift, solver)
     if total == steps:

@@ -1,0 +1,101 @@
+"""Soak: many consecutive prompts in one process and through one worker group, watching for leaks.
+
+The long version of tests/test_load.py: tiny models, fp32, 2 CPU ranks on gloo (Ulysses 2 +
+FSDP), sizes, seeds and prompt lengths varied. Every `--every` prompts it prints resident memory,
+threads and open file descriptors of the controller and of each rank, and at the end the growth
+since the first checkpoint and the largest difference between a group output and its in-process
+twin.
+
+    python benchmarks/soak.py --prompts 2000
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wan22_core.checkpoints import load_dit  # noqa: E402
+from wan22_core.config import TINY, SamplerSettings  # noqa: E402
+from wan22_core.parallel import Job, ModelSpec, WorkerGroup, parallel_config  # noqa: E402
+from wan22_core.pipeline import denoise, make_noise  # noqa: E402
+from wan22_core.sampling.moe import ExpertPair  # noqa: E402
+from wan22_core.tiny import make_tiny  # noqa: E402
+
+SIZES = [(5, 32, 32), (1, 32, 32), (9, 32, 48), (5, 48, 32), (1, 16, 64)]
+SETTINGS = SamplerSettings(steps=2, shift=5.0)
+
+
+def job(i: int) -> Job:
+    """Prompt i, as in tests/test_load.py: its own seed, size and prompt lengths."""
+    g = torch.Generator().manual_seed(1000 + i)
+    positive = torch.randn(5 + i % 7, TINY.dit.text_dim, generator=g)
+    negative = torch.randn(3 + i % 4, TINY.dit.text_dim, generator=g)
+    return Job(positive, negative, make_noise(7 * i + 1, *SIZES[i % len(SIZES)]), SETTINGS)
+
+
+def status(pid: int) -> tuple[int, int, int]:
+    """(resident MiB, threads, open fds)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["VmRSS"].split()[0]) // 1024, int(fields["Threads"]), len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def report(label: str, i: int, pids: list[int], seconds: float, rows: list) -> None:
+    row = [status(pid) for pid in pids]
+    rows.append(row)
+    cells = "  ".join(f"{rss:5d} MiB {threads:2d} thr {fds:3d} fd" for rss, threads, fds in row)
+    print(f"{label:10s} {i:6d} prompts {seconds:7.1f} s  {cells}", flush=True)
+
+
+def growth(rows: list) -> str:
+    first, last = rows[0], rows[-1]
+    return ", ".join(f"{(b[0] - a[0]) / a[0]:+.1%} RSS, {b[1] - a[1]:+d} threads, {b[2] - a[2]:+d} fds"
+                     for a, b in zip(first, last))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=2000)
+    parser.add_argument("--every", type=int, default=250)
+    args = parser.parse_args()
+
+    model_dir = make_tiny(Path(tempfile.mkdtemp()) / "official", "official", TINY)
+    experts = ExpertPair(load_dit(model_dir / "high_noise_model"), load_dit(model_dir / "low_noise_model"),
+                         torch.device("cpu"))
+    me, start, rows, twins = os.getpid(), time.perf_counter(), [], {}
+    for i in range(args.prompts + 1):
+        if i % args.every == 0 and i:
+            report("in-process", i, [me], time.perf_counter() - start, rows)
+        if i < args.prompts:
+            j = job(i)
+            latent = denoise(experts, j.positive, j.negative, j.noise, j.settings)
+            if i % args.every == 0:
+                twins[i] = latent  # a sample of twins: keeping all would itself grow memory
+    print(f"in-process growth after the first checkpoint: {growth(rows)}")
+
+    group = WorkerGroup.get_or_create(ModelSpec(model_dir / "high_noise_model", model_dir / "low_noise_model"),
+                                      parallel_config("cpu:2", ulysses_degree=2, fsdp=True,
+                                                      num_heads=TINY.dit.num_heads))
+    pids, start, rows, worst = [me, *group.pids], time.perf_counter(), [], 0.0
+    try:
+        for i in range(args.prompts + 1):
+            if i % args.every == 0 and i:
+                report("group", i, pids, time.perf_counter() - start, rows)
+            if i < args.prompts:
+                latent = group.run(job(i))
+                if i in twins:
+                    worst = max(worst, ((latent - twins[i]).norm() / twins[i].norm()).item())
+    finally:
+        group.shutdown()
+    print(f"group growth after the first checkpoint (controller, rank 0, rank 1): {growth(rows)}")
+    print(f"largest relative L2 difference to the in-process twin ({len(twins)} compared): {worst:.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -109,6 +109,9 @@ def run_distributed(args, files) -> dict:
             del experts
         if rank0:
             save_outputs(args, files, latent, device, dtype, timings)
+        # leave together: a rank that tears its process groups down while rank 0 still writes the
+        # video can abort in gloo's threads ("terminate called without an active exception")
+        dist.barrier()
         return timings
     finally:
         dist.destroy_process_group()

@@ -20,6 +20,7 @@ from wan22_core.config import TINY, SamplerSettings
 from wan22_core.parallel import Job, ModelSpec, WorkerGroup, parallel_config
 from wan22_core.pipeline import denoise, make_noise
 from wan22_core.sampling.moe import ExpertPair
+from procs import children_of
 
 PROMPTS = 50
 WARM_UP = 10  # two rounds of SIZES: every shape has been through every cache once
@@ -47,18 +48,6 @@ def status(pid: int) -> dict[str, int]:
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
     return {"rss_kb": int(fields["VmRSS"].split()[0]), "threads": int(fields["Threads"]),
             "fds": len(os.listdir(f"/proc/{pid}/fd")), "children": len(children_of(pid))}
-
-
-def children_of(pid: int) -> set[int]:
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.add(int(stat.parent.name))
-    return found
 
 
 def live_tensors() -> int:

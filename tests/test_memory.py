@@ -77,7 +77,7 @@ def tiny_model(dtype: torch.dtype, fp8_compute: str | None = None) -> WanModel:
 
 def to_fp8(model: WanModel) -> None:
     """The block Linears as scaled fp8 (as a comfy fp8 checkpoint loads), the rest bf16."""
-    fp8 = pytest.importorskip("wan22_core.fp8")
+    from wan22_core import fp8
     model.to(torch.bfloat16)
     names = fp8.block_linear_names(model)
     dense = {name: model.get_submodule(name) for name in names}

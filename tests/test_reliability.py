@@ -43,6 +43,7 @@ from wan22_core.pipeline import check_video_size, denoise, make_noise, release_c
 from wan22_core.runtime import check_backend, resolve_device
 from wan22_core.sampling.moe import ExpertPair
 from wan22_core.sampling.schedule import partial_schedule
+from procs import children_of
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -498,18 +499,6 @@ def listening_sockets(pid: int) -> list[str]:
 def is_loopback(address: str) -> bool:
     ip = ipaddress.ip_address(address)
     return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
-
-
-def children_of(pid: int) -> set[int]:
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.add(int(stat.parent.name))
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import children_of
 
 from wan22_core.checkpoints import load_dit
 from wan22_core.config import TINY, SamplerSettings
@@ -64,18 +65,6 @@ def process_alive(pid):
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"  # a zombie has exited (its parent may not have reaped it yet)
-
-
-def children_of(pid):
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
 
 
 def import_mangled():

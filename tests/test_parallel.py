@@ -216,6 +216,21 @@ def test_fsdp_rank_holds_its_share_of_the_parameters(runs, world):
     assert unsharded == [2 * total] * world  # the control: without FSDP every rank holds everything
 
 
+@pytest.mark.parametrize("world", sorted(SCENARIOS))
+def test_fsdp_forward_records_are_forgotten_after_a_job(runs, world):
+    """FSDP2 records each forward for a backward; after a job they are cleared (the worker calls
+    forget_forward_records; the "fsdp" scenario checks the by-hand route for older torch), and
+    the next job gives the same latent."""
+    first = next(iter(SHAPES))
+    for scenario, degrees in SCENARIOS[world].items():
+        if not degrees.get("fsdp"):
+            continue
+        for results in runs[world]:
+            before, after = results[scenario]["records"]
+            assert before > 0 and after == 0, (scenario, before, after)
+            assert torch.equal(results[scenario]["after_forgetting"], results[scenario]["latents"][first])
+
+
 def test_cli_parallel_flags_make_the_plan():
     from wan22_core.cli import build_parser
     from wan22_core.parallel.launch import parallel_requested, plan_from_args
@@ -255,7 +270,22 @@ def test_torchrun_cli_with_loras_matches_single_process(model_dir, loras, tmp_pa
 # What each rank process runs (this file executed as a script)
 
 
+def forward_records(experts) -> int:
+    """How many per-forward entries FSDP2 holds for the backward that inference never runs."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from wan22_core.parallel.fsdp import fsdp_root
+
+    count = 0
+    for expert in map(fsdp_root, experts.experts.values()):
+        count += len(expert._get_fsdp_state()._comm_ctx.post_forward_order)
+        count += sum(len(group._post_forward_indices) for m in expert.modules() if isinstance(m, FSDPModule)
+                     for group in m._get_fsdp_state()._fsdp_param_groups)
+    return count
+
+
 def rank_main(rank, world, port, model_dir, out_dir, loras):
+    from wan22_core.parallel.fsdp import forget_by_hand, forget_forward_records, fsdp_root
     from wan22_core.parallel.loading import load_expert_pair, local_parameter_bytes
     from wan22_core.parallel.mesh import init_groups
 
@@ -274,6 +304,12 @@ def rank_main(rank, world, port, model_dir, out_dir, loras):
         results[scenario] = dict(
             param_bytes=sum(local_parameter_bytes(e) for e in experts.experts.values()),
             latents={name: denoise(experts, *job_inputs(name), SETTINGS) for name in SHAPES})
+        if degrees.get("fsdp"):  # what the worker does after each job, by both routes
+            results[scenario]["records"] = [forward_records(experts)]
+            forget_forward_records(experts) if scenario != "fsdp" else [forget_by_hand(fsdp_root(e)) for e in experts.experts.values()]
+            results[scenario]["records"].append(forward_records(experts))
+            first = next(iter(SHAPES))
+            results[scenario]["after_forgetting"] = denoise(experts, *job_inputs(first), SETTINGS)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

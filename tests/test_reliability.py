@@ -48,7 +48,6 @@ from procs import children_of
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 SETTINGS = SamplerSettings(steps=3)  # shift 12: timesteps 999, 959 (high-noise expert), 856 (low)
-NEEDS_WORKER_GROUP_CHANGE = "needs the worker_group/worker change in docs/errors.md (loopback-only rendezvous)"
 
 
 def embeds(length=3, dim=4):
@@ -514,14 +513,13 @@ def group(tmp_path_factory):
     group.shutdown()
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_WORKER_GROUP_CHANGE)
 def test_the_group_listens_on_loopback_only(group):
     controller = listening_sockets(os.getpid())
     new_in_controller = [a for a in controller if a not in group["controller_sockets_before"]]
     in_workers = [a for pid in group["group"].pids for a in listening_sockets(pid)]
     assert in_workers, "the gloo ranks should listen for their peers"
     outside = [a for a in new_in_controller + in_workers if not is_loopback(a)]
-    assert outside == [], f"listening on non-loopback addresses {outside} (TCPStore binds every interface)"
+    assert outside == [], f"listening on non-loopback addresses {outside} "
 
 
 def test_ctrl_c_in_the_controller_mid_step_stops_every_rank(group):

@@ -9,9 +9,11 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from dataclasses import replace
@@ -248,6 +250,19 @@ def test_workers_exit_when_the_controller_is_killed(env):
         controller.kill()
         controller.wait()
     assert_all_gone(pids, within=5.0)
+    # The killed controller could not remove its rendezvous folder; the next group start does.
+    from wan22_core.parallel.worker_group import RENDEZVOUS_PREFIX, sweep_stale_rendezvous
+
+    def rendezvous_of(pid):
+        return list(Path(tempfile.gettempdir()).glob(f"{RENDEZVOUS_PREFIX}{pid}-*"))
+
+    assert len(rendezvous_of(controller.pid)) == 1
+    live = tempfile.mkdtemp(prefix=f"{RENDEZVOUS_PREFIX}{os.getpid()}-")  # a live controller's: kept
+    try:
+        sweep_stale_rendezvous()
+        assert rendezvous_of(controller.pid) == [] and os.path.isdir(live)
+    finally:
+        shutil.rmtree(live)
 
 
 def test_invalid_degrees_fail_before_any_process_starts(env):

@@ -31,6 +31,7 @@ from ..models.attention import set_attention_backend
 from ..models.transformer import WanBlock
 from ..pipeline import denoise
 from ..runtime import resolve_dtype
+from .fsdp import forget_forward_records
 from .loading import load_expert_pair, set_expert_loras
 from .mesh import init_groups
 from .plan import ParallelPlan
@@ -120,8 +121,8 @@ class Worker:
         else:  # N CPU ranks share the cores; oversubscribing them makes every rank slower
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.plan.world_size))
         self.channel.beat("rendezvous")
-        store = dist.TCPStore(self.setup["host"], self.setup["port"], is_master=False,
-                              timeout=timedelta(seconds=self.setup["rendezvous_timeout"]))
+        store = dist.FileStore(self.setup["store_path"], self.plan.world_size)
+        store.set_timeout(timedelta(seconds=self.setup["rendezvous_timeout"]))
         dist.init_process_group(self.setup["backend"], store=store, rank=self.rank,
                                 world_size=self.plan.world_size,
                                 device_id=self.device if self.device.type == "cuda" else None)
@@ -179,6 +180,7 @@ class Worker:
             outcome = dict(status="ok", steps=cancel.checks, latent=latent.cpu() if self.rank == 0 else None)
         except (Cancelled, NumericalError) as err:  # raised by every rank at the same step: the group stays
             outcome = dict(status=type(err).__name__, message=str(err), steps=cancel.checks - 1)
+        forget_forward_records(self.experts)  # else FSDP2's per-forward records grow every job
         self.channel.busy = False
         self.channel.status = "ready"
         self.channel.send(type="done", id=job["id"], **outcome)

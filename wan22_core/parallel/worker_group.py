@@ -6,9 +6,12 @@
 
 One process per device, started as a fresh interpreter (what multiprocessing calls "spawn";
 started with subprocess so the child does not re-run the host's `__main__`, which for ComfyUI
-is the whole server). The ranks rendezvous on a TCPStore that this process hosts on 127.0.0.1
-with a port the OS picks, load their shards and wait for jobs; the group lives across jobs and
-is rebuilt only when the model spec or the parallel config changes, or after a fault.
+is the whole server). The ranks rendezvous on a FileStore in a private (0700) temporary folder
+and talk to each other over the loopback interface only (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME,
+unless the user set them), so nothing of the group listens on another interface and no port has
+to be chosen. They load their shards and wait for jobs; the group lives across jobs and is
+rebuilt only when the model spec or the parallel config changes, or after a fault. Multi-node
+runs go through torchrun (cli.py), not through this group.
 
 Faults: a rank that raises, dies or stays silent for `heartbeat_timeout` seconds ends the run
 with a WorkerGroupError naming the rank (with its traceback when it sent one); the group is
@@ -20,10 +23,12 @@ import atexit
 import json
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +52,38 @@ BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); "
 POLL_S = 0.1
 RENDEZVOUS_S = 120.0  # interpreter start, imports and rendezvous: before a rank can send heartbeats
 GRACE_S = 0.5  # after a fault, how long to wait for the other ranks' reports before killing them
+
+
+def loopback_interface() -> str:
+    """The loopback interface's name: "lo" on Linux, "lo0" on macOS and the BSDs."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:  # no interface listing (e.g. Windows): gloo's own default is used then
+        names = []
+    return next((name for name in ("lo", "lo0") if name in names), "lo")
+
+
+LOOPBACK = loopback_interface()
+RENDEZVOUS_PREFIX = "wan22-rendezvous-"  # + the controller's pid + a random part, in the temp folder
+
+
+def sweep_stale_rendezvous() -> None:
+    """Remove the rendezvous folders of controllers that died without cleaning up (SIGKILL).
+
+    A controller removes its folder when its group ends; one killed outright cannot, and its
+    workers die with it, so the next group started on this machine (by this user) does it.
+    """
+    temp = Path(tempfile.gettempdir())
+    for folder in temp.glob(f"{RENDEZVOUS_PREFIX}*-*"):
+        pid = folder.name[len(RENDEZVOUS_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or folder.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)  # raises when no such process exists
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # alive under another user (PermissionError), or the folder just went away
+            continue
 
 # PR_SET_PDEATHSIG fires when the *thread* that started a child exits; start every worker from
 # this one thread, which lives as long as the process, whichever thread asks for a group.
@@ -209,7 +246,8 @@ class WorkerGroup:
         self._closed = False
         self._job_id = 0
         self.last_steps: dict[int, int] = {}  # steps each rank completed in the last job
-        self._store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        sweep_stale_rendezvous()
+        self._rendezvous_dir = tempfile.mkdtemp(prefix=f"{RENDEZVOUS_PREFIX}{os.getpid()}-")  # 0700: ours alone
         try:
             for rank in range(plan.world_size):
                 self._spawn(rank, plan)
@@ -293,12 +331,13 @@ class WorkerGroup:
     def _spawn(self, rank: int, plan: ParallelPlan) -> None:
         ours, theirs = socket.socketpair()  # EOF on either side when the other process dies
         setup = dict(rank=rank, device=self.config.devices[rank], backend=self.config.backend,
-                     host="127.0.0.1", port=self._store.port, rendezvous_timeout=RENDEZVOUS_S,
+                     store_path=os.path.join(self._rendezvous_dir, "store"), rendezvous_timeout=RENDEZVOUS_S,
                      plan=asdict(plan), spec=self.spec.to_message(), parent_pid=os.getpid(), fd=theirs.fileno(),
                      beat_interval=min(1.0, self.config.heartbeat_timeout / 4))
         command = [sys.executable, "-c", BOOTSTRAP, str(PACK_ROOT), json.dumps(setup)]
         # A new session: a Ctrl-C in the host's terminal reaches the host, which then stops us.
-        self._procs[rank] = _spawner.submit(subprocess.Popen, command, pass_fds=(theirs.fileno(),),
+        env = {"GLOO_SOCKET_IFNAME": LOOPBACK, "NCCL_SOCKET_IFNAME": LOOPBACK, **os.environ}  # the user's wins
+        self._procs[rank] = _spawner.submit(subprocess.Popen, command, pass_fds=(theirs.fileno(),), env=env,
                                             start_new_session=True).result()
         theirs.close()
         self._conns[rank] = Connection(ours.detach())
@@ -317,7 +356,7 @@ class WorkerGroup:
                 pass
         for conn in self._conns.values():
             conn.close()
-        self._store = None
+        shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
         if WorkerGroup._current is self:
             WorkerGroup._current = None
 

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_comm.py                    # print both tables
     python benchmarks/bench_comm.py --append-results   # also append them to benchmarks/RESULTS.md
+    python benchmarks/bench_comm.py --chart scaling.png  # also draw the projected scaling (matplotlib)
 
 1. Measured (CPU, gloo, 2 and 4 ranks, a small random model from disk): every collective the
    parallel code issues is counted per rank (all_to_all_single: the (P-1)/P of the input that
@@ -185,6 +186,63 @@ def projection_rows():
     return rows
 
 
+# Official Wan2.2 T2V-A14B, 720P, H100/H800, total seconds for the whole run (81 frames, 40 steps,
+# text encoder and VAE included; 1 GPU with --offload_model True): the Wan2.2 README table
+# "Computational Efficiency on Different GPUs" (the image assets/comp_effic.png, Wan-Video/Wan2.2
+# at commit 42bf4cfaa384bc21833865abc2f9e6c0e67233dc); 1 and 8 GPUs are the figures issue 7 compares.
+OFFICIAL_H100_720P_S = {1: 1041.5, 4: 288.7, 8: 155.1}
+STEPS = 40
+
+
+def scaling_series(rows: list[dict] | None = None) -> dict:
+    """What the scaling chart draws, taken from projection_rows() (the table's rows): for each GPU
+    count the fastest layout per link in s/step, ideal linear scaling of the 1-GPU projection, and
+    the official measured whole-run times / 40 steps. No matplotlib needed."""
+    rows = projection_rows() if rows is None else rows
+    gpus = sorted({r["gpus"] for r in rows})
+    links = {}
+    for link in LINKS:
+        best = [min((r for r in rows if r["gpus"] == g), key=lambda r: r[link][0]) for g in gpus]
+        links[link] = {"s_per_step": [r[link][0] for r in best], "layout": [r["layout"] for r in best],
+                       "efficiency": [r[link][1] for r in best]}
+    one = next(r for r in rows if r["gpus"] == 1)["compute_s"]
+    return {"gpus": gpus, "links": links, "ideal": [one / g for g in gpus],
+            "official": {g: s / STEPS for g, s in OFFICIAL_H100_720P_S.items()},
+            "assumptions": f"compute {PEAK_FLOPS / 1e12:.0f} TFLOP/s x MFU {MFU}"}
+
+
+def draw_scaling(ax, series: dict) -> None:
+    """Projected s/step vs GPUs on log-log axes (ideal scaling is a straight line)."""
+    gpus = series["gpus"]
+    ax.plot(gpus, series["ideal"], color="0.6", linestyle=":", label="ideal linear (1-GPU projection / N)")
+    styles = {"NVLink": ("tab:green", "o", (-5, -11), "right"), "PCIe": ("tab:red", "s", (5, 4), "left")}
+    for link, data in series["links"].items():
+        color, marker, offset, ha = next(v for k, v in styles.items() if link.startswith(k))
+        ax.plot(gpus, data["s_per_step"], color=color, marker=marker, label=f"projected, {link}")
+        for g, s, layout in zip(gpus, data["s_per_step"], data["layout"]):
+            if g > 1:
+                ax.annotate(f"{s:.2f} {layout}", (g, s), textcoords="offset points", xytext=offset,
+                            ha=ha, fontsize=7.5, color=color)
+    official = series["official"]
+    ax.scatter(list(official), list(official.values()), marker="*", s=140, color="black", zorder=5,
+               label="official, measured whole run / 40 steps")
+    for g, s in official.items():
+        ax.annotate(f"{s:.2f}", (g, s), textcoords="offset points", xytext=(-7, 3), ha="right", fontsize=7.5)
+    ax.annotate(f"{series['ideal'][0]:.2f} projected", (1, series["ideal"][0]), textcoords="offset points",
+                xytext=(-4, 7), fontsize=7.5)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(gpus, [str(g) for g in gpus])
+    ax.set_xlim(0.8, 13)
+    ticks = [3, 4, 6, 8, 12, 16, 24, 32]
+    ax.set_yticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("seconds per denoising step")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7.5, loc="upper right")
+
+
 def report(measured: dict, cfg) -> str:
     lines = ["### Measured on CPU ranks (gloo) vs the formula, bytes per rank per step (fp32, "
              f"{FRAMES} frames {WIDTH}x{HEIGHT}, 45 tokens; dim {cfg.dim}, {cfg.num_layers} layers)", "",
@@ -213,11 +271,23 @@ def report(measured: dict, cfg) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--append-results", action="store_true")
+    parser.add_argument("--chart", metavar="PATH", help="also write a PNG of the projected s/step vs GPUs "
+                        "(needs matplotlib: pip install '.[bench]')")
     parser.add_argument("--rank", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank:
         rank_main(**json.loads(args.rank))
         return
+    if args.chart:  # drawn first: it needs only the projection, not the CPU measurement
+        from charts import pyplot
+
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        draw_scaling(ax, scaling_series())
+        ax.set_title("A14B 720p x 81 frames: projected multi-GPU scaling (not measured)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(args.chart, dpi=100)
+        print(f"# chart written to {args.chart}")
     from wan22_core.tiny import make_tiny, tiny_config
 
     cfg = tiny_config(dim=128, heads=8, layers=2, ffn_dim=256)

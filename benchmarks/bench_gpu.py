@@ -547,34 +547,28 @@ def projection(bench: Bench, b2: list[Shape]) -> list[dict]:
 
 
 def chart(bench: Bench, path: str, b2: list[Shape], rows: list[dict]) -> None:
-    try:
-        import matplotlib
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from charts import hbars, pyplot  # benchmarks/charts.py: the README chart's helpers
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        bench.note("chart skipped: matplotlib is not installed (pip install matplotlib)")
+    try:
+        plt = pyplot()
+    except SystemExit as err:  # a GPU run keeps its numbers without the chart
+        bench.note(f"chart skipped: {err}")
         return
     fig, axes = plt.subplots(1, len(b2) + 1, figsize=(6 * (len(b2) + 1), 5))
     for ax, shape in zip(axes, b2):
         measured = [r for r in bench.results if r.shape == shape.label and r.ms_per_block]
-        bars = ax.barh([r.config for r in measured], [r.ms_per_block for r in measured], color="tab:blue")
-        ax.bar_label(bars, fmt="%.0f", padding=2)
-        ax.invert_yaxis()
-        ax.set_xlabel("ms per block (median)")
-        ax.set_title(f"{shape.label}: {shape.tokens:,} tokens")
+        hbars(ax, [r.config for r in measured], [r.ms_per_block for r in measured], "tab:blue",
+              xlabel="ms per block (median)", title=f"{shape.label}: {shape.tokens:,} tokens")
     top = [p for p in rows if p["resolution"] == b2[0].name]
-    ax = axes[-1]
-    bars = ax.barh([p["config"] for p in top] + ["official (1 x H100)"],
-                   [p["total_s"] for p in top] + [OFFICIAL_S[b2[0].name]], color=["tab:green"] * len(top) + ["tab:gray"])
-    ax.bar_label(bars, fmt="%.0f s", padding=2)
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds for 81 frames, 40 steps")
-    ax.set_title(f"{b2[0].name}: projected full run on one GPU")
+    hbars(axes[-1], [p["config"] for p in top] + ["official (1 x H100)"],
+          [p["total_s"] for p in top] + [OFFICIAL_S[b2[0].name]], ["tab:green"] * len(top) + ["tab:gray"],
+          fmt="{:.0f} s", xlabel="seconds for 81 frames, 40 steps", title=f"{b2[0].name}: projected full run on one GPU")
     fig.suptitle(f"Wan2.2 A14B block, {bench.extra.get('machine', {}).get('device', '?')}"
                  + (" (DRY RUN: CPU, tiny sizes)" if bench.args.dry_run else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"# chart written to {path}")
 
 

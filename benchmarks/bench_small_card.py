@@ -1,0 +1,173 @@
+"""Does 720p run on a 24 GB card? The real sampler path under an emulated memory cap.
+
+    python benchmarks/bench_small_card.py --json out.json      # one GPU with more memory than the cap
+    python benchmarks/bench_small_card.py --dry-run            # the same code path on the CPU, tiny sizes
+
+A bigger GPU (an H100) stands in for the small card: the CUDA caching allocator is capped with
+`torch.cuda.set_per_process_memory_fraction` at the card's size minus the 1.5 GiB that
+`wan22_core.memory` budgets for the CUDA context and workspaces (which the cap does not count),
+so any allocation beyond what the small card could give raises an out-of-memory error here too.
+
+What runs is what a user of that card runs: one full-size A14B expert (40 blocks, random bf16
+weights) in an `ExpertPair` with `swap_blocks` set to the memory model's `min_swap_blocks` for
+the card (or --swap), then `pipeline.denoise` for --steps steps at 1280x720x81 with batched CFG
+(cond + uncond in one forward), then the VAE decode of the result, tiled (--vae-tile) as the
+README tells small-card users. Printed: seconds per step, the allocator's peak for the
+denoising and for the decode, and the memory model's prediction for the same settings.
+The text encoder (UMT5-XXL, 11.4 GB bf16, released after encoding) is not run.
+
+Host memory: the swapped blocks live in pinned host memory (about 0.7 GB per block).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+
+from wan22_core.config import DiTConfig, SamplerSettings, VAEConfig  # noqa: E402
+from wan22_core.memory import CUDA_OVERHEAD, GIB, estimate_peak_bytes, min_swap_blocks  # noqa: E402
+from wan22_core.models.transformer import WanModel  # noqa: E402
+from wan22_core.models.vae import WanVAE  # noqa: E402
+from wan22_core.pipeline import decode_to_video, denoise, make_noise  # noqa: E402
+from wan22_core.sampling.moe import ExpertPair  # noqa: E402
+
+DTYPE = torch.bfloat16
+
+
+def random_weights(module: torch.nn.Module, device: torch.device, std: float = 0.02) -> torch.nn.Module:
+    """Fill a module built on the meta device with random weights in host memory.
+
+    The random numbers are drawn on `device` (fast on a GPU) and copied to the host tensor by
+    tensor; norms' scales are 1 and biases 0, so activations keep a sane range.
+    """
+    module = module.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith("bias"):
+                tensor.zero_()
+            elif "norm" in name or tensor.ndim == 1:
+                tensor.fill_(1.0)
+            else:
+                tensor.copy_(torch.empty(tensor.shape, device=device, dtype=tensor.dtype).normal_(0, std))
+    return module
+
+
+def build_expert(cfg: DiTConfig, device: torch.device) -> WanModel:
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    return random_weights(model.to(DTYPE), device).eval()
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def run(args) -> dict:
+    cuda = not args.dry_run
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU here: run with --dry-run to check the code path on the CPU")
+    device = torch.device("cuda" if cuda else "cpu")
+    cfg = DiTConfig() if cuda else DiTConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=64, freq_dim=32)
+    frames, height, width = (args.frames, args.height, args.width) if cuda else (9, 128, 192)
+    card = int(args.card_gib * GIB)
+    swap = args.swap if args.swap is not None else (min_swap_blocks(cfg, frames, height, width, card) if cuda else 2)
+    if swap is None:
+        raise SystemExit(f"the memory model says {frames}x{height}x{width} does not fit {args.card_gib} GiB "
+                         "even with every block swapped")
+    predicted = estimate_peak_bytes(cfg, frames, height, width, offload="block_swap", swap_blocks=swap,
+                                    text_tokens=args.text_tokens)
+    result = dict(machine=machine(device), card_gib=args.card_gib, swap_blocks=swap, frames=frames,
+                  height=height, width=width, steps=args.steps, vae_tile=args.vae_tile,
+                  predicted_denoise_gib=predicted["total"] / GIB)
+    print(f"# {result['machine']}")
+    print(f"# card {args.card_gib} GiB: allocator cap {(card - CUDA_OVERHEAD) / GIB:.2f} GiB "
+          f"(minus {CUDA_OVERHEAD / GIB:.1f} GiB CUDA context budget); {frames}x{height}x{width}, "
+          f"{predicted['tokens']} tokens, swap_blocks {swap}/{cfg.num_layers}", flush=True)
+
+    t0 = time.perf_counter()
+    expert = build_expert(cfg, device)
+    result["build_s"] = time.perf_counter() - t0
+    print(f"# built a random bf16 expert ({sum(p.numel() for p in expert.parameters()) / 1e9:.2f} B params) "
+          f"in {result['build_s']:.0f} s", flush=True)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction((card - CUDA_OVERHEAD) / torch.cuda.get_device_properties(0).total_memory)
+        torch.cuda.reset_peak_memory_stats(device)
+
+    experts = ExpertPair(expert, expert, device, swap_blocks=swap)  # boundary 0: only "high" runs
+    g = torch.Generator().manual_seed(0)
+    positive = torch.randn(args.text_tokens, cfg.text_dim, generator=g).to(DTYPE)
+    negative = torch.randn(args.text_tokens, cfg.text_dim, generator=g).to(DTYPE)
+    noise = make_noise(0, frames, height, width)
+    marks = [time.perf_counter()]
+
+    def on_step(info) -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+        marks.append(time.perf_counter())
+        print(f"step {info.index + 1}/{info.total}: {marks[-1] - marks[-2]:.2f} s", flush=True)
+
+    latent = denoise(experts, positive, negative, noise, SamplerSettings(steps=args.steps, boundary=0.0),
+                     on_step=on_step)
+    steps_s = [b - a for a, b in zip(marks, marks[1:])]
+    result.update(step_s=steps_s, denoise_peak_gib=peak_gib(device))
+    experts.offload_all()
+    del experts, expert
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    with torch.device("meta"):
+        vae = WanVAE(VAEConfig())
+    vae = random_weights(vae.to(DTYPE if cuda else torch.float32), device).to(device).eval()
+    t0 = time.perf_counter()
+    video = decode_to_video(vae, latent, tile_size=args.vae_tile if cuda else 16)
+    result.update(decode_s=time.perf_counter() - t0, decode_peak_gib=peak_gib(device),
+                  video_shape=list(video.shape), finite=bool(torch.isfinite(latent).all()))
+    print(f"# steady step {min(steps_s[1:] or steps_s):.2f} s; denoise peak "
+          f"{fmt(result['denoise_peak_gib'])} GiB (predicted {result['predicted_denoise_gib']:.2f}); "
+          f"decode {result['decode_s']:.1f} s, peak {fmt(result['decode_peak_gib'])} GiB; video {video.shape}")
+    print(f"# projected 720p run on this card: 40 x {min(steps_s[1:] or steps_s):.1f} s + decode "
+          f"= {40 * min(steps_s[1:] or steps_s) + result['decode_s']:.0f} s" if cuda else "# dry run: OK")
+    return result
+
+
+def fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def machine(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return f"{name}, python {platform.python_version()}, torch {torch.__version__}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--card-gib", type=float, default=24.0, help="the card to emulate, GiB (default 24)")
+    p.add_argument("--swap", type=int, default=None, help="swapped blocks (default: the memory model's minimum)")
+    p.add_argument("--steps", type=int, default=3, help="denoising steps to time (default 3; the first warms up)")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--height", type=int, default=720)
+    p.add_argument("--width", type=int, default=1280)
+    p.add_argument("--text-tokens", type=int, default=128, help="prompt length in tokens (default 128)")
+    p.add_argument("--vae-tile", type=int, default=32, help="VAE decode tile in latent pixels (default 32)")
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: checks the code path")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    result = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

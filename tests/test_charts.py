@@ -40,11 +40,18 @@ def test_step_rows_from_recorded_h100_runs():
     assert rows["ours compiled"]["s_per_step"] == pytest.approx((40 * 565.6928100585938 + non_block) / 1e3, rel=1e-12)
     assert rows["ours compiled"]["runs_s"] == pytest.approx([(40 * 570.5482788085938 + non_block) / 1e3,
                                                              (40 * 565.6928100585938 + non_block) / 1e3], rel=1e-12)
-    assert rows["ours eager, contiguous stream"]["s_per_step"] == pytest.approx(24.847, abs=5e-4)
+    assert rows["ours eager"]["s_per_step"] == pytest.approx(24.847, abs=5e-4)
     assert rows["diffusers WanTransformerBlock"]["s_per_step"] == pytest.approx(25.183, abs=5e-4)
     assert rows["ours compiled"]["ratio_to_official"] == pytest.approx(0.870, abs=5e-4)
     assert not any(c.startswith("ours sdpa[") for c in rows)  # pinned-kernel diagnostics left out
     assert {"ours fp8 (auto: scaled_mm)", "ours block swap (2/2 streamed)"} <= set(rows)
+    # rows measured on the old transposed stream are starred; runs that record their stream are not
+    assert rows["ours fp8 (auto: scaled_mm)"]["label"].endswith("*") and not rows["ours eager"]["label"].endswith("*")
+    new_run = {"file": "h100_9_new.json", "stream": "contiguous", "non_block_ms": {"720p": 25.0}, "results": [
+        {"config": "ours fp8 (auto: scaled_mm)", "shape": charts.SHAPE, "ms_per_block": 600.0}]}
+    rows = {r["config"]: r for r in charts.step_rows([*charts.load_runs(), new_run])}
+    assert rows["ours fp8 (auto: scaled_mm)"]["s_per_step"] == pytest.approx((40 * 600 + 25) / 1e3)
+    assert not rows["ours fp8 (auto: scaled_mm)"]["label"].endswith("*")
 
 
 def test_missing_or_dry_run_results_fail_clearly(tmp_path):

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
-from wan22_core.config import DiTConfig, SamplerSettings, VAEConfig  # noqa: E402
+from wan22_core.config import TINY, DiTConfig, SamplerSettings, VAEConfig  # noqa: E402
 from wan22_core.memory import CUDA_OVERHEAD, GIB, estimate_peak_bytes, min_swap_blocks  # noqa: E402
 from wan22_core.models.transformer import WanModel  # noqa: E402
 from wan22_core.models.vae import WanVAE  # noqa: E402
@@ -77,7 +77,7 @@ def run(args) -> dict:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here: run with --dry-run to check the code path on the CPU")
     device = torch.device("cuda" if cuda else "cpu")
-    cfg = DiTConfig() if cuda else DiTConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=64, freq_dim=32)
+    cfg = DiTConfig() if cuda else replace(TINY.dit, num_layers=4)
     frames, height, width = (args.frames, args.height, args.width) if cuda else (9, 128, 192)
     card = int(args.card_gib * GIB)
     swap = args.swap if args.swap is not None else (min_swap_blocks(cfg, frames, height, width, card) if cuda else 2)
@@ -128,7 +128,7 @@ def run(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     with torch.device("meta"):
-        vae = WanVAE(VAEConfig())
+        vae = WanVAE(VAEConfig() if cuda else TINY.vae)
     vae = random_weights(vae.to(DTYPE if cuda else torch.float32), device).to(device).eval()
     t0 = time.perf_counter()
     video = decode_to_video(vae, latent, tile_size=args.vae_tile if cuda else 16)

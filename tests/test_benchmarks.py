@@ -1,0 +1,35 @@
+"""The GPU benchmark scripts, dry-run on the CPU: a device session gets one short try, so the
+scripts must not reach it broken. Each runs its real code path at tiny sizes and writes its JSON.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, *args: str, cwd: Path) -> str:
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--dry-run", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_bench_gpu_dry_run_measures_the_engine_layout(tmp_path):
+    run("bench_gpu.py", "--only", "ours,fp8,swap,overhead", "--repeats", "1", "--warmup", "1",
+        "--json", str(tmp_path / "gpu.json"), cwd=tmp_path)
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    assert data["dry_run"] and data["stream"] == "contiguous"
+    configs = {r["config"] for r in data["results"] if r["ms_per_block"]}
+    assert {"ours eager", "ours block swap (2/2 streamed)"} <= configs, configs
+    assert any(c.startswith("ours fp8") for c in configs), configs
+    assert data["projection"] and all(p["total_s"] > 0 for p in data["projection"])
+
+
+def test_bench_small_card_dry_run_samples_with_block_swap_and_decodes(tmp_path):
+    out = run("bench_small_card.py", "--json", str(tmp_path / "card.json"), cwd=tmp_path)
+    data = json.loads((tmp_path / "card.json").read_text())
+    assert data["swap_blocks"] == 2 and len(data["step_s"]) == data["steps"] == 3
+    assert data["finite"] and data["video_shape"] == [data["frames"], data["height"], data["width"], 3]
+    assert "dry run: OK" in out

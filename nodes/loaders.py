@@ -201,7 +201,7 @@ class Wan22MoEModelLoader:
                                     "tooltip":
                             f"Used only with offload = block_swap: how many of the {MAX_SWAP_BLOCKS} blocks to keep "
                             "on the CPU, each streamed to the GPU just before it runs. 720p x 81 frames in bf16 needs "
-                            "about 32 on a 24 GB card and 20 on a 32 GB card."}),
+                            "about 31 on a 24 GB card and 20 on a 32 GB card."}),
             "compile": ("BOOLEAN", {"default": False, "tooltip":
                         "torch.compile the transformer block (one compile reused by all blocks): faster steps "
                         "after a first slow one, same results. Needs triton on a GPU; without it this warns and "

@@ -113,17 +113,18 @@ def test_activation_estimate_matches_accounting_fp8(fp8_compute):
     assert est["activations"] == pytest.approx(measured, rel=ACTIVATION_TOLERANCE), (est, measured)
 
 
-def test_block_peak_is_in_the_ffn_and_scales_with_tokens():
-    """At real size the eager peak is the FFN's GELU: 20.8 bytes per [B, L, dim] element."""
+def test_block_peak_is_in_the_cross_attention_norm_and_scales_with_tokens():
+    """At real size the eager peak is the cross-attention q RMSNorm's fp32 temporaries: 20.0 bytes
+    per [B, L, dim] element (the FFN's GELU runs in place: 17.4 there)."""
     cfg = DiTConfig()
     peak, where, live = block_activation_peak(cfg, 75_600, 2)
     elems = 2 * 75_600 * cfg.dim
-    assert where == "ffn.gelu"
-    assert peak == pytest.approx(20.8 * elems, rel=0.01)
-    # the block's input stream (held by the caller's loop) and the new stream are both fp32;
-    # the FFN input is bf16, its hidden [B, L, 13824] twice (before and after GELU)
-    assert live["x_in"] == 4 * elems and live["x2"] == 4 * elems and live["h2.c"] == 2 * elems
-    assert live["ffn.0"] == live["ffn.gelu"] == 2 * 2 * 75_600 * cfg.ffn_dim
+    assert where == "cross_attn.q.rstd"
+    assert peak == pytest.approx(20.0 * elems, rel=0.01)
+    # the block's input stream (held by the caller's loop) and the new stream are both fp32; the
+    # bf16 norm3 output and q projection, and RMSNorm's fp32 upcast and fp32 result
+    assert live["x_in"] == live["x1"] == 4 * elems and live["norm3.c"] == live["cross_attn.q_lin"] == 2 * elems
+    assert live["cross_attn.q.f32"] == live["cross_attn.q.norm"] == 4 * elems
     assert block_activation_peak(cfg, 75_600, 1)[0] == pytest.approx(peak / 2, rel=0.01)
 
 

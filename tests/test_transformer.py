@@ -134,3 +134,26 @@ def test_per_sample_modulation_equals_official_per_token_float64():
         mod_ours = (block.modulation.float() + e0).unsqueeze(1).expand(-1, L, -1, -1)
     assert rel_l2(e.unsqueeze(1).expand(-1, L, -1), e_ref.view(3, L, -1)) <= 1e-6
     assert rel_l2(mod_ours, mod_ref) <= 1e-6
+
+
+def test_feed_forward_gelu_in_place_keeps_the_official_names_and_numbers():
+    """FeedForward overwrites ffn.0's output with its GELU when no autograd is recording; the
+    result is bit for bit Linear -> GELU(tanh) -> Linear, in fp32 and bf16, and the state dict
+    keeps the official ffn.0 / ffn.2 names."""
+    from wan22_core.models.transformer import FeedForward
+
+    torch.manual_seed(0)
+    ffn = FeedForward(32, 80)
+    assert list(ffn.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    for dtype in (torch.float32, torch.bfloat16):
+        layer, x = ffn.to(dtype), torch.randn(2, 9, 32, dtype=dtype)
+        with torch.no_grad():
+            expected = layer[2](torch.nn.functional.gelu(layer[0](x), approximate="tanh"))
+            assert torch.equal(layer(x), expected)
+    ffn = ffn.float()
+    x = torch.randn(2, 9, 32)
+    out = ffn(x)  # grad mode: the GELU input is kept for backward
+    out.square().sum().backward()
+    with torch.no_grad():
+        assert torch.equal(out.detach(), ffn(x))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ffn.parameters())

@@ -187,7 +187,8 @@ def _attention(led: _Ledger, name: str, q_elems: int, kv_elems: int, rows: int, 
 
 
 def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes: int = 2,
-                          fp8_compute: str | None = None) -> tuple[int, str, dict[str, int]]:
+                          fp8_compute: str | None = None,
+                          text_tokens: int | None = None) -> tuple[int, str, dict[str, int]]:
     """Most bytes live at once while one eager `WanBlock.forward` runs under torch.no_grad.
 
     Counts the block's fp32 input (the caller's loop variable holds it until the block returns)
@@ -199,7 +200,8 @@ def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes
     """
     b, n, d, c = batch, tokens, cfg.dim, compute_bytes
     s = b * n * d  # elements of one token activation [B, L, dim]
-    ctx = b * cfg.text_len * d  # [B, 512, dim]
+    slots = cfg.text_len if text_tokens is None or text_tokens >= cfg.text_len else text_tokens + 1
+    ctx = b * slots * d  # [B, Lc + 1, dim] (the 512-slot bound by default)
     hidden = b * n * cfg.ffn_dim  # [B, L, ffn_dim]
     rows = b * n
     lse = b * cfg.num_heads * n * FP32
@@ -209,18 +211,14 @@ def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes
 
     # self-attention: h = norm1(x) * (1 + scale) + shift; x = x + self_attn(h.to(dtype)) * gate
     _layer_norm(led, "norm1", s, rows)
-    led.new("norm1.scaled", s * FP32)
+    led.new("h", s * FP32)  # addcmul(shift, norm1, 1 + scale)
     led.free("norm1")
-    led.new("h", s * FP32)
-    led.free("norm1.scaled")
     led.cast("h.c", "h", c != FP32, s * c)
     led.free("h")  # unnamed in the forward: only its compute-dtype copy (or itself, in fp32) lives on
     out = _attention(led, "self_attn", s, s, rows, lse, d, c, fp8_compute, rope=True)
     led.free("h.c")
-    led.new("self_attn.gated", s * FP32)  # compute dtype * fp32 gate -> fp32
+    led.new("x1", s * FP32)  # addcmul(x, out, gate): compute dtype * fp32 gate -> fp32
     led.free(out)
-    led.new("x1", s * FP32)
-    led.free("self_attn.gated")
 
     # cross-attention: x = x + cross_attn(norm3(x).to(dtype), context)
     _layer_norm(led, "norm3", s, rows)
@@ -233,20 +231,15 @@ def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes
 
     # feed-forward: h = norm2(x) * (1 + scale) + shift; x + ffn(h.to(dtype)) * gate
     _layer_norm(led, "norm2", s, rows)
-    led.new("norm2.scaled", s * FP32)
+    led.new("h2", s * FP32)  # addcmul(shift, norm2, 1 + scale)
     led.free("norm2")
-    led.new("h2", s * FP32)
-    led.free("norm2.scaled")
     led.cast("h2.c", "h2", c != FP32, s * c)
     led.free("h2")
     _linear(led, "ffn.0", s, hidden, d * cfg.ffn_dim, c, fp8_compute)
-    led.new("ffn.gelu", hidden * c)
-    led.free("ffn.0")
+    # the GELU runs in place on ffn.0's output (FeedForward): no new tensor
     _linear(led, "ffn.2", hidden, s, d * cfg.ffn_dim, c, fp8_compute)
-    led.free("ffn.gelu", "h2.c")
-    led.new("ffn.gated", s * FP32)
-    led.free("ffn.2")
-    led.new("x_out", s * FP32)
+    led.free("ffn.0", "h2.c")
+    led.new("x_out", s * FP32)  # addcmul(x, ffn, gate)
     return led.peak, led.peak_at, led.peak_live
 
 
@@ -306,7 +299,7 @@ def estimate_peak_bytes(dit_cfg: DiTConfig, frames: int, height: int, width: int
     tokens = video_tokens(dit_cfg, frames, height, width)
     compute = FP32 if weight_bytes_per_param == 4 else 2
     fp8 = fp8_compute if weight_bytes_per_param == 1 else None
-    in_block, peak_at, _ = block_activation_peak(dit_cfg, tokens, batch, compute, fp8)
+    in_block, peak_at, _ = block_activation_peak(dit_cfg, tokens, batch, compute, fp8, text_tokens)
     persistent = forward_persistent_bytes(dit_cfg, tokens, batch, compute, text_tokens)
     return {"tokens": tokens, "weights": weights, "block_activations": in_block,
             "persistent_activations": persistent, "activations": in_block + persistent,

@@ -172,6 +172,23 @@ class CrossAttention(SelfAttention):
 # 4. Transformer block
 
 
+class FeedForward(nn.Sequential):
+    """ffn.0 -> GELU (tanh approximation, official) -> ffn.2, with the official module names.
+
+    Without autograd the GELU overwrites ffn.0's output, a temporary of this call, so one
+    [B, L, ffn_dim] tensor is alive at the FFN's peak instead of two (4.2 GB less at 720p).
+    """
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self[0](x)
+        if torch.is_grad_enabled():  # backward needs the GELU's input
+            return self[2](self[1](hidden))
+        return self[2](torch.ops.aten.gelu_(hidden, approximate="tanh"))
+
+
 class WanBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -180,8 +197,7 @@ class WanBlock(nn.Module):
         self.norm3 = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True)  # cross-attn norm
         self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, cfg.eps)
         self.norm2 = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(
-            nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x, e0, context, rope, pad_bias=None):
@@ -193,12 +209,14 @@ class WanBlock(nn.Module):
 
         # The fp32 modulated input is never bound to a name: only its compute-dtype copy lives
         # through the attention / FFN call (4 bytes per element less at the peak).
+        # addcmul(a, b, c) = a + b * c in one pass: the modulation and the gated residual add.
         # self-attention, adaLN-modulated and gated
-        x = x + self.self_attn((self.norm1(x) * (1 + scale_sa) + shift_sa).to(dtype), rope) * gate_sa
+        x = torch.addcmul(x, self.self_attn(torch.addcmul(shift_sa, self.norm1(x), 1 + scale_sa).to(dtype), rope),
+                          gate_sa)
         # cross-attention to the text, no modulation
         x = x + self.cross_attn(self.norm3(x).to(dtype), context, pad_bias)
         # feed-forward, adaLN-modulated and gated
-        return x + self.ffn((self.norm2(x) * (1 + scale_ff) + shift_ff).to(dtype)) * gate_ff
+        return torch.addcmul(x, self.ffn(torch.addcmul(shift_ff, self.norm2(x), 1 + scale_ff).to(dtype)), gate_ff)
 
 
 class Head(nn.Module):

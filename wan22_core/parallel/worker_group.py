@@ -68,10 +68,11 @@ RENDEZVOUS_PREFIX = "wan22-rendezvous-"  # + the controller's pid + a random par
 
 
 def sweep_stale_rendezvous() -> None:
-    """Remove the rendezvous folders of controllers that died without cleaning up (SIGKILL).
+    """Remove the rendezvous folders of controllers that ended without cleaning up.
 
-    A controller removes its folder when its group ends; one killed outright cannot, and its
-    workers die with it, so the next group started on this machine (by this user) does it.
+    A controller removes its folder when its group ends; one ended by a signal (SIGTERM, SIGKILL:
+    Python runs no exit handlers then) cannot, and its workers die with it, so the next group
+    started on this machine (by this user) does it.
     """
     temp = Path(tempfile.gettempdir())
     for folder in temp.glob(f"{RENDEZVOUS_PREFIX}*-*"):
@@ -84,6 +85,7 @@ def sweep_stale_rendezvous() -> None:
             shutil.rmtree(folder, ignore_errors=True)
         except OSError:  # alive under another user (PermissionError), or the folder just went away
             continue
+
 
 # PR_SET_PDEATHSIG fires when the *thread* that started a child exits; start every worker from
 # this one thread, which lives as long as the process, whichever thread asks for a group.

@@ -13,7 +13,9 @@ weights) in an `ExpertPair` with `swap_blocks` set to the memory model's `min_sw
 the card (or --swap), then `pipeline.denoise` for --steps steps at 1280x720x81 with batched CFG
 (cond + uncond in one forward), then the VAE decode of the result, tiled (--vae-tile) as the
 README tells small-card users. Printed: seconds per step, the allocator's peak for the
-denoising and for the decode, and the memory model's prediction for the same settings.
+denoising and for the decode, and the memory model's prediction for the same settings. With
+--switch-timing, first (uncapped): the time to move the whole expert to the GPU and back, what
+an expert switch costs without block swap (ExpertPair moves through pageable host memory).
 The text encoder (UMT5-XXL, 11.4 GB bf16, released after encoding) is not run.
 
 Host memory: the swapped blocks live in pinned host memory (about 0.7 GB per block).
@@ -68,6 +70,32 @@ def build_expert(cfg: DiTConfig, device: torch.device) -> WanModel:
     return random_weights(model.to(DTYPE), device).eval()
 
 
+def switch_timing(expert: torch.nn.Module, device: torch.device) -> dict:
+    """Seconds to move a whole expert to the device and back, as ExpertPair does at a switch
+    (`.to()` from pageable host memory), and the same from pinned memory for comparison."""
+    def timed(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    out = {"gb": sum(t.numel() * t.element_size() for t in expert.parameters()) / 1e9}
+    out["to_device_pageable_s"] = timed(lambda: expert.to(device))
+    out["to_host_pageable_s"] = timed(lambda: expert.to("cpu"))
+    if device.type == "cuda":
+        params = list(expert.parameters())
+        pinned = [p.data.pin_memory() for p in params]
+        on_device = []
+        out["to_device_pinned_s"] = timed(lambda: on_device.extend(t.to(device, non_blocking=True) for t in pinned))
+        out["to_host_pinned_s"] = timed(lambda: [h.copy_(d, non_blocking=True) for h, d in zip(pinned, on_device)])
+        del pinned, on_device
+    print("# whole-expert move: " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()), flush=True)
+    return out
+
+
 def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
 
@@ -99,6 +127,8 @@ def run(args) -> dict:
     result["build_s"] = time.perf_counter() - t0
     print(f"# built a random bf16 expert ({sum(p.numel() for p in expert.parameters()) / 1e9:.2f} B params) "
           f"in {result['build_s']:.0f} s", flush=True)
+    if args.switch_timing:
+        result["switch"] = switch_timing(expert, device)
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction((card - CUDA_OVERHEAD) / torch.cuda.get_device_properties(0).total_memory)
@@ -161,6 +191,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--text-tokens", type=int, default=128, help="prompt length in tokens (default 128)")
     p.add_argument("--vae-tile", type=int, default=32, help="VAE decode tile in latent pixels (default 32)")
+    p.add_argument("--switch-timing", action="store_true",
+                   help="also time moving the whole expert to the GPU and back (pageable and pinned)")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: checks the code path")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()

@@ -28,8 +28,8 @@ def test_bench_gpu_dry_run_measures_the_engine_layout(tmp_path):
 
 
 def test_bench_small_card_dry_run_samples_with_block_swap_and_decodes(tmp_path):
-    out = run("bench_small_card.py", "--json", str(tmp_path / "card.json"), cwd=tmp_path)
+    out = run("bench_small_card.py", "--switch-timing", "--json", str(tmp_path / "card.json"), cwd=tmp_path)
     data = json.loads((tmp_path / "card.json").read_text())
     assert data["swap_blocks"] == 2 and len(data["step_s"]) == data["steps"] == 3
     assert data["finite"] and data["video_shape"] == [data["frames"], data["height"], data["width"], 3]
-    assert "dry run: OK" in out
+    assert "dry run: OK" in out and data["switch"]["gb"] > 0

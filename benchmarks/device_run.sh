@@ -13,6 +13,6 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 if [ -d .whl ]; then pip install --quiet --no-index --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; fi
-timeout 240 python benchmarks/bench_small_card.py --switch-timing --json "$OUT/small_card.json" 2>&1 | tee "$OUT/small_card.log"
-timeout 300 python benchmarks/bench_gpu.py --only ours,compile,overhead --budget-s 240 \
+timeout 300 python benchmarks/bench_small_card.py --switch-timing --json "$OUT/small_card.json" 2>&1 | tee "$OUT/small_card.log"
+timeout 270 python benchmarks/bench_gpu.py --only ours,compile,overhead --budget-s 180 \
     --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.log"

@@ -306,7 +306,11 @@ def rank_main(rank, world, port, model_dir, out_dir, loras):
             latents={name: denoise(experts, *job_inputs(name), SETTINGS) for name in SHAPES})
         if degrees.get("fsdp"):  # what the worker does after each job, by both routes
             results[scenario]["records"] = [forward_records(experts)]
-            forget_forward_records(experts) if scenario != "fsdp" else [forget_by_hand(fsdp_root(e)) for e in experts.experts.values()]
+            if scenario == "fsdp":  # the route for a torch without reset_iter_state
+                for expert in experts.experts.values():
+                    forget_by_hand(fsdp_root(expert))
+            else:
+                forget_forward_records(experts)
             results[scenario]["records"].append(forward_records(experts))
             first = next(iter(SHAPES))
             results[scenario]["after_forgetting"] = denoise(experts, *job_inputs(first), SETTINGS)

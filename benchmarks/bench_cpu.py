@@ -21,16 +21,16 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
 
 
 def build(args):
-    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # diffusers set up as the tests do
+    from reference import pad_text, run_wan_pipeline, wan_pipeline
 
     from wan22_core.config import DiTConfig, SamplerSettings
-    from wan22_core.keymaps import dit_official_to_diffusers
     from wan22_core.models.transformer import WanModel
     from wan22_core.pipeline import make_noise
     from wan22_core.sampling.moe import ExpertPair
@@ -39,39 +39,18 @@ def build(args):
     cfg = DiTConfig(dim=args.dim, ffn_dim=args.dim * 3, num_heads=args.heads, num_layers=args.layers,
                     text_dim=args.text_dim, freq_dim=256)
     ours = [seeded(i, lambda: WanModel(cfg)) for i in (1, 2)]
-
-    def twin(model):
-        ref = WanTransformer3DModel(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-                                    text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
-                                    num_layers=cfg.num_layers)
-        ref.load_state_dict({dit_official_to_diffusers(k): v for k, v in model.state_dict().items()})
-        return ref.eval()
-
-    class OfficialGridUniPC(UniPCMultistepScheduler):
-        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
-            grid = np.linspace(np.float32(0.999).item(), 0, num_inference_steps + 1)[:-1]
-            super().set_timesteps(device=device, sigmas=grid)
-
     settings = SamplerSettings(steps=args.steps)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=twin(ours[0]),
-                       transformer_2=twin(ours[1]), boundary_ratio=settings.boundary,
-                       scheduler=OfficialGridUniPC(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                   flow_shift=settings.shift, num_train_timesteps=1000))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = wan_pipeline(cfg, ours[0], ours[1], settings)
     g = torch.Generator().manual_seed(0)
     pos, neg = torch.randn(40, cfg.text_dim, generator=g), torch.randn(60, cfg.text_dim, generator=g)
     noise = make_noise(0, args.frames, args.size, args.size)
-    pad = lambda c: torch.nn.functional.pad(c, (0, 0, 0, 512 - c.shape[0]))[None]
 
     def run_ours():
         from wan22_core.pipeline import denoise
         return denoise(ExpertPair(ours[0], ours[1], torch.device("cpu")), pos, neg, noise, settings)
 
     def run_diffusers():
-        return pipe(prompt_embeds=pad(pos), negative_prompt_embeds=pad(neg), height=args.size, width=args.size,
-                    num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=settings.cfg_high,
-                    guidance_scale_2=settings.cfg_low, latents=noise[None].clone(), output_type="latent",
-                    return_dict=False)[0][0]
+        return run_wan_pipeline(pipe, pos, neg, noise, settings, args.frames, args.size, args.size)
 
     def forward_ours():  # what the loop does: cond + uncond in one batch, trimmed contexts
         from wan22_core.pipeline import stack_contexts
@@ -82,7 +61,7 @@ def build(args):
     def forward_diffusers():
         with torch.no_grad():
             return [pipe.transformer(noise[None], torch.tensor([999]), c, return_dict=False)[0]
-                    for c in (pad(pos), pad(neg))]
+                    for c in (pad_text(pos), pad_text(neg))]
 
     return cfg, run_ours, run_diffusers, forward_ours, forward_diffusers
 

@@ -8,16 +8,10 @@ old one, and changing one expert's file reloads only that expert.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Hashable
-from pathlib import Path
 from typing import Any
 
-
-def file_key(path: Path) -> tuple:
-    """A file's identity for caching: its path plus size and mtime, so a replaced file reloads."""
-    stat = os.stat(path)
-    return (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+from ..wan22_core.lora import file_key  # noqa: F401  a file's identity (path, size, mtime), for the cache keys
 
 
 class LoadCache:

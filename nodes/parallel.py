@@ -11,7 +11,7 @@ import torch
 
 from ..wan22_core.config import A14B, SamplerSettings
 from ..wan22_core.lora import LoraReport
-from ..wan22_core.parallel import Job, ModelSpec, ParallelConfig, WorkerGroup, parallel_config
+from ..wan22_core.parallel import Job, ModelSpec, ParallelConfig, WorkerGroup, parallel_config, valid_ulysses_degrees
 from . import comfy_adapter
 from .loaders import CATEGORY, EXPERT_NAMES, MoEModel, release_cached_experts
 
@@ -38,7 +38,7 @@ class Wan22MultiGPUConfig:
                      "(no GPU needed; slow, for trying the setup)."}),
             "ulysses_degree": ("INT", {"default": 0, "min": 0, "max": heads, "step": 1, "tooltip":
                                "Sequence-parallel degree; 0 uses all GPUs (of each CFG half). It must divide the "
-                               f"{heads} attention heads: 1, 2, 4, 5, 8, 10, 20 or 40."}),
+                               f"{heads} attention heads: {', '.join(map(str, valid_ulysses_degrees(heads)))}."}),
             "fsdp": ("BOOLEAN", {"default": True, "tooltip":
                      "Shard both experts' weights across the GPUs (each holds 1/N); off: every GPU holds whole "
                      "experts."}),
@@ -70,10 +70,6 @@ def model_spec(model: MoEModel) -> ModelSpec:
                      loras_low=model.loras_low, attention=model.attention)
 
 
-def uses_gpus(config: ParallelConfig) -> bool:
-    return any(device.startswith("cuda") for device in config.devices)
-
-
 Reports = tuple[tuple[str, LoraReport], ...]  # (expert, what one LoRA patched)
 
 
@@ -89,7 +85,7 @@ def sample_on_group(config: ParallelConfig, model: MoEModel, embeds, jobs: list,
     def on_status(rank: int, status: str) -> None:
         runtime.send_status(node_id, rank, ranks, status)
 
-    if uses_gpus(config):
+    if config.backend == "nccl":
         runtime.free_memory()  # the workers allocate on GPUs where ComfyUI may hold models
     _group = WorkerGroup.get_or_create(spec, config, on_status)  # validates the spec before spawning
     release_cached_experts()  # the workers hold the model now; an in-process copy would only take memory
@@ -108,6 +104,6 @@ def sample_on_group(config: ParallelConfig, model: MoEModel, embeds, jobs: list,
 def release_gpu_group(device: torch.device) -> None:
     """Stop a worker group that holds GPU memory before this process computes on a GPU itself."""
     global _group
-    if _group is not None and device.type == "cuda" and uses_gpus(_group.config):
+    if _group is not None and device.type == "cuda" and _group.config.backend == "nccl":
         _group.shutdown()
         _group = None

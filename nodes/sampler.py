@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from ..wan22_core.config import SOLVERS, SamplerSettings, VAEConfig
+from ..wan22_core.config import FRAMES, HEIGHT, MAX_STEPS, SOLVERS, WIDTH, SamplerSettings, VAEConfig
 from ..wan22_core.errors import Cancelled
 from ..wan22_core.models.vae import denormalize_latent, normalize_latent
 from ..wan22_core.parallel import ParallelConfig
-from ..wan22_core.pipeline import MAX_LATENT_POSITIONS, Z_DIM, check_video_size, make_noise
+from ..wan22_core.pipeline import MAX_FRAMES, MAX_SIDE, SIDE_STEP, Z_DIM, check_video_size, latent_shape, make_noise
 from ..wan22_core.pipeline import denoise as run_denoise
 from . import comfy_adapter
 from .loaders import CATEGORY, MoEModel
@@ -24,9 +24,6 @@ from .preview import latent_to_rgb
 
 DEFAULTS = SamplerSettings()
 SEED_MAX = 2**64 - 1  # make_noise takes any 64-bit seed, like ComfyUI's KSampler
-STRIDE_T, STRIDE_S, _ = VAEConfig().stride  # frames and pixels per latent pixel
-MAX_FRAMES = STRIDE_T * (MAX_LATENT_POSITIONS - 1) + 1
-MAX_SIDE = 2 * STRIDE_S * MAX_LATENT_POSITIONS  # tokens are 2x2 latent pixels
 
 
 def _int(default: int, lo: int, hi: int, step: int, tooltip: str) -> tuple:
@@ -53,8 +50,9 @@ def start_latents(latent: dict | None, frames: int, height: int, width: int) -> 
         raise ValueError(f"latent must be a Wan2.1 video latent [batch, 16, frames, height/8, width/8], got shape "
                          f"{list(samples.shape)}; use EmptyHunyuanLatentVideo or VAEEncode with wan_2.1_vae")
     t, h, w = samples.shape[2:]
-    if (t, h, w) != ((frames - 1) // STRIDE_T + 1, height // STRIDE_S, width // STRIDE_S):
-        raise ValueError(f"the latent holds {(t - 1) * STRIDE_T + 1} frames of {w * STRIDE_S}x{h * STRIDE_S} but "
+    if (Z_DIM, t, h, w) != latent_shape(frames, height, width):
+        stride_t, stride_s, _ = VAEConfig().stride  # frames / pixels per latent position
+        raise ValueError(f"the latent holds {(t - 1) * stride_t + 1} frames of {w * stride_s}x{h * stride_s} but "
                          f"width/height/frames ask for {frames} frames of {width}x{height}; "
                          "set them to match the latent")
     offsets = latent.get("batch_index", list(range(samples.shape[0])))
@@ -93,10 +91,12 @@ class Wan22MoESampler:
             "required": {
                 "model": ("WAN22_MOE_MODEL", {"tooltip": "Both experts, from Wan22MoEModelLoader."}),
                 "embeds": ("WAN22_EMBEDS", {"tooltip": "Positive and negative prompt, from Wan22TextEncode."}),
-                "width": _int(1280, 16, MAX_SIDE, 16, "Video width in pixels, a multiple of 16."),
-                "height": _int(720, 16, MAX_SIDE, 16, "Video height in pixels, a multiple of 16."),
-                "frames": _int(81, 1, MAX_FRAMES, 4, "Number of frames, 4k+1 (81 = 5 s at 16 fps)."),
-                "steps": _int(d.steps, 1, 1000, 1, "Denoising steps in total, both experts together."),
+                "width": _int(WIDTH, SIDE_STEP, MAX_SIDE, SIDE_STEP,
+                              f"Video width in pixels, a multiple of {SIDE_STEP}."),
+                "height": _int(HEIGHT, SIDE_STEP, MAX_SIDE, SIDE_STEP,
+                               f"Video height in pixels, a multiple of {SIDE_STEP}."),
+                "frames": _int(FRAMES, 1, MAX_FRAMES, 4, "Number of frames, 4k+1 (81 = 5 s at 16 fps)."),
+                "steps": _int(d.steps, 1, MAX_STEPS, 1, "Denoising steps in total, both experts together."),
                 "cfg_high": _float(d.cfg_high, 0.0, 100.0, 0.1, "Guidance scale of the high-noise expert "
                                                                "(1.0 skips the negative prompt)."),
                 "cfg_low": _float(d.cfg_low, 0.0, 100.0, 0.1, "Guidance scale of the low-noise expert."),

@@ -1,15 +1,15 @@
 """Attention backends behind the seam, and regional torch.compile: same numbers as eager SDPA."""
-import importlib
 
 import pytest
 import torch
+from fakes import hide_package
 
-from wan22_core.config import DiTConfig
+from wan22_core.config import TINY
 from wan22_core.models.attention import AttentionKernel, resolve_backend, set_attention_backend
 from wan22_core.models.transformer import WanModel
 from wan22_core.optimize import compile_blocks, compile_toolchain_problem
 
-CFG = DiTConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, freq_dim=32)
+CFG = TINY.dit
 
 
 def test_sdpa_kernel_equals_float64_softmax_attention():
@@ -24,14 +24,7 @@ def test_sdpa_kernel_equals_float64_softmax_attention():
 @pytest.mark.parametrize("backend,package", [("flash_attn", "flash_attn"), ("flash_attn3", "flash_attn_interface"),
                                              ("sage", "sageattention")])
 def test_selecting_a_missing_backend_says_what_to_install(backend, package, monkeypatch):
-    real = importlib.import_module
-
-    def fake(name, *args):
-        if name == package:
-            raise ImportError(f"No module named {name!r}")
-        return real(name, *args)
-
-    monkeypatch.setattr(importlib, "import_module", fake)
+    hide_package(monkeypatch, package)
     with pytest.raises(ValueError, match=f"'{package}' package is not installed.*or choose 'sdpa'"):
         resolve_backend(backend)
 

@@ -21,6 +21,7 @@ from wan22_core.parallel import Job, ModelSpec, WorkerGroup, parallel_config
 from wan22_core.pipeline import denoise, make_noise
 from wan22_core.sampling.moe import ExpertPair
 from procs import children_of
+from reference import rel_l2
 
 PROMPTS = 50
 WARM_UP = 10  # two rounds of SIZES: every shape has been through every cache once
@@ -37,10 +38,6 @@ def job(i: int) -> Job:
     positive = torch.randn(5 + i % 7, TINY.dit.text_dim, generator=g)
     negative = torch.randn(3 + i % 4, TINY.dit.text_dim, generator=g)
     return Job(positive, negative, make_noise(7 * i + 1, *SIZES[i % len(SIZES)]), SETTINGS)
-
-
-def rel_l2(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def status(pid: int) -> dict[str, int]:

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from reference import rel_l2
 from safetensors.torch import load_file, save_file
 
 from wan22_core.checkpoints import DIT, NUM_HEADS_KEY, Checkpoint, CheckpointError, check_slot, load_dit
@@ -44,10 +45,6 @@ def inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(1, 16, 2, 4, 4, generator=g), torch.tensor([700.0]),
             torch.randn(1, 8, TINY.dit.text_dim, generator=g))
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def expected_state(base, tiny, strength, dtype):
@@ -137,7 +134,7 @@ def test_merged_output_equals_unmerged_on_the_fly(base, tmp_path):
     apply_loras(unmerged, specs, mode="unmerged")
     with torch.no_grad():
         out_merged, out_unmerged = merged(*inputs()), unmerged(*inputs())
-    assert rel(out_unmerged, out_merged) <= 1e-5
+    assert rel_l2(out_unmerged, out_merged) <= 1e-5
 
     # on the fly: block Linear weights untouched, state dict names unchanged (branches hold no state)
     for name in block_targets(base):
@@ -150,8 +147,8 @@ def test_merged_output_equals_unmerged_on_the_fly(base, tmp_path):
     apply_loras(unmerged, specs, mode="unmerged")
     with torch.no_grad():
         out_changed = merged(*inputs())
-        assert rel(unmerged(*inputs()), out_changed) <= 1e-5
-    assert rel(out_changed, out_merged) > 1e-2  # the strengths matter, so the comparisons mean something
+        assert rel_l2(unmerged(*inputs()), out_changed) <= 1e-5
+    assert rel_l2(out_changed, out_merged) > 1e-2  # the strengths matter, so the comparisons mean something
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +225,7 @@ def test_fp8_merge_is_within_fp8_rounding_of_the_bf16_merge(base, base_file, tmp
     layers = {n: m for n, m in fp8.named_modules() if isinstance(m, FP8Linear)}
     before = {n: (m.weight.float() * m.scale_weight, m.scale_weight.clone(), m.weight.clone()) for n, m in layers.items()}
     with torch.no_grad():
-        gap_base = rel(fp8(*inputs()), bf16(*inputs()))
+        gap_base = rel_l2(fp8(*inputs()), bf16(*inputs()))
     apply_loras(fp8, [LoraSpec(lora, 1.0)])
     apply_loras(bf16, [LoraSpec(lora, 1.0)])
 
@@ -245,7 +242,7 @@ def test_fp8_merge_is_within_fp8_rounding_of_the_bf16_merge(base, base_file, tmp
             kept.append(name)
     assert len(kept) >= 0.8 * len(layers)  # the scale grows only where clipping would exceed fp8 rounding
     with torch.no_grad():
-        assert rel(fp8(*inputs()), bf16(*inputs())) <= 1.5 * gap_base
+        assert rel_l2(fp8(*inputs()), bf16(*inputs())) <= 1.5 * gap_base
 
     # removing the LoRA gives back the stored fp8 bits wherever the layer kept its scale
     apply_loras(fp8, [LoraSpec(lora, 0.4)])
@@ -258,7 +255,7 @@ def test_fp8_merge_is_within_fp8_rounding_of_the_bf16_merge(base, base_file, tmp
     apply_loras(fp8, [LoraSpec(lora, 1.0)], mode="unmerged")
     assert all(torch.equal(m.weight.view(torch.uint8), stored[n].view(torch.uint8)) for n, m in layers.items())
     with torch.no_grad():
-        assert rel(fp8(*inputs()), bf16(*inputs())) <= 1.5 * gap_base
+        assert rel_l2(fp8(*inputs()), bf16(*inputs())) <= 1.5 * gap_base
 
 
 def test_fp8_scale_grows_instead_of_clipping(base, base_file, tmp_path):

@@ -7,13 +7,14 @@ peak is the most tensor bytes alive at once during the forward, as an allocator 
 each offload mode leaves on the compute device.
 """
 import weakref
+from dataclasses import replace
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from wan22_core.config import DiTConfig
+from wan22_core.config import TINY, DiTConfig
 from wan22_core.memory import (GIB, block_activation_peak, estimate_peak_bytes, param_counts, video_tokens,
                                weight_bytes)
 from wan22_core.models.transformer import WanModel
@@ -21,7 +22,7 @@ from wan22_core.sampling.moe import HIGH, ExpertPair
 
 CFG = DiTConfig(dim=64, ffn_dim=176, num_heads=4, num_layers=2, text_dim=32, freq_dim=32)
 TEXT_TOKENS = 77  # a prompt of 77 tokens (the model keeps them plus one slot for the padding)
-ACTIVATION_TOLERANCE = 0.02  # relative; the replay is byte-exact on the CPU today, 2% leaves room for kernel changes
+ACTIVATION_TOLERANCE = 0.005  # relative; measured within 0.01% (fp32) and 0.3% (bf16: small temporaries)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -174,7 +175,7 @@ def test_weights_per_offload_mode_match_what_stays_on_the_device():
 
 @pytest.mark.parametrize("swap_blocks", [1, 2])
 def test_weights_with_block_swap_count_blocks_in_flight(swap_blocks):
-    cfg = DiTConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=32, freq_dim=32)
+    cfg = replace(TINY.dit, num_layers=4)
     model = WanModel(cfg).to(torch.bfloat16)
     with torch.device("meta"):
         low = WanModel(cfg)

@@ -29,9 +29,9 @@ from wan22_core.sampling.moe import ExpertPair, module_bytes
 TOL = 1e-5
 # bf16: each token sees the same weights and inputs as in one process, and the residual stream,
 # modulation and solver stay fp32; only kernels that block differently for another batch or
-# sequence split may round an element differently, by at most one bf16 ulp (2^-8 relative).
-# Measured: 1.6e-7 on 4 ranks.
-BF16_TOL = 2.0**-8
+# sequence split may round an element differently, by one bf16 ulp (2^-8) where they do.
+# Measured: 1.6e-7 on 4 ranks; rounding the fp32 stream to bf16 anywhere would be ~1e-3.
+BF16_TOL = 1e-5
 HEADS = TINY.dit.num_heads  # 4: allows 2- and 4-way Ulysses
 SETTINGS = SamplerSettings(steps=4, shift=5.0)  # timesteps 999, 937 (high) | 833, 624 (low): both experts
 SHAPES = {"16 tokens": (5, 32, 64), "27 tokens": (9, 48, 48)}  # (frames, height, width); 27 divides by neither P

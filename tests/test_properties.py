@@ -22,7 +22,7 @@ from wan22_core.checkpoints import DIT, TEXT_ENCODER, VAE, Checkpoint, Checkpoin
 from wan22_core.config import MAX_STEPS, SOLVERS, TINY, SamplerSettings
 from wan22_core.models.transformer import WanModel
 from wan22_core.parallel import parallel_config
-from wan22_core.pipeline import MAX_LATENT_POSITIONS, check_video_size, denoise, make_noise
+from wan22_core.pipeline import MAX_FRAMES, MAX_LATENT_POSITIONS, MAX_SIDE, check_video_size, denoise, make_noise
 from wan22_core.sampling.moe import ExpertPair
 from wan22_core.sampling.schedule import partial_schedule
 
@@ -56,6 +56,11 @@ def test_sampler_settings_accept_only_what_the_loop_can_run(steps, shift, bounda
     if steps <= 1000:  # building a 10000-step schedule works too, but takes longer than this test may
         schedule = partial_schedule(steps, shift, solver, 1.0)
         assert len(schedule.timesteps) == steps and schedule.sigmas[-1] == 0
+
+
+def test_size_limits_are_those_of_the_rope_table():
+    # 1024 RoPE rows per axis: latent frames are 4 video frames (after the first), tokens 16 px
+    assert (MAX_LATENT_POSITIONS, MAX_FRAMES, MAX_SIDE) == (1024, 4 * 1023 + 1, 16 * 1024)
 
 
 @FAST

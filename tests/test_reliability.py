@@ -3,9 +3,7 @@ Ctrl-C in the controller, and the security rules (loopback-only sockets, no pick
 nothing from a workflow reaches a shell or eval).
 
 docs/errors.md lists every case of the issue with its message and the test that covers it; the
-cases already tested elsewhere are cited there, not repeated here. Tests marked xfail(strict)
-need a change in a file this suite does not own (the reason says which); they start passing,
-and then fail as XPASS until the marker is removed, once that change is in.
+cases already tested elsewhere are cited there, not repeated here.
 """
 from __future__ import annotations
 

@@ -129,7 +129,7 @@ def test_incomplete_state_dict_names_the_missing_key(umt5, tokenizer):
 
 # 3. Tokenizer: embedded tensor == folder == transformers' T5Tokenizer.
 def test_tokenizer_sources_agree_with_hf(spiece_bytes, tmp_path):
-    pytest.importorskip("google.protobuf")  # without it, T5Tokenizer silently has 4 pieces
+    import google.protobuf  # noqa: F401  a dependency: without it T5Tokenizer silently has 4 pieces
     (tmp_path / "spiece.model").write_bytes(spiece_bytes)
     from_tensor = Tokenizer.from_state_dict_tensor(
         torch.frombuffer(bytearray(spiece_bytes), dtype=torch.uint8))

@@ -3,32 +3,16 @@ import math
 
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
+from reference import diffusers_twin, rel_l2
 
-from wan22_core.config import DiTConfig
-from wan22_core.keymaps import dit_official_to_diffusers
+from wan22_core.config import TINY, DiTConfig
 from wan22_core.models.transformer import RotaryEmbedding, WanModel, apply_rope
 
 CONFIGS = [
     # (config, latent shape F, H, W): several frames, odd token grids
-    (DiTConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, freq_dim=32), (3, 6, 10)),
+    (TINY.dit, (3, 6, 10)),
     (DiTConfig(dim=96, ffn_dim=160, num_heads=3, num_layers=3, text_dim=48, freq_dim=64), (5, 10, 14)),
 ]
-
-
-def rel_l2(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def diffusers_twin(cfg: DiTConfig, ours: WanModel) -> WanTransformer3DModel:
-    ref = WanTransformer3DModel(
-        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=cfg.eps)
-    mapped = {dit_official_to_diffusers(k): v for k, v in ours.state_dict().items()}
-    ref.load_state_dict(mapped, strict=True)
-    return ref.eval()
 
 
 def randomize_(model: torch.nn.Module, seed: int):

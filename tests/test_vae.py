@@ -26,7 +26,7 @@ CONVERTIBLE = VAEConfig(base_dim=4, dim_mult=(1, 2, 4, 4), num_res_blocks=2)
 CONFIGS = {"tiny": TINY.vae, "convertible": CONVERTIBLE}
 
 PARITY_RTOL = 1e-5  # relative L2, fp32
-TILE_ATOL = 2e-3  # max abs in [-1, 1] output units
+TILE_ATOL = 2e-4  # max abs in [-1, 1] output units; measured 4.6e-5 (blending near-local tiles)
 
 
 def randomise(vae: WanVAE, seed: int = 0, spatial_taper: float = 1.0) -> WanVAE:

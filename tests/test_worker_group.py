@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from procs import children_of
+from reference import rel_l2
 
 from wan22_core.checkpoints import load_dit
 from wan22_core.config import TINY, SamplerSettings
@@ -55,10 +56,6 @@ def predict_velocity(*args, **kwargs):
 
 pipeline.predict_velocity = predict_velocity
 """
-
-
-def rel_l2(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def process_alive(pid):

@@ -5,7 +5,7 @@ default negative prompt reads it from here: nodes, the CLI and the tests include
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,8 @@ SOLVERS = ("unipc", "dpm++", "euler")
 MAX_STEPS = 10000  # as ComfyUI's KSampler
 NUM_TRAIN_TIMESTEPS = 1000
 FPS = 16
+# The official t2v-A14B 720p video: 81 frames (5 s at 16 fps) of 1280 x 720.
+WIDTH, HEIGHT, FRAMES = 1280, 720, 81
 
 
 @dataclass(frozen=True)
@@ -148,10 +150,3 @@ TINY = ModelConfig(
     text=TextEncoderConfig(vocab_size=256, dim=32, ffn_dim=64, num_heads=4, num_layers=2),
     vae=VAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
 )
-
-FLAVOURS = {"a14b": A14B, "tiny": TINY}
-
-
-def with_overrides(cfg: ModelConfig, **dit_fields) -> ModelConfig:
-    """A copy of `cfg` whose DiT fields are replaced (used by make-tiny's size flags)."""
-    return replace(cfg, dit=replace(cfg.dit, **dit_fields))

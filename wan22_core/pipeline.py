@@ -12,15 +12,20 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import VAEConfig, SamplerSettings
+from .config import DiTConfig, SamplerSettings, VAEConfig
 from .errors import Cancelled, NumericalError, OutOfMemory, is_out_of_memory
 from .sampling.moe import ExpertPair, apply_guidance, guidance_scale, select_expert
 from .sampling.schedule import partial_schedule
 from .sampling.solvers import make_solver
 
 Z_DIM = VAEConfig().z_dim
-_STRIDE_T, _STRIDE_S, _ = VAEConfig().stride
-MAX_LATENT_POSITIONS = 1024  # RoPE table rows per axis; tokens are 2x2 latent pixels
+_STRIDE_T, _STRIDE_S, _ = VAEConfig().stride  # frames / pixels per latent position
+_PATCH_T, _PATCH_H, _PATCH_W = DiTConfig().patch_size  # latent positions per token
+MAX_LATENT_POSITIONS = DiTConfig().rope_max_positions  # RoPE table rows per axis
+# The largest video the RoPE table covers (official sizes are far below).
+MAX_FRAMES = _STRIDE_T * (MAX_LATENT_POSITIONS * _PATCH_T - 1) + 1
+SIDE_STEP = _STRIDE_S * _PATCH_H  # pixels per token side: sizes are multiples of this
+MAX_SIDE = SIDE_STEP * MAX_LATENT_POSITIONS
 
 
 def check_video_size(frames: int, height: int, width: int) -> None:
@@ -32,12 +37,12 @@ def check_video_size(frames: int, height: int, width: int) -> None:
         below = max(1, (frames - 1) // _STRIDE_T * _STRIDE_T + 1)
         raise ValueError(f"frames must be 4k+1 (1, 5, ..., 77, 81, ...), got {frames}; "
                          f"the nearest valid values are {below} and {below + _STRIDE_T}")
-    if (frames - 1) // _STRIDE_T + 1 > MAX_LATENT_POSITIONS:
-        raise ValueError(f"frames must be at most {4 * (MAX_LATENT_POSITIONS - 1) + 1}, got {frames}")
-    limit = 16 * MAX_LATENT_POSITIONS
+    if frames > MAX_FRAMES:
+        raise ValueError(f"frames must be at most {MAX_FRAMES}, got {frames}")
     for name, value in (("height", height), ("width", width)):
-        if value < 16 or value % 16 or value > limit:
-            raise ValueError(f"{name} must be a multiple of 16 between 16 and {limit}, got {value}")
+        if value < SIDE_STEP or value % SIDE_STEP or value > MAX_SIDE:
+            raise ValueError(f"{name} must be a multiple of {SIDE_STEP} between {SIDE_STEP} and {MAX_SIDE}, "
+                             f"got {value}")
 
 
 def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -192,7 +197,7 @@ def release_cached_memory(device: torch.device) -> None:
 
 def _out_of_memory_message(position: _Position, noise: torch.Tensor, device, batch_cfg: bool, reason: str) -> str:
     frames, height, width = noise.shape[1:]
-    tokens = frames * (height // 2) * (width // 2)  # 2x2 latent pixels per token
+    tokens = frames // _PATCH_T * (height // _PATCH_H) * (width // _PATCH_W)
     where = (f"at step {position.step}/{position.total} ({position.expert}-noise expert)" if position.step
              else "before the first step")
     knobs = ["fp8 weights (loader weight_dtype fp8_e4m3fn, or an fp8_scaled checkpoint)",

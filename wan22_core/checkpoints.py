@@ -198,14 +198,42 @@ class Checkpoint:
             return stored
         return wanted
 
+    def read_rows(self, name: str, start: int, stop: int, handles: dict[Path, object] | None = None,
+                  label: str | None = None) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (dim 0) as stored, reading only their bytes.
 
-def _read_bytes(handle, entry: TensorEntry, name: str, buffer: torch.Tensor | None) -> torch.Tensor:
-    """The tensor's bytes read into `buffer` (uint8, reused by the caller) or a fresh one."""
-    buffer = torch.empty(entry.nbytes, dtype=torch.uint8) if buffer is None else buffer
-    handle.seek(entry.start)
-    if entry.nbytes and handle.readinto(memoryview(buffer.numpy())) != entry.nbytes:
+        A row range of a C-contiguous tensor is one contiguous byte range of a safetensors
+        file; a `.pth` file is memory-mapped, so slicing it touches only those rows. handles:
+        {file: open binary file} kept by the caller across calls (opened here when missing, closed
+        by the caller). label: the tensor's name in messages (default `name`).
+        """
+        entry = self.entries[name]
+        if not entry.shape or not 0 <= start <= stop <= entry.shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) of {name} with shape {list(entry.shape)}")
+        if entry.start < 0:
+            return self._pickled[name][start:stop]
+        if handles is None:
+            with open(entry.file, "rb") as handle:
+                return _read_bytes(handle, entry, label or name, None, (start, stop))
+        if entry.file not in handles:
+            handles[entry.file] = open(entry.file, "rb")
+        return _read_bytes(handles[entry.file], entry, label or name, None, (start, stop))
+
+
+def _read_bytes(handle, entry: TensorEntry, name: str, buffer: torch.Tensor | None,
+                rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The tensor's bytes, or rows [start, stop) of dim 0 only, read into `buffer` (uint8, reused
+    by the caller) or a fresh one."""
+    shape, offset, nbytes = entry.shape, 0, entry.nbytes
+    if rows is not None:
+        row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
+        shape, offset = (rows[1] - rows[0], *entry.shape[1:]), rows[0] * row_bytes
+        nbytes = shape[0] * row_bytes
+    buffer = torch.empty(nbytes, dtype=torch.uint8) if buffer is None else buffer[:nbytes]
+    handle.seek(entry.start + offset)
+    if nbytes and handle.readinto(memoryview(buffer.numpy())) != nbytes:
         raise CheckpointError(f"{entry.file} ended inside tensor {name!r}; the file is truncated, download it again")
-    return buffer.view(entry.dtype).reshape(entry.shape)
+    return buffer.view(entry.dtype).reshape(shape)
 
 
 def _safetensors_files(path: Path) -> list[Path]:

@@ -4,12 +4,13 @@ FSDP2 shards dim 0 of every parameter in torch.chunk layout: with P ranks, rank 
 [r * ceil(n/P), ...) and trailing ranks may hold fewer or none. A `keep(name)` filter cannot
 express that (every rank needs part of every tensor), but a row range of a C-contiguous tensor
 is one contiguous byte range of a safetensors file: the checkpoint header gives each tensor's
-offset (`checkpoints.Checkpoint.entries`), so a rank seeks and reads just its rows, about 1/P
-of the expert, and never holds a full tensor. Without FSDP every rank reads whole tensors.
+offset, so a rank seeks and reads just its rows (`checkpoints.Checkpoint.read_rows`), about
+1/P of the expert, and never holds a full tensor. Without FSDP every rank reads whole tensors.
 
 Every layout `checkpoints.check_slot` recognises works (official, ComfyUI with or without the
 prefix, diffusers names, scaled fp8): names come from its `Identity`. fp8 rows are dequantised
-into the compute dtype here, since the shards are what the ranks compute with.
+into the compute dtype, since the shards are what the ranks compute with, by the converter
+`load_dit` uses: the ranks' rows are the single-process weights bit for bit.
 
 LoRAs are merged into the rows as they are read (`lora.lora_deltas` builds just the delta rows
 of this rank's shard), so every shard is merged when it lands and FSDP never gathers unmerged
@@ -25,24 +26,32 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..checkpoints import DIT, CheckpointError, check_slot
+from ..checkpoints import DIT, _check_missing, _convert_dit_tensor, check_slot
 from ..config import DiTConfig
 from ..lora import LoraDeltas, LoraSpec, lora_deltas, remerge
 from ..models.transformer import WanModel
 from .mesh import ParallelGroups
 from .parallelize import parallelize
 
-_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-
 
 class ExpertReader:
-    """Row-range reads of one expert checkpoint, by official parameter name."""
+    """Row-range reads of one expert checkpoint, by official parameter name.
+
+    Reading is `Checkpoint.read_rows` and conversion is `checkpoints._convert_dit_tensor`, the
+    function `load_dit` converts every tensor with, so each rank's rows equal the same rows of
+    `load_dit(path, dtype, weight_dtype=dtype)` bit for bit (fp8 dequantised as there too).
+    """
 
     def __init__(self, path: str | Path):
         self.ckpt, found = check_slot(path, DIT)
         self.cfg: DiTConfig = found.dit
         self.stored = {official: stored for stored, official in found.names.items()}
+        scale_names = [stored for official, stored in self.stored.items() if official.endswith(".scale_weight")]
+        # {module: fp32 scalar}, as load_dit reads them (a few hundred scalars)
+        self._scales = {found.names[s].rpartition(".")[0]: t.float().reshape(())
+                        for s, t in self.ckpt.read(scale_names)}
         self._files: dict[Path, object] = {}
+        self._no_work = torch.empty(0)  # _convert_dit_tensor's quantising buffer: nothing is kept in fp8 here
 
     def __enter__(self) -> "ExpertReader":
         return self
@@ -53,36 +62,11 @@ class ExpertReader:
 
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows [start, stop) of parameter `name` in `dtype` (fp8 rows times their scale)."""
-        entry = self.ckpt.entries[self.stored[name]]
-        if entry.start < 0:  # a .pth file: memory-mapped, slicing reads only these rows
-            tensor = next(self.ckpt.read([self.stored[name]]))[1][start:stop]
-        else:
-            row_bytes = entry.nbytes // entry.shape[0]
-            if entry.file not in self._files:
-                self._files[entry.file] = open(entry.file, "rb")
-            handle = self._files[entry.file]
-            buffer = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
-            handle.seek(entry.start + start * row_bytes)
-            if handle.readinto(memoryview(buffer.numpy())) != buffer.numel():
-                raise CheckpointError(f"{entry.file} ended inside tensor {name!r}; the file is truncated, "
-                                      "download it again")
-            tensor = buffer.view(entry.dtype).reshape(stop - start, *entry.shape[1:])
-        if tensor.dtype in _FP8_DTYPES:
-            tensor = tensor.float() * self._fp8_scale(name)
-        return tensor.to(dtype)
-
-    def _fp8_scale(self, name: str) -> torch.Tensor:
-        scale_name = f"{name.rpartition('.')[0]}.scale_weight"
-        if scale_name not in self.stored:  # unscaled fp8
-            return torch.ones(())
-        return next(self.ckpt.read([self.stored[scale_name]]))[1].float().reshape(())
+        tensor = self.ckpt.read_rows(self.stored[name], start, stop, self._files, label=name)
+        return _convert_dit_tensor(name, tensor, set(), self._scales, dtype, self._no_work)[name]
 
     def check_names(self, model: nn.Module) -> None:
-        expected = {name for name, _ in model.named_parameters()}
-        missing = sorted(expected - set(self.stored))
-        if missing:
-            raise CheckpointError(f"{self.ckpt.path} is missing {len(missing)} tensors of a Wan DiT expert "
-                                  f"(e.g. {', '.join(missing[:3])}); the file is incomplete or a different model size")
+        _check_missing(DIT, self.ckpt.path, [name for name, _ in model.named_parameters()], self.stored)
 
 
 def expert_config(path: str | Path) -> DiTConfig:
@@ -126,8 +110,8 @@ def load_expert(path: str | Path, groups: ParallelGroups, device: torch.device, 
     on_tensor is called after each parameter is read (the worker's heartbeat while loading).
     """
     with ExpertReader(path) as reader:
-        with torch.device("meta"):
-            model = WanModel(reader.cfg).requires_grad_(False)
+        with torch.device("meta"):  # parameters in `dtype`, as load_dit holds them (the shards are stored so)
+            model = WanModel(reader.cfg).requires_grad_(False).to(dtype)
         reader.check_names(model)
         deltas, _ = lora_deltas(loras, {name: p.shape for name, p in model.named_parameters()})
         runnable = parallelize(model, groups, dtype)

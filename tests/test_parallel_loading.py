@@ -1,0 +1,143 @@
+"""Shard-aware expert loading (`parallel.loading.ExpertReader`) gives exactly the single-process
+weights: the rows every rank reads, put back together, equal `load_dit` bit for bit in every
+layout and dtype, scaled fp8 included (a multi-GPU run must compute what one GPU computes)."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from wan22_core.checkpoints import DIT, SCALED_FP8_MARKER, CheckpointError, load_dit
+from wan22_core.config import TINY
+from wan22_core.models.transformer import WanModel
+from wan22_core.parallel.loading import ExpertReader
+from wan22_core.tiny import COMFY_FILES, make_tiny
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    """{layout: high-noise expert path} for the official (fp32, sharded folder), comfy (fp16) and
+    comfy-fp8 (scaled fp8 block Linears, fp16 rest) tiny sets."""
+    root = tmp_path_factory.mktemp("experts")
+    return {"official": make_tiny(root / "official", "official", TINY) / "high_noise_model",
+            "comfy": make_tiny(root / "comfy", "comfy", TINY) / "diffusion_models" / COMFY_FILES["comfy"][0],
+            "comfy-fp8": make_tiny(root / "fp8", "comfy-fp8", TINY) / "diffusion_models" / COMFY_FILES["comfy-fp8"][0]}
+
+
+def rank_rows(reader, name, rows, dtype, world):
+    """The rows of `name` each of `world` FSDP ranks reads (torch.chunk layout), in rank order."""
+    per_rank = math.ceil(rows / world)
+    starts = [r * per_rank for r in range(world)]
+    return [reader.rows(name, s, min(s + per_rank, rows), dtype) for s in starts if s < rows]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("layout", ["official", "comfy", "comfy-fp8"])
+def test_rank_rows_put_together_equal_the_single_process_weights(experts, layout, dtype):
+    path = experts[layout]
+    expected = load_dit(path, dtype, weight_dtype=dtype).state_dict()
+    with torch.device("meta"):
+        model = WanModel(TINY.dit)
+    fp8_stored = 0
+    with ExpertReader(path) as reader:
+        reader.check_names(model)
+        for name, param in model.named_parameters():
+            fp8_stored += reader.ckpt.entries[reader.stored[name]].dtype == torch.float8_e4m3fn
+            for world in (2, 3):
+                pieces = rank_rows(reader, name, param.shape[0], dtype, world)
+                assert all(p.dtype == dtype for p in pieces), name
+                got = torch.cat(pieces)
+                mismatched = (got != expected[name]).sum().item()
+                assert mismatched == 0, (f"{name} with {world} ranks: {mismatched} of {got.numel()} values "
+                                         f"differ from load_dit in {dtype}")
+    # the fp8 file really has fp8 weights to dequantise (else this test would check nothing new)
+    assert (fp8_stored > 0) == (layout == "comfy-fp8")
+
+
+def test_unscaled_fp8_rows_equal_the_single_process_weights(experts, tmp_path):
+    """fp8 weights without a scale (scale 1) are converted as load_dit converts them."""
+    source = load_file(str(experts["comfy-fp8"]))
+    unscaled = tmp_path / "unscaled_fp8.safetensors"
+    save_file({k: v for k, v in source.items() if not k.endswith(".scale_weight") and k != SCALED_FP8_MARKER},
+              str(unscaled), metadata={"num_heads": str(TINY.dit.num_heads)})
+    expected = load_dit(unscaled, torch.bfloat16, weight_dtype=torch.bfloat16).state_dict()
+    with ExpertReader(unscaled) as reader:
+        for name, value in expected.items():
+            got = torch.cat(rank_rows(reader, name, value.shape[0], torch.bfloat16, 2))
+            assert torch.equal(got, value), name
+
+
+def test_a_missing_tensor_is_named_with_the_single_process_message(experts, tmp_path):
+    source = load_file(str(experts["comfy"]))
+    del source["blocks.0.self_attn.q.bias"]
+    damaged = tmp_path / "no_bias.safetensors"
+    save_file(source, str(damaged), metadata={"num_heads": str(TINY.dit.num_heads)})
+    with torch.device("meta"):
+        model = WanModel(TINY.dit)
+    with ExpertReader(damaged) as reader, pytest.raises(
+            CheckpointError, match=rf"no_bias.safetensors is missing 1 tensors of a {DIT} \(e.g. "
+                                   r"blocks.0.self_attn.q.bias\); the file is incomplete or a different model size"):
+        reader.check_names(model)
+
+
+def test_a_file_cut_short_after_opening_fails_with_the_truncation_message(experts, tmp_path):
+    path = tmp_path / "expert.safetensors"
+    path.write_bytes(experts["comfy"].read_bytes())
+    with ExpertReader(path) as reader:
+        name = "head.head.weight"  # the tensors are in name order; this one ends near the file's end
+        entry = reader.ckpt.entries[reader.stored[name]]
+        with open(path, "r+b") as f:
+            f.truncate(entry.start + entry.nbytes // 2)
+        with pytest.raises(CheckpointError, match=rf"ended inside tensor '{name}'; the file is truncated, "
+                                                  "download it again"):
+            reader.rows(name, 0, entry.shape[0], torch.float16)
+
+
+RANK_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from wan22_core.config import TINY
+from wan22_core.parallel import ParallelPlan
+from wan22_core.parallel.loading import load_expert
+from wan22_core.parallel.mesh import init_groups
+
+rank, world, port, path, out = json.loads(sys.argv[1])
+torch.set_num_threads(1)
+dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", port, is_master=False), rank=rank, world_size=world)
+cpu, shards = torch.device("cpu"), {}
+groups = init_groups(ParallelPlan(world_size=world, num_heads=TINY.dit.num_heads, fsdp=True), cpu)
+for dtype in (torch.bfloat16, torch.float16):
+    model = load_expert(path, groups, cpu, dtype)
+    shards[str(dtype)] = {n: p.to_local().clone() for n, p in model.named_parameters() if isinstance(p, DTensor)}
+torch.save(shards, f"{out}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_ranks_load_a_scaled_fp8_expert_as_one_process_does(experts, tmp_path):
+    """Two gloo ranks load the comfy-fp8 expert with FSDP (`load_expert`); their shards, put
+    together, are `load_dit(..., weight_dtype=dtype)`'s weights bit for bit, in bf16 and fp16."""
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    world, path = 2, experts["comfy-fp8"]
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, json.dumps([r, world, store.port, str(path),
+                                                                              str(tmp_path)])],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{output}"
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for dtype in (torch.bfloat16, torch.float16):
+        expected = load_dit(path, dtype, weight_dtype=dtype).state_dict()
+        shards = [ranks[str(dtype)] for ranks in per_rank]
+        assert set(shards[0]) == {n for n, _ in WanModel(TINY.dit).to("meta").named_parameters()}
+        for name, value in expected.items():
+            got = torch.cat([s[name] for s in shards])
+            assert got.dtype == dtype and torch.equal(got, value), f"{name} in {dtype}"

@@ -15,21 +15,19 @@ import torch
 from ..wan22_core.checkpoints import check_expert_pair, load_dit, load_text_encoder, load_vae
 from ..wan22_core.config import A14B
 from ..wan22_core.fp8 import set_fp8_compute
-from ..wan22_core.lora import LoraError, LoraReport, LoraSpec, apply_loras
+from ..wan22_core.lora import LoraError, LoraReport, LoraSpec, apply_loras, file_key
 from ..wan22_core.models.attention import BACKENDS, resolve_backend, set_attention_backend
+from ..wan22_core.offload import OFFLOAD_CHOICES, expert_pair_options
 from ..wan22_core.optimize import compile_blocks
 from ..wan22_core.runtime import DTYPES, resolve_dtype
 from ..wan22_core.sampling.moe import ExpertPair
 from . import comfy_adapter
 from .comfy_adapter import DIFFUSION_MODELS, TEXT_ENCODERS, VAE, file_options, model_path
-from .model_cache import CACHE, file_key
+from .model_cache import CACHE
 
 CATEGORY = "Wan2.2 MoE"
 DEVICES = ("auto", "cpu", "gpu")
 WEIGHT_DTYPES = ("auto", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast")
-# offload -> ExpertPair(keep_both=...): auto decides from the card's memory; block_swap also
-# streams `swap_blocks` blocks of the active expert from CPU memory.
-OFFLOAD = {"auto": None, "none": True, "swap_experts": False, "block_swap": False}
 MAX_SWAP_BLOCKS = A14B.dit.num_layers
 DEFAULT_SWAP_BLOCKS = 20  # half of A14B's 40: 720p fits a 32 GB card (memory.min_swap_blocks)
 EXPERT_NAMES = {"high": "high-noise", "low": "low-noise"}
@@ -73,14 +71,15 @@ class MoEModel:
             set_attention_backend(expert, self.attention, device)
             reports += [(EXPERT_NAMES[slot], r) for r in apply_expert_loras(slot, expert, loras, self.lora_mode)]
             experts[slot] = expert
-        swap_blocks = self.swap_blocks if self.offload == "block_swap" else 0
-        blocks = len(experts["high"].blocks)
-        if swap_blocks > blocks:
-            raise ValueError(f"swap_blocks {swap_blocks} is more than the {blocks} blocks of these experts; "
-                             f"set it to at most {blocks}")
-        pair = ExpertPair(experts["high"], experts["low"], device, keep_both=OFFLOAD[self.offload],
-                          offload_device=comfy_adapter.runtime.offload_device(), swap_blocks=swap_blocks)
+        pair = ExpertPair(experts["high"], experts["low"], device, **self.pair_options(len(experts["high"].blocks)),
+                          offload_device=comfy_adapter.runtime.offload_device())
         return pair, tuple(reports)
+
+    def pair_options(self, num_layers: int) -> dict:
+        """ExpertPair's keep_both and swap_blocks (ValueError on a bad combination). The swap_blocks
+        input has a non-zero default and counts only with offload = block_swap."""
+        swap_blocks = self.swap_blocks if self.offload == "block_swap" else 0
+        return expert_pair_options(self.offload, swap_blocks, self.compile, num_layers)
 
 
 def expert_dtypes(weight_dtype: str, device: torch.device) -> tuple:
@@ -192,16 +191,16 @@ class Wan22MoEModelLoader:
                           "Attention kernel. auto: the fastest exact one installed (FlashAttention 3 on Hopper, "
                           "then FlashAttention 2, else PyTorch SDPA). flash_attn / flash_attn3 / sage need their "
                           "package; sage (SageAttention) is faster but not exact."}),
-            "offload": (list(OFFLOAD), {"default": "auto", "tooltip":
+            "offload": (list(OFFLOAD_CHOICES), {"default": "auto", "tooltip":
                         "none keeps both experts on the GPU; swap_experts keeps only the active one there "
                         "(one move at the switch); block_swap also keeps swap_blocks of its blocks in CPU memory "
                         "(for cards that cannot hold one expert); auto keeps both when they fit in 60% of the card."}),
         }, "optional": {  # optional, so API prompts written before these inputs existed stay valid
             "swap_blocks": ("INT", {"default": DEFAULT_SWAP_BLOCKS, "min": 0, "max": MAX_SWAP_BLOCKS, "step": 1,
                                     "tooltip":
-                            f"Used only with offload = block_swap: how many of the {MAX_SWAP_BLOCKS} blocks to keep "
-                            "on the CPU, each streamed to the GPU just before it runs. 720p x 81 frames in bf16 needs "
-                            "about 31 on a 24 GB card and 20 on a 32 GB card."}),
+                            f"Used only with offload = block_swap: how many of the {MAX_SWAP_BLOCKS} blocks (at least "
+                            "1) to keep on the CPU, each streamed to the GPU just before it runs. 720p x 81 frames in "
+                            "bf16 needs about 31 on a 24 GB card and 20 on a 32 GB card."}),
             "compile": ("BOOLEAN", {"default": False, "tooltip":
                         "torch.compile the transformer block (one compile reused by all blocks): faster steps "
                         "after a first slow one, same results. Needs triton on a GPU; without it this warns and "
@@ -210,22 +209,17 @@ class Wan22MoEModelLoader:
 
     def load(self, high_noise_model: str, low_noise_model: str, weight_dtype: str, attention: str, offload: str,
              swap_blocks: int = DEFAULT_SWAP_BLOCKS, compile: bool = False):
-        for name, value, allowed in (("weight_dtype", weight_dtype, WEIGHT_DTYPES), ("attention", attention, BACKENDS),
-                                     ("offload", offload, tuple(OFFLOAD))):
+        for name, value, allowed in (("weight_dtype", weight_dtype, WEIGHT_DTYPES), ("attention", attention, BACKENDS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        if not 0 <= swap_blocks <= MAX_SWAP_BLOCKS:
-            raise ValueError(f"swap_blocks must be between 0 and {MAX_SWAP_BLOCKS}; got {swap_blocks!r}")
-        if compile and offload == "block_swap":
-            raise ValueError("compile and offload 'block_swap' do not combine (block swap moves the weights from hooks "
-                             "around each block, which a compiled block would trace); turn compile off or choose "
-                             "another offload")
         resolve_backend(attention)  # a backend whose package is missing fails here, naming the package
         high = model_path(DIFFUSION_MODELS, high_noise_model)
         low = model_path(DIFFUSION_MODELS, low_noise_model)
-        check_expert_pair(high, low)  # headers only: wrong slots or two different models fail here, in ms
-        return (MoEModel(high_noise=high, low_noise=low, weight_dtype=weight_dtype,
-                         attention=attention, offload=offload, swap_blocks=swap_blocks, compile=compile),)
+        identity, _ = check_expert_pair(high, low)  # headers only: wrong slots or two models fail here, in ms
+        model = MoEModel(high_noise=high, low_noise=low, weight_dtype=weight_dtype,
+                         attention=attention, offload=offload, swap_blocks=swap_blocks, compile=compile)
+        model.pair_options(identity.dit.num_layers)  # offload, swap_blocks, compile: fail now, not when sampling
+        return (model,)
 
 
 class Wan22VAELoader:

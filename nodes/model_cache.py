@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from ..wan22_core.lora import file_key  # noqa: F401  a file's identity (path, size, mtime), for the cache keys
-
 
 class LoadCache:
     def __init__(self):

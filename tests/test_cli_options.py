@@ -10,6 +10,8 @@ import importlib
 
 import pytest
 import torch
+from fakes import hide_package
+from reference import rel_l2
 from safetensors.torch import load_file
 
 from wan22_core.checkpoints import ModelFiles, load_dit, load_text_encoder
@@ -55,10 +57,6 @@ def default_latents(model_dir, tmp_path_factory):
                  *[f"--{k}={v}" for k, v in SIZE.items()],
                  "--output", str(out.with_suffix(".mp4")), "--save-latents", str(out)]) == 0
     return load_file(str(out))["latents"]
-
-
-def rel_l2(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_lora_flags_parse_file_and_strength_and_repeat():
@@ -134,14 +132,7 @@ def test_compile_without_toolchain_runs_eager_with_one_warning_line(generate, de
 
 
 def test_missing_attention_package_exits_2_with_the_engines_message(generate, monkeypatch, capsys):
-    real = importlib.import_module
-
-    def without_flash_attn(name, *args):
-        if name == "flash_attn":
-            raise ImportError("No module named 'flash_attn'")
-        return real(name, *args)
-
-    monkeypatch.setattr(importlib, "import_module", without_flash_attn)
+    hide_package(monkeypatch, "flash_attn")
     assert generate("--attention", "flash_attn")[0] == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: attention backend 'flash_attn' is selected but the 'flash_attn' package is not "
@@ -149,11 +140,14 @@ def test_missing_attention_package_exits_2_with_the_engines_message(generate, mo
 
 
 @pytest.mark.parametrize("flags,message", [
-    (("--swap-blocks", "2"), "--swap-blocks 2 needs --offload block_swap (got --offload auto)"),
-    (("--offload", "block_swap"), "--offload block_swap needs --swap-blocks N with 1 <= N <= 2"),
-    (("--offload", "block_swap", "--swap-blocks", "3"), "1 <= N <= 2 (the expert's blocks), got 3"),
-    (("--compile", "--offload", "block_swap", "--swap-blocks", "1"), "--compile and --offload block_swap do not combine"),
+    (("--swap-blocks", "2"), "swap_blocks=2 needs offload='block_swap' (got offload='auto')"),
+    (("--offload", "block_swap"), "offload='block_swap' needs swap_blocks between 1 and 2"),
+    (("--offload", "block_swap", "--swap-blocks", "3"), "swap_blocks must be an integer between 0 and 2 "
+                                                         "(the blocks of one expert), got 3"),
+    (("--compile", "--offload", "block_swap", "--swap-blocks", "1"), "compile and offload='block_swap' do not combine"),
     (("--lora-high", "missing.safetensors"), "LoRA file not found: missing.safetensors"),
+    # the torchrun path checks the model options too (here it stops before asking for torchrun)
+    (("--ulysses", "2", "--lora-low", "missing.safetensors"), "LoRA file not found: missing.safetensors"),
     (("--compile", "--ulysses", "2"), "--compile: one-process options, not supported with --ulysses"),
     (("--fsdp", "--offload", "none", "--swap-blocks", "1"), "--offload none, --swap-blocks 1: one-process options"),
     (("--cfg-parallel", "--no-batch-cfg"), "--no-batch-cfg and --cfg-parallel do not combine"),
@@ -165,3 +159,24 @@ def test_option_errors_are_one_line_before_any_work(generate, flags, message, ca
     assert generate(*flags)[0] == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_block_swap_without_blocks_is_refused_with_the_engines_message(generate, capsys):
+    """The loader node gets the same text (test_nodes.py): one rule, in wan22_core.offload."""
+    from wan22_core.offload import expert_pair_options
+
+    with pytest.raises(ValueError) as core:
+        expert_pair_options("block_swap", 0, False, TINY.dit.num_layers)
+    assert generate("--offload", "block_swap", "--swap-blocks", "0")[0] == 2
+    assert capsys.readouterr().err.strip() == f"error: {core.value}"
+
+
+def test_help_lists_the_model_sizes():
+    from wan22_core.config import FRAMES, HEIGHT, WIDTH, DiTConfig
+    from wan22_core.parallel import valid_ulysses_degrees
+
+    gen = build_parser()._subparsers._group_actions[0].choices["generate"]
+    actions = {a.dest: a for a in gen._actions}
+    assert (actions["width"].default, actions["height"].default, actions["frames"].default) == (WIDTH, HEIGHT, FRAMES)
+    assert actions["ulysses"].help.endswith("divides the 40 heads: " + ", ".join(map(str, valid_ulysses_degrees(40))))
+    assert actions["swap_blocks"].help.endswith(f"(1 to {DiTConfig().num_layers})")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import rel_l2
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -29,10 +30,6 @@ from wan22_core.tiny import COMFY_FILES, COMFY_VAE_FILE, FORMATS, make_tiny, see
 COMMON = torch.float16
 SETTINGS = SamplerSettings(steps=3)  # shift 12: timesteps 999, 923 (high), 857 (low): both experts run
 PROMPT, NEGATIVE = "a red fox in snow", "blurry"
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +122,7 @@ def fp8_set(sets):
 
 def weight_error(fp8_model, full_model) -> float:
     """Largest relative (Frobenius) error of a dequantised fp8 weight against the fp32 original."""
-    errors = [rel(dequantize_fp8(m.weight, m.scale_weight, torch.float32), full_model.get_submodule(n).weight)
+    errors = [rel_l2(dequantize_fp8(m.weight, m.scale_weight, torch.float32), full_model.get_submodule(n).weight)
               for n, m in fp8_model.named_modules() if isinstance(m, FP8Linear)]
     return max(errors)
 
@@ -144,7 +141,7 @@ def test_comfy_fp8_latents_within_fp8_rounding(fp8_set):
     # fp32 noise, both of which shrink the relative error, so eps bounds the latent error.
     # Measured: ~0.2% (eps ~2.6%). The lower bound shows fp8 weights were really used (fp16
     # rounding alone gives ~2e-4).
-    assert 1e-3 < rel(latents, reference) < eps
+    assert 1e-3 < rel_l2(latents, reference) < eps
 
 
 def test_scaled_fp8_text_encoder_is_dequantized_at_load(sets, fp8_set):
@@ -158,13 +155,13 @@ def test_scaled_fp8_text_encoder_is_dequantized_at_load(sets, fp8_set):
     official = ModelFiles.from_model_dir(sets["official"])
     reference = load_text_encoder(official.text_encoder, official.tokenizer, dtype=torch.float32).model.state_dict()
     quantized = [k.removesuffix("scale_weight") + "weight" for k in stored if k.endswith(".scale_weight")]
-    eps = max(rel(encoder.model.state_dict()[n], reference[n]) for n in quantized)
+    eps = max(rel_l2(encoder.model.state_dict()[n], reference[n]) for n in quantized)
     assert 0.01 < eps < 0.04  # e4m3 rounding, as for the DiT
     # Unlike the DiT's fp32 residual stream with small gated updates, every encoder sublayer
     # multiplies two or three fp8 matrices (q.k, v.o; wi_0 * wi_1, wo) into a residual of its own
     # size, so each adds up to ~3 eps. Measured: 4.3% with eps ~2.6%.
     positive = encoder.encode_prompt(PROMPT, NEGATIVE).positive
-    assert 1e-3 < rel(positive, fp8_set["embeds"].positive) < 3 * eps
+    assert 1e-3 < rel_l2(positive, fp8_set["embeds"].positive) < 3 * eps
 
 
 def test_fp8_weights_take_half_the_bytes_of_bf16(sets):
@@ -235,10 +232,10 @@ def test_scaled_mm_path_computes_what_it_should():
     x8 = (x / scale_in.to(x.dtype)).clamp(-448, 448).to(FP8)  # the per-tensor activation quantisation
     expected = (x8.float() * scale_in) @ (layer.weight.float() * 0.01).T + layer.bias.float()
     assert out.shape == (3, 5, 32) and out.dtype == torch.bfloat16
-    assert rel(out, expected) < 4e-3  # bf16 output rounding: 2^-9 relative per element
+    assert rel_l2(out, expected) < 4e-3  # bf16 output rounding: 2^-9 relative per element
     layer.compute = "dequant"  # no activation rounding: fp32 math on the bf16 input and dequantised weight
     exact = x.float() @ (layer.weight.float() * 0.01).T + layer.bias.float()
-    assert rel(layer(x), exact) < 4e-3
+    assert rel_l2(layer(x), exact) < 4e-3
     with pytest.raises(ValueError, match="fp8 compute mode must be one of"):
         set_fp8_compute(layer, "fast")
 
@@ -270,7 +267,7 @@ def test_transformer_equals_diffusers_from_pretrained(sets, diffusers_loadable):
         out = ours(x, t, context)
         padded = torch.nn.functional.pad(context, (0, 0, 0, TINY.dit.text_len - 7))  # diffusers does not pad
         expected = reference.eval()(x, t, padded, return_dict=False)[0]
-    assert rel(out, expected) <= 1e-5
+    assert rel_l2(out, expected) <= 1e-5
 
 
 def test_diffusers_folder_is_a_real_wan_pipeline(sets, diffusers_loadable):

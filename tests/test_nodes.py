@@ -3,6 +3,7 @@ end to end on tiny checkpoints, progress/interrupt through a fake adapter, LATEN
 the multi-GPU path through the worker group on CPU ranks (cpu:2), LoRAs, and the loader's
 attention / block swap / compile options."""
 import builtins
+import dataclasses
 import importlib.util
 import json
 import math
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from fakes import hide_package
+from reference import rel_l2
 
 from wan22_core.config import TINY
 from wan22_core.lora import write_tiny_lora
@@ -96,10 +99,6 @@ CPU = torch.device("cpu")
 def engine(module: str):
     importlib.import_module(f"{ENGINE}.{module}")
     return sys.modules[f"{ENGINE}.{module}"]
-
-
-def rel_l2(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def write_tiny_loras(models: Path) -> dict[str, object]:
@@ -876,19 +875,16 @@ def test_loras_on_the_worker_group_equal_in_process(fake):
 # Loader options: attention backends, block swap, compile
 
 
-def test_attention_choices_are_the_engine_backends_and_a_missing_package_is_named(runtime):
+def test_attention_choices_are_the_engine_backends_and_a_missing_package_is_named(runtime, monkeypatch):
     attention = engine("models.attention")
     assert input_spec(MAPPINGS["Wan22MoEModelLoader"])["attention"][0] == list(attention.BACKENDS)
     (model,) = MAPPINGS["Wan22MoEModelLoader"]().load(HIGH, LOW, "auto", "sdpa", "auto")
     kernels = [m for m in model.experts(CPU)[0].get("high").modules() if isinstance(m, attention.AttentionKernel)]
     assert kernels and {k.backend for k in kernels} == {"sdpa"}
-    missing = next((b for b, package in (("flash_attn", "flash_attn"), ("flash_attn3", "flash_attn_interface"),
-                                         ("sage", "sageattention")) if importlib.util.find_spec(package) is None), None)
-    if missing is None:
-        pytest.skip("every attention package is installed here")
-    with pytest.raises(ValueError, match=f"attention backend '{missing}' is selected but the .* package is not "
-                                         "installed .* or choose 'sdpa'"):
-        MAPPINGS["Wan22MoEModelLoader"]().load(HIGH, LOW, "auto", missing, "auto")
+    hide_package(monkeypatch, "sageattention")  # missing here, whatever this machine has installed
+    with pytest.raises(ValueError, match="attention backend 'sage' is selected but the 'sageattention' package is "
+                                         "not installed .* or choose 'sdpa'"):
+        MAPPINGS["Wan22MoEModelLoader"]().load(HIGH, LOW, "auto", "sage", "auto")
 
 
 def test_block_swap_samples_the_same_latent_and_checks_the_block_count(runtime):
@@ -900,9 +896,22 @@ def test_block_swap_samples_the_same_latent_and_checks_the_block_count(runtime):
     torch.testing.assert_close(sample(swapped, embeds)["samples"], sample(model, embeds)["samples"], rtol=0, atol=0)
     (ignored,) = loader.load(HIGH, LOW, "auto", "auto", "none", 30)  # swap_blocks counts only with block_swap
     assert ignored.experts(CPU)[0].swap_blocks == 0
-    (too_many,) = loader.load(HIGH, LOW, "auto", "auto", "block_swap", 3)
-    with pytest.raises(ValueError, match="swap_blocks 3 is more than the 2 blocks of these experts"):
-        sample(too_many, embeds)
+    too_many = r"swap_blocks must be an integer between 0 and 2 \(the blocks of one expert\), got 3"
+    with pytest.raises(ValueError, match=too_many):  # the tiny experts have 2 blocks: found from the headers
+        loader.load(HIGH, LOW, "auto", "auto", "block_swap", 3)
+    with pytest.raises(ValueError, match=too_many):  # a spec made without the loader: still checked before sampling
+        sample(dataclasses.replace(swapped, swap_blocks=3), embeds)
+
+
+def test_block_swap_without_blocks_is_refused_with_the_engines_message(runtime):
+    """It used to run as swap_experts without a word; the CLI refuses it with the same text."""
+    with pytest.raises(ValueError) as core:
+        engine("offload").expert_pair_options("block_swap", 0, False, TINY.dit.num_layers)
+    with pytest.raises(ValueError) as node:
+        MAPPINGS["Wan22MoEModelLoader"]().load(HIGH, LOW, "auto", "auto", "block_swap", 0)
+    assert str(node.value) == str(core.value)
+    assert str(core.value).startswith("offload='block_swap' needs swap_blocks between 1 and 2")
+    assert input_spec(MAPPINGS["Wan22MoEModelLoader"])["offload"][0] == list(engine("offload").OFFLOAD_CHOICES)
 
 
 def test_compile_runs_once_per_loaded_expert_and_changing_it_reloads(runtime, monkeypatch):
@@ -918,5 +927,5 @@ def test_compile_runs_once_per_loaded_expert_and_changing_it_reloads(runtime, mo
     (eager,) = loader.load(HIGH, LOW, "auto", "auto", "auto", 20, False)
     eager.experts(CPU)
     assert CACHE.loads == loads + 2 and len(compiled) == 2
-    with pytest.raises(ValueError, match="compile and offload 'block_swap' do not combine"):
+    with pytest.raises(ValueError, match="compile and offload='block_swap' do not combine"):
         loader.load(HIGH, LOW, "auto", "auto", "block_swap", 1, True)

@@ -1,12 +1,14 @@
 """Block swap and expert residency: same numbers, and the bookkeeping of what lives where."""
+from dataclasses import replace
+
 import pytest
 import torch
 
-from wan22_core.config import DiTConfig
+from wan22_core.config import TINY
 from wan22_core.models.transformer import WanModel
-from wan22_core.offload import BlockSwap
+from wan22_core.offload import OFFLOAD_CHOICES, BlockSwap, expert_pair_options
 
-CFG = DiTConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=5, text_dim=32, freq_dim=32)
+CFG = replace(TINY.dit, num_layers=5)
 
 
 def inputs():
@@ -74,3 +76,40 @@ def test_expert_pair_places_everything_but_the_swapped_blocks_on_the_device():
         on_host = block is not None and high.blocks[block] in swapped
         assert param.device.type == ("cpu" if on_host else "meta"), name
     assert all(p.device.type == "cpu" for p in low.parameters())  # the idle expert stays offloaded
+
+
+# ---------------------------------------------------------------------------------------------
+# expert_pair_options: the one translation of offload / swap_blocks / compile (CLI and loader node)
+
+
+@pytest.mark.parametrize("offload, swap_blocks, compile, expected", [
+    ("auto", 0, False, dict(keep_both=None, swap_blocks=0)),  # ExpertPair decides from the card (both_fit)
+    ("none", 0, True, dict(keep_both=True, swap_blocks=0)),
+    ("swap_experts", 0, True, dict(keep_both=False, swap_blocks=0)),
+    ("block_swap", 1, False, dict(keep_both=False, swap_blocks=1)),
+    ("block_swap", 5, False, dict(keep_both=False, swap_blocks=5)),
+])
+def test_expert_pair_options_map_each_mode(offload, swap_blocks, compile, expected):
+    assert expert_pair_options(offload, swap_blocks, compile, 5) == expected
+    assert offload in OFFLOAD_CHOICES
+
+
+@pytest.mark.parametrize("offload, swap_blocks, compile, message", [
+    ("disk", 0, False, "offload must be one of auto, none, swap_experts, block_swap; got 'disk'"),
+    ("block_swap", 6, False, "swap_blocks must be an integer between 0 and 5 (the blocks of one expert), got 6"),
+    ("block_swap", -1, False, "swap_blocks must be an integer between 0 and 5 (the blocks of one expert), got -1"),
+    ("block_swap", True, False, "swap_blocks must be an integer between 0 and 5 (the blocks of one expert), got True"),
+    ("auto", 2, False, "swap_blocks=2 needs offload='block_swap' (got offload='auto'); choose block_swap or set "
+                       "swap_blocks to 0"),
+    # the drift case: block swap with nothing to swap is refused, not silently run as swap_experts
+    ("block_swap", 0, False, "offload='block_swap' needs swap_blocks between 1 and 5 (blocks of the active expert "
+                             "kept in CPU memory), got 0; set swap_blocks, or choose offload='swap_experts' to move "
+                             "whole experts only"),
+    ("block_swap", 2, True, "compile and offload='block_swap' do not combine (block swap moves the weights from "
+                            "hooks around each block, which a compiled block would trace); turn compile off or "
+                            "choose another offload"),
+])
+def test_expert_pair_options_refuse_with_one_message_naming_the_fix(offload, swap_blocks, compile, message):
+    with pytest.raises(ValueError) as err:
+        expert_pair_options(offload, swap_blocks, compile, 5)
+    assert str(err.value) == message

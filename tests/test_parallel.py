@@ -80,7 +80,7 @@ def test_plan_degrees_must_fill_the_world():
         ParallelPlan(world_size=3, cfg_parallel=3)
     assert ParallelPlan(world_size=4, fsdp=True).replicas == 4  # FSDP only: every rank runs everything
     plan = ParallelPlan(world_size=10, ulysses=5, cfg_parallel=2)  # 2 x 5: allowed, as design.md says
-    assert plan.ulysses_enabled and plan.cfg_parallel_enabled and not plan.fsdp_enabled
+    assert plan.ulysses_enabled and plan.cfg_parallel_enabled and not plan.fsdp
 
 
 def test_plan_groups_keep_ulysses_ranks_adjacent():

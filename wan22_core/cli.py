@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import FPS, SOLVERS, SamplerSettings
+from .config import FPS, FRAMES, HEIGHT, SOLVERS, WIDTH, DiTConfig, SamplerSettings
 
 DEFAULTS = SamplerSettings()
 DEMO_PROMPT = "A red fox trots through fresh snow at sunrise, cinematic tracking shot"
@@ -45,9 +45,13 @@ def _add_sampling_flags(p: argparse.ArgumentParser, steps: int, width: int, heig
 
 
 def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    from .parallel.plan import valid_ulysses_degrees
+
+    heads = DiTConfig().num_heads
     g = p.add_argument_group("multi-GPU (under torchrun --nproc_per_node N; see docs/multigpu.md)")
     g.add_argument("--ulysses", type=int, default=1, metavar="N",
-                   help="sequence-parallel degree; divides the 40 heads: 1, 2, 4, 5, 8, 10, 20, 40")
+                   help=f"sequence-parallel degree; divides the {heads} heads: "
+                        f"{', '.join(map(str, valid_ulysses_degrees(heads)))}")
     g.add_argument("--fsdp", action="store_true", help="shard both experts' weights across all ranks")
     g.add_argument("--cfg-parallel", action="store_true", help="cond and uncond passes on two halves of the ranks")
     g.add_argument("--keep-gathered", action="store_true",
@@ -72,8 +76,8 @@ def _add_lora_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_speed_flags(p: argparse.ArgumentParser) -> None:
-    from .memory import OFFLOAD_MODES
     from .models.attention import BACKENDS
+    from .offload import OFFLOAD_CHOICES
 
     g = p.add_argument_group("speed and memory")
     g.add_argument("--attention", choices=BACKENDS, default="auto",
@@ -81,11 +85,12 @@ def _add_speed_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block (one process; eager with a warning if the "
                         "toolchain is missing)")
-    g.add_argument("--offload", choices=("auto", *OFFLOAD_MODES), default="auto",
+    g.add_argument("--offload", choices=OFFLOAD_CHOICES, default="auto",
                    help="one process: none keeps both experts on the GPU, swap_experts only the active one, "
                         "block_swap also streams --swap-blocks of its blocks from CPU memory; auto: from the card's memory")
     g.add_argument("--swap-blocks", type=int, default=0, metavar="N",
-                   help="with --offload block_swap: blocks per expert kept in CPU memory (1 to 40)")
+                   help=f"with --offload block_swap: blocks per expert kept in CPU memory "
+                        f"(1 to {DiTConfig().num_layers})")
     g.add_argument("--batch-cfg", action=argparse.BooleanOptionalAction, default=True,
                    help="cond and uncond passes as one batch of 2 (faster); --no-batch-cfg runs them one by one, "
                         "halving activation memory")
@@ -114,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tokenizer", type=Path, help="folder with spiece.model (if the encoder file has none)")
     gen.add_argument("--vae", type=Path)
     gen.add_argument("--output", type=Path, default=Path("out/video.mp4"))
-    _add_sampling_flags(gen, steps=DEFAULTS.steps, width=1280, height=720, frames=81)
+    _add_sampling_flags(gen, steps=DEFAULTS.steps, width=WIDTH, height=HEIGHT, frames=FRAMES)
     _add_lora_flags(gen)
     _add_speed_flags(gen)
     _add_parallel_flags(gen)
@@ -194,32 +199,24 @@ def run(args, files) -> dict:
 
 
 def check_model_options(args) -> None:
-    """Fail on the model flags now, not after the text encoder ran: attention package, LoRA files."""
+    """Fail on the model flags now, not after the text encoder ran: attention package, LoRA files.
+    (One process and torchrun ranks alike; the offload flags are checked by `expert_placement`.)"""
     from .models.attention import resolve_backend
 
     resolve_backend(args.attention)
     for lora in args.lora_high + args.lora_low:
         if not lora.path.is_file():
             raise FileNotFoundError(f"LoRA file not found: {lora.path}")
-    if args.compile and args.offload == "block_swap":
-        raise ValueError("--compile and --offload block_swap do not combine (block swap moves weights from "
-                         "hooks around each block, which a compiled block would trace); drop one")
 
 
 def expert_placement(args, files) -> dict:
-    """--offload / --swap-blocks -> ExpertPair keyword arguments (auto: both experts stay on the
-    device when they fit in 60% of it, else one at a time)."""
+    """--offload / --swap-blocks / --compile -> ExpertPair keyword arguments (auto: both experts stay
+    on the device when they fit in 60% of it, else one at a time)."""
     from .checkpoints import DIT, check_slot
+    from .offload import expert_pair_options
 
-    if args.offload != "block_swap":
-        if args.swap_blocks:
-            raise ValueError(f"--swap-blocks {args.swap_blocks} needs --offload block_swap (got --offload {args.offload})")
-        return {"auto": {}, "none": dict(keep_both=True), "swap_experts": dict(keep_both=False)}[args.offload]
-    layers = check_slot(files.high_noise, DIT)[1].dit.num_layers
-    if not 1 <= args.swap_blocks <= layers:
-        raise ValueError(f"--offload block_swap needs --swap-blocks N with 1 <= N <= {layers} (the expert's "
-                         f"blocks), got {args.swap_blocks}")
-    return dict(swap_blocks=args.swap_blocks)
+    layers = check_slot(files.high_noise, DIT)[1].dit.num_layers  # headers only
+    return expert_pair_options(args.offload, args.swap_blocks, args.compile, layers)
 
 
 def load_expert(args, path, loras, dtype, device):

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import math
 
-from .config import DiTConfig
+from .config import FRAMES, HEIGHT, WIDTH, DiTConfig
+from .offload import OFFLOAD_MODES, expert_pair_options
 from .pipeline import latent_shape
 
-OFFLOAD_MODES = ("none", "swap_experts", "block_swap")
 FP8_COMPUTE = ("scaled_mm", "dequant")
 FP32 = 4
 GIB = 1024**3
@@ -268,12 +268,11 @@ def _check(weight_bytes_per_param, offload, swap_blocks, batch, fp8_compute, num
     if weight_bytes_per_param not in (1, 2, 4):
         raise ValueError(f"weight_bytes_per_param must be 1 (fp8), 2 (bf16/fp16) or 4 (fp32), "
                          f"got {weight_bytes_per_param!r}")
-    if offload not in OFFLOAD_MODES:
+    if offload not in OFFLOAD_MODES:  # no "auto" here: the estimate is for one placement
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}; got {offload!r}")
-    if not (isinstance(swap_blocks, int) and 0 <= swap_blocks <= num_layers):
-        raise ValueError(f"swap_blocks must be an integer between 0 and {num_layers}, got {swap_blocks!r}")
-    if offload != "block_swap" and swap_blocks:
-        raise ValueError(f"swap_blocks={swap_blocks} needs offload='block_swap' (got offload={offload!r})")
+    # block_swap with 0 blocks weighs what swap_experts does; accepted here so min_swap_blocks can start at 0
+    expert_pair_options("swap_experts" if offload == "block_swap" and swap_blocks == 0 else offload, swap_blocks,
+                        False, num_layers)
     if not (isinstance(batch, int) and batch >= 1):
         raise ValueError(f"batch must be an integer >= 1 (2: cond+uncond batched), got {batch!r}")
     if fp8_compute not in FP8_COMPUTE:
@@ -318,7 +317,7 @@ def min_swap_blocks(dit_cfg: DiTConfig, frames: int, height: int, width: int, ca
 
 def table_720p(cfg: DiTConfig = DiTConfig(), card_gib: int = 24) -> str:
     """Markdown table of the 720p (81 x 1280 x 720) predictions, with the 24 GB verdict."""
-    frames, height, width = 81, 720, 1280
+    frames, height, width = FRAMES, HEIGHT, WIDTH
     lines = ["| weights | batch | offload | weights GiB | activations GiB | total GiB | peak at |",
              "|---|---|---|---|---|---|---|"]
     verdicts = []

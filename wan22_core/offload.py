@@ -17,6 +17,39 @@ import itertools
 import torch
 from torch import nn
 
+# Where the experts live while sampling (ExpertPair): "none" keeps both on the device,
+# "swap_experts" only the active one, "block_swap" also streams some of its blocks from host memory.
+OFFLOAD_MODES = ("none", "swap_experts", "block_swap")
+OFFLOAD_CHOICES = ("auto", *OFFLOAD_MODES)  # auto: both experts stay when they fit (moe.both_fit)
+
+
+def expert_pair_options(offload: str, swap_blocks: int, compile: bool, num_layers: int) -> dict:
+    """The offload choice -> ExpertPair keyword arguments (keep_both, swap_blocks), or ValueError.
+
+    The one place the CLI and the loader node turn offload / swap_blocks / compile into a
+    placement. swap_blocks is the count of each expert's `num_layers` blocks kept in host memory:
+    0 except with block_swap, which needs at least 1 (with 0 it would silently be swap_experts).
+    """
+    if offload not in OFFLOAD_CHOICES:
+        raise ValueError(f"offload must be one of {', '.join(OFFLOAD_CHOICES)}; got {offload!r}")
+    if not (isinstance(swap_blocks, int) and not isinstance(swap_blocks, bool) and 0 <= swap_blocks <= num_layers):
+        raise ValueError(f"swap_blocks must be an integer between 0 and {num_layers} (the blocks of one expert), "
+                         f"got {swap_blocks!r}")
+    if offload != "block_swap":
+        if swap_blocks:
+            raise ValueError(f"swap_blocks={swap_blocks} needs offload='block_swap' (got offload={offload!r}); "
+                             "choose block_swap or set swap_blocks to 0")
+        return {"keep_both": {"auto": None, "none": True, "swap_experts": False}[offload], "swap_blocks": 0}
+    if swap_blocks == 0:
+        raise ValueError(f"offload='block_swap' needs swap_blocks between 1 and {num_layers} (blocks of the active "
+                         "expert kept in CPU memory), got 0; set swap_blocks, or choose offload='swap_experts' to "
+                         "move whole experts only")
+    if compile:
+        raise ValueError("compile and offload='block_swap' do not combine (block swap moves the weights from hooks "
+                         "around each block, which a compiled block would trace); turn compile off or choose "
+                         "another offload")
+    return {"keep_both": False, "swap_blocks": swap_blocks}
+
 
 class BlockSwap:
     def __init__(self, blocks: nn.ModuleList, num_blocks: int, device: torch.device):

@@ -29,7 +29,3 @@ class CfgParallel(nn.Module):
         both = [torch.empty_like(mine) for _ in range(size)]
         dist.all_gather(both, mine.contiguous(), group=self.group)
         return torch.cat(both)  # [2, C, F, H, W], row order = batch order
-
-
-def apply_cfg_parallel(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
-    return CfgParallel(model, group)

@@ -51,9 +51,7 @@ class ShardedExperts(ExpertPair):
 
     def get(self, name: str) -> nn.Module:
         if self.active is not None and name != self.active:
-            for module in self.experts[self.active].modules():
-                if isinstance(module, FSDPModule):
-                    module.reshard()
+            reshard_all(self.experts[self.active])
         self.active = name
         return self.experts[name]
 
@@ -76,6 +74,13 @@ def forget_forward_records(experts: ExpertPair) -> None:
         experts.active = None  # every expert is resharded now
 
 
+def reshard_all(module: nn.Module) -> None:
+    """Free the gathered weights of every FSDP unit in `module` (each rank keeps its shard)."""
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
 def fsdp_root(module: nn.Module) -> FSDPModule | None:
     """The outermost FSDP unit in `module` (itself, or the model inside a wrapper such as CfgParallel)."""
     return next((m for m in module.modules() if isinstance(m, FSDPModule)), None)
@@ -89,4 +94,4 @@ def forget_by_hand(root: FSDPModule) -> None:
             group = module._get_fsdp_state()._fsdp_param_group
             if group is not None:
                 group._post_forward_indices.clear()
-            module.reshard()
+    reshard_all(root)

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from .plan import ParallelPlan
+from .plan import ParallelPlan, backend_for
 
 
 def parallel_requested(args) -> bool:
@@ -64,15 +64,15 @@ def _encode_on_rank0(args, files, device: torch.device) -> tuple[torch.Tensor, t
 
 def run_distributed(args, files) -> dict:
     """This rank's part of `generate`; returns the stage timings (printed on rank 0 only)."""
-    from ..cli import _progress_bar, sampler_settings, save_outputs, stage
-    from ..models.attention import resolve_backend, set_attention_backend
+    from ..cli import _progress_bar, check_model_options, sampler_settings, save_outputs, stage
+    from ..models.attention import set_attention_backend
     from ..pipeline import denoise, make_noise
     from ..runtime import check_backend, resolve_dtype
     from .loading import expert_config, load_expert_pair
     from .mesh import init_groups
 
-    check_parallel_options(args)
-    resolve_backend(args.attention)  # a missing package fails here, once, not on every rank after loading
+    check_parallel_options(args)  # refuses --compile, --offload and --swap-blocks: no expert_placement here
+    check_model_options(args)  # attention package, LoRA files: once, not on every rank after loading
     if "RANK" not in os.environ:
         raise ValueError("--ulysses, --fsdp and --cfg-parallel run under torchrun: "
                          "torchrun --nproc_per_node N -m wan22_core generate ... (see docs/multigpu.md)")
@@ -82,7 +82,7 @@ def run_distributed(args, files) -> dict:
     dtype = resolve_dtype(args.dtype, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the default for every allocation and for NCCL on this rank
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = backend_for([str(device)])
     check_backend(backend)  # a clear line, not a traceback, when this torch build lacks it
     dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     try:

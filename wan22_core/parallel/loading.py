@@ -132,14 +132,12 @@ def set_expert_loras(expert: nn.Module, loras: Sequence[LoraSpec], on_tensor: Ca
     delta rows, add the new ones); files merged now are not read again. Gathered FSDP weights
     are released first, so the next forward gathers the re-merged shards.
     """
-    from torch.distributed.fsdp import FSDPModule
+    from .fsdp import reshard_all
 
     model = next(m for m in expert.modules() if isinstance(m, WanModel))
     old: LoraDeltas = model.merged_loras
     new, _ = lora_deltas(loras, {name: p.shape for name, p in model.named_parameters()}, reuse=old)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    reshard_all(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if old.terms.get(name) == new.terms.get(name):
@@ -170,10 +168,10 @@ def load_expert_pair(high_noise: str | Path, low_noise: str | Path, groups: Para
     """
     from ..sampling.moe import ExpertPair
 
-    where = device if groups.plan.fsdp_enabled else torch.device("cpu")
+    where = device if groups.plan.fsdp else torch.device("cpu")
     experts = [load_expert(path, groups, where, dtype, loras, on_tensor and (lambda n=name: on_tensor(n)))
                for name, path, loras in (("high", high_noise, loras_high), ("low", low_noise, loras_low))]
-    if groups.plan.fsdp_enabled:
+    if groups.plan.fsdp:
         from .fsdp import ShardedExperts
 
         return ShardedExperts(*experts, device)

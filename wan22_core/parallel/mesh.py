@@ -40,7 +40,7 @@ def init_groups(plan: ParallelPlan, device: torch.device) -> ParallelGroups:
     ulysses = _member_group(plan.ulysses_groups(), rank) if plan.ulysses_enabled else None
     cfg = _member_group(plan.cfg_groups(), rank) if plan.cfg_parallel_enabled else None
     fsdp_mesh = None
-    if plan.fsdp_enabled:
+    if plan.fsdp:
         from torch.distributed.device_mesh import DeviceMesh
 
         fsdp_mesh = DeviceMesh(device.type, list(range(world)))  # the whole world: reuses the default group

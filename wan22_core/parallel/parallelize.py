@@ -19,12 +19,12 @@ def parallelize(model: nn.Module, groups: ParallelGroups, dtype: torch.dtype) ->
         from .ulysses import apply_ulysses
 
         apply_ulysses(model, groups.ulysses)
-    if plan.fsdp_enabled:
+    if plan.fsdp:
         from .fsdp import apply_fsdp
 
         apply_fsdp(model, groups.fsdp_mesh, dtype, plan.reshard_after_forward)
     if plan.cfg_parallel_enabled:
-        from .cfg_parallel import apply_cfg_parallel
+        from .cfg_parallel import CfgParallel
 
-        model = apply_cfg_parallel(model, groups.cfg)
+        model = CfgParallel(model, groups.cfg)
     return model

@@ -10,12 +10,14 @@ these before spawning anything.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..config import A14B
 from ..runtime import check_backend
 
 A14B_HEADS = A14B.dit.num_heads
+HEARTBEAT_S = 60.0  # seconds of silence from a rank before it counts as hung
 
 
 def valid_ulysses_degrees(num_heads: int = A14B_HEADS) -> list[int]:
@@ -81,10 +83,6 @@ class ParallelPlan:
     def cfg_parallel_enabled(self) -> bool:
         return self.cfg_parallel > 1
 
-    @property
-    def fsdp_enabled(self) -> bool:
-        return self.fsdp
-
     def ulysses_groups(self) -> list[list[int]]:
         """Rank lists of the Ulysses groups: runs of `ulysses` consecutive ranks."""
         u = self.ulysses
@@ -141,19 +139,24 @@ class ParallelConfig:
 
     devices: tuple[str, ...]
     plan: ParallelPlan
-    heartbeat_timeout: float = 60.0  # seconds of silence from a rank before it counts as hung
+    heartbeat_timeout: float = HEARTBEAT_S
 
     @property
     def backend(self) -> str:
-        return "nccl" if self.devices[0].startswith("cuda") else "gloo"
+        return backend_for(self.devices)
+
+
+def backend_for(devices: Sequence[str]) -> str:
+    """torch.distributed backend of a group on `devices` (parse_gpus never mixes CUDA and CPU)."""
+    return "nccl" if devices[0].startswith("cuda") else "gloo"
 
 
 def parallel_config(gpus: str = "all", ulysses_degree: int = 0, fsdp: bool = True, cfg_parallel: bool = False,
                     *, num_heads: int = A14B_HEADS, reshard_after_forward: bool = True,
-                    heartbeat_timeout: float = 60.0) -> ParallelConfig:
+                    heartbeat_timeout: float = HEARTBEAT_S) -> ParallelConfig:
     """The multi-GPU node's inputs -> a validated ParallelConfig (ulysses_degree 0: all ranks of a CFG half)."""
     devices = parse_gpus(gpus)
-    check_backend("nccl" if devices[0].startswith("cuda") else "gloo")  # e.g. a torch build without NCCL
+    check_backend(backend_for(devices))  # e.g. a torch build without NCCL
     cfg = 2 if cfg_parallel else 1
     _check_int("ulysses_degree", ulysses_degree, 0)
     if cfg_parallel and len(devices) % 2:

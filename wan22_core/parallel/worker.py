@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -35,7 +34,7 @@ from .fsdp import forget_forward_records
 from .loading import load_expert_pair, set_expert_loras
 from .mesh import init_groups
 from .plan import ParallelPlan
-from .worker_group import ModelSpec
+from .worker_group import ModelSpec, recv_message, send_message
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -58,21 +57,20 @@ class Channel:
         self._lock = threading.Lock()
 
     def send(self, **message) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
-            self.conn.send_bytes(data)
+            send_message(self.conn, message)
         self._last_beat = time.monotonic()
 
     def alive(self) -> None:
         """From the watchdog thread; skipped while the main thread is sending (that says enough)."""
         if self.busy and self._lock.acquire(blocking=False):
             try:
-                self.conn.send_bytes(pickle.dumps({"type": "alive"}))
+                send_message(self.conn, {"type": "alive"})
             finally:
                 self._lock.release()
 
     def recv(self) -> dict:
-        return pickle.loads(self.conn.recv_bytes())
+        return recv_message(self.conn)
 
     def beat(self, status: str | None = None) -> None:
         """Called from the main thread at progress points: a silent rank is a stuck rank."""

@@ -164,9 +164,9 @@ class Job:
     denoise_strength: float = 1.0
 
 
-def validate_spec(spec: ModelSpec, plan: ParallelPlan) -> ParallelPlan:
+def validate_spec(spec: ModelSpec, plan: ParallelPlan) -> tuple[ParallelPlan, dict[str, tuple[LoraReport, ...]]]:
     """Check the files, the LoRAs and the plan against the model's real head count, before any
-    process starts."""
+    process starts; returns the plan with that head count and what each LoRA patches."""
     from dataclasses import replace
 
     from ..checkpoints import check_expert_pair
@@ -178,8 +178,8 @@ def validate_spec(spec: ModelSpec, plan: ParallelPlan) -> ParallelPlan:
                          "(fp8 checkpoint files are fine: their shards are dequantised into this dtype)")
     resolve_backend(spec.attention)  # unknown names and missing packages fail here, not on every rank
     high, _ = check_expert_pair(spec.high_noise, spec.low_noise)  # headers only: one model's two experts
-    check_loras(spec)
-    return replace(plan, num_heads=high.dit.num_heads)  # re-runs ParallelPlan's checks with the real heads
+    reports = check_loras(spec)
+    return replace(plan, num_heads=high.dit.num_heads), reports  # replace re-runs the plan's checks
 
 
 # (expert config, LoRA file key) -> report at strength 1: a file is read here once while unchanged
@@ -223,25 +223,25 @@ class WorkerGroup:
         attention backend changed, its ranks re-merge their shards in place (seconds, no
         checkpoint read) instead of a rebuild.
         """
-        validate_spec(spec, config.plan)  # a bad request must not cost the working group
+        checked = validate_spec(spec, config.plan)  # a bad request must not cost the working group
         with cls._lock:
             current = cls._current
             if (current is not None and current.spec.weights == spec.weights and current.config == config
                     and current.alive):
                 current.on_status = on_status
                 if current.spec != spec:
-                    current._update(spec)
+                    current._update(spec, checked[1])
                 return current
             if current is not None:
                 current.shutdown()
-            cls._current = cls(spec, config, on_status)
+            cls._current = cls(spec, config, on_status, checked)
             return cls._current
 
     def __init__(self, spec: ModelSpec, config: ParallelConfig,
-                 on_status: Callable[[int, str], None] | None = None):
+                 on_status: Callable[[int, str], None] | None = None, checked: tuple | None = None):
         self.spec, self.config, self.on_status = spec, config, on_status
-        plan = validate_spec(spec, config.plan)
-        self.lora_reports = check_loras(spec)  # what each LoRA patches, for the caller to show
+        # checked: validate_spec's result when the caller already has it
+        plan, self.lora_reports = checked or validate_spec(spec, config.plan)  # reports: for the caller to show
         self._procs: dict[int, subprocess.Popen] = {}
         self._conns: dict[int, Connection] = {}
         self._status: dict[int, str] = {}
@@ -284,31 +284,19 @@ class WorkerGroup:
                        denoise_strength=job.denoise_strength, settings=asdict(job.settings),
                        stream=on_step is not None)
         for conn in self._conns.values():
-            _send(conn, message)
+            send_message(conn, message)
         job_run = _JobRun(self, on_step, should_cancel)
-        try:
-            done = self._exchange(job_run.handle, "sampling")
-        except WorkerGroupError:
-            raise
-        except BaseException:  # e.g. KeyboardInterrupt: the ranks are mid-job, the group is unusable
-            self._kill()
-            raise
+        done = self._exchange(job_run.handle, "sampling")
         if job_run.error is not None:
             raise job_run.error
         return self._job_result(done)
 
-    def _update(self, spec: ModelSpec) -> None:
+    def _update(self, spec: ModelSpec, lora_reports: dict[str, tuple[LoraReport, ...]]) -> None:
         """Make the live ranks hold `spec`'s LoRAs and attention backend (same files and dtype)."""
-        self.lora_reports = check_loras(spec)
+        self.lora_reports = lora_reports
         for conn in self._conns.values():
-            _send(conn, dict(type="update", spec=spec.to_message()))
-        try:
-            self._exchange(lambda rank, message: message["type"] == "ready", "applying LoRAs")
-        except WorkerGroupError:
-            raise
-        except BaseException:  # the ranks are mid-merge: their weights are unknown
-            self._kill()
-            raise
+            send_message(conn, dict(type="update", spec=spec.to_message()))
+        self._exchange(lambda rank, message: message["type"] == "ready", "applying LoRAs")
         self.spec = spec
 
     def shutdown(self) -> None:
@@ -317,7 +305,7 @@ class WorkerGroup:
             return
         for conn in self._conns.values():
             try:
-                _send(conn, dict(type="shutdown"))
+                send_message(conn, dict(type="shutdown"))
             except OSError:
                 pass
         deadline = time.monotonic() + 10
@@ -369,7 +357,18 @@ class WorkerGroup:
 
         Silence is counted only while this thread waits (not while a callback runs), so a slow
         progress callback is never mistaken for a hung rank; finished ranks are idle, not silent.
+        Anything else that stops the exchange (e.g. KeyboardInterrupt, a callback raising) leaves the
+        ranks mid-phase, their state unknown: the group is killed before it propagates.
         """
+        try:
+            return self._receive_until(handle, phase)
+        except WorkerGroupError:
+            raise  # _fail killed the group already
+        except BaseException:
+            self._kill()
+            raise
+
+    def _receive_until(self, handle: Callable[[int, dict], bool], phase: str) -> dict[int, dict]:
         finished: dict[int, dict] = {}
         silent = {rank: 0.0 for rank in self._procs}  # seconds without progress
         frozen = dict(silent)  # seconds without any sign of life
@@ -396,7 +395,7 @@ class WorkerGroup:
     def _receive(self, rank: int, phase: str) -> dict:
         """One message from `rank`; deaths and errors end the group here, statuses are passed on."""
         try:
-            message = _recv(self._conns[rank])
+            message = recv_message(self._conns[rank])
         except (EOFError, OSError):
             self._fail([(rank, f"died ({self._exit_reason(rank)})", None)], phase)
         if message["type"] == "error":
@@ -443,7 +442,7 @@ class WorkerGroup:
             for conn in wait(list(by_conn), timeout=max(0.0, deadline - time.monotonic())):
                 rank = by_conn[conn]
                 try:
-                    message = _recv(conn)
+                    message = recv_message(conn)
                 except (EOFError, OSError):
                     reports.append((rank, f"died ({self._exit_reason(rank)})", None))
                     reported.add(rank)
@@ -500,7 +499,7 @@ class _JobRun:
             self.group._fail([(rank, f"answered job {message.get('id')} during job {self.group._job_id} "
                                      "(protocol error)", None)], "sampling")
         if message["type"] == "boundary":
-            _send(self.group._conns[0], dict(type="proceed", cancel=self.wants_cancel()))
+            send_message(self.group._conns[0], dict(type="proceed", cancel=self.wants_cancel()))
         if message["type"] == "step" and self.on_step is not None and self.error is None:
             try:
                 self.on_step(StepInfo(message["index"], message["total"], message["timestep"], message["expert"],
@@ -519,11 +518,12 @@ class _JobRun:
 
 
 
-def _send(conn: Connection, message: dict) -> None:
+def send_message(conn: Connection, message: dict) -> None:
+    """The one framing on the controller <-> rank sockets (our own processes only): a pickled dict."""
     conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def _recv(conn: Connection) -> dict:
+def recv_message(conn: Connection) -> dict:
     return pickle.loads(conn.recv_bytes())
 
 

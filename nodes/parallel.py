@@ -15,9 +15,6 @@ from ..wan22_core.parallel import Job, ModelSpec, ParallelConfig, WorkerGroup, p
 from . import comfy_adapter
 from .loaders import CATEGORY, EXPERT_NAMES, MoEModel, release_cached_experts
 
-# The group this process drives, if any (WorkerGroup keeps at most one alive).
-_group: WorkerGroup | None = None
-
 
 class Wan22MultiGPUConfig:
     DESCRIPTION = ("Runs Wan22MoESampler on several GPUs (connect to its parallel input): each GPU holds 1/N of "
@@ -77,7 +74,6 @@ def sample_on_group(config: ParallelConfig, model: MoEModel, embeds, jobs: list,
                     denoise: float, progress, node_id: str | None) -> tuple[list[torch.Tensor], Reports]:
     """Run each (noise, start latent) job on the worker group; the final latents (normalised, CPU)
     and the LoRA reports."""
-    global _group
     runtime = comfy_adapter.runtime
     spec = model_spec(model)
     ranks = config.plan.world_size
@@ -87,7 +83,7 @@ def sample_on_group(config: ParallelConfig, model: MoEModel, embeds, jobs: list,
 
     if config.backend == "nccl":
         runtime.free_memory()  # the workers allocate on GPUs where ComfyUI may hold models
-    _group = WorkerGroup.get_or_create(spec, config, on_status)  # validates the spec before spawning
+    group = WorkerGroup.get_or_create(spec, config, on_status)  # validates the spec before spawning
     release_cached_experts()  # the workers hold the model now; an in-process copy would only take memory
     for rank in range(ranks):  # a kept group says nothing until it works: refresh the status line
         on_status(rank, "ready")
@@ -95,15 +91,14 @@ def sample_on_group(config: ParallelConfig, model: MoEModel, embeds, jobs: list,
     for index, (noise, start) in enumerate(jobs):
         progress.video = index
         job = Job(embeds.positive, embeds.negative, noise, settings, latent=start, denoise_strength=denoise)
-        outputs.append(_group.run(job, on_step=progress.on_step, should_cancel=runtime.interrupted))
+        outputs.append(group.run(job, on_step=progress.on_step, should_cancel=runtime.interrupted))
     reports = tuple((EXPERT_NAMES[expert], report) for expert in ("high", "low")
-                    for report in _group.lora_reports[expert])
+                    for report in group.lora_reports[expert])
     return outputs, reports
 
 
 def release_gpu_group(device: torch.device) -> None:
     """Stop a worker group that holds GPU memory before this process computes on a GPU itself."""
-    global _group
-    if _group is not None and device.type == "cuda" and _group.config.backend == "nccl":
-        _group.shutdown()
-        _group = None
+    group = WorkerGroup.current()  # the one group this process drives, if any
+    if group is not None and device.type == "cuda" and group.config.backend == "nccl":
+        group.shutdown()

@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from wan22_core.config import SOLVERS
+from wan22_core.config import MAX_STEPS, SOLVERS
 from wan22_core.sampling.moe import HIGH, select_expert
 from wan22_core.sampling.schedule import partial_schedule
 
@@ -70,6 +70,13 @@ def python_constant(path: Path, name: str) -> str:
         if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [name]:
             return ast.literal_eval(node.value)
     raise AssertionError(f"{path.name} defines no {name} = ...")
+
+
+def test_the_label_refuses_what_the_engine_refuses():
+    """expert_split.js copies the engine's solver names and step limit: they must stay equal."""
+    js = (ROOT / "web/js/expert_split.js").read_text()
+    assert json.loads(re.search(r"export const SOLVERS = (\[[^\]]*\]);", js).group(1)) == list(SOLVERS)
+    assert int(re.search(r"export const MAX_STEPS = (\d+);", js).group(1)) == MAX_STEPS
 
 
 def test_the_status_event_and_the_lora_report_key_match_the_nodes():

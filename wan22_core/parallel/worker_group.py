@@ -215,6 +215,11 @@ class WorkerGroup:
     _lock = threading.Lock()
 
     @classmethod
+    def current(cls) -> "WorkerGroup | None":
+        """The live group of this process, if any (there is at most one)."""
+        return cls._current
+
+    @classmethod
     def get_or_create(cls, spec: ModelSpec, config: ParallelConfig,
                       on_status: Callable[[int, str], None] | None = None) -> "WorkerGroup":
         """The live group for (spec, config); replaces a group built for anything else or broken.

@@ -9,6 +9,8 @@ const NUM_TRAIN_TIMESTEPS = 1000;
 // The official UniPC grid starts at its first training sigma stored as float32, read back.
 const UNIPC_SIGMA_MAX = Math.fround(1 - 1 / NUM_TRAIN_TIMESTEPS);
 export const SOLVERS = ["unipc", "dpm++", "euler"];
+// The longest schedule the engine builds (wan22_core.config.MAX_STEPS; tests/test_web.py checks both).
+export const MAX_STEPS = 10000;
 
 // numpy.linspace(start, stop, num)[:count]: i * step + start, step = (stop - start) / (num - 1).
 function linspaceHead(start, stop, num, count) {
@@ -35,10 +37,12 @@ export function partialTimesteps(steps, shift, solver, denoise = 1.0) {
 // Why the settings cannot be sampled (the engine's checks), or null when they can.
 export function settingsError({ steps, shift, boundary, solver, denoise = 1.0 }) {
   if (!Number.isInteger(steps) || steps < 1) return "steps must be an integer >= 1";
+  if (steps > MAX_STEPS) return `steps must be at most ${MAX_STEPS}`;
   if (!Number.isFinite(shift) || shift <= 0) return "shift must be > 0";
   if (!(boundary >= 0 && boundary <= 1)) return "boundary must be in [0, 1]";
   if (!SOLVERS.includes(solver)) return `unknown solver ${solver}`;
   if (!(denoise > 0 && denoise <= 1)) return "denoise must be in (0, 1]";
+  if (steps / denoise > MAX_STEPS) return `steps / denoise is over ${MAX_STEPS}: use denoise >= ${steps / MAX_STEPS}`;
   return null;
 }
 

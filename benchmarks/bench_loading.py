@@ -94,9 +94,14 @@ def cpu_name() -> str:
     return platform.machine()
 
 
-def measure(method: str, folder: Path, dtype: str) -> dict:
+def measure(method: str, folder: Path, dtype: str, timeout: float | None = None) -> dict:
+    """One load in a fresh process: {"seconds", "peak" (bytes of RSS above the start), "kept" (bytes)}.
+
+    method: "baseline", "read_state_dict" or "load_dit"; folder: the checkpoint folder (the last
+    two also take a single .safetensors file); dtype: "bf16" or "fp8" (load_dit: fp8 weights,
+    bf16 compute). tests/test_formats.py checks its peak-RSS bound with it."""
     proc = subprocess.run([sys.executable, "-c", CHILD, method, str(folder), dtype], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[1], timeout=timeout)
     if proc.returncode:
         raise RuntimeError(f"{method} {dtype} failed:\n{proc.stderr}")
     return json.loads(proc.stdout)

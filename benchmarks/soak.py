@@ -1,7 +1,8 @@
 """Soak: many consecutive prompts in one process and through one worker group, watching for leaks.
 
 The long version of tests/test_load.py: tiny models, fp32, 2 CPU ranks on gloo (Ulysses 2 +
-FSDP), sizes, seeds and prompt lengths varied. Every `--every` prompts it prints resident memory,
+FSDP), sizes, seeds and prompt lengths varied (the same workload: test_load imports it from here).
+Every `--every` prompts (default: an eighth of them) it prints resident memory,
 threads and open file descriptors of the controller and of each rank, and at the end the growth
 since the first checkpoint and the largest difference between a group output and its in-process
 twin.
@@ -28,42 +29,52 @@ from wan22_core.pipeline import denoise, make_noise  # noqa: E402
 from wan22_core.sampling.moe import ExpertPair  # noqa: E402
 from wan22_core.tiny import make_tiny  # noqa: E402
 
+# The workload, shared with tests/test_load.py (which imports it from here).
+# (frames, height, width): 1 to 3 latent frames, 1x1 to 2x3 tokens per frame (odd counts pad for 2 ranks)
 SIZES = [(5, 32, 32), (1, 32, 32), (9, 32, 48), (5, 48, 32), (1, 16, 64)]
-SETTINGS = SamplerSettings(steps=2, shift=5.0)
+SETTINGS = SamplerSettings(steps=2, shift=5.0)  # timesteps 999 (high-noise expert), 833 (low)
 
 
 def job(i: int) -> Job:
-    """Prompt i, as in tests/test_load.py: its own seed, size and prompt lengths."""
+    """Prompt i: its own seed, size and prompt lengths (5 to 11 and 3 to 6 tokens)."""
     g = torch.Generator().manual_seed(1000 + i)
     positive = torch.randn(5 + i % 7, TINY.dit.text_dim, generator=g)
     negative = torch.randn(3 + i % 4, TINY.dit.text_dim, generator=g)
     return Job(positive, negative, make_noise(7 * i + 1, *SIZES[i % len(SIZES)]), SETTINGS)
 
 
-def status(pid: int) -> tuple[int, int, int]:
-    """(resident MiB, threads, open fds)."""
+def status(pid: int) -> dict[str, int]:
+    """Resident memory (kB), threads and open file descriptors of `pid`."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return int(fields["VmRSS"].split()[0]) // 1024, int(fields["Threads"]), len(os.listdir(f"/proc/{pid}/fd"))
+    return {"rss_kb": int(fields["VmRSS"].split()[0]), "threads": int(fields["Threads"]),
+            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
 def report(label: str, i: int, pids: list[int], seconds: float, rows: list) -> None:
     row = [status(pid) for pid in pids]
     rows.append(row)
-    cells = "  ".join(f"{rss:5d} MiB {threads:2d} thr {fds:3d} fd" for rss, threads, fds in row)
+    cells = "  ".join(f"{s['rss_kb'] // 1024:5d} MiB {s['threads']:2d} thr {s['fds']:3d} fd" for s in row)
     print(f"{label:10s} {i:6d} prompts {seconds:7.1f} s  {cells}", flush=True)
 
 
 def growth(rows: list) -> str:
     first, last = rows[0], rows[-1]
-    return ", ".join(f"{(b[0] - a[0]) / a[0]:+.1%} RSS, {b[1] - a[1]:+d} threads, {b[2] - a[2]:+d} fds"
-                     for a, b in zip(first, last))
+    return ", ".join(f"{(b['rss_kb'] - a['rss_kb']) / a['rss_kb']:+.1%} RSS, {b['threads'] - a['threads']:+d} "
+                     f"threads, {b['fds'] - a['fds']:+d} fds" for a, b in zip(first, last))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=2000)
-    parser.add_argument("--every", type=int, default=250)
+    parser.add_argument("--every", type=int, default=None, help="prompts between checkpoints (default: "
+                        "--prompts / 8, at least 1)")
     args = parser.parse_args()
+    if args.prompts < 1:
+        parser.error("--prompts must be at least 1")
+    if args.every is None:
+        args.every = max(1, args.prompts // 8)
+    if not 1 <= args.every <= args.prompts:
+        parser.error(f"--every must be between 1 and --prompts ({args.prompts}), got {args.every}")
 
     model_dir = make_tiny(Path(tempfile.mkdtemp()) / "official", "official", TINY)
     experts = ExpertPair(load_dit(model_dir / "high_noise_model"), load_dit(model_dir / "low_noise_model"),

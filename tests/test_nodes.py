@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from fakes import hide_package
+from procs import children_of
 from reference import rel_l2
 
 from wan22_core.config import TINY
@@ -123,7 +124,7 @@ def models_dir(tmp_path_factory):
 def no_worker_group_left():
     """The multi-GPU tests share one cpu:2 group (it persists across prompts); stop it at the end."""
     yield
-    group = engine("parallel").WorkerGroup._current
+    group = engine("parallel").WorkerGroup.current()
     if group is not None:
         group.shutdown()
 
@@ -681,20 +682,7 @@ def multigpu_config(gpus="cpu:2", ulysses_degree=0, fsdp=True, cfg_parallel=Fals
 
 
 def current_group():
-    return engine("parallel").WorkerGroup._current
-
-
-def children() -> set[int]:
-    """Live child processes of this test process (worker ranks are started as children)."""
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z":
-            found.add(int(stat.parent.name))
-    return found
+    return engine("parallel").WorkerGroup.current()
 
 
 @pytest.fixture
@@ -738,11 +726,11 @@ def test_a_changed_config_rebuilds_the_group(fake):
     sample(model, embeds, parallel=multigpu_config())
     old = current_group().pids
     sample(model, embeds, parallel=multigpu_config(fsdp=False))  # each rank holds whole experts
-    assert current_group().pids != old and not children() & set(old)
+    assert current_group().pids != old and not children_of(os.getpid()) & set(old)
 
 
 def test_invalid_multigpu_settings_fail_before_any_process_starts(fake, monkeypatch):
-    config_node, before = MAPPINGS["Wan22MultiGPUConfig"](), children()
+    config_node, before = MAPPINGS["Wan22MultiGPUConfig"](), children_of(os.getpid())
     with pytest.raises(ValueError, match=r"ulysses degree 3 does not divide the 40 attention heads; "
                                          r"valid degrees: 1, 2, 4, 5, 8, 10, 20, 40"):
         config_node.configure("cpu:3", 3, True, False)
@@ -757,7 +745,7 @@ def test_invalid_multigpu_settings_fail_before_any_process_starts(fake, monkeypa
     (fp8,) = MAPPINGS["Wan22MoEModelLoader"]().load(HIGH, LOW, "fp8_e4m3fn", "auto", "auto")
     with pytest.raises(ValueError, match="weight_dtype 'fp8_e4m3fn' does not work with the parallel input"):
         sample(fp8, embeds, parallel=multigpu_config())
-    assert children() == before
+    assert children_of(os.getpid()) == before
 
 
 def test_a_dead_rank_is_a_clear_error_and_the_status_line_says_error(fake):
@@ -775,7 +763,7 @@ def test_a_dead_rank_is_a_clear_error_and_the_status_line_says_error(fake):
     with pytest.raises(error, match=r"rank 1 died \(killed by signal SIGKILL\).*the next run starts a fresh one"):
         sample(model, embeds, steps=10, parallel=multigpu_config(), unique_id="5")
     assert fake.statuses[-1] == ("5", 1, 2, "error")
-    assert current_group() is None and not children() & set(group.pids)
+    assert current_group() is None and not children_of(os.getpid()) & set(group.pids)
 
 
 # ---------------------------------------------------------------------------------------------

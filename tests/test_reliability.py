@@ -17,9 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
-import time
 import weakref
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +31,7 @@ from wan22_core import video
 from wan22_core.checkpoints import CheckpointError, check_expert_pair, load_dit, load_vae, read_state_dict
 from wan22_core.config import TINY, DiTConfig, SamplerSettings
 from wan22_core.errors import NumericalError, OutOfMemory, Wan22Error
-from wan22_core.models.tokenizer import Tokenizer, clean_text, train_tiny_sentencepiece
+from wan22_core.models.tokenizer import Tokenizer, clean_text
 from wan22_core.models.transformer import WanModel
 from wan22_core.parallel import ModelSpec, WorkerGroup, parallel_config, parse_gpus
 from wan22_core.parallel.worker_group import validate_spec
@@ -41,7 +39,8 @@ from wan22_core.pipeline import check_video_size, denoise, make_noise, release_c
 from wan22_core.runtime import check_backend, resolve_device
 from wan22_core.sampling.moe import ExpertPair
 from wan22_core.sampling.schedule import partial_schedule
-from procs import children_of
+from wan22_core.tiny import train_tiny_sentencepiece
+from procs import assert_all_gone, in_unprivileged_child
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -179,37 +178,6 @@ def tiny_dit_tensors(cfg: DiTConfig = TINY.dit) -> dict[str, torch.Tensor]:
 def test_a_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=f"checkpoint not found: {tmp_path / 'nope.safetensors'}"):
         load_dit(tmp_path / "nope.safetensors")
-
-
-def in_unprivileged_child(fn) -> str:
-    """Run fn() in a forked child that has no root permission override; returns its error."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report, then leave without running any of the parent's cleanup
-        try:
-            if os.geteuid() == 0:
-                os.setuid(65534)  # nobody: file permissions apply again
-            try:
-                fn()
-                result = "no error"
-            except BaseException as err:
-                result = f"{type(err).__name__}: {err}"
-            os.write(write, result.encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    os.waitpid(pid, 0)
-    with os.fdopen(read, "rb") as f:
-        return f.read().decode()
-
-
-@pytest.fixture
-def world_readable_dir():
-    """A folder any user can enter (pytest's tmp_path is private to its user)."""
-    folder = Path(tempfile.mkdtemp(prefix="wan22-test-"))
-    folder.chmod(0o755)
-    yield folder
-    shutil.rmtree(folder)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
@@ -499,12 +467,9 @@ def is_loopback(address: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def group(tmp_path_factory):
-    from wan22_core.tiny import make_tiny
-
-    model_dir = make_tiny(tmp_path_factory.mktemp("reliability") / "official", "official", TINY, seed=0)
+def group(tiny_model_dir):
     before = listening_sockets(os.getpid())
-    spec = ModelSpec(model_dir / "high_noise_model", model_dir / "low_noise_model")
+    spec = ModelSpec(tiny_model_dir / "high_noise_model", tiny_model_dir / "low_noise_model")
     group = WorkerGroup.get_or_create(spec, parallel_config("cpu:2", ulysses_degree=2, fsdp=True,
                                                             num_heads=TINY.dit.num_heads))
     yield {"group": group, "controller_sockets_before": before}
@@ -535,10 +500,7 @@ def test_ctrl_c_in_the_controller_mid_step_stops_every_rank(group):
     with pytest.raises(KeyboardInterrupt):
         group.run(Job(positive, negative, noise, SamplerSettings(steps=4, shift=5.0)), on_step=interrupt)
     assert not group.alive and WorkerGroup._current is None
-    deadline = time.monotonic() + 10
-    while set(pids) & children_of(os.getpid()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not set(pids) & children_of(os.getpid()), "a rank outlived the interrupted run"
+    assert_all_gone(pids, message="a rank outlived the interrupted run")
     with pytest.raises(Wan22Error, match="shut down"):
         group.run(Job(positive, negative, noise))
 

@@ -14,6 +14,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
+from procs import in_unprivileged_child
 
 from wan22_core import config, video
 
@@ -235,24 +236,22 @@ def test_sigkilled_writer_never_leaves_the_final_name(tmp_path):
 
 # ---- unwritable folders ----------------------------------------------------------------------
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
-                    reason="root ignores directory permissions; simulated below instead")
-def test_read_only_folder_gives_clear_error(tmp_path):
-    folder = tmp_path / "ro"
+def test_read_only_folder_gives_clear_error(world_readable_dir):
+    """A real chmod 555 folder; as root, written from a child running as nobody (root ignores it)."""
+    folder = world_readable_dir / "ro"
     folder.mkdir()
     folder.chmod(0o555)
-    try:
-        with pytest.raises(PermissionError, match="cannot write a video into folder"):
-            video.write_mp4(gradient(2, 16, 16), folder / "clip.mp4")
-        assert list(folder.iterdir()) == []
-    finally:
-        folder.chmod(0o755)
+    frames = (gradient(2, 16, 16).numpy() * 255).astype(np.uint8)  # made here: no torch work in the fork
+    error = in_unprivileged_child(lambda: video.write_mp4(frames, folder / "clip.mp4"))
+    assert error == (f"PermissionError: [Errno {errno.EACCES}] cannot write a video into folder {str(folder)!r}: "
+                     f"{os.strerror(errno.EACCES)}; choose a writable output folder or fix its permissions")
+    assert list(folder.iterdir()) == []
 
 
 @pytest.mark.parametrize("code,error_type", [(errno.EROFS, OSError),
                                              (errno.EACCES, PermissionError)])
 def test_unwritable_folder_gives_clear_error(tmp_path, monkeypatch, code, error_type):
-    """What root cannot see with chmod, simulated: creating the temp file fails."""
+    """Simulated: creating the temp file fails (EROFS, which no chmod gives; EACCES in-process)."""
     real_open = os.open
 
     def refusing_open(path, flags, *args, **kwargs):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import children_of
+from procs import assert_all_gone, children_of, process_alive
 from reference import rel_l2
 
 from wan22_core.checkpoints import load_dit
@@ -58,14 +58,6 @@ pipeline.predict_velocity = predict_velocity
 """
 
 
-def process_alive(pid):
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"  # a zombie has exited (its parent may not have reaped it yet)
-
-
 def import_mangled():
     """wan22_core as ComfyUI's pack loading leaves it: a sub-package of a module whose name is
     the pack's path with "." replaced by "_x_", which no child process could import."""
@@ -78,12 +70,9 @@ def import_mangled():
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_model_dir):
     """Model files, the mangled package, the fault hook, and the single-process reference."""
-    from wan22_core.tiny import make_tiny
-
-    root = tmp_path_factory.mktemp("group")
-    model_dir = make_tiny(root / "official", "official", TINY, seed=0)
+    root, model_dir = tmp_path_factory.mktemp("group"), tiny_model_dir
     hook_dir = root / "hook"
     hook_dir.mkdir()
     (hook_dir / "sitecustomize.py").write_text(FAULT_HOOK)
@@ -110,13 +99,6 @@ def env(tmp_path_factory):
 def config(env, heartbeat=HEARTBEAT_S):
     return env["parallel"].parallel_config("cpu:2", ulysses_degree=2, fsdp=True, num_heads=TINY.dit.num_heads,
                                            heartbeat_timeout=heartbeat)
-
-
-def assert_all_gone(pids, within=10.0):
-    deadline = time.monotonic() + within
-    while any(process_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [p for p in pids if process_alive(p)], "worker processes left behind"
 
 
 def test_group_started_under_a_mangled_module_name_matches_single_process(env):

@@ -400,16 +400,15 @@ def section_attention(bench: Bench, blocks, b2) -> None:
 
 
 def section_compile(bench: Bench, blocks, b2) -> None:
-    from wan22_core.optimize import compile_blocks, compile_toolchain_problem
+    from wan22_core.optimize import compile_blocks
 
-    problem = compile_toolchain_problem(bench.device)
-    if problem is not None:
-        bench.note(f"torch.compile skipped: {problem}")
-        return
     if not bench.has_time(150, "torch.compile"):
         return
     stack = Stack(copy.deepcopy(blocks))
-    compile_blocks(stack, bench.device)
+    problem = compile_blocks(stack, bench.device)
+    if problem is not None:
+        bench.note(f"torch.compile skipped: {problem}")
+        return
     shapes = b2[:1] if bench.args.dry_run else b2  # a CPU compile takes ~30 s per shape
     bench.run("ours compiled", list(stack.blocks), lambda s: ours_inputs(bench.cfg, s, bench.device), shapes,
               predict=None, compiled=True)

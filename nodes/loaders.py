@@ -113,7 +113,11 @@ def load_expert(path: Path, dtypes: tuple, compile: bool, device: torch.device) 
     if fp8_matmul is not None:
         set_fp8_compute(model, fp8_matmul)
     if compile:  # warns and stays eager when the toolchain is missing
-        compile_blocks(model, device)
+        problem = compile_blocks(model, device)
+        if problem is not None:
+            import warnings
+
+            warnings.warn(f"torch.compile disabled: {problem}; running eager (same results, slower)")
     return model
 
 

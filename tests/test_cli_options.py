@@ -180,3 +180,68 @@ def test_help_lists_the_model_sizes():
     assert (actions["width"].default, actions["height"].default, actions["frames"].default) == (WIDTH, HEIGHT, FRAMES)
     assert actions["ulysses"].help.endswith("divides the 40 heads: " + ", ".join(map(str, valid_ulysses_degrees(40))))
     assert actions["swap_blocks"].help.endswith(f"(1 to {DiTConfig().num_layers})")
+
+
+def test_dtype_and_format_choices_are_the_engines_names():
+    from wan22_core.runtime import DTYPES
+    from wan22_core.tiny import FORMATS
+
+    subparsers = build_parser()._subparsers._group_actions[0].choices
+    for command in ("demo", "generate"):
+        actions = {a.dest: a for a in subparsers[command]._actions}
+        assert list(actions["dtype"].choices) == ["auto", *DTYPES], command
+    assert list({a.dest: a for a in subparsers["make-tiny"]._actions}["format"].choices) == list(FORMATS)
+
+
+def test_denoise_video_shows_one_bar_only_when_asked_and_closes_it_on_errors(monkeypatch):
+    """The denoise stage both the one-process CLI and the torchrun ranks run (rank 0 alone shows a bar)."""
+    import wan22_core.cli as cli
+    import wan22_core.pipeline as pipeline
+    from wan22_core.cli import denoise_video
+
+    bars, calls = [], []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.steps, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, n):
+            self.steps += n
+
+        def close(self):
+            self.closed = True
+
+    def fake_denoise(experts, positive, negative, noise, settings, batch_cfg, on_step):
+        calls.append((experts, positive, negative, tuple(noise.shape), batch_cfg, on_step is None))
+        for step in range(settings.steps):
+            on_step and on_step(step)
+        if experts == "broken":
+            raise RuntimeError("step failed")
+        return "latent"
+
+    monkeypatch.setattr(cli, "_progress_bar", Bar)
+    monkeypatch.setattr(pipeline, "denoise", fake_denoise)
+    settings = SamplerSettings(steps=3)
+    args = build_parser().parse_args(["generate", "--frames", "9", "--height", "48", "--width", "64", "--seed", "5",
+                                      "--no-batch-cfg"])
+    assert denoise_video(args, "experts", "pos", "neg", settings) == "latent"
+    assert [(b.total, b.steps, b.closed) for b in bars] == [(3, 3, True)]
+    assert calls[0] == ("experts", "pos", "neg", (16, 3, 6, 8), False, False)
+    assert denoise_video(args, "experts", "pos", "neg", settings, show_progress=False) == "latent"
+    quiet = build_parser().parse_args(["generate", "--quiet"])
+    assert denoise_video(quiet, "experts", "pos", "neg", settings) == "latent"
+    assert len(bars) == 1 and calls[1][-1] and calls[2][-1]  # no bar, no on_step
+    with pytest.raises(RuntimeError, match="step failed"):
+        denoise_video(args, "broken", "pos", "neg", settings)
+    assert [(b.total, b.steps, b.closed) for b in bars[1:]] == [(3, 3, True)]
+
+
+def test_encode_prompt_equals_the_text_encoder(model_dir):
+    from wan22_core.cli import encode_prompt
+
+    files = ModelFiles.from_model_dir(model_dir)
+    args = build_parser().parse_args(["generate", "--prompt", PROMPT, "--negative-prompt", NEGATIVE])
+    embeds = encode_prompt(args, files)
+    expected = load_text_encoder(files.text_encoder, files.tokenizer).encode_prompt(PROMPT, NEGATIVE)
+    assert torch.equal(embeds.positive, expected.positive) and torch.equal(embeds.negative, expected.negative)

@@ -2,7 +2,6 @@
 broken files, memory-lean and shard-aware reading."""
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,9 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from wan22_core import checkpoints
-from wan22_core.checkpoints import (DIT, CheckpointError, ModelFiles, check_slot, iter_tensors, load_dit,
+from wan22_core.checkpoints import (DIT, TEXT_ENCODER, CheckpointError, ModelFiles, check_slot, load_dit,
                                     load_text_encoder, load_vae, read_state_dict)
-from wan22_core.cli import build_parser, main
+from wan22_core.cli import main
 from wan22_core.config import TINY, DiTConfig, SamplerSettings, VAEConfig
 from wan22_core.fp8 import FP8, FP8Linear, dequantize_fp8, set_fp8_compute
 from wan22_core.keymaps import COMFY_DIT_PREFIX, vae_diffusers_to_official, vae_official_to_diffusers
@@ -24,6 +23,9 @@ from wan22_core.models.vae import WanVAE
 from wan22_core.pipeline import denoise, make_noise
 from wan22_core.sampling.moe import ExpertPair
 from wan22_core.tiny import COMFY_FILES, COMFY_VAE_FILE, FORMATS, make_tiny, seeded, tiny_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_loading  # noqa: E402  the peak-RSS measurement, shared with the benchmark
 
 # fp16 holds every layout's numbers exactly (official fp32/bf16, comfy fp16), so loading all
 # of them as fp16 must give the same bits.
@@ -189,9 +191,8 @@ def test_quantizing_at_load_equals_the_comfy_fp8_file(sets):
                                                     b[k].view(torch.uint8) if b[k].dtype == FP8 else b[k]) for k in a)
 
 
-def test_newer_comfy_fp8_names_load_the_same(sets, tmp_path):
-    """Newer ComfyUI writes `.weight_scale` plus a `.comfy_quant` tag instead of `.scale_weight`."""
-    source = sets["comfy-fp8"] / "diffusion_models" / COMFY_FILES["comfy-fp8"][0]
+def newer_comfy_fp8(source: Path, target: Path, metadata: dict[str, str]) -> Path:
+    """`source` as newer ComfyUI writes it: `.weight_scale` plus a `.comfy_quant` tag per layer, no marker."""
     renamed = {}
     for name, tensor in load_file(str(source)).items():
         if name.endswith(".scale_weight"):
@@ -200,11 +201,30 @@ def test_newer_comfy_fp8_names_load_the_same(sets, tmp_path):
             renamed[layer + ".comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
         elif name != "scaled_fp8":
             renamed[name] = tensor
-    save_file(renamed, str(tmp_path / "newer.safetensors"), metadata={"num_heads": "4"})
-    a, b = load_dit(source).state_dict(), load_dit(tmp_path / "newer.safetensors").state_dict()
+    assert any(n.endswith(".weight_scale") for n in renamed)
+    save_file(renamed, str(target), metadata=metadata)
+    return target
+
+
+def test_newer_comfy_fp8_names_load_the_same(sets, tmp_path):
+    source = sets["comfy-fp8"] / "diffusion_models" / COMFY_FILES["comfy-fp8"][0]
+    newer = newer_comfy_fp8(source, tmp_path / "newer.safetensors", {"num_heads": "4"})
+    assert check_slot(newer, DIT)[1].scaled_fp8
+    a, b = load_dit(source).state_dict(), load_dit(newer).state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) if a[k].dtype == FP8
                else torch.equal(a[k], b[k]) for k in a)
+
+
+def test_newer_comfy_fp8_text_encoder_loads_the_same(sets, tmp_path):
+    source = sets["comfy-fp8"] / "text_encoders" / COMFY_FILES["comfy-fp8"][2]
+    newer = newer_comfy_fp8(source, tmp_path / "newer_umt5.safetensors", {"format": "pt"})
+    found = check_slot(newer, TEXT_ENCODER)[1]
+    assert found.scaled_fp8 and "scaled fp8" in found.description
+    a, b = load_text_encoder(source), load_text_encoder(newer)
+    assert a.dtype == b.dtype == torch.bfloat16
+    a, b = a.model.state_dict(), b.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_dequantizing_at_load_equals_fp8_compute(fp8_set):
@@ -274,7 +294,7 @@ def test_diffusers_folder_is_a_real_wan_pipeline(sets, diffusers_loadable):
     from diffusers import AutoencoderKLWan, WanPipeline
 
     pipe = WanPipeline.from_pretrained(sets["diffusers"])
-    assert pipe.config.boundary_ratio == ModelFiles.from_model_dir(sets["diffusers"]).boundary == 0.875
+    assert pipe.config.boundary_ratio == SamplerSettings().boundary == 0.875
     ours = load_text_encoder(sets["diffusers"] / "text_encoder")
     assert pipe.tokenizer(PROMPT).input_ids == ours.tokenizer.ids(PROMPT)
     _, info = AutoencoderKLWan.from_pretrained(sets["diffusers"] / "vae", output_loading_info=True)
@@ -443,7 +463,7 @@ def test_keep_reads_only_the_selected_tensors(sets, monkeypatch):
     in_block_1 = lambda name: name.startswith("blocks.1.")  # noqa: E731
     part = read_state_dict(folder, torch.bfloat16, keep=in_block_1)
     assert set(part) == set(read) and part and all(in_block_1(n) for n in part)
-    assert [n for n, _ in iter_tensors(folder, keep=in_block_1)] == sorted(part, key=read.index)
+    assert list(part) == sorted(part, key=read.index)  # in file order
 
     read.clear()
     model = load_dit(folder, keep=in_block_1)
@@ -452,25 +472,6 @@ def test_keep_reads_only_the_selected_tensors(sets, monkeypatch):
         assert value.is_meta != in_block_1(name)
         assert value.is_meta or torch.equal(value, full[name])
     assert all(in_block_1(n) for n in read)
-
-
-RSS_SCRIPT = """
-import json, re, sys, torch
-from wan22_core.checkpoints import load_dit
-from wan22_core.config import TINY
-from wan22_core.models.transformer import WanModel
-
-def status(field):
-    return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-
-with torch.device("meta"):  # the first meta build imports ~70 MB of torch internals: a one-time constant
-    WanModel(TINY.dit)
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the high-water mark to the current RSS
-start = status("VmRSS")
-model = load_dit(sys.argv[1], torch.bfloat16, weight_dtype=torch.float8_e4m3fn if sys.argv[2] == "fp8" else None)
-print(json.dumps({"peak": status("VmHWM") - start, "bytes": model.load_report.bytes}))
-"""
 
 
 def test_loading_fp32_into_bf16_and_fp8_needs_no_fp32_copy(tmp_path):
@@ -482,21 +483,17 @@ def test_loading_fp32_into_bf16_and_fp8_needs_no_fp32_copy(tmp_path):
     fp32_bytes = expert.stat().st_size
     largest = max(t.nbytes for t in weights.values())  # the read buffer (fp8 adds an fp32 work buffer)
     for mode, slack in (("bf16", largest), ("fp8", 2 * largest)):
-        proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(expert), mode], capture_output=True, text=True,
-                              timeout=120, cwd=Path(__file__).parents[1])
-        assert proc.returncode == 0, proc.stderr
-        measured = json.loads(proc.stdout)
+        measured = bench_loading.measure("load_dit", expert, mode, timeout=120)  # in a fresh process
         # mmap-based reading peaks at kept + fp32 size (3x for bf16); we allow 1.15x + buffers + 8 MiB
-        assert measured["peak"] <= 1.15 * measured["bytes"] + slack + 8 * 2**20, (mode, measured, fp32_bytes)
-        assert measured["bytes"] < (0.55 if mode == "bf16" else 0.3) * fp32_bytes
+        assert measured["peak"] <= 1.15 * measured["kept"] + slack + 8 * 2**20, (mode, measured, fp32_bytes)
+        assert measured["kept"] < (0.55 if mode == "bf16" else 0.3) * fp32_bytes
 
 
 # ---------------------------------------------------------------------------------------------
 # CLI
 
 
-def test_make_tiny_cli_offers_every_format(tmp_path, capsys):
-    assert [build_parser().parse_args(["make-tiny", "x", "--format", f]).format for f in FORMATS] == list(FORMATS)
+def test_make_tiny_cli_writes_a_comfy_fp8_set(tmp_path, capsys):
     assert main(["make-tiny", str(tmp_path / "c"), "--format", "comfy-fp8"]) == 0
     assert "wrote a tiny comfy-fp8 model set" in capsys.readouterr().out
     files = ModelFiles.from_model_dir(tmp_path / "c")

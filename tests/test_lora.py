@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from wan22_core.checkpoints import DIT, NUM_HEADS_KEY, Checkpoint, CheckpointError, check_slot, load_dit
 from wan22_core.config import TINY, DiTConfig
-from wan22_core.fp8 import FP8, FP8Linear
+from wan22_core.fp8 import FP8, FP8Linear, block_linear_names, fp8_scale, to_fp8
 from wan22_core.lora import (TINY_LORA_FORMATS, LoraError, LoraSpec, apply_loras, lora_deltas, merge_into_state_dict,
                              write_tiny_lora)
 from wan22_core.models.transformer import WanModel
@@ -35,10 +35,6 @@ def base_file(base, tmp_path_factory):
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(path),
               metadata={NUM_HEADS_KEY: str(TINY.dit.num_heads)})
     return path
-
-
-def block_targets(model):
-    return [n for n, m in model.named_modules() if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)]
 
 
 def inputs(seed=0):
@@ -106,7 +102,7 @@ def test_tiny_lora_files_use_each_formats_names(base, tmp_path):
 def test_each_format_merges_to_the_formula(base, tmp_path, fmt, dtype):
     """Bit-exact (tolerance 0) per parameter against a direct fp32 computation cast to `dtype`."""
     tiny = write_tiny_lora(tmp_path / "lora.safetensors", base, fmt, rank=RANK, seed=1,
-                           targets=block_targets(base) + EXTRA_TARGETS)
+                           targets=block_linear_names(base) + EXTRA_TARGETS)
     model = copy.deepcopy(base).to(dtype)
     (report,) = apply_loras(model, [LoraSpec(tiny.path, 0.7)])
 
@@ -126,7 +122,7 @@ def test_each_format_merges_to_the_formula(base, tmp_path, fmt, dtype):
 def test_merged_output_equals_unmerged_on_the_fly(base, tmp_path):
     """Two LoRAs (one with full deltas), merged vs unmerged: outputs within 1e-5 relative (fp32)."""
     first = write_tiny_lora(tmp_path / "a.safetensors", base, "lightx2v", rank=RANK, seed=1,
-                            targets=block_targets(base) + ["head.head"])
+                            targets=block_linear_names(base) + ["head.head"])
     second = write_tiny_lora(tmp_path / "b.safetensors", base, "diffusers", rank=2, seed=2)
     specs = [LoraSpec(first.path, 0.8), LoraSpec(second.path, -0.5)]
     merged, unmerged = copy.deepcopy(base), copy.deepcopy(base)
@@ -137,7 +133,7 @@ def test_merged_output_equals_unmerged_on_the_fly(base, tmp_path):
     assert rel_l2(out_unmerged, out_merged) <= 1e-5
 
     # on the fly: block Linear weights untouched, state dict names unchanged (branches hold no state)
-    for name in block_targets(base):
+    for name in block_linear_names(base):
         assert torch.equal(unmerged.get_submodule(name).weight, base.get_submodule(name).weight)
     assert unmerged.state_dict().keys() == base.state_dict().keys()
 
@@ -213,6 +209,31 @@ def test_a_replaced_lora_file_is_read_again(base, tmp_path, monkeypatch):
 def fp8_ulp(units: torch.Tensor) -> torch.Tensor:
     """Spacing of float8_e4m3fn numbers at |units| (3 mantissa bits; subnormal spacing 2^-9)."""
     return 2.0 ** (torch.floor(torch.log2(units.abs().clamp_min(2.0**-6))) - 3)
+
+
+def test_fp8_scale_and_rounding_helpers(base, base_file):
+    """fp8_scale maps the largest |value| to 448; to_fp8 rounds value / scale to e4m3fn (3 mantissa
+    bits: relative error <= 2^-4) and clips at +-448; in place it gives the same bits. The block
+    Linears are the same layers before and after the fp8 swap."""
+    values = torch.tensor([-3.0, -1.0, 0.0, 0.01, 0.5, 2.0, 2.9])
+    scale = fp8_scale(values.abs().max())
+    assert torch.equal(scale, torch.tensor(3.0) / 448)
+    assert fp8_scale(torch.tensor(0.0)) > 0  # all zeros: any positive scale
+    stored = to_fp8(values, scale)
+    assert stored.dtype == FP8 and stored[0].item() == -448.0
+    assert ((stored.float() * scale - values).abs() <= 2.0**-4 * values.abs()).all()
+    assert to_fp8(torch.tensor([1000.0, -500.0, 96.0]), torch.tensor(0.5)).float().tolist() == [448.0, -448.0, 192.0]
+    work = values.clone()
+    assert torch.equal(to_fp8(work, scale, inplace=True).view(torch.uint8), stored.view(torch.uint8))
+    assert torch.equal(work, values / scale)  # `work` held the division
+    half = to_fp8(values.bfloat16(), scale)  # divides in bf16, the activations' dtype
+    expected = (values.bfloat16() / scale.bfloat16()).clamp(-448, 448).to(FP8)
+    assert torch.equal(half.view(torch.uint8), expected.view(torch.uint8))
+
+    fp8 = load_dit(base_file, torch.bfloat16, weight_dtype=FP8)
+    names = block_linear_names(fp8)
+    assert names == block_linear_names(base) and len(names) > 0
+    assert all(isinstance(fp8.get_submodule(n), FP8Linear) for n in names)
 
 
 def test_fp8_merge_is_within_fp8_rounding_of_the_bf16_merge(base, base_file, tmp_path):
@@ -332,7 +353,7 @@ def test_unknown_and_unmatched_keys_are_reported(base, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="wan22_core.lora"):
         (report,) = apply_loras(model, [LoraSpec(path, 1.0)])
     assert sorted(report.unmatched) == sorted(extra)
-    assert report.parameters == len(block_targets(base))
+    assert report.parameters == len(block_linear_names(base))
     assert "image-to-video" in report.hint
     assert f"{len(extra)} tensors unmatched" in str(report) and "k_img" in str(report)
     assert any("unmatched" in r.getMessage() for r in caplog.records)
@@ -399,6 +420,8 @@ def test_missing_file_and_bad_mode_are_clear_errors(base, tmp_path):
         apply_loras(copy.deepcopy(base), [LoraSpec(tmp_path / "nope.safetensors")])
     with pytest.raises(ValueError, match="mode must be one of merge, unmerged; got 'fused'"):
         apply_loras(copy.deepcopy(base), [], mode="fused")
+    with pytest.raises(TypeError, match="apply_loras takes LoraSpec items, got str"):
+        apply_loras(copy.deepcopy(base), ["style.safetensors"])
 
 
 def test_lora_spec_parses_file_and_strength():

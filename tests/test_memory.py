@@ -226,3 +226,29 @@ def test_min_swap_blocks_is_the_smallest_count_that_fits():
     total = lambda n: estimate_peak_bytes(cfg, 81, 720, 1280, offload="block_swap", swap_blocks=n, batch=1)["total"]
     assert need is not None and 0 < need < cfg.num_layers
     assert total(need) + CUDA_OVERHEAD <= card < total(need - 1) + CUDA_OVERHEAD
+
+
+def test_fp8_compute_modes_are_the_engines_without_auto():
+    from wan22_core.fp8 import COMPUTE_MODES
+    from wan22_core.memory import FP8_COMPUTE
+
+    assert sorted(FP8_COMPUTE) == ["dequant", "scaled_mm"] and set(FP8_COMPUTE) == set(COMPUTE_MODES) - {"auto"}
+    with pytest.raises(ValueError, match="fp8_compute must be one of dequant, scaled_mm; got 'auto'"):
+        estimate_peak_bytes(DiTConfig(), 81, 720, 1280, weight_bytes_per_param=1, fp8_compute="auto")
+
+
+def test_text_slots_bound_the_context_in_both_estimates():
+    """The prompt's tokens plus one padding slot, at most text_len; the block peak and the persistent
+    context both follow it."""
+    from wan22_core.memory import forward_persistent_bytes, text_slots
+
+    cfg = DiTConfig()
+    assert [text_slots(cfg, n) for n in (None, 0, 10, 511, 512, 4096)] == [512, 1, 11, 512, 512, 512]
+    persistent = lambda n: forward_persistent_bytes(cfg, 1000, 2, 2, n)
+    assert persistent(20) - persistent(10) == 2 * 10 * cfg.dim * 2 and persistent(None) == persistent(600)
+    peak = lambda n: block_activation_peak(cfg, 1000, 2, 2, None, n)
+    assert peak(None) == peak(600) == peak(512)
+    # 4 video tokens: the peak is in the cross-attention k projection, [B, slots, dim] in bf16
+    for n, slots in ((10, 11), (None, 512)):
+        _, at, live = block_activation_peak(cfg, 4, 2, 2, None, n)
+        assert at == "cross_attn.k.rstd" and live["cross_attn.k_lin"] == 2 * slots * cfg.dim * 2, n

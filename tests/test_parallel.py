@@ -125,10 +125,8 @@ def test_shard_tokens_pads_with_identity_rotation_and_reassembles():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from wan22_core.tiny import make_tiny  # imports transformers: kept out of the rank processes
-
-    return make_tiny(tmp_path_factory.mktemp("models") / "official", "official", TINY, seed=0)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

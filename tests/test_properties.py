@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import struct
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -24,7 +26,7 @@ from wan22_core.models.transformer import WanModel
 from wan22_core.parallel import parallel_config
 from wan22_core.pipeline import MAX_FRAMES, MAX_LATENT_POSITIONS, MAX_SIDE, check_video_size, denoise, make_noise
 from wan22_core.sampling.moe import ExpertPair
-from wan22_core.sampling.schedule import partial_schedule
+from wan22_core.sampling.schedule import flow_schedule, partial_schedule
 
 FAST = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -33,6 +35,11 @@ SLOW = settings(FAST, max_examples=40)  # examples that build a model or write a
 # Anything a workflow, a CLI flag or a JSON file could hand over.
 anything = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
                      st.integers(min_value=-2, max_value=2**70), st.sampled_from([math.nan, math.inf, -math.inf]))
+# numpy scalars, as a script that computes its settings with numpy hands them over: sampler
+# settings and schedules accept numpy integers / reals like Python ones, numpy bools like bools.
+numpy_scalars = st.one_of(st.integers(-3, 60).map(np.int64), st.integers(0, 60).map(np.uint8),
+                          st.floats(width=32).map(np.float32), st.floats().map(np.float64),
+                          st.booleans().map(np.bool_))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,9 +47,11 @@ anything = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.te
 
 
 @FAST
-@given(steps=st.one_of(anything, st.integers(1, 50)), shift=st.one_of(anything, st.floats(0.01, 20)),
-       boundary=st.one_of(anything, st.floats(0, 1)), cfg_high=st.one_of(anything, st.floats(0, 10)),
-       cfg_low=anything, solver=st.one_of(st.sampled_from(SOLVERS), st.text(max_size=6)))
+@given(steps=st.one_of(anything, numpy_scalars, st.integers(1, 50)),
+       shift=st.one_of(anything, numpy_scalars, st.floats(0.01, 20)),
+       boundary=st.one_of(anything, numpy_scalars, st.floats(0, 1)),
+       cfg_high=st.one_of(anything, numpy_scalars, st.floats(0, 10)),
+       cfg_low=st.one_of(anything, numpy_scalars), solver=st.one_of(st.sampled_from(SOLVERS), st.text(max_size=6)))
 def test_sampler_settings_accept_only_what_the_loop_can_run(steps, shift, boundary, cfg_high, cfg_low, solver):
     settings_ = SamplerSettings(steps=steps, shift=shift, boundary=boundary, cfg_high=cfg_high, cfg_low=cfg_low,
                                 solver=solver)
@@ -50,12 +59,31 @@ def test_sampler_settings_accept_only_what_the_loop_can_run(steps, shift, bounda
         settings_.validate()
     except ValueError:
         return
-    assert type(steps) is int and 1 <= steps <= MAX_STEPS
-    assert all(type(v) in (int, float) and math.isfinite(v) for v in (shift, boundary, cfg_high, cfg_low))
+    assert isinstance(steps, numbers.Integral) and not isinstance(steps, (bool, np.bool_))
+    assert 1 <= steps <= MAX_STEPS
+    assert all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+               for v in (shift, boundary, cfg_high, cfg_low))
     assert shift > 0 and 0 <= boundary <= 1 and cfg_high >= 0 and cfg_low >= 0 and solver in SOLVERS
     if steps <= 1000:  # building a 10000-step schedule works too, but takes longer than this test may
         schedule = partial_schedule(steps, shift, solver, 1.0)
         assert len(schedule.timesteps) == steps and schedule.sigmas[-1] == 0
+
+
+@FAST
+@given(steps=st.one_of(anything, numpy_scalars, st.integers(1, 50), st.integers(MAX_STEPS - 2, MAX_STEPS + 2)),
+       shift=st.one_of(anything, numpy_scalars, st.floats(0.01, 20)),
+       solver=st.one_of(st.sampled_from(SOLVERS), st.text(max_size=6)))
+def test_settings_and_schedules_accept_the_same_steps_shift_and_solver(steps, shift, solver):
+    """One checker: a direct `flow_schedule` call and `SamplerSettings.validate` agree, message included."""
+    errors = []
+    for check in (lambda: SamplerSettings(steps=steps, shift=shift, solver=solver).validate(),
+                  lambda: flow_schedule(steps, shift, solver)):
+        try:
+            check()
+            errors.append(None)
+        except ValueError as err:
+            errors.append(str(err))
+    assert errors[0] == errors[1]
 
 
 def test_size_limits_are_those_of_the_rope_table():

@@ -11,14 +11,15 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from reference import OfficialGridUniPC, rel_l2
 
-from wan22_core.config import SamplerSettings
+from wan22_core.config import MAX_STEPS, SOLVERS, SamplerSettings
+from wan22_core.sampling import schedule as schedule_module
 from wan22_core.sampling.schedule import (
     UNIPC_SIGMA_MAX,
     flow_schedule,
     partial_schedule,
     shift_sigmas,
 )
-from wan22_core.sampling.solvers import make_solver
+from wan22_core.sampling.solvers import _SOLVER_TYPES, make_solver
 
 OFFICIAL_40_STEPS_SHIFT_12 = [
     999, 997, 995, 993, 990, 988, 985, 982, 979, 976, 972, 969, 965, 961, 956, 952, 947, 941,
@@ -110,6 +111,58 @@ def test_bad_settings_raise(kwargs, name):
         flow_schedule(**settings)
     with pytest.raises(ValueError, match=name):
         partial_schedule(**settings, denoise=0.5)
+
+
+def test_numpy_scalars_are_numbers_and_numpy_bools_are_not():
+    # A script computing its settings with numpy: the schedule and the settings accept the same.
+    plain = flow_schedule(4, 12.0, "unipc")
+    for steps, shift in ((np.int64(4), np.float32(12)), (np.uint8(4), np.float64(12.0)), (4, np.int32(12))):
+        numpy_made = flow_schedule(steps, shift, "unipc")
+        assert torch.equal(numpy_made.sigmas, plain.sigmas) and torch.equal(numpy_made.timesteps, plain.timesteps)
+        SamplerSettings(steps=steps, shift=shift, boundary=np.float32(0.875), cfg_high=np.float64(4.0),
+                        cfg_low=np.int64(3)).validate()
+    half = partial_schedule(np.int64(10), np.float32(12), "dpm++", np.float32(0.5))
+    assert torch.equal(half.timesteps, partial_schedule(10, 12.0, "dpm++", 0.5).timesteps)
+    for bad in (dict(steps=np.bool_(True)), dict(shift=np.bool_(True)), dict(shift=np.float32("nan"))):
+        args = {"steps": 4, "shift": 12.0, **bad}
+        with pytest.raises(ValueError, match="steps|shift"):
+            flow_schedule(args["steps"], args["shift"], "unipc")
+        with pytest.raises(ValueError, match="steps|shift"):
+            SamplerSettings(**args).validate()
+    for bad in (dict(boundary=np.bool_(False)), dict(cfg_high=np.bool_(True)), dict(cfg_low=np.float64("inf"))):
+        with pytest.raises(ValueError, match="boundary|cfg"):
+            SamplerSettings(**bad).validate()
+
+
+@pytest.mark.parametrize("shift, message", [
+    (0, "shift must be a finite number > 0, got 0 "), (0.0, "shift must be a finite number > 0, got 0.0 "),
+    (-1.0, "shift must be a finite number > 0, got -1.0 "), (float("inf"), "shift must be a finite number > 0, got inf "),
+    ("12", "shift must be a finite number > 0, got '12' "),
+])
+def test_one_shift_rule_for_settings_and_schedules(shift, message):
+    for check in (lambda: SamplerSettings(shift=shift).validate(), lambda: flow_schedule(8, shift, "unipc")):
+        with pytest.raises(ValueError, match=message + "\\(the Wan2.2 default is 12.0\\)"):
+            check()
+    assert SamplerSettings(shift=1e-9).validate().shift == 1e-9  # any positive shift runs
+
+
+def test_steps_beyond_max_steps_are_refused_by_a_direct_schedule_call_too():
+    assert len(flow_schedule(MAX_STEPS, 12.0, "euler").timesteps) == MAX_STEPS
+    with pytest.raises(ValueError, match=f"steps must be at most {MAX_STEPS}, got {MAX_STEPS + 1}"):
+        flow_schedule(MAX_STEPS + 1, 12.0, "euler")
+
+
+def test_a_schedule_call_checks_its_settings_once(monkeypatch):
+    calls = []
+    check = schedule_module.check_schedule_args
+    monkeypatch.setattr(schedule_module, "check_schedule_args", lambda *a: calls.append(a) or check(*a))
+    partial_schedule(10, 12.0, "unipc", 0.5)
+    flow_schedule(10, 12.0, "unipc")
+    assert calls == [(10, 12.0, "unipc")] * 2
+
+
+def test_the_solver_table_is_the_list_of_solvers():
+    assert tuple(_SOLVER_TYPES) == SOLVERS
 
 
 # --- solvers -----------------------------------------------------------------------------
@@ -245,8 +298,9 @@ def test_single_step_returns_x0():
 
 def test_solver_input_checks():
     sigmas = flow_schedule(4, 12.0, "unipc").sigmas
-    with pytest.raises(ValueError, match="unipc, dpm\\+\\+, euler"):
-        make_solver("ddim", sigmas)
+    for name in ("ddim", None, ["unipc"]):
+        with pytest.raises(ValueError, match="solver must be one of unipc, dpm\\+\\+, euler"):
+            make_solver(name, sigmas)
     with pytest.raises(ValueError, match="strictly decreasing"):
         make_solver("euler", torch.tensor([0.5, 0.5, 0.0]))
     with pytest.raises(ValueError, match="at least 2"):

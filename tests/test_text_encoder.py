@@ -9,8 +9,9 @@ from transformers import T5Tokenizer
 
 from wan22_core.config import DEFAULT_NEGATIVE_PROMPT, TINY
 from wan22_core.models.text_encoder import (
-    TextEncoder, build_umt5, config_from_state_dict, official_to_transformers)
-from wan22_core.models.tokenizer import EOS_ID, Tokenizer, clean_text, train_tiny_sentencepiece
+    TextEncoder, build_umt5, config_from_state_dict, default_dtype, official_to_transformers)
+from wan22_core.models.tokenizer import EOS_ID, Tokenizer, clean_text
+from wan22_core.tiny import train_tiny_sentencepiece
 
 PROMPTS = [
     "A red fox runs across a snowy forest. The camera pans left.",
@@ -108,6 +109,16 @@ def test_transformers_names_with_embedded_tokenizer_and_dtype(umt5, spiece_bytes
     # bf16 weights vs the fp32 model: loose bound, this only checks the weights went in right.
     rel = (out.float() - want).norm() / want.norm()
     assert rel < 0.05, rel
+
+
+def test_default_dtype_keeps_the_embedding_dtype_and_runs_fp8_in_bf16(umt5, tokenizer):
+    f16, f32, bf16, e4m3 = torch.float16, torch.float32, torch.bfloat16, torch.float8_e4m3fn
+    assert default_dtype({"token_embedding.weight": f32, "norm.weight": f16}) == f32
+    assert default_dtype({"shared.weight": f16, "spiece_model": torch.uint8}) == f16
+    assert default_dtype({"shared.weight": f16, "encoder.block.0.layer.0.SelfAttention.q.weight": e4m3}) == bf16
+    assert default_dtype({"shared.weight": torch.float64}) == bf16
+    half = {k: v.half() for k, v in official_state_dict(umt5).items()}
+    assert TextEncoder.from_state_dict(half, tokenizer).dtype == f16
 
 
 def test_unknown_official_key_is_named(umt5):

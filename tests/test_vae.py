@@ -278,6 +278,18 @@ def test_decode_rejects_wrong_latent_channels():
         WanVAE(TINY.vae).decode(torch.zeros(1, 48, 1, 4, 4))
 
 
-def test_inconsistent_config_is_rejected():
-    with pytest.raises(ValueError, match="stride"):
-        WanVAE(VAEConfig(dim_mult=(1, 2, 4), temporal_downsample=(True, True)))
+def test_stride_is_derived_from_the_levels_and_matches_the_model():
+    assert VAEConfig().stride == TINY.vae.stride == (4, 8, 8)  # Wan2.1: 2**2 frames, 2**3 pixels
+    cfg = VAEConfig(base_dim=4, dim_mult=(1, 2, 2), temporal_downsample=(False, True))
+    assert cfg.stride == (2, 4, 4)
+    vae = WanVAE(cfg)  # the stride the shape checks use is the one the layers really have
+    latent = vae.encode(torch.zeros(1, 3, 5, 16, 24))
+    assert latent.shape == (1, 16, 3, 4, 6)
+    assert vae.decode(latent).shape == (1, 3, 5, 16, 24)
+    with pytest.raises(ValueError, match="frames must be 2k\\+1 and height/width multiples of 4/4"):
+        vae.encode(torch.zeros(1, 3, 4, 16, 24))
+
+
+def test_temporal_downsample_needs_one_entry_per_level():
+    with pytest.raises(ValueError, match="one bool per level"):
+        WanVAE(VAEConfig(dim_mult=(1, 2, 4), temporal_downsample=(False, True, True)))

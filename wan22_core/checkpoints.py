@@ -43,6 +43,7 @@ from .config import DiTConfig, VAEConfig
 from .errors import Wan22Error
 from .fp8 import FP8, FP8Linear, block_linear_names, dequantize_fp8, quantize_fp8, swap_to_fp8
 from .keymaps import COMFY_DIT_PREFIX, dit_diffusers_to_official, vae_diffusers_to_official
+from .models.text_encoder import SCALED_FP8_MARKER, SPIECE_KEY, default_dtype
 from .models.transformer import WanModel
 from .models.vae import WanVAE
 
@@ -59,8 +60,6 @@ DIFFUSERS_DIRS = {"high_noise": "transformer", "low_noise": "transformer_2", "te
 COMFY_DIRS = {"experts": "diffusion_models", "text_encoder": "text_encoders", "vae": "vae"}
 WAN_HEAD_DIM = 128  # every released Wan DiT uses 128-wide heads; files without a config rely on it
 NUM_HEADS_KEY = "num_heads"  # safetensors metadata key for the head count in files we write
-SPIECE_KEY = "spiece_model"  # ComfyUI's umt5 files embed spiece.model as this uint8 tensor
-SCALED_FP8_MARKER = "scaled_fp8"
 
 Keep = Callable[[str], bool]
 
@@ -298,20 +297,11 @@ def _load_pickle_safely(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def iter_tensors(path: str | Path, keep: Keep | None = None,
-                 device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs of a checkpoint file or folder, read one tensor at a time.
-
-    `keep(name)` selects which tensors are read at all (a rank's shard); names are as stored.
-    """
-    ckpt = Checkpoint(path)
-    yield from ckpt.read([n for n in ckpt.entries if keep is None or keep(n)], device)
-
-
 def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, keep: Keep | None = None,
                     device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """The state dict as stored; floating tensors cast to `dtype` one by one when given.
+    """The state dict as stored, in file order; floating tensors cast to `dtype` one by one when given.
 
+    `keep(name)` selects which tensors are read at all (a rank's shard); names are as stored.
     fp8 tensors are returned as stored: their value needs the layer's `.scale_weight`.
     """
     ckpt = Checkpoint(path)
@@ -368,10 +358,31 @@ def identify(ckpt: Checkpoint) -> Identity:
     return Identity("unknown", "", f"not a Wan checkpoint (first tensors: {', '.join(names[:4]) or 'none'})", {})
 
 
-# Newer ComfyUI saves the same per-tensor fp8 scales as `.weight_scale` / `.input_scale`, with a
-# `.comfy_quant` format tag per layer (comfyui.md 4.7); ours are the legacy names.
+# Per-tensor fp8 scales, as `FP8Linear` and Comfy-Org's scaled-fp8 files name them. Newer ComfyUI
+# saves the same scales as `.weight_scale` / `.input_scale`, with a `.comfy_quant` format tag per
+# layer (comfyui.md 4.7); `_fp8_names` turns those into ours for every kind of file.
+SCALE_SUFFIXES = (".scale_weight", ".scale_input")
 _SCALE_ALIASES = ((".weight_scale", ".scale_weight"), (".input_scale", ".scale_input"))
-_SCALE_SUFFIXES = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".comfy_quant")
+_FORMAT_TAG = ".comfy_quant"
+_STORED_SCALE_SUFFIXES = (*SCALE_SUFFIXES, *(alias for alias, _ in _SCALE_ALIASES), _FORMAT_TAG)
+
+
+def _fp8_names(renamed: dict[str, str]) -> dict[str, str]:
+    """{stored: our name} with newer ComfyUI scale names made ours; the scaled-fp8 marker and
+    format tags (no tensor of any model) dropped."""
+    ours = {}
+    for stored, name in renamed.items():
+        if name == SCALED_FP8_MARKER or name.endswith(_FORMAT_TAG):
+            continue
+        for alias, legacy in _SCALE_ALIASES:
+            if name.endswith(alias):
+                name = name.removesuffix(alias) + legacy
+        ours[stored] = name
+    return ours
+
+
+def _is_scaled_fp8(ckpt: Checkpoint, names: dict[str, str]) -> bool:
+    return SCALED_FP8_MARKER in ckpt.entries or any(n.endswith(".scale_weight") for n in names.values())
 
 
 def _dit_names(names: list[str]) -> dict[str, str]:
@@ -383,19 +394,14 @@ def _dit_names(names: list[str]) -> dict[str, str]:
         renamed = {n: dit_diffusers_to_official(n) for n in names}
     else:
         renamed = {n: n for n in names}
-    for stored, official in renamed.items():
-        for alias, name in _SCALE_ALIASES:
-            if official.endswith(alias):
-                renamed[stored] = official.removesuffix(alias) + name
-    return {stored: official for stored, official in renamed.items()
-            if official != SCALED_FP8_MARKER and not official.endswith(".comfy_quant")}
+    return _fp8_names(renamed)
 
 
 def _dtype_summary(ckpt: Checkpoint, names) -> str:
     """Stored dtypes by share of elements, e.g. "float8_e4m3fn/float16" (tokenizer and fp8 scales left out)."""
     counts: dict[str, int] = {}
     for n in names:
-        if n in (SPIECE_KEY, SCALED_FP8_MARKER) or n.endswith(_SCALE_SUFFIXES):
+        if n in (SPIECE_KEY, SCALED_FP8_MARKER) or n.endswith(_STORED_SCALE_SUFFIXES):
             continue
         entry = ckpt.entries[n]
         dtype = str(entry.dtype).removeprefix("torch.")
@@ -417,10 +423,10 @@ def _params(count: int) -> str:
 def _identify_dit(ckpt: Checkpoint, names: dict[str, str]) -> Identity:
     layout = ("comfy-prefixed" if next(iter(names)).startswith(COMFY_DIT_PREFIX)
               else _layout(ckpt, not any(n.startswith("condition_embedder.") for n in names)))
-    scaled = SCALED_FP8_MARKER in ckpt.entries or any(n.endswith(".scale_weight") for n in names.values())
+    scaled = _is_scaled_fp8(ckpt, names)
     sd = ckpt.meta_tensors(names)
     cfg = dit_config_from_state_dict(sd, ckpt.num_heads)
-    params = sum(t.numel() for n, t in sd.items() if not n.endswith((".scale_weight", ".scale_input")))
+    params = sum(t.numel() for n, t in sd.items() if not n.endswith(SCALE_SUFFIXES))
     what = (f"a {{}} (dim {cfg.dim}, {cfg.num_layers} layers, {_params(params)} parameters, "
             f"{_dtype_summary(ckpt, names)}{', scaled fp8' if scaled else ''})")
     variant = next((label for prefix, label in _VARIANT_PREFIXES.items() if any(n.startswith(prefix) for n in sd)),
@@ -438,7 +444,7 @@ def _identify_dit(ckpt: Checkpoint, names: dict[str, str]) -> Identity:
     elif cfg.in_dim != 16 or cfg.out_dim != 16:
         variant = f"Wan variant with {cfg.in_dim} input / {cfg.out_dim} output channels"
         problem = "text-to-video needs 16 latent channels in and out; use the Wan2.2 T2V-A14B experts"
-    elif any(n.endswith((".scale_weight", ".scale_input")) and sd[n].numel() != 1 for n in sd):
+    elif any(n.endswith(SCALE_SUFFIXES) and sd[n].numel() != 1 for n in sd):
         problem = ("its fp8 scales are per block, not per tensor, which this loader does not read; "
                    "use the fp8_scaled, fp16 or bf16 file")
     else:
@@ -470,7 +476,7 @@ def _dit_shape_problem(sd: dict[str, torch.Tensor], cfg: DiTConfig) -> str | Non
                 f"(e.g. blocks.{first}); the file is incomplete, download it again")
     expected = _dit_shapes(cfg)
     for name, tensor in sd.items():
-        if name.endswith((".scale_weight", ".scale_input")):
+        if name.endswith(SCALE_SUFFIXES):
             continue  # fp8 scales: one number per tensor, checked above
         wanted = expected.get(_BLOCK_PREFIX.sub("blocks.0.", name))
         if wanted is not None and tuple(tensor.shape) != wanted:
@@ -494,9 +500,9 @@ def _identify_vae(ckpt: Checkpoint) -> Identity:
 
 
 def _identify_text_encoder(ckpt: Checkpoint) -> Identity:
-    names = {n: n for n in ckpt.entries}
+    names = _fp8_names({n: n for n in ckpt.entries})
     official = "token_embedding.weight" in names
-    scaled = SCALED_FP8_MARKER in names or any(n.endswith(".scale_weight") for n in names)
+    scaled = _is_scaled_fp8(ckpt, names)
     embedding = ckpt.entries.get("token_embedding.weight" if official else "shared.weight")
     size = f"vocab {embedding.shape[0]}, dim {embedding.shape[1]}, " if embedding and len(embedding.shape) == 2 else ""
     layout = _layout(ckpt, official)
@@ -588,7 +594,7 @@ def dit_config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | Non
     try:
         patch = sd["patch_embedding.weight"]
         dim = patch.shape[0]
-        layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+        layers = 1 + max(int(m.group(1)) for k in sd if (m := _BLOCK_PREFIX.match(k)))
         return DiTConfig(
             dim=dim, in_dim=patch.shape[1], patch_size=tuple(patch.shape[2:]),
             ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0], num_layers=layers,
@@ -675,7 +681,7 @@ def load_dit(path: str | Path, dtype: torch.dtype = torch.float32, *, weight_dty
     model.load_state_dict(state, strict=False, assign=True)
     # scales of layers we dequantised were used up, not unexpected
     unexpected = [stored for stored, official in found.names.items()
-                  if official not in expected and not official.endswith((".scale_weight", ".scale_input"))]
+                  if official not in expected and not official.endswith(SCALE_SUFFIXES)]
     model.load_report = _report(model, ckpt, found, dtype, unexpected)
     return model.eval().requires_grad_(False)
 
@@ -734,14 +740,13 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, *,
 # 6. Text encoder
 
 
-def _text_encoder_state(ckpt: Checkpoint, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _text_encoder_state(ckpt: Checkpoint, found: Identity, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """All tensors, floating ones cast to `dtype`; scaled-fp8 weights dequantised to `dtype` (the
     encoder runs once per prompt, so its fp8 file only saves disk and download, not compute)."""
-    scale_names = [n for n in ckpt.entries if n.endswith(_SCALE_SUFFIXES)]
-    weight_scales = [n for n in scale_names if n.endswith((".scale_weight", ".weight_scale"))]
+    weight_scales = [stored for stored, name in found.names.items() if name.endswith(".scale_weight")]
     scales = {n.rpartition(".")[0]: t.float() for n, t in ckpt.read(weight_scales)}
     state = {}
-    for name, tensor in ckpt.read([n for n in ckpt.entries if n not in scale_names and n != SCALED_FP8_MARKER],
+    for name, tensor in ckpt.read([stored for stored, name in found.names.items() if not name.endswith(SCALE_SUFFIXES)],
                                   dtype=dtype):
         if tensor.dtype in _FP8_DTYPES:
             tensor = dequantize_fp8(tensor, scales.get(name.rpartition(".")[0], torch.ones(())), dtype)
@@ -777,11 +782,10 @@ def load_text_encoder(path: str | Path, tokenizer_dir: str | Path | None = None,
     from .models.tokenizer import Tokenizer
 
     ckpt, found = check_slot(path, TEXT_ENCODER)
-    if dtype is None and any(e.dtype in _FP8_DTYPES for e in ckpt.entries.values()):
-        dtype = torch.bfloat16  # one dtype for the dequantised and the 16-bit tensors
+    dtype = dtype or default_dtype({n: e.dtype for n, e in ckpt.entries.items()})
     tokenizer_folder = _tokenizer_for(ckpt, tokenizer_dir)
     tokenizer = Tokenizer.from_folder(tokenizer_folder) if tokenizer_folder is not None else None
-    state = _text_encoder_state(ckpt, dtype)
+    state = _text_encoder_state(ckpt, found, dtype)
     try:
         encoder = TextEncoder.from_state_dict(state, tokenizer, device=device, dtype=dtype)
     except ValueError as err:
@@ -803,7 +807,6 @@ class ModelFiles:
     text_encoder: Path
     vae: Path
     tokenizer: Path | None = None  # None: the text encoder file embeds it (`spiece_model`)
-    boundary: float | None = None  # diffusers' model_index.json boundary_ratio, when the folder has one
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> "ModelFiles":
@@ -838,8 +841,7 @@ class ModelFiles:
         if missing:
             raise CheckpointError(f"{root} has model_index.json but no {', '.join(missing)} folder; "
                                   "download the complete Wan2.2-T2V-A14B-Diffusers folder")
-        boundary = json.loads((root / "model_index.json").read_text()).get("boundary_ratio")
-        return cls(**parts, boundary=boundary)
+        return cls(**parts)
 
     @classmethod
     def _comfy(cls, root: Path) -> "ModelFiles":

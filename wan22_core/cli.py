@@ -19,6 +19,8 @@ DEMO_PROMPT = "A red fox trots through fresh snow at sunrise, cinematic tracking
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, steps: int, width: int, height: int, frames: int) -> None:
+    from .runtime import DTYPES
+
     p.add_argument("--prompt", default=DEMO_PROMPT)
     p.add_argument("--negative-prompt", default=None,
                    help="default: the official Chinese negative prompt; '' means none")
@@ -36,7 +38,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, steps: int, width: int, heig
     p.add_argument("--save-latents", type=Path, default=None,
                    help="also write the final latents (safetensors, key 'latents', [16,T,H/8,W/8] float32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--vae-tile", type=int, default=None, metavar="LATENT_PIXELS",
                    help="decode the VAE in spatial tiles of this many latent pixels (saves memory)")
@@ -97,6 +99,8 @@ def _add_speed_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .tiny import FORMATS
+
     parser = argparse.ArgumentParser(prog="python -m wan22_core", description="Wan2.2 T2V-A14B (two-expert MoE)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random model set in a real checkpoint layout")
     tiny.add_argument("dir", type=Path)
-    tiny.add_argument("--format", default="official", choices=("official", "comfy", "comfy-fp8", "diffusers"))
+    tiny.add_argument("--format", default="official", choices=FORMATS)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--dim", type=int)
     tiny.add_argument("--layers", type=int)
@@ -163,8 +167,6 @@ def _model_files(args):
 
 def run(args, files) -> dict:
     """Load, encode, denoise, decode and save; returns the stage timings."""
-    from .checkpoints import load_text_encoder
-    from .pipeline import denoise, make_noise
     from .runtime import resolve_device, resolve_dtype
     from .sampling.moe import ExpertPair
 
@@ -176,26 +178,41 @@ def run(args, files) -> dict:
     timings: dict[str, float] = {}
 
     with stage("text encoder", timings):
-        encoder = load_text_encoder(files.text_encoder, files.tokenizer, device="cpu")
-        embeds = encoder.encode_prompt(args.prompt, args.negative_prompt)
-        del encoder  # 11 GB at full size; not needed again
+        embeds = encode_prompt(args, files)
     with stage("load experts", timings):
         experts = ExpertPair(load_expert(args, files.high_noise, args.lora_high, dtype, device),
                              load_expert(args, files.low_noise, args.lora_low, dtype, device), device, **placement)
         if args.compile:
             compile_experts(experts.experts.values(), device)
     with stage("denoise", timings):  # includes the compile on the first step with --compile
-        noise = make_noise(args.seed, args.frames, args.height, args.width)
-        progress = None if args.quiet else _progress_bar(settings.steps)
-        try:
-            latent = denoise(experts, embeds.positive, embeds.negative, noise, settings, batch_cfg=args.batch_cfg,
-                             on_step=progress and (lambda s: progress.update(1)))
-        finally:
-            if progress is not None:
-                progress.close()
+        latent = denoise_video(args, experts, embeds.positive, embeds.negative, settings)
         del experts
     save_outputs(args, files, latent, device, dtype, timings)
     return timings
+
+
+def encode_prompt(args, files):
+    """The prompt and negative prompt through the text encoder, on the CPU (one process, or rank 0
+    under torchrun); the encoder (11 GB at full size) is dropped when this returns."""
+    from .checkpoints import load_text_encoder
+
+    encoder = load_text_encoder(files.text_encoder, files.tokenizer, device="cpu")
+    return encoder.encode_prompt(args.prompt, args.negative_prompt)
+
+
+def denoise_video(args, experts, positive, negative, settings: SamplerSettings, show_progress: bool = True):
+    """The seeded noise through the sampling loop; a progress bar unless --quiet or not `show_progress`
+    (torchrun ranks other than 0)."""
+    from .pipeline import denoise, make_noise
+
+    noise = make_noise(args.seed, args.frames, args.height, args.width)
+    progress = _progress_bar(settings.steps) if show_progress and not args.quiet else None
+    try:
+        return denoise(experts, positive, negative, noise, settings, batch_cfg=args.batch_cfg,
+                       on_step=progress and (lambda s: progress.update(1)))
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 def check_model_options(args) -> None:
@@ -235,14 +252,13 @@ def load_expert(args, path, loras, dtype, device):
 
 def compile_experts(experts, device) -> None:
     """--compile: regional torch.compile of both experts; without the toolchain, one line and eager."""
-    from .optimize import compile_blocks, compile_toolchain_problem
+    from .optimize import compile_blocks
 
-    problem = compile_toolchain_problem(device)
-    if problem is not None:
-        print(f"warning: --compile ignored: {problem}; running eager (same results, slower)", file=sys.stderr)
-        return
-    for expert in experts:
-        compile_blocks(expert, device)
+    for expert in experts:  # both on one device: the first call finds a missing toolchain
+        problem = compile_blocks(expert, device)
+        if problem is not None:
+            print(f"warning: --compile ignored: {problem}; running eager (same results, slower)", file=sys.stderr)
+            return
 
 
 def sampler_settings(args) -> SamplerSettings:

@@ -5,6 +5,8 @@ default negative prompt reads it from here: nodes, the CLI and the tests include
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 
@@ -68,9 +70,15 @@ class VAEConfig:
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     temporal_downsample: tuple[bool, ...] = (False, True, True)
-    # Derived from the above, but named because shapes everywhere depend on it:
-    # frames -> (frames - 1) // 4 + 1 latent frames, pixels / 8 per spatial axis.
-    stride: tuple[int, int, int] = (4, 8, 8)
+
+    @property
+    def stride(self) -> tuple[int, int, int]:
+        """(t, h, w) pixels per latent position, derived from the levels: (4, 8, 8) for Wan2.1.
+
+        frames -> (frames - 1) // 4 + 1 latent frames, pixels / 8 per spatial axis.
+        """
+        spatial = 2 ** (len(self.dim_mult) - 1)
+        return (2 ** sum(self.temporal_downsample), spatial, spatial)
 
 
 # Per-channel latent statistics of the Wan2.1 VAE (official `Wan2_1_VAE.__init__`).
@@ -111,26 +119,34 @@ class SamplerSettings:
     solver: str = "unipc"
 
     def validate(self) -> "SamplerSettings":
-        import math
-
-        def real(value) -> bool:  # bool is an int to Python, but True is no step count or scale
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if self.steps > MAX_STEPS:  # the schedule is built in memory; a typo like 4000000 must not exhaust it
-            raise ValueError(f"steps must be at most {MAX_STEPS}, got {self.steps} (Wan2.2 uses 40)")
-        if not (real(self.boundary) and 0.0 <= self.boundary <= 1.0):
+        check_schedule_args(self.steps, self.shift, self.solver)
+        if not (is_real(self.boundary) and 0.0 <= self.boundary <= 1.0):
             raise ValueError(f"boundary must be in [0, 1], got {self.boundary!r}")
-        for name in ("shift", "cfg_high", "cfg_low"):
+        for name in ("cfg_high", "cfg_low"):
             value = getattr(self, name)
-            if not real(value) or not math.isfinite(value) or value < 0:
+            if not (is_real(value) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.shift == 0:
-            raise ValueError("shift must be > 0, got 0")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {self.solver!r}")
         return self
+
+
+def is_real(value) -> bool:
+    """A real number (Python or numpy scalar); bool is an int to Python, but True is no scale."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_schedule_args(steps, shift, solver) -> None:
+    """The one check of steps, shift and solver: `SamplerSettings.validate` and the schedules use it.
+
+    Integers and reals include numpy scalars (`np.int64(4)`, `np.float32(12)`); bools are refused.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if steps > MAX_STEPS:  # the schedule is built in memory; a typo like 4000000 must not exhaust it
+        raise ValueError(f"steps must be at most {MAX_STEPS}, got {steps} (Wan2.2 uses 40)")
+    if not (is_real(shift) and math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift must be a finite number > 0, got {shift!r} (the Wan2.2 default is 12.0)")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
 
 
 @dataclass(frozen=True)

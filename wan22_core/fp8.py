@@ -26,6 +26,18 @@ COMPUTE_MODES = ("auto", "dequant", "scaled_mm")
 _CHUNK = 1 << 22  # elements quantised at a time: bounds the fp32 temporaries to 16 MB per tensor
 
 
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The per-tensor scale that maps `amax` (fp32: the largest |value|) to 448, the largest e4m3fn value."""
+    return torch.clamp(amax / FP8_MAX, min=torch.finfo(torch.float32).tiny)  # all-zero tensor: any scale
+
+
+def to_fp8(values: torch.Tensor, scale: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """values / scale on the e4m3fn grid, clipped to +-448 (e4m3fn has no inf: casting a value
+    past 464 may give NaN). The division runs in `values`' dtype; `inplace` divides `values` itself."""
+    scale = scale.to(values.dtype)
+    return (values.div_(scale) if inplace else values / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+
+
 def quantize_fp8(weight: torch.Tensor, work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor scaled fp8: (fp8 weight, fp32 scalar scale) with weight ~= fp8 * scale.
 
@@ -36,8 +48,7 @@ def quantize_fp8(weight: torch.Tensor, work: torch.Tensor | None = None) -> tupl
     if weight.numel() == 0:
         return torch.empty(weight.shape, dtype=FP8, device=weight.device), torch.ones((), device=weight.device)
     low, high = torch.aminmax(weight)
-    amax = torch.maximum(-low, high).float()
-    scale = torch.clamp(amax / FP8_MAX, min=torch.finfo(torch.float32).tiny)  # all-zero tensor: any scale
+    scale = fp8_scale(torch.maximum(-low, high).float())
     if work is None:
         work = torch.empty(min(_CHUNK, weight.numel()), dtype=torch.float32, device=weight.device)
     out = torch.empty(weight.shape, dtype=FP8, device=weight.device)
@@ -110,18 +121,25 @@ class FP8Linear(nn.Module):
         if self.scale_input is not None:
             scale_in = self.scale_input.float()  # calibrated in the file: clip to it, as ComfyUI does
         else:
-            scale_in = torch.clamp(rows.abs().max().float() / FP8_MAX, min=torch.finfo(torch.float32).tiny)
-        rows8 = (rows / scale_in.to(rows.dtype)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            scale_in = fp8_scale(rows.abs().max().float())
+        rows8 = to_fp8(rows, scale_in)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         out = torch._scaled_mm(rows8, self.weight.t(), scale_a=scale_in, scale_b=self.scale_weight.float(),
                                bias=bias, out_dtype=x.dtype)  # weight.t(): column-major, as required
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+def block_linears(model: nn.Module, under: str = "blocks.") -> dict[str, nn.Module]:
+    """{qualified name: layer} for the Linears inside `under` (`nn.Linear`, or `FP8Linear` once
+    swapped): the ones Comfy-Org's files store as fp8 (a DiT's `blocks.`, UMT5's `encoder.block.`),
+    and the ones a DiT's blocks call through `forward`."""
+    return {name: module for name, module in model.named_modules()
+            if name.startswith(under) and isinstance(module, (nn.Linear, FP8Linear))}
+
+
 def block_linear_names(model: nn.Module) -> list[str]:
-    """Qualified names of the `nn.Linear` modules inside `blocks.*` (the ones stored as fp8)."""
-    return [name for name, module in model.named_modules()
-            if name.startswith("blocks.") and isinstance(module, nn.Linear)]
+    """Qualified names of the Linears inside `blocks.*` (see `block_linears`)."""
+    return list(block_linears(model))
 
 
 def swap_to_fp8(model: nn.Module, names: list[str], with_scale_input: set[str] = frozenset(),

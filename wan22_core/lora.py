@@ -45,7 +45,7 @@ from torch import nn
 
 from .checkpoints import Checkpoint, identify
 from .errors import Wan22Error
-from .fp8 import FP8, FP8_MAX, FP8Linear
+from .fp8 import FP8, FP8Linear, block_linears, dequantize_fp8, fp8_scale, to_fp8
 from .keymaps import dit_official_to_diffusers
 
 log = logging.getLogger(__name__)
@@ -363,15 +363,14 @@ class LoraDeltas:
         return values
 
 
-def _terms(bound: Sequence[tuple[BoundLora, float]], keep_low_rank=lambda name: True) -> dict[str, tuple[Term, ...]]:
+def _terms(bound: Sequence[tuple[BoundLora, float]]) -> dict[str, tuple[Term, ...]]:
     """{parameter: its terms in list order}; zero strengths contribute nothing and are left out."""
     terms: dict[str, list[Term]] = {}
     for lora, strength in bound:
         if strength == 0.0:
             continue
         for name in lora.low_rank:
-            if keep_low_rank(name):
-                terms.setdefault(name, []).append((lora.file.key, LOW_RANK, strength))
+            terms.setdefault(name, []).append((lora.file.key, LOW_RANK, strength))
         for name in lora.diffs:
             terms.setdefault(name, []).append((lora.file.key, DIFF, strength))
     return {name: tuple(t) for name, t in terms.items()}
@@ -399,14 +398,14 @@ def lora_deltas(specs: Sequence[LoraSpec], shapes: Mapping[str, Sequence[int]],
 def _dequantize(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """A fresh fp32 copy of the weight's value."""
     if stored.dtype == FP8:
-        return stored.float().mul_(scale.float())
+        return dequantize_fp8(stored, scale, torch.float32)
     return stored.to(torch.float32, copy=True)
 
 
 def _round(values: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
     """fp32 values -> the stored grid (fp8 with `scale`, or `dtype`); may reuse `values`."""
     if dtype == FP8:
-        return values.div_(scale.float()).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+        return to_fp8(values, scale, inplace=True)
     return values.to(dtype)
 
 
@@ -434,7 +433,7 @@ def remerge(stored: torch.Tensor, name: str, old: LoraDeltas | None, new: LoraDe
     if stored.dtype == FP8:
         amax = values.abs().max()
         if amax > _FP8_CLIP_LIMIT * scale:  # clipping would exceed fp8 rounding: widen this layer's range
-            scale = (amax / FP8_MAX).to(scale.dtype).reshape(scale.shape)
+            scale = fp8_scale(amax).to(scale.dtype).reshape(scale.shape)
     return _round(values, stored.dtype, scale), scale
 
 
@@ -485,12 +484,6 @@ def _add_branch(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
     return output + module.lora_branch(args[0])
 
 
-def _hookable(model: nn.Module) -> dict[str, nn.Module]:
-    """{weight name: layer} for the block Linears, the layers called through `forward`."""
-    return {f"{name}.weight": m for name, m in model.named_modules()
-            if name.startswith("blocks.") and isinstance(m, (nn.Linear, FP8Linear))}
-
-
 def _compute_dtype(layer: nn.Module) -> torch.dtype:
     if isinstance(layer, FP8Linear):
         return layer.bias.dtype if layer.bias is not None else torch.bfloat16
@@ -524,22 +517,9 @@ def _set_branches(layers: dict[str, nn.Module], old: dict[str, tuple], new: dict
 class _LoraState:
     """What is applied to a model now (kept on the model as `lora_state`)."""
 
-    bound: dict[tuple, BoundLora]  # file key -> parsed and bound LoRA, reused while the file is in use
-    merged: LoraDeltas
+    merged: LoraDeltas  # its `bound`: every LoRA in use (merged or on the fly), reused while the file is unchanged
     branches: dict[str, tuple]  # weight name -> ((file key, coeff), ...) running on the fly
     complete: bool = True
-
-
-def _bind_specs(model: nn.Module, specs: Sequence[LoraSpec], state: _LoraState) -> list[tuple[BoundLora, float]]:
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    bound = []
-    for spec in specs:
-        if not isinstance(spec, LoraSpec):
-            raise TypeError(f"apply_loras takes LoraSpec items, got {type(spec).__name__}")
-        key = file_key(spec.path) if spec.path.is_file() else None
-        reused = state.bound.get(key)
-        bound.append((reused if reused is not None else bind_lora(read_lora(spec.path), shapes), spec.strength))
-    return bound
 
 
 def apply_loras(model: nn.Module, specs: Sequence[LoraSpec], mode: str = "merge") -> tuple[LoraReport, ...]:
@@ -553,31 +533,36 @@ def apply_loras(model: nn.Module, specs: Sequence[LoraSpec], mode: str = "merge"
     """
     if mode not in MODES:
         raise ValueError(f"LoRA mode must be one of {', '.join(MODES)}; got {mode!r}")
-    state = getattr(model, _STATE_ATTR, None) or _LoraState({}, LoraDeltas({}, {}), {})
+    state = getattr(model, _STATE_ATTR, None) or _LoraState(LoraDeltas({}, {}), {})
     if not state.complete:
         raise LoraError("an earlier LoRA change to this expert failed part-way, so its weights are unknown; "
                         "reload the expert")
-    bound = _bind_specs(model, specs, state)
-    layers = _hookable(model)
-    on_the_fly = set(layers) if mode == "unmerged" else set()
-    by_key = {b.file.key: b for b, _ in bound}
-    merged = LoraDeltas(by_key, _terms(bound, keep_low_rank=lambda name: name not in on_the_fly))
-    branches: dict[str, list] = {}
-    for lora, strength in bound:
-        for name, (_, _, scale) in lora.low_rank.items():
-            if name in on_the_fly and strength != 0.0:
-                branches.setdefault(name, []).append((lora.file.key, strength * scale))
-    branches = {name: tuple(t) for name, t in branches.items()}
-
-    setattr(model, _STATE_ATTR, _LoraState(state.bound, state.merged, state.branches, complete=False))
+    for spec in specs:
+        if not isinstance(spec, LoraSpec):
+            raise TypeError(f"apply_loras takes LoraSpec items, got {type(spec).__name__}")
     parameters = dict(model.named_parameters())
+    wanted, reports = lora_deltas(specs, {n: p.shape for n, p in parameters.items()}, reuse=state.merged)
+    layers = {f"{name}.weight": layer for name, layer in block_linears(model).items()}
+    on_the_fly = set(layers) if mode == "unmerged" else set()
+    merged_terms, branches = {}, {}  # the low-rank terms of on-the-fly layers become branches
+    for name, terms in wanted.terms.items():
+        kept = tuple(t for t in terms if t[1] != LOW_RANK or name not in on_the_fly)
+        branch = tuple((key, strength * wanted.bound[key].low_rank[name][2])
+                       for key, kind, strength in terms if kind == LOW_RANK and name in on_the_fly)
+        if kept:
+            merged_terms[name] = kept
+        if branch:
+            branches[name] = branch
+    merged = LoraDeltas(wanted.bound, merged_terms)
+
+    setattr(model, _STATE_ATTR, _LoraState(state.merged, state.branches, complete=False))
     with torch.no_grad():
         for name in state.merged.names | merged.names:
             if state.merged.terms.get(name) != merged.terms.get(name):
                 _remerge_parameter(model, parameters[name], name, state.merged, merged)
-        _set_branches(layers, state.branches, branches, {**state.bound, **by_key})
-    setattr(model, _STATE_ATTR, _LoraState(by_key, merged, branches))
-    return tuple(_report(b, s) for b, s in bound)
+        _set_branches(layers, state.branches, branches, merged.bound)
+    setattr(model, _STATE_ATTR, _LoraState(merged, branches))
+    return reports
 
 
 def _remerge_parameter(model: nn.Module, param: nn.Parameter, name: str, old: LoraDeltas, new: LoraDeltas) -> None:
@@ -633,7 +618,7 @@ def write_tiny_lora(path: str | Path, model: nn.Module, fmt: str = "comfy", rank
     if alpha is not None and fmt not in _ALPHA_FORMATS:
         raise ValueError(f"format {fmt!r} stores no alpha (it is the rank); pass alpha=None or use "
                          f"one of {', '.join(_ALPHA_FORMATS)}")
-    targets = list(targets) if targets is not None else [n[:-len(".weight")] for n in _hookable(model)]
+    targets = list(targets) if targets is not None else list(block_linears(model))
     alpha = (rank / 2 if fmt in _ALPHA_FORMATS else float(rank)) if alpha is None else float(alpha)
     g = torch.Generator().manual_seed(seed)
 

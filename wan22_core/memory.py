@@ -21,10 +21,11 @@ from __future__ import annotations
 import math
 
 from .config import FRAMES, HEIGHT, WIDTH, DiTConfig
+from .fp8 import COMPUTE_MODES
 from .offload import OFFLOAD_MODES, expert_pair_options
 from .pipeline import latent_shape
 
-FP8_COMPUTE = ("scaled_mm", "dequant")
+FP8_COMPUTE = tuple(mode for mode in COMPUTE_MODES if mode != "auto")  # the modes "auto" picks from
 FP32 = 4
 GIB = 1024**3
 CUDA_OVERHEAD = int(1.5 * GIB)  # CUDA context, cuBLAS workspace, allocator rounding: measured 1-1.5 GiB
@@ -109,6 +110,12 @@ class _Ledger:
                 del self.size[storage]
 
 
+def text_slots(cfg: DiTConfig, text_tokens: int | None) -> int:
+    """Rows of the embedded text context: the prompt's tokens plus the one slot that stands for
+    the zero padding, at most `cfg.text_len` (None: the 512-slot bound)."""
+    return cfg.text_len if text_tokens is None or text_tokens >= cfg.text_len else text_tokens + 1
+
+
 def _layer_norm(led: _Ledger, out: str, elems: int, rows: int) -> None:
     """LayerNorm in fp32 of the (contiguous) residual stream; mean and rstd are one fp32 per token."""
     led.new(out, elems * FP32)
@@ -124,14 +131,12 @@ def _linear(led: _Ledger, out: str, in_elems: int, out_elems: int, weight_elems:
         led.new(out, out_elems * c)
         led.free(out + ".weight")
         return
-    if fp8 == "scaled_mm":  # per-tensor activation scale: abs().max(), then (x / s).clamp().to(fp8)
+    if fp8 == "scaled_mm":  # per-tensor activation scale: abs().max(), then fp8.to_fp8: (x / s).clamp_().to(fp8)
         led.new(out + ".abs", in_elems * c)
         led.free(out + ".abs")
-        led.new(out + ".div", in_elems * c)
-        led.new(out + ".clamp", in_elems * c)
-        led.free(out + ".div")
+        led.new(out + ".div", in_elems * c)  # clamp_ works in place on it
         led.new(out + ".fp8", in_elems)
-        led.free(out + ".clamp")
+        led.free(out + ".div")
         led.new(out, out_elems * c)
         led.free(out + ".fp8")
         return
@@ -200,8 +205,7 @@ def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes
     """
     b, n, d, c = batch, tokens, cfg.dim, compute_bytes
     s = b * n * d  # elements of one token activation [B, L, dim]
-    slots = cfg.text_len if text_tokens is None or text_tokens >= cfg.text_len else text_tokens + 1
-    ctx = b * slots * d  # [B, Lc + 1, dim] (the 512-slot bound by default)
+    ctx = b * text_slots(cfg, text_tokens) * d  # [B, Lc + 1, dim] (the 512-slot bound by default)
     hidden = b * n * cfg.ffn_dim  # [B, L, ffn_dim]
     rows = b * n
     lse = b * cfg.num_heads * n * FP32
@@ -248,8 +252,7 @@ def forward_persistent_bytes(cfg: DiTConfig, tokens: int, batch: int, compute_by
     """Tensors alive through the whole block loop: the embedded context [B, Lc + 1, dim] (Lc text
     tokens plus the one slot that stands for the zero padding; the 512-slot bound by default),
     e [B, dim] and e0 [B, 6, dim] in fp32, and the RoPE table [L, 1, head_dim/2] complex64."""
-    slots = cfg.text_len if text_tokens is None or text_tokens >= cfg.text_len else text_tokens + 1
-    return (batch * slots * cfg.dim * compute_bytes + 7 * batch * cfg.dim * FP32
+    return (batch * text_slots(cfg, text_tokens) * cfg.dim * compute_bytes + 7 * batch * cfg.dim * FP32
             + 2 * tokens * (cfg.head_dim // 2) * FP32)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import warnings
 
 import torch
 
@@ -25,12 +24,12 @@ def compile_toolchain_problem(device: torch.device) -> str | None:
     return None
 
 
-def compile_blocks(model: WanModel, device: torch.device) -> bool:
-    """Compile each transformer block in place; returns False (and warns) when it cannot."""
+def compile_blocks(model: WanModel, device: torch.device) -> str | None:
+    """Compile each transformer block in place; returns None, or (compiling nothing) why it cannot
+    (`compile_toolchain_problem`) for the caller to report."""
     problem = compile_toolchain_problem(device)
     if problem is not None:
-        warnings.warn(f"torch.compile disabled: {problem}; running eager (same results, slower)", stacklevel=2)
-        return False
+        return problem
     for block in model.blocks:
         block.compile(dynamic=False)
-    return True
+    return None

@@ -9,6 +9,7 @@ them give bit-identical parameters.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -18,16 +19,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 
-from .checkpoints import (COMFY_DIRS, DIFFUSERS_DIRS, HIGH_NOISE_DIR, LOW_NOISE_DIR, NUM_HEADS_KEY,
-                          SCALED_FP8_MARKER, SPIECE_KEY, T5_FILE, T5_TOKENIZER_DIR, VAE_FILE, ModelFiles)
-from .config import LATENT_MEAN, LATENT_STD, TINY, DiTConfig, ModelConfig, SamplerSettings
-from .fp8 import quantize_fp8
+from .checkpoints import (COMFY_DIRS, DIFFUSERS_DIRS, HIGH_NOISE_DIR, LOW_NOISE_DIR, NUM_HEADS_KEY, T5_FILE,
+                          T5_TOKENIZER_DIR, VAE_FILE, ModelFiles)
+from .config import (DEFAULT_NEGATIVE_PROMPT, LATENT_MEAN, LATENT_STD, TINY, DiTConfig, ModelConfig,
+                     SamplerSettings)
+from .fp8 import block_linears, quantize_fp8
 from .keymaps import dit_official_to_diffusers, vae_official_to_diffusers
-from .models.text_encoder import build_umt5, official_to_transformers
-from .models.tokenizer import train_tiny_sentencepiece
+from .models.text_encoder import SCALED_FP8_MARKER, SPIECE_KEY, build_umt5, official_to_transformers
+from .models.tokenizer import EOS_ID, PAD_ID, UNK_ID
 from .models.transformer import WanModel
 from .models.vae import WanVAE
 
@@ -84,6 +87,51 @@ def tiny_set(cfg: ModelConfig = TINY, seed: int = 0) -> TinySet:
     return TinySet(cfg, weights(seeded(seed, lambda: WanModel(cfg.dit))),
                    weights(seeded(seed + 1, lambda: WanModel(cfg.dit))), t5_weights,
                    weights(seeded(seed + 3, lambda: WanVAE(cfg.vae))), train_tiny_sentencepiece(cfg.text.vocab_size))
+
+
+def _tiny_corpus() -> list[str]:
+    """A few hundred deterministic video-prompt sentences, plus some Chinese from the negative prompt."""
+    subjects = ["a red fox", "an old fisherman", "two children", "a white cat", "a small boat",
+                "a young dancer", "a black horse", "a yellow city bus", "three birds", "a robot",
+                "a woman in a blue dress", "a golden retriever", "an astronaut", "a paper kite"]
+    actions = ["runs across", "walks slowly through", "jumps over", "drifts along", "spins in",
+               "climbs up", "flies above", "rolls down", "wanders around", "races toward",
+               "glides over", "sleeps quietly in"]
+    places = ["a snowy forest", "the busy street", "a calm lake", "the golden desert",
+              "a neon city at night", "the green hills", "an empty parking lot", "a rainy harbor",
+              "the rocky mountain", "a sunflower field", "an ancient temple", "the crowded market"]
+    cameras = ["The camera pans left.", "Slow motion, close-up shot.", "Wide aerial view.",
+               "The camera tracks forward smoothly.", "Handheld shot, soft light.",
+               "Cinematic lighting, shallow depth of field.", "Static camera, 4K, vivid colors.",
+               "Dolly zoom at sunset.", "Time-lapse of moving clouds.", "Overhead drone footage."]
+    moods = ["Morning fog, muted pastel tones.", "Heavy rain and thunder, dramatic storm.",
+             "Warm evening glow with long shadows.", "Bright noon sunshine, sharp details.",
+             "Falling snowflakes, quiet winter mood.", "Autumn leaves swirl in gentle wind.",
+             "Realistic documentary style, natural grain.", "Dreamy watercolor animation style.",
+             "Retro film look, flickering vintage texture.", "Underwater caustics, turquoise waves.",
+             "Moonlit night, glowing lanterns.", "Spring blossoms, pink petals everywhere.",
+             "Epic fantasy scene with dragons.", "Hyperrealistic macro photography."]
+    # Strides coprime with each list length walk through every word; 400 distinct combinations.
+    sentences = [f"{subjects[i % 14].capitalize()} {actions[(5 * i) % 12]} "
+                 f"{places[(7 * i) % 12]}. {cameras[(3 * i) % 10]} {moods[(9 * i) % 14]}"
+                 for i in range(400)]
+    # The first phrases of the default negative prompt, so Chinese tokenises to real pieces;
+    # the remaining characters stay unknown, which keeps UNK handling exercised in tests.
+    chinese = "，".join(DEFAULT_NEGATIVE_PROMPT.split("，")[:5])
+    return sentences + [chinese] * 20
+
+
+def train_tiny_sentencepiece(vocab_size: int = 256) -> bytes:
+    """Train a small real unigram SentencePiece model (UMT5 special ids) and return its bytes.
+
+    Deterministic: one thread, no input shuffling, an in-memory corpus and writer.
+    """
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_tiny_corpus()), model_writer=writer, vocab_size=vocab_size,
+        model_type="unigram", character_coverage=1.0, pad_id=PAD_ID, eos_id=EOS_ID,
+        unk_id=UNK_ID, bos_id=-1, num_threads=1, shuffle_input_sentence=False, minloglevel=2)
+    return writer.getvalue()
 
 
 def _official_t5_names(hf_names) -> dict[str, str]:
@@ -154,9 +202,8 @@ def _scaled_fp8(sd: dict[str, torch.Tensor], quantized: Callable[[str], bool]) -
 
 
 def _linear_weights(module: torch.nn.Module, under: str) -> set[str]:
-    """`<name>.weight` of every nn.Linear below `under` (Comfy-Org's files quantise these)."""
-    return {f"{name}.weight" for name, m in module.named_modules()
-            if name.startswith(under) and isinstance(m, torch.nn.Linear)}
+    """`<name>.weight` of every Linear below `under` (Comfy-Org's files quantise these)."""
+    return {f"{name}.weight" for name in block_linears(module, under)}
 
 
 def write_comfy(out_dir: Path, tiny: TinySet, fp8: bool = False) -> None:

@@ -9,13 +9,15 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from transformers import UMT5Config, UMT5EncoderModel
 
 from ..config import DEFAULT_NEGATIVE_PROMPT, TextEncoderConfig
 from .tokenizer import Tokenizer, clean_text
+
+if TYPE_CHECKING:
+    from transformers import UMT5EncoderModel
 
 # Official Wan T5 name -> transformers UMT5EncoderModel name (shared_pos=False: one relative
 # position table per block). Applied with re.fullmatch, so every official key must match one.
@@ -32,11 +34,16 @@ _OFFICIAL_TO_TRANSFORMERS = [
     (r"norm\.weight", r"encoder.final_layer_norm.weight"),
 ]
 _EMBEDDING_KEYS = ("shared.weight", "encoder.embed_tokens.weight")  # tied in UMT5EncoderModel
-_TOKENIZER_KEY = "spiece_model"  # ComfyUI's umt5 safetensors embed spiece.model as uint8
+SPIECE_KEY = "spiece_model"  # ComfyUI's umt5 safetensors embed spiece.model as this uint8 tensor
+SCALED_FP8_MARKER = "scaled_fp8"  # the root tensor that marks Comfy-Org's scaled-fp8 files
 
 
 def build_umt5(cfg: TextEncoderConfig) -> UMT5EncoderModel:
     """A randomly initialised UMT5 encoder of `cfg`'s size, in eval mode (Wan's dropout is off)."""
+    # Imported here: transformers takes seconds to import, and `checkpoints` (imported by the
+    # ComfyUI nodes and every rank process) needs only this module's names and rules.
+    from transformers import UMT5Config, UMT5EncoderModel
+
     config = UMT5Config(
         vocab_size=cfg.vocab_size, d_model=cfg.dim, d_kv=cfg.dim // cfg.num_heads,
         d_ff=cfg.ffn_dim, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
@@ -67,8 +74,8 @@ def official_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, t
 
 def _to_transformers_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Either naming -> transformers names with both tied embedding keys, `spiece_model` dropped."""
-    weights = {k: v for k, v in state_dict.items() if k != _TOKENIZER_KEY}
-    scaled = [k for k in weights if k == "scaled_fp8" or k.endswith(".scale_weight")]
+    weights = {k: v for k, v in state_dict.items() if k != SPIECE_KEY}
+    scaled = [k for k in weights if k == SCALED_FP8_MARKER or k.endswith(".scale_weight")]
     if scaled:
         raise ValueError(
             f"text encoder state dict is a scaled-fp8 checkpoint ({scaled[0]!r}); it is not "
@@ -85,7 +92,11 @@ def _to_transformers_names(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
 
 def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> TextEncoderConfig:
     """Encoder sizes read from tensor shapes (official or transformers naming)."""
-    sd = _to_transformers_names(state_dict)
+    return _config(_to_transformers_names(state_dict))
+
+
+def _config(sd: dict[str, torch.Tensor]) -> TextEncoderConfig:
+    """`config_from_state_dict` of a state dict already in transformers names."""
     vocab_size, dim = sd["shared.weight"].shape
     block_ids = {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.block\.(\d+)\.", k))}
     if not block_ids:
@@ -154,14 +165,14 @@ class TextEncoder:
         An explicit `tokenizer` wins over a `spiece_model` entry in the state dict.
         """
         if tokenizer is None:
-            if _TOKENIZER_KEY not in state_dict:
+            if SPIECE_KEY not in state_dict:
                 raise ValueError(
                     "the text encoder has no tokenizer: the state dict has no 'spiece_model' entry, "
                     "so pass tokenizer=Tokenizer.from_folder(<folder with spiece.model>)")
-            tokenizer = Tokenizer.from_state_dict_tensor(state_dict[_TOKENIZER_KEY])
-        cfg = config_from_state_dict(state_dict)
+            tokenizer = Tokenizer.from_state_dict_tensor(state_dict[SPIECE_KEY])
         weights = _to_transformers_names(state_dict)
-        dtype = dtype or _default_dtype(weights["shared.weight"].dtype)
+        cfg = _config(weights)
+        dtype = dtype or default_dtype({k: v.dtype for k, v in weights.items()})
         with torch.device("meta"):  # no 22 GB random init for the real model
             model = build_umt5(cfg)
         expected = set(model.state_dict())
@@ -251,8 +262,14 @@ class TextEncoder:
             self._cache.popitem(last=False)
 
 
-def _default_dtype(checkpoint_dtype: torch.dtype) -> torch.dtype:
-    """Keep a float checkpoint's dtype; fp8 storage cannot run matmuls on every device, use bf16."""
-    if checkpoint_dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return checkpoint_dtype
-    return torch.bfloat16
+def default_dtype(stored: dict[str, torch.dtype]) -> torch.dtype:
+    """The dtype to run an encoder stored as {name: dtype} (either naming) when none is asked for.
+
+    The token embedding's dtype when it is a 16- or 32-bit float; bf16 when any weight is fp8
+    (fp8 storage cannot run matmuls on every device, and dequantised and 16-bit weights need one
+    dtype) or the embedding is missing or of another dtype.
+    """
+    if any(d.is_floating_point and d.itemsize == 1 for d in stored.values()):
+        return torch.bfloat16
+    embedding = next((stored[k] for k in ("token_embedding.weight", *_EMBEDDING_KEYS) if k in stored), None)
+    return embedding if embedding in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16

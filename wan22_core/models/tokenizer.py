@@ -9,15 +9,12 @@ safetensors also embed as a uint8 tensor named `spiece_model`).
 from __future__ import annotations
 
 import html
-import io
 import re
 import warnings
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
-
-from ..config import DEFAULT_NEGATIVE_PROMPT
 
 PAD_ID = 0
 EOS_ID = 1
@@ -127,47 +124,3 @@ class Tokenizer:
             mask[row, :len(tokens)] = 1
         return ids, mask
 
-
-def _tiny_corpus() -> list[str]:
-    """A few hundred deterministic video-prompt sentences, plus some Chinese from the negative prompt."""
-    subjects = ["a red fox", "an old fisherman", "two children", "a white cat", "a small boat",
-                "a young dancer", "a black horse", "a yellow city bus", "three birds", "a robot",
-                "a woman in a blue dress", "a golden retriever", "an astronaut", "a paper kite"]
-    actions = ["runs across", "walks slowly through", "jumps over", "drifts along", "spins in",
-               "climbs up", "flies above", "rolls down", "wanders around", "races toward",
-               "glides over", "sleeps quietly in"]
-    places = ["a snowy forest", "the busy street", "a calm lake", "the golden desert",
-              "a neon city at night", "the green hills", "an empty parking lot", "a rainy harbor",
-              "the rocky mountain", "a sunflower field", "an ancient temple", "the crowded market"]
-    cameras = ["The camera pans left.", "Slow motion, close-up shot.", "Wide aerial view.",
-               "The camera tracks forward smoothly.", "Handheld shot, soft light.",
-               "Cinematic lighting, shallow depth of field.", "Static camera, 4K, vivid colors.",
-               "Dolly zoom at sunset.", "Time-lapse of moving clouds.", "Overhead drone footage."]
-    moods = ["Morning fog, muted pastel tones.", "Heavy rain and thunder, dramatic storm.",
-             "Warm evening glow with long shadows.", "Bright noon sunshine, sharp details.",
-             "Falling snowflakes, quiet winter mood.", "Autumn leaves swirl in gentle wind.",
-             "Realistic documentary style, natural grain.", "Dreamy watercolor animation style.",
-             "Retro film look, flickering vintage texture.", "Underwater caustics, turquoise waves.",
-             "Moonlit night, glowing lanterns.", "Spring blossoms, pink petals everywhere.",
-             "Epic fantasy scene with dragons.", "Hyperrealistic macro photography."]
-    # Strides coprime with each list length walk through every word; 400 distinct combinations.
-    sentences = [f"{subjects[i % 14].capitalize()} {actions[(5 * i) % 12]} "
-                 f"{places[(7 * i) % 12]}. {cameras[(3 * i) % 10]} {moods[(9 * i) % 14]}"
-                 for i in range(400)]
-    # The first phrases of the default negative prompt, so Chinese tokenises to real pieces;
-    # the remaining characters stay unknown, which keeps UNK handling exercised in tests.
-    chinese = "，".join(DEFAULT_NEGATIVE_PROMPT.split("，")[:5])
-    return sentences + [chinese] * 20
-
-
-def train_tiny_sentencepiece(vocab_size: int = 256) -> bytes:
-    """Train a small real unigram SentencePiece model (UMT5 special ids) and return its bytes.
-
-    Deterministic: one thread, no input shuffling, an in-memory corpus and writer.
-    """
-    writer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_tiny_corpus()), model_writer=writer, vocab_size=vocab_size,
-        model_type="unigram", character_coverage=1.0, pad_id=PAD_ID, eos_id=EOS_ID,
-        unk_id=UNK_ID, bos_id=-1, num_threads=1, shuffle_input_sentence=False, minloglevel=2)
-    return writer.getvalue()

@@ -307,12 +307,6 @@ def _check_config(cfg: VAEConfig) -> None:
             f"VAEConfig.temporal_downsample has {len(cfg.temporal_downsample)} entries but "
             f"dim_mult {cfg.dim_mult} has {levels} downsampling levels; give one bool per level"
         )
-    stride = (2 ** sum(cfg.temporal_downsample), 2**levels, 2**levels)
-    if stride != tuple(cfg.stride):
-        raise ValueError(
-            f"VAEConfig gives stride {stride} (from dim_mult and temporal_downsample) but "
-            f"VAEConfig.stride is {cfg.stride}; make them agree"
-        )
     if cfg.z_dim != len(LATENT_MEAN):
         raise ValueError(
             f"VAEConfig.z_dim must be {len(LATENT_MEAN)} (one LATENT_MEAN entry per channel), "

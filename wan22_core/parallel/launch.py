@@ -53,10 +53,9 @@ def _encode_on_rank0(args, files, device: torch.device) -> tuple[torch.Tensor, t
     """Rank 0 runs the text encoder (11 GB at full size: once, not once per rank) and broadcasts."""
     payload = [None]
     if dist.get_rank() == 0:
-        from ..checkpoints import load_text_encoder
+        from ..cli import encode_prompt
 
-        embeds = load_text_encoder(files.text_encoder, files.tokenizer, device="cpu").encode_prompt(
-            args.prompt, args.negative_prompt)
+        embeds = encode_prompt(args, files)
         payload = [(embeds.positive, embeds.negative)]
     dist.broadcast_object_list(payload, src=0, device=device)
     return payload[0]
@@ -64,9 +63,7 @@ def _encode_on_rank0(args, files, device: torch.device) -> tuple[torch.Tensor, t
 
 def run_distributed(args, files) -> dict:
     """This rank's part of `generate`; returns the stage timings (printed on rank 0 only)."""
-    from ..cli import _progress_bar, check_model_options, sampler_settings, save_outputs, stage
-    from ..models.attention import set_attention_backend
-    from ..pipeline import denoise, make_noise
+    from ..cli import check_model_options, denoise_video, sampler_settings, save_outputs, stage
     from ..runtime import check_backend, resolve_dtype
     from .loading import expert_config, load_expert_pair
     from .mesh import init_groups
@@ -93,19 +90,10 @@ def run_distributed(args, files) -> dict:
         with timed("text encoder", timings):
             positive, negative = _encode_on_rank0(args, files, device)
         with timed("load experts", timings):
-            experts = load_expert_pair(files.high_noise, files.low_noise, groups, device, dtype,
-                                       args.lora_high, args.lora_low)  # merged into each rank's shards
-            for expert in experts.experts.values():
-                set_attention_backend(expert, args.attention, device)
+            experts = load_expert_pair(files.high_noise, files.low_noise, groups, device, dtype, args.lora_high,
+                                       args.lora_low, attention=args.attention)  # LoRAs merged into the shards
         with timed("denoise", timings):
-            noise = make_noise(args.seed, args.frames, args.height, args.width)
-            progress = _progress_bar(settings.steps) if rank0 and not args.quiet else None
-            try:
-                latent = denoise(experts, positive, negative, noise, settings, batch_cfg=args.batch_cfg,
-                                 on_step=progress and (lambda s: progress.update(1)))
-            finally:
-                if progress is not None:
-                    progress.close()
+            latent = denoise_video(args, experts, positive, negative, settings, show_progress=rank0)
             del experts
         if rank0:
             save_outputs(args, files, latent, device, dtype, timings)

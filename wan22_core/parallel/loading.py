@@ -159,8 +159,9 @@ def local_parameter_bytes(model: nn.Module) -> int:
 
 def load_expert_pair(high_noise: str | Path, low_noise: str | Path, groups: ParallelGroups, device: torch.device,
                      dtype: torch.dtype, loras_high: Sequence[LoraSpec] = (), loras_low: Sequence[LoraSpec] = (),
-                     on_tensor: Callable[[str], None] | None = None):
-    """Both experts for this rank (each with its LoRAs merged), in the holder the sampling loop takes.
+                     on_tensor: Callable[[str], None] | None = None, attention: str | None = None):
+    """Both experts for this rank (each with its LoRAs merged and, unless `attention` is None, that
+    attention backend set), in the holder the sampling loop takes.
 
     With FSDP both stay sharded on `device` for the whole run (ShardedExperts). Without it
     every rank holds full experts: they load to host memory and ExpertPair places them as on
@@ -171,6 +172,11 @@ def load_expert_pair(high_noise: str | Path, low_noise: str | Path, groups: Para
     where = device if groups.plan.fsdp else torch.device("cpu")
     experts = [load_expert(path, groups, where, dtype, loras, on_tensor and (lambda n=name: on_tensor(n)))
                for name, path, loras in (("high", high_noise, loras_high), ("low", low_noise, loras_low))]
+    if attention is not None:
+        from ..models.attention import set_attention_backend
+
+        for expert in experts:
+            set_attention_backend(expert, attention, device)
     if groups.plan.fsdp:
         from .fsdp import ShardedExperts
 

@@ -128,9 +128,9 @@ class Worker:
         spec = ModelSpec.from_message(self.setup["spec"])
         self.experts = load_expert_pair(spec.high_noise, spec.low_noise, groups, self.device,
                                         resolve_dtype(spec.dtype, self.device), spec.loras_high, spec.loras_low,
-                                        on_tensor=lambda name: self.channel.beat(f"loading {name}-noise expert"))
+                                        on_tensor=lambda name: self.channel.beat(f"loading {name}-noise expert"),
+                                        attention=spec.attention)
         for expert in self.experts.experts.values():
-            set_attention_backend(expert, spec.attention, self.device)
             for module in expert.modules():
                 if isinstance(module, WanBlock):  # a heartbeat per block forward while sampling
                     module.register_forward_pre_hook(lambda *_: self.channel.beat())

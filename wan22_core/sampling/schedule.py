@@ -5,14 +5,12 @@ timesteps (what the DiT sees and what the expert switch compares with the MoE bo
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..config import MAX_STEPS, NUM_TRAIN_TIMESTEPS, SOLVERS
+from ..config import MAX_STEPS, NUM_TRAIN_TIMESTEPS, check_schedule_args, is_real
 
 # The official UniPC scheduler starts its grid at its first *training* sigma, 1 - 1/1000, which
 # it stores in float32 and reads back with `.item()`: 0.9990000128746033, not 0.999. The extra
@@ -37,15 +35,19 @@ def shift_sigmas(sigmas, shift: float):
 
 def flow_schedule(steps: int, shift: float, solver: str) -> Schedule:
     """The official sampling schedule of `steps` steps for `solver` ("unipc", "dpm++", "euler")."""
-    _check_settings(steps, shift, solver)
-    steps = int(steps)
+    check_schedule_args(steps, shift, solver)
+    return _build_schedule(int(steps), float(shift), solver)
+
+
+def _build_schedule(steps: int, shift: float, solver: str) -> Schedule:
+    """`flow_schedule` for arguments already checked by `check_schedule_args`."""
     if solver == "unipc":
         # FlowUniPCMultistepScheduler.set_timesteps: linspace(sigma_max, 0, N+1)[:-1].
         unshifted = np.linspace(UNIPC_SIGMA_MAX, 0.0, steps + 1)[:-1]
     else:
         # get_sampling_sigmas (DPM++ path; Euler shares it): starts at exactly 1.0.
         unshifted = np.linspace(1.0, 0.0, steps + 1)[:steps]
-    shifted = shift_sigmas(unshifted, float(shift))  # float64 [N]
+    shifted = shift_sigmas(unshifted, shift)  # float64 [N]
     # Truncate (not round) from the float64 values, as `.to(torch.int64)` does officially.
     timesteps = torch.from_numpy((shifted * NUM_TRAIN_TIMESTEPS).astype(np.int64))
     sigmas = torch.from_numpy(np.concatenate([shifted, [0.0]]).astype(np.float32))
@@ -58,28 +60,16 @@ def partial_schedule(steps: int, shift: float, solver: str, denoise: float) -> S
     denoise=0.5 with 10 steps builds the 20-step schedule and keeps its last (least noisy) 10,
     so sampling starts from a partly noised latent instead of pure noise.
     """
-    if not (_is_real(denoise) and 0.0 < denoise <= 1.0):
+    if not (is_real(denoise) and 0.0 < denoise <= 1.0):
         raise ValueError(f"denoise must be a number in (0, 1], got {denoise!r}; use 1.0 for a full run")
-    _check_settings(steps, shift, solver)
-    steps = int(steps)
+    check_schedule_args(steps, shift, solver)
+    steps, denoise = int(steps), float(denoise)  # numpy scalars too: Python float math below
     if steps / denoise > MAX_STEPS:  # denoise d runs the last `steps` of a steps/d schedule, built in memory
         raise ValueError(f"denoise {denoise} with {steps} steps needs a schedule of steps / denoise = "
                          f"{steps / denoise:.0f} steps, more than {MAX_STEPS}; use denoise >= {steps / MAX_STEPS:g}")
     total = max(steps, int(steps / denoise))
-    full = flow_schedule(total, shift, solver)
+    full = _build_schedule(total, float(shift), solver)
     if total == steps:
         return full
     return Schedule(sigmas=full.sigmas[-(steps + 1):].clone(), timesteps=full.timesteps[-steps:].clone())
 
-
-def _check_settings(steps, shift, solver) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if not (_is_real(shift) and math.isfinite(shift) and shift > 0):
-        raise ValueError(f"shift must be a finite number > 0, got {shift!r} (the Wan2.2 default is 12.0)")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -21,15 +21,14 @@ from wan22_core.lora import LoraSpec, apply_loras, write_tiny_lora
 from wan22_core.models.transformer import WanModel
 from wan22_core.pipeline import denoise, make_noise
 from wan22_core.sampling.moe import ExpertPair
-from wan22_core.tiny import make_tiny
 
 PROMPT, NEGATIVE, SEED = "a fox in snow", "blurry", 11
 SIZE = dict(frames=9, height=48, width=64)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("models") / "official", "official", TINY, seed=0)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture

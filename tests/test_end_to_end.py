@@ -19,8 +19,8 @@ from wan22_core.video import read_mp4_info
 
 
 @pytest.fixture(scope="module")
-def official_dir(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("models") / "official", "official", TINY, seed=0)
+def official_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_official_layout_has_official_names(official_dir):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..wan22_core.config import FRAMES, HEIGHT, MAX_STEPS, SOLVERS, WIDTH, SamplerSettings, VAEConfig
+from ..wan22_core.config import FRAMES, HEIGHT, MAX_STEPS, MIN_SHIFT, SOLVERS, WIDTH, SamplerSettings, VAEConfig
 from ..wan22_core.errors import Cancelled
 from ..wan22_core.models.vae import denormalize_latent, normalize_latent
 from ..wan22_core.parallel import ParallelConfig
@@ -102,7 +102,7 @@ class Wan22MoESampler:
                 "cfg_low": _float(d.cfg_low, 0.0, 100.0, 0.1, "Guidance scale of the low-noise expert."),
                 "boundary": _float(d.boundary, 0.0, 1.0, 0.001, "Expert switch: steps whose timestep is >= "
                                                                 "boundary x 1000 use the high-noise expert."),
-                "shift": _float(d.shift, 0.001, 100.0, 0.1, "Flow shift of the noise schedule; higher spends "
+                "shift": _float(d.shift, MIN_SHIFT, 100.0, 0.1, "Flow shift of the noise schedule; higher spends "
                                                             "more steps at high noise."),
                 "solver": (list(SOLVERS), {"default": d.solver, "tooltip": "unipc is the official solver; "
                                                                          "dpm++ (2M) and euler also work."}),

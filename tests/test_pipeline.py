@@ -158,7 +158,7 @@ def test_noise_contract():
     (dict(solver="ddim"), "solver must be one of unipc, dpm\\+\\+, euler"),
     (dict(cfg_high=float("nan")), "cfg_high must be a finite number"),
     (dict(cfg_low=-1.0), "cfg_low must be a finite number >= 0"),
-    (dict(shift=0.0), "shift must be a finite number > 0"),
+    (dict(shift=0.0), "shift must be a finite number >= 0.001"),
 ])
 def test_bad_settings_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):

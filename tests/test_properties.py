@@ -48,7 +48,7 @@ numpy_scalars = st.one_of(st.integers(-3, 60).map(np.int64), st.integers(0, 60).
 
 @FAST
 @given(steps=st.one_of(anything, numpy_scalars, st.integers(1, 50)),
-       shift=st.one_of(anything, numpy_scalars, st.floats(0.01, 20)),
+       shift=st.one_of(anything, numpy_scalars, st.floats(0.01, 20), st.floats(0, 0.01)),
        boundary=st.one_of(anything, numpy_scalars, st.floats(0, 1)),
        cfg_high=st.one_of(anything, numpy_scalars, st.floats(0, 10)),
        cfg_low=st.one_of(anything, numpy_scalars), solver=st.one_of(st.sampled_from(SOLVERS), st.text(max_size=6)))
@@ -67,11 +67,12 @@ def test_sampler_settings_accept_only_what_the_loop_can_run(steps, shift, bounda
     if steps <= 1000:  # building a 10000-step schedule works too, but takes longer than this test may
         schedule = partial_schedule(steps, shift, solver, 1.0)
         assert len(schedule.timesteps) == steps and schedule.sigmas[-1] == 0
+        assert torch.isfinite(schedule.sigmas).all() and (schedule.timesteps >= 0).all()  # an accepted shift works
 
 
 @FAST
 @given(steps=st.one_of(anything, numpy_scalars, st.integers(1, 50), st.integers(MAX_STEPS - 2, MAX_STEPS + 2)),
-       shift=st.one_of(anything, numpy_scalars, st.floats(0.01, 20)),
+       shift=st.one_of(anything, numpy_scalars, st.floats(0.01, 20), st.floats(0, 0.01)),
        solver=st.one_of(st.sampled_from(SOLVERS), st.text(max_size=6)))
 def test_settings_and_schedules_accept_the_same_steps_shift_and_solver(steps, shift, solver):
     """One checker: a direct `flow_schedule` call and `SamplerSettings.validate` agree, message included."""

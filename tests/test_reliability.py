@@ -100,8 +100,8 @@ def cpu_out_of_memory():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(steps=True), "steps must be an integer >= 1, got True"),
     (dict(steps=10**6), "steps must be at most 10000, got 1000000"),
-    (dict(shift=float("inf")), "shift must be a finite number > 0, got inf"),
-    (dict(shift=-1.0), "shift must be a finite number > 0, got -1.0"),
+    (dict(shift=float("inf")), "shift must be a finite number >= 0.001, got inf"),
+    (dict(shift=-1.0), "shift must be a finite number >= 0.001, got -1.0"),
     (dict(cfg_high=float("inf")), "cfg_high must be a finite number >= 0, got inf"),
     (dict(cfg_low=True), "cfg_low must be a finite number >= 0, got True"),
     (dict(boundary=float("nan")), r"boundary must be in \[0, 1\], got nan"),

@@ -11,7 +11,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from reference import OfficialGridUniPC, rel_l2
 
-from wan22_core.config import MAX_STEPS, SOLVERS, SamplerSettings
+from wan22_core.config import MAX_STEPS, MIN_SHIFT, SOLVERS, SamplerSettings
 from wan22_core.sampling import schedule as schedule_module
 from wan22_core.sampling.schedule import (
     UNIPC_SIGMA_MAX,
@@ -135,15 +135,19 @@ def test_numpy_scalars_are_numbers_and_numpy_bools_are_not():
 
 
 @pytest.mark.parametrize("shift, message", [
-    (0, "shift must be a finite number > 0, got 0 "), (0.0, "shift must be a finite number > 0, got 0.0 "),
-    (-1.0, "shift must be a finite number > 0, got -1.0 "), (float("inf"), "shift must be a finite number > 0, got inf "),
-    ("12", "shift must be a finite number > 0, got '12' "),
+    (0, "shift must be a finite number >= 0.001, got 0 "), (0.0, "shift must be a finite number >= 0.001, got 0.0 "),
+    (-1.0, "shift must be a finite number >= 0.001, got -1.0 "),
+    (float("inf"), "shift must be a finite number >= 0.001, got inf "),
+    ("12", "shift must be a finite number >= 0.001, got '12' "),
 ])
 def test_one_shift_rule_for_settings_and_schedules(shift, message):
     for check in (lambda: SamplerSettings(shift=shift).validate(), lambda: flow_schedule(8, shift, "unipc")):
         with pytest.raises(ValueError, match=message + "\\(the Wan2.2 default is 12.0\\)"):
             check()
-    assert SamplerSettings(shift=1e-9).validate().shift == 1e-9  # any positive shift runs
+    assert SamplerSettings(shift=MIN_SHIFT).validate().shift == MIN_SHIFT  # the smallest shift runs
+    assert torch.isfinite(flow_schedule(8, MIN_SHIFT, "unipc").sigmas).all()
+    with pytest.raises(ValueError, match="got 1e-09"):  # below it the schedule would be NaN (1 + (s-1)*1 == 0)
+        SamplerSettings(shift=1e-9).validate()
 
 
 def test_steps_beyond_max_steps_are_refused_by_a_direct_schedule_call_too():

@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from wan22_core.config import MAX_STEPS, SOLVERS
+from wan22_core.config import MAX_STEPS, MIN_SHIFT, SOLVERS
 from wan22_core.sampling.moe import HIGH, select_expert
 from wan22_core.sampling.schedule import partial_schedule
 
@@ -77,6 +77,7 @@ def test_the_label_refuses_what_the_engine_refuses():
     js = (ROOT / "web/js/expert_split.js").read_text()
     assert json.loads(re.search(r"export const SOLVERS = (\[[^\]]*\]);", js).group(1)) == list(SOLVERS)
     assert int(re.search(r"export const MAX_STEPS = (\d+);", js).group(1)) == MAX_STEPS
+    assert float(re.search(r"export const MIN_SHIFT = ([\d.]+);", js).group(1)) == MIN_SHIFT
 
 
 def test_the_status_event_and_the_lora_report_key_match_the_nodes():

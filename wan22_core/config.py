@@ -97,6 +97,9 @@ DEFAULT_NEGATIVE_PROMPT = (
 
 SOLVERS = ("unipc", "dpm++", "euler")
 MAX_STEPS = 10000  # as ComfyUI's KSampler
+# Smallest flow shift: below ~1e-16, 1 + (shift - 1) * sigma rounds to 0 at sigma 1 and the schedule
+# turns to NaN; nothing near this is useful (Wan2.2 uses 12, distilled LoRAs 5, shift 1 is no shift).
+MIN_SHIFT = 0.001
 NUM_TRAIN_TIMESTEPS = 1000
 FPS = 16
 # The official t2v-A14B 720p video: 81 frames (5 s at 16 fps) of 1280 x 720.
@@ -143,8 +146,8 @@ def check_schedule_args(steps, shift, solver) -> None:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if steps > MAX_STEPS:  # the schedule is built in memory; a typo like 4000000 must not exhaust it
         raise ValueError(f"steps must be at most {MAX_STEPS}, got {steps} (Wan2.2 uses 40)")
-    if not (is_real(shift) and math.isfinite(shift) and shift > 0):
-        raise ValueError(f"shift must be a finite number > 0, got {shift!r} (the Wan2.2 default is 12.0)")
+    if not (is_real(shift) and math.isfinite(shift) and shift >= MIN_SHIFT):
+        raise ValueError(f"shift must be a finite number >= {MIN_SHIFT}, got {shift!r} (the Wan2.2 default is 12.0)")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
 

@@ -11,6 +11,7 @@ const UNIPC_SIGMA_MAX = Math.fround(1 - 1 / NUM_TRAIN_TIMESTEPS);
 export const SOLVERS = ["unipc", "dpm++", "euler"];
 // The longest schedule the engine builds (wan22_core.config.MAX_STEPS; tests/test_web.py checks both).
 export const MAX_STEPS = 10000;
+export const MIN_SHIFT = 0.001; // wan22_core.config.MIN_SHIFT
 
 // numpy.linspace(start, stop, num)[:count]: i * step + start, step = (stop - start) / (num - 1).
 function linspaceHead(start, stop, num, count) {
@@ -38,7 +39,7 @@ export function partialTimesteps(steps, shift, solver, denoise = 1.0) {
 export function settingsError({ steps, shift, boundary, solver, denoise = 1.0 }) {
   if (!Number.isInteger(steps) || steps < 1) return "steps must be an integer >= 1";
   if (steps > MAX_STEPS) return `steps must be at most ${MAX_STEPS}`;
-  if (!Number.isFinite(shift) || shift <= 0) return "shift must be > 0";
+  if (!Number.isFinite(shift) || shift < MIN_SHIFT) return `shift must be >= ${MIN_SHIFT}`;
   if (!(boundary >= 0 && boundary <= 1)) return "boundary must be in [0, 1]";
   if (!SOLVERS.includes(solver)) return `unknown solver ${solver}`;
   if (!(denoise > 0 && denoise <= 1)) return "denoise must be in (0, 1]";

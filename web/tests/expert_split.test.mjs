@@ -35,7 +35,7 @@ test("labels for one-sided and single-step splits", () => {
 test("settings the engine refuses give a message instead of a split", () => {
   const ok = { steps: 40, shift: 12.0, boundary: 0.875, solver: "unipc", denoise: 1.0 };
   assert.equal(settingsError(ok), null);
-  const refused = [{ steps: 0 }, { steps: 2.5 }, { steps: 10001 }, { shift: 0 }, { boundary: 1.5 }, { solver: "ddim" },
+  const refused = [{ steps: 0 }, { steps: 2.5 }, { steps: 10001 }, { shift: 0 }, { shift: 1e-9 }, { boundary: 1.5 }, { solver: "ddim" },
     { denoise: 0 }, { steps: 1000, denoise: 0.01 }];
   for (const bad of refused) {
     assert.match(describeSplit({ ...ok, ...bad }), /^expert split: /, JSON.stringify(bad));

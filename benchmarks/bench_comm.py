@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' gloo rank launcher
+from procs import join_gloo_group, start_gloo_ranks, wait_ranks  # noqa: E402
 
 # --- the closed form (docs/multigpu.md, "Communication per step") ---------------------------------
 
@@ -86,9 +88,7 @@ def rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> Non
     from wan22_core.parallel.plan import ParallelPlan
     from wan22_core.pipeline import denoise, make_noise
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", port, is_master=False),
-                            rank=rank, world_size=world)
+    join_gloo_group(rank, world, port)
     heads = json.loads((Path(model_dir) / "high_noise_model" / "config.json").read_text())["num_heads"]
     settings = SamplerSettings(steps=3, boundary=0.0)  # all steps on one expert: a steady state
     g = torch.Generator().manual_seed(0)
@@ -109,11 +109,9 @@ def rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> Non
 
 
 def measure(world: int, model_dir: Path, workdir: Path) -> dict:
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     out = workdir / f"counts{world}.json"
-    procs = [subprocess.Popen([sys.executable, __file__, "--rank", json.dumps(
-        dict(rank=r, world=world, port=store.port, model_dir=str(model_dir), out=str(out)))]) for r in range(world)]
-    if any(p.wait() for p in procs):
+    store, procs = start_gloo_ranks([__file__, "--rank"], world, dict(model_dir=str(model_dir), out=str(out)))
+    if wait_ranks(procs):
         raise SystemExit(f"a rank of the {world}-rank measurement failed")
     return json.loads(out.read_text())
 

@@ -1,11 +1,16 @@
-"""Process helpers shared by the tests: what is running (read from /proc), waiting for processes
-to be gone, and running a function without root's permission override."""
+"""Process helpers shared by the tests (and benchmarks/bench_comm.py): what is running (read from
+/proc), waiting for processes to be gone, running a function without root's permission override,
+and starting CPU processes as the ranks of one gloo group."""
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import pytest
+import torch
+import torch.distributed as dist
 
 NOBODY = 65534  # the conventional unprivileged uid; setuid needs no passwd entry for it
 
@@ -47,6 +52,8 @@ def in_unprivileged_child(fn, timeout: float = 60.0) -> str:
 
     Skips the calling test where root cannot drop to nobody (no CAP_SETUID). fn runs in a fork
     of the test process: keep it to work that needs no new threads (e.g. no torch kernels)."""
+    import pytest  # here, not at the top: the benchmarks import this module without pytest
+
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report, then leave without running any of the parent's cleanup
@@ -82,3 +89,31 @@ def in_unprivileged_child(fn, timeout: float = 60.0) -> str:
     if result.startswith("cannot drop root"):
         pytest.skip(result)
     return result
+
+
+def start_gloo_ranks(args: list[str], world: int, setup: dict, **popen_kwargs):
+    """Start `world` processes `python *args JSON` as the ranks of one gloo group. JSON is `setup`
+    plus rank, world and port, the three that join_gloo_group takes. Returns (store, processes):
+    keep the store alive until the ranks have joined, it is the group's rendezvous."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    procs = [subprocess.Popen([sys.executable, *args, json.dumps(dict(setup, rank=rank, world=world, port=store.port))],
+                              **popen_kwargs) for rank in range(world)]
+    return store, procs
+
+
+def join_gloo_group(rank: int, world: int, port: int) -> None:
+    """In a rank started by start_gloo_ranks: one thread (the ranks share the CPUs), then join."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", port, is_master=False),
+                            rank=rank, world_size=world)
+
+
+def wait_ranks(procs, timeout: float | None = None) -> list[str]:
+    """Wait for every rank (up to `timeout` seconds each); one "rank N failed" line per rank that
+    exited non-zero, followed by its output where it was captured (stdout=PIPE)."""
+    failures = []
+    for rank, proc in enumerate(procs):
+        output = proc.communicate(timeout=timeout)[0]
+        if proc.returncode:
+            failures.append(f"rank {rank} failed" + (f":\n{output}" if output else ""))
+    return failures

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from procs import join_gloo_group, start_gloo_ranks, wait_ranks
 from safetensors.torch import load_file
 
 from wan22_core.checkpoints import load_dit
@@ -161,20 +162,13 @@ def reference(model_dir, loras):
 
 def start_ranks(world, model_dir, out_dir, loras):
     """Start `world` copies of this file as the ranks of one gloo group."""
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    procs = []
-    for rank in range(world):
-        setup = dict(rank=rank, world=world, port=store.port, model_dir=str(model_dir), out_dir=str(out_dir),
-                     loras=loras)
-        procs.append(subprocess.Popen([sys.executable, __file__, json.dumps(setup)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return store, procs
+    setup = dict(model_dir=str(model_dir), out_dir=str(out_dir), loras=loras)
+    return start_gloo_ranks([__file__], world, setup, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def collect_ranks(procs, out_dir):
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{output}"
+    failures = wait_ranks(procs, timeout=240)
+    assert not failures, "\n".join(failures)
     return [torch.load(Path(out_dir) / f"rank{rank}.pt") for rank in range(len(procs))]
 
 
@@ -287,9 +281,7 @@ def rank_main(rank, world, port, model_dir, out_dir, loras):
     from wan22_core.parallel.loading import load_expert_pair, local_parameter_bytes
     from wan22_core.parallel.mesh import init_groups
 
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    join_gloo_group(rank, world, port)
     cpu, model_dir, results = torch.device("cpu"), Path(model_dir), {}
     for scenario, degrees in SCENARIOS[world].items():
         degrees = dict(degrees)

@@ -1,11 +1,12 @@
 """Shard-aware expert loading (`parallel.loading.ExpertReader`) gives exactly the single-process
 weights: the rows every rank reads, put back together, equal `load_dit` bit for bit in every
 layout and dtype, scaled fp8 included (a multi-GPU run must compute what one GPU computes)."""
-import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from procs import start_gloo_ranks, wait_ranks
 from safetensors.torch import load_file, save_file
 
 from wan22_core.checkpoints import DIT, SCALED_FP8_MARKER, CheckpointError, load_dit
@@ -98,21 +99,22 @@ def test_a_file_cut_short_after_opening_fails_with_the_truncation_message(expert
 
 RANK_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
+from procs import join_gloo_group
 from torch.distributed.tensor import DTensor
 from wan22_core.config import TINY
 from wan22_core.parallel import ParallelPlan
 from wan22_core.parallel.loading import load_expert
 from wan22_core.parallel.mesh import init_groups
 
-rank, world, port, path, out = json.loads(sys.argv[1])
-torch.set_num_threads(1)
-dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", port, is_master=False), rank=rank, world_size=world)
+args = json.loads(sys.argv[1])
+rank, world = args["rank"], args["world"]
+join_gloo_group(rank, world, args["port"])
 cpu, shards = torch.device("cpu"), {}
 groups = init_groups(ParallelPlan(world_size=world, num_heads=TINY.dit.num_heads, fsdp=True), cpu)
 for dtype in (torch.bfloat16, torch.float16):
-    model = load_expert(path, groups, cpu, dtype)
+    model = load_expert(args["path"], groups, cpu, dtype)
     shards[str(dtype)] = {n: p.to_local().clone() for n, p in model.named_parameters() if isinstance(p, DTensor)}
-torch.save(shards, f"{out}/rank{rank}.pt")
+torch.save(shards, f"{args['out']}/rank{rank}.pt")
 dist.destroy_process_group()
 """
 
@@ -121,18 +123,13 @@ def test_fsdp_ranks_load_a_scaled_fp8_expert_as_one_process_does(experts, tmp_pa
     """Two gloo ranks load the comfy-fp8 expert with FSDP (`load_expert`); their shards, put
     together, are `load_dit(..., weight_dtype=dtype)`'s weights bit for bit, in bf16 and fp16."""
     import subprocess
-    import sys
-
-    import torch.distributed as dist
 
     world, path = 2, experts["comfy-fp8"]
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, json.dumps([r, world, store.port, str(path),
-                                                                              str(tmp_path)])],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{output}"
+    store, procs = start_gloo_ranks(["-c", RANK_SCRIPT], world, dict(path=str(path), out=str(tmp_path)),
+                                    cwd=Path(__file__).parent,  # `-c` puts the working folder on sys.path: procs
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    failures = wait_ranks(procs, timeout=240)
+    assert not failures, "\n".join(failures)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for dtype in (torch.bfloat16, torch.float16):
         expected = load_dit(path, dtype, weight_dtype=dtype).state_dict()

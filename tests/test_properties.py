@@ -1,7 +1,8 @@
 """Property-based tests (hypothesis): the input validators and the checkpoint header reader.
 
-For each validator: any value either raises ValueError (never a TypeError, OverflowError,
-MemoryError, ...), or is really valid and works downstream. For the checkpoint reader: random
+For each validator: a value is accepted if and only if the documented rule (written again here)
+calls it valid, and works downstream; any other value raises a ValueError naming it (never a
+TypeError, OverflowError, MemoryError, ...). For the checkpoint reader: random
 and adversarial safetensors headers and .pth bytes end in a CheckpointError (or ValueError),
 never another exception, and a header that disagrees with the data or with the model is refused
 rather than loaded as wrong weights. Bounded (`max_examples`) so the file runs in well under 30 s.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import struct
 
 import numpy as np
@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from wan22_core.checkpoints import DIT, TEXT_ENCODER, VAE, Checkpoint, CheckpointError, check_slot, identify, load_dit
-from wan22_core.config import MAX_STEPS, SOLVERS, TINY, SamplerSettings
+from wan22_core.config import MAX_STEPS, MIN_SHIFT, SOLVERS, TINY, SamplerSettings
 from wan22_core.models.transformer import WanModel
 from wan22_core.parallel import parallel_config
+from wan22_core.parallel.plan import MAX_CPU_RANKS
 from wan22_core.pipeline import MAX_FRAMES, MAX_LATENT_POSITIONS, MAX_SIDE, check_video_size, denoise, make_noise
 from wan22_core.sampling.moe import ExpertPair
 from wan22_core.sampling.schedule import flow_schedule, partial_schedule
@@ -34,7 +35,8 @@ SLOW = settings(FAST, max_examples=40)  # examples that build a model or write a
 
 # Anything a workflow, a CLI flag or a JSON file could hand over.
 anything = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
-                     st.integers(min_value=-2, max_value=2**70), st.sampled_from([math.nan, math.inf, -math.inf]))
+                     st.integers(min_value=-2, max_value=2**70), st.sampled_from([math.nan, math.inf, -math.inf]),
+                     st.sampled_from([2**1100, -2**1100]))  # ints no float holds: float() raises OverflowError
 # numpy scalars, as a script that computes its settings with numpy hands them over: sampler
 # settings and schedules accept numpy integers / reals like Python ones, numpy bools like bools.
 numpy_scalars = st.one_of(st.integers(-3, 60).map(np.int64), st.integers(0, 60).map(np.uint8),
@@ -42,28 +44,75 @@ numpy_scalars = st.one_of(st.integers(-3, 60).map(np.int64), st.integers(0, 60).
                           st.booleans().map(np.bool_))
 
 
-# ---------------------------------------------------------------------------------------------
-# Validators
+def mostly(valid, other):
+    """`valid` three draws in four, so that all of a test's inputs are often valid at once
+    (`st.one_of` picks among the flattened branches of both, most of them `other`'s)."""
+    return st.sampled_from([valid, valid, valid, other]).flatmap(lambda strategy: strategy)
+
+
+# The documented rules, written here rather than read from the validators: each test asserts that
+# an input is accepted if and only if these call it valid, and that a refusal names a bad input.
+
+
+def is_int(value) -> bool:
+    """A Python integer, not a bool: what sizes, seeds and parallel degrees take."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_whole(value) -> bool:
+    """An integer as the sampler settings take it: Python or numpy, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def number(value) -> float:
+    """The float a Python or numpy number stands for; NaN (which every rule refuses) for a bool,
+    a non-number, or an int too large for a float."""
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except OverflowError:
+        return math.nan
+
+
+def sampler_problems(steps, shift, boundary, cfg_high, cfg_low, solver) -> list[str]:
+    """The fields the documented rules refuse: steps a whole number 1..MAX_STEPS, shift a finite
+    number >= MIN_SHIFT, boundary in [0, 1], CFG scales finite and >= 0, a listed solver."""
+    rules = {"steps": is_whole(steps) and 1 <= steps <= MAX_STEPS,
+             "shift": MIN_SHIFT <= number(shift) < math.inf,
+             "boundary": 0 <= number(boundary) <= 1,
+             "cfg_high": 0 <= number(cfg_high) < math.inf,
+             "cfg_low": 0 <= number(cfg_low) < math.inf,
+             "solver": isinstance(solver, str) and solver in SOLVERS}
+    return [name for name, valid in rules.items() if not valid]
+
+
+other_values = st.one_of(anything, numpy_scalars)
+valid_steps = st.one_of(st.integers(1, 50), st.integers(1, MAX_STEPS), st.integers(1, MAX_STEPS).map(np.int64),
+                        st.integers(1, 255).map(np.uint8))
+valid_shift = st.one_of(st.floats(MIN_SHIFT, 20), st.floats(MIN_SHIFT, allow_infinity=False), st.integers(1, 2**70),
+                        st.floats(0.01, 1e30).map(np.float32))
+valid_cfg = st.one_of(st.floats(0, 10), st.floats(0, allow_infinity=False), st.integers(0, 2**70),
+                      st.floats(0, 10).map(np.float64))
 
 
 @FAST
-@given(steps=st.one_of(anything, numpy_scalars, st.integers(1, 50)),
-       shift=st.one_of(anything, numpy_scalars, st.floats(0.01, 20), st.floats(0, 0.01)),
-       boundary=st.one_of(anything, numpy_scalars, st.floats(0, 1)),
-       cfg_high=st.one_of(anything, numpy_scalars, st.floats(0, 10)),
-       cfg_low=st.one_of(anything, numpy_scalars), solver=st.one_of(st.sampled_from(SOLVERS), st.text(max_size=6)))
-def test_sampler_settings_accept_only_what_the_loop_can_run(steps, shift, boundary, cfg_high, cfg_low, solver):
+@given(steps=mostly(valid_steps, other_values), shift=mostly(valid_shift, st.one_of(other_values, st.floats(0, 0.01))),
+       boundary=mostly(st.one_of(st.floats(0, 1), st.sampled_from([0, 1]), st.floats(0, 1).map(np.float32)),
+                       other_values),
+       cfg_high=mostly(valid_cfg, other_values), cfg_low=mostly(valid_cfg, other_values),
+       solver=mostly(st.sampled_from(SOLVERS), st.text(max_size=6)))
+def test_sampler_settings_are_accepted_iff_valid(steps, shift, boundary, cfg_high, cfg_low, solver):
+    problems = sampler_problems(steps, shift, boundary, cfg_high, cfg_low, solver)
     settings_ = SamplerSettings(steps=steps, shift=shift, boundary=boundary, cfg_high=cfg_high, cfg_low=cfg_low,
                                 solver=solver)
     try:
         settings_.validate()
-    except ValueError:
+    except ValueError as err:
+        assert problems, f"valid settings refused: {err}"
+        assert str(err).split()[0] in problems  # the message starts with the name of a bad field
         return
-    assert isinstance(steps, numbers.Integral) and not isinstance(steps, (bool, np.bool_))
-    assert 1 <= steps <= MAX_STEPS
-    assert all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
-               for v in (shift, boundary, cfg_high, cfg_low))
-    assert shift > 0 and 0 <= boundary <= 1 and cfg_high >= 0 and cfg_low >= 0 and solver in SOLVERS
+    assert not problems, f"accepted with bad {problems}"
     if steps <= 1000:  # building a 10000-step schedule works too, but takes longer than this test may
         schedule = partial_schedule(steps, shift, solver, 1.0)
         assert len(schedule.timesteps) == steps and schedule.sigmas[-1] == 0
@@ -92,28 +141,45 @@ def test_size_limits_are_those_of_the_rope_table():
     assert (MAX_LATENT_POSITIONS, MAX_FRAMES, MAX_SIDE) == (1024, 4 * 1023 + 1, 16 * 1024)
 
 
+def size_problems(frames, height, width) -> list[str]:
+    """The arguments the documented rules refuse: frames 4k+1 and sides multiples of 16 px, within
+    the 1024 RoPE rows per axis (a row is 4 frames after the first, or 16 px)."""
+    problems = [] if is_int(frames) and frames >= 1 and frames % 4 == 1 and (frames - 1) // 4 < 1024 else ["frames"]
+    return problems + [name for name, side in (("height", height), ("width", width))
+                       if not (is_int(side) and side % 16 == 0 and 1 <= side // 16 <= 1024)]
+
+
+valid_side = st.integers(1, 1024).map(lambda rows: 16 * rows)
+
+
 @FAST
-@given(frames=st.one_of(anything, st.integers(-3, 5000)), height=st.one_of(anything, st.integers(-16, 17000)),
-       width=st.one_of(anything, st.sampled_from([16, 32, 16384, 16400])))
-def test_video_sizes_are_valid_when_accepted(frames, height, width):
+@given(frames=mostly(st.integers(0, 1023).map(lambda rows: 4 * rows + 1),
+                     st.one_of(anything, st.integers(-3, 5000), st.sampled_from([MAX_FRAMES + 4, -3]))),
+       height=mostly(valid_side, st.one_of(anything, st.integers(-16, 17000))),
+       width=mostly(valid_side, st.one_of(anything, st.sampled_from([0, 8, 24, MAX_SIDE + 16]))))
+def test_video_sizes_are_accepted_iff_valid(frames, height, width):
+    problems = size_problems(frames, height, width)
     try:
         check_video_size(frames, height, width)
-    except ValueError:
+    except ValueError as err:
+        assert problems, f"valid size refused: {err}"
+        assert str(err).split()[0] in problems
         return
-    assert type(frames) is int and frames % 4 == 1 and (frames - 1) // 4 + 1 <= MAX_LATENT_POSITIONS
-    for side in (height, width):  # tokens are 2x2 latent pixels of 8x8 pixels: one RoPE row per 16 px
-        assert type(side) is int and side % 16 == 0 and 1 <= side // 16 <= MAX_LATENT_POSITIONS
+    assert not problems, f"accepted with bad {problems}"
 
 
 @FAST
-@given(seed=st.one_of(anything, st.integers(0, 2**64 - 1), st.integers(2**64, 2**65)))
-def test_seeds_are_64_bit_when_accepted(seed):
+@given(seed=st.one_of(st.integers(0, 2**64 - 1), anything, st.integers(2**64, 2**65), st.integers(-3, -1)))
+def test_seeds_are_accepted_iff_64_bit(seed):
+    valid = is_int(seed) and 0 <= seed < 2**64
     try:
         noise = make_noise(seed, 1, 16, 16)
-    except ValueError:
+    except ValueError as err:
+        assert not valid, f"valid seed refused: {err}"
+        assert str(err).startswith("seed ")
         return
-    assert type(seed) is int and 0 <= seed < 2**64 and noise.shape == (16, 1, 2, 2)
-    assert torch.equal(noise, make_noise(seed, 1, 16, 16))
+    assert valid
+    assert noise.shape == (16, 1, 2, 2) and torch.equal(noise, make_noise(seed, 1, 16, 16))
 
 
 class Still(torch.nn.Module):
@@ -132,14 +198,20 @@ LATENT = torch.zeros(16, 1, 2, 2)
 
 
 @FAST
-@given(strength=st.one_of(anything, st.floats(0, 1)), steps=st.integers(1, 30))
-def test_denoise_strength_is_in_zero_one_and_the_schedule_fits_when_accepted(strength, steps):
+@given(strength=mostly(st.one_of(st.floats(0, 1, exclude_min=True), st.just(1), st.floats(0.001, 1).map(np.float32),
+                                 st.floats(0, 1, exclude_min=True).map(np.float64)), other_values),
+       steps=st.integers(1, 30))
+def test_denoise_strength_is_accepted_iff_in_zero_one_and_the_schedule_fits(strength, steps):
+    # denoise d runs the last `steps` steps of a steps / d schedule, which must fit MAX_STEPS
+    valid = 0 < number(strength) <= 1 and steps / number(strength) <= MAX_STEPS
     try:
         out = denoise(EXPERTS, torch.ones(2, 4), torch.zeros(2, 4), make_noise(0, 1, 16, 16),
                       SamplerSettings(steps=steps, shift=5.0, solver="euler"), latent=LATENT, denoise_strength=strength)
-    except ValueError:
+    except ValueError as err:
+        assert not valid, f"valid strength refused: {err}"
+        assert str(err).startswith("denoise ")
         return
-    assert type(strength) in (int, float) and 0 < strength <= 1 and steps / strength <= MAX_STEPS
+    assert valid
     assert out.shape == LATENT.shape and torch.isfinite(out).all()
     schedule = partial_schedule(steps, 5.0, "euler", strength)
     sigmas = schedule.sigmas.tolist()
@@ -147,24 +219,78 @@ def test_denoise_strength_is_in_zero_one_and_the_schedule_fits_when_accepted(str
     assert all(a > b for a, b in zip(sigmas, sigmas[1:]))
 
 
+CUDA_GPUS = torch.cuda.device_count()
+no_decimal_digit = st.text(max_size=6).filter(lambda text: not any(c.isdecimal() for c in text)
+                                              and text.strip().lower() != "all")
+
+
+@st.composite
+def cpu_ranks(draw):
+    """("cpu:N" as a user may type it, the N ranks it names or None when N is not 1..MAX_CPU_RANKS)."""
+    n = draw(mostly(st.integers(1, 8), st.integers(-1, MAX_CPU_RANKS + 2)))
+    text = draw(st.sampled_from(["cpu:{}", " CPU:{}", "Cpu:{}\t", "cpu:0{}"])).format(n)
+    return text, n if 1 <= n <= MAX_CPU_RANKS else None
+
+
+@st.composite
+def cuda_ranks(draw):
+    """("all" or a list of CUDA indices, its rank count or None when those GPUs are not all here)."""
+    if draw(st.booleans()):
+        return "all", CUDA_GPUS or None
+    indices = draw(st.lists(st.integers(0, 9), max_size=4))
+    valid = indices and len(set(indices)) == len(indices) and max(indices) < CUDA_GPUS
+    return draw(st.sampled_from([",", ", "])).join(map(str, indices)), len(indices) if valid else None
+
+
+bad_gpus = st.one_of(no_decimal_digit, st.sampled_from(  # '²' is a digit to str.isdigit, but not to int()
+    ["²", "0,²", "cpu:²", "cpu:+2", "cpu:2,cpu:3", "cpu:1.0", "-1"]))
+gpus_and_ranks = mostly(cpu_ranks(), st.one_of(cuda_ranks(), st.tuples(bad_gpus, st.none())))
+
+
+def parallel_problems(ranks, ulysses, fsdp, cfg_parallel, heads, heartbeat) -> list[str]:
+    """Words a refusal may name, one per README rule broken; [] for a valid config. `ranks`: how
+    many the gpus string names (None: not a valid gpus string on this machine)."""
+    problems = [] if number(heartbeat) > 0 else ["heartbeat_timeout"]  # seconds; inf is no bound
+    if not (is_int(ulysses) and ulysses >= 0):
+        problems.append("ulysses")
+    if ranks is None:
+        return problems + ["gpus"]
+    if cfg_parallel and ranks % 2:  # cond and uncond on two halves of the ranks
+        return problems + ["cfg_parallel"]
+    if "ulysses" in problems:
+        return problems
+    groups = 2 if cfg_parallel else 1
+    degree = ulysses or ranks // groups  # 0: all ranks of a CFG half
+    if heads % degree:  # Ulysses scatters whole heads
+        problems.append("ulysses")
+    if ranks % (degree * groups):
+        problems.append("ranks")
+    elif ranks > degree * groups and not fsdp:  # the extra ranks are replicas, useful only to shard weights
+        problems.append("fsdp")
+    return problems
+
+
 @FAST
-@given(ranks=st.one_of(st.integers(-1, 48).map(lambda n: f"cpu:{n}"), st.text(max_size=6),
-                       st.sampled_from(["all", "0", "0,1", "cpu:", "cpu:x", "cpu:2,cpu:3"])),
-       ulysses=st.one_of(st.integers(-2, 64), st.booleans(), st.none(), st.floats(0, 4)),
-       fsdp=st.booleans(), cfg_parallel=st.booleans(), heads=st.integers(1, 64),
-       heartbeat=st.one_of(st.floats(allow_nan=True), st.integers(-1, 100)))
-def test_parallel_degrees_are_consistent_when_accepted(ranks, ulysses, fsdp, cfg_parallel, heads, heartbeat):
+@given(gpus=gpus_and_ranks,
+       ulysses=mostly(st.sampled_from([0, 1, 2, 4]), st.one_of(st.integers(-2, 64), st.booleans(), st.none(),
+                                                                st.floats(0, 4), st.integers(1, 4).map(np.int64))),
+       fsdp=st.booleans(), cfg_parallel=st.booleans(), heads=mostly(st.just(40), st.integers(1, 64)),
+       heartbeat=mostly(st.one_of(st.floats(0, exclude_min=True), st.integers(1, 100)), other_values))
+def test_parallel_configs_are_accepted_iff_valid(gpus, ulysses, fsdp, cfg_parallel, heads, heartbeat):
+    text, ranks = gpus
+    problems = parallel_problems(ranks, ulysses, fsdp, cfg_parallel, heads, heartbeat)
     try:
-        config = parallel_config(ranks, ulysses, fsdp, cfg_parallel, num_heads=heads, heartbeat_timeout=heartbeat)
-    except ValueError:
+        config = parallel_config(text, ulysses, fsdp, cfg_parallel, num_heads=heads, heartbeat_timeout=heartbeat)
+    except ValueError as err:
+        assert problems, f"valid config refused: {err}"
+        assert any(word in str(err) for word in problems), (problems, str(err))
         return
+    assert not problems, f"accepted with bad {problems}"
     plan = config.plan
-    world = len(config.devices)
-    assert world == plan.world_size >= 1 and heads % plan.ulysses == 0
-    assert world % (plan.ulysses * plan.cfg_parallel) == 0 and plan.cfg_parallel == (2 if cfg_parallel else 1)
-    assert plan.replicas == 1 or plan.fsdp
-    assert config.heartbeat_timeout > 0
-    assert sorted(g for group in plan.ulysses_groups() for g in group) == list(range(world))
+    assert len(config.devices) == plan.world_size == ranks and plan.cfg_parallel == (2 if cfg_parallel else 1)
+    assert plan.ulysses == (ulysses or ranks // plan.cfg_parallel) and (plan.replicas == 1 or plan.fsdp)
+    assert config.heartbeat_timeout == number(heartbeat)
+    assert sorted(g for group in plan.ulysses_groups() for g in group) == list(range(ranks))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ class SamplerSettings:
             raise ValueError(f"boundary must be in [0, 1], got {self.boundary!r}")
         for name in ("cfg_high", "cfg_low"):
             value = getattr(self, name)
-            if not (is_real(value) and math.isfinite(value) and value >= 0):
+            if not (is_finite_real(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         return self
 
@@ -135,6 +135,14 @@ class SamplerSettings:
 def is_real(value) -> bool:
     """A real number (Python or numpy scalar); bool is an int to Python, but True is no scale."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_finite_real(value) -> bool:
+    """`is_real` and finite as the float the math turns it into: not NaN, inf or an int like 2**1100."""
+    try:
+        return is_real(value) and math.isfinite(value)
+    except OverflowError:  # math.isfinite converts an int to a float first
+        return False
 
 
 def check_schedule_args(steps, shift, solver) -> None:
@@ -146,7 +154,7 @@ def check_schedule_args(steps, shift, solver) -> None:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if steps > MAX_STEPS:  # the schedule is built in memory; a typo like 4000000 must not exhaust it
         raise ValueError(f"steps must be at most {MAX_STEPS}, got {steps} (Wan2.2 uses 40)")
-    if not (is_real(shift) and math.isfinite(shift) and shift >= MIN_SHIFT):
+    if not (is_finite_real(shift) and shift >= MIN_SHIFT):
         raise ValueError(f"shift must be a finite number >= {MIN_SHIFT}, got {shift!r} (the Wan2.2 default is 12.0)")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")

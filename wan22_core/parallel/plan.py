@@ -10,10 +10,11 @@ these before spawning anything.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..config import A14B
+from ..config import A14B, is_finite_real, is_real
 from ..runtime import check_backend
 
 A14B_HEADS = A14B.dit.num_heads
@@ -120,7 +121,7 @@ def parse_gpus(gpus: str) -> tuple[str, ...]:
                              "use 'cpu:N' to run N ranks on the CPU")
         return tuple(f"cuda:{i}" for i in range(available))
     items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items or not all(item.isdigit() for item in items):
+    if not items or not all(item.isdecimal() for item in items):  # isdigit takes '²', int() does not
         raise ValueError(f"gpus {gpus!r} is not 'all', a list of GPU indices like '0,1,2,3', or 'cpu:N'")
     indices = [int(item) for item in items]
     if len(set(indices)) != len(indices):
@@ -162,7 +163,9 @@ def parallel_config(gpus: str = "all", ulysses_degree: int = 0, fsdp: bool = Tru
     if cfg_parallel and len(devices) % 2:
         raise ValueError(f"cfg_parallel needs an even number of ranks (two halves); gpus {gpus!r} gives {len(devices)}")
     ulysses = ulysses_degree or len(devices) // cfg
-    if not (isinstance(heartbeat_timeout, (int, float)) and heartbeat_timeout > 0):
+    # inf is no bound; NaN, a bool or an int past the float range (2**1100) is no number of seconds
+    if not (is_real(heartbeat_timeout) and heartbeat_timeout > 0
+            and (is_finite_real(heartbeat_timeout) or heartbeat_timeout == math.inf)):
         raise ValueError(f"heartbeat_timeout must be a number of seconds > 0, got {heartbeat_timeout!r}")
     plan = ParallelPlan(world_size=len(devices), ulysses=ulysses, cfg_parallel=cfg, fsdp=fsdp,
                         reshard_after_forward=reshard_after_forward, num_heads=num_heads)

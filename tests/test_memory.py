@@ -228,6 +228,19 @@ def test_min_swap_blocks_is_the_smallest_count_that_fits():
     assert total(need) + CUDA_OVERHEAD <= card < total(need - 1) + CUDA_OVERHEAD
 
 
+def test_the_720p_table_names_swap_experts_when_no_block_needs_swapping():
+    """0 swapped blocks is what swap_experts does (block_swap with 0 is refused): say that."""
+    from wan22_core.memory import CUDA_OVERHEAD, min_swap_blocks, table_720p
+
+    cfg, card = DiTConfig(), 24 * GIB
+    fp8_b1 = estimate_peak_bytes(cfg, 81, 720, 1280, weight_bytes_per_param=1, offload="swap_experts", batch=1)
+    assert fp8_b1["total"] + CUDA_OVERHEAD <= card  # so the fp8 batch-1 row needs no block swap
+    assert min_swap_blocks(cfg, 81, 720, 1280, card, weight_bytes_per_param=1, batch=1) == 0
+    table = table_720p(cfg)
+    assert "- fp8, batch 1: fits a 24 GiB card with swap_experts (no block swap)" in table
+    assert "block_swap(0)" not in table and "block_swap >= 0" not in table
+
+
 def test_fp8_compute_modes_are_the_engines_without_auto():
     from wan22_core.fp8 import COMPUTE_MODES
     from wan22_core.memory import FP8_COMPUTE

@@ -328,7 +328,7 @@ def table_720p(cfg: DiTConfig = DiTConfig(), card_gib: int = 24) -> str:
         for batch in (2, 1):
             need = min_swap_blocks(cfg, frames, height, width, card_gib * GIB, weight_bytes_per_param=wb, batch=batch)
             rows = [("none", 0), ("swap_experts", 0), ("block_swap", cfg.num_layers)]
-            if need is not None and need != cfg.num_layers:
+            if need not in (None, 0, cfg.num_layers):
                 rows.append(("block_swap", need))
             for offload, n in rows:
                 e = estimate_peak_bytes(cfg, frames, height, width, weight_bytes_per_param=wb,
@@ -337,8 +337,9 @@ def table_720p(cfg: DiTConfig = DiTConfig(), card_gib: int = 24) -> str:
                 lines.append(f"| {wname} | {batch} | {label} | {e['weights'] / GIB:.1f} | "
                              f"{e['activations'] / GIB:.1f} | {e['total'] / GIB:.1f} | {e['peak_at']} |")
             verdicts.append(f"- {wname}, batch {batch}: " + (
-                f"fits a {card_gib} GiB card with block_swap >= {need}" if need is not None else
-                f"does not fit a {card_gib} GiB card even with all {cfg.num_layers} blocks swapped"))
+                f"does not fit a {card_gib} GiB card even with all {cfg.num_layers} blocks swapped" if need is None
+                else f"fits a {card_gib} GiB card with swap_experts (no block swap)" if need == 0
+                else f"fits a {card_gib} GiB card with block_swap >= {need}"))
     note = (f"\n\n(total = the allocator peak; a card also needs about {CUDA_OVERHEAD / GIB:.1f} GiB for the CUDA "
             f"context and allocator slack, counted in the verdicts below; a \"24 GB\" card has 24 GiB)\n\n")
     return "\n".join(lines) + note + "\n".join(verdicts)

@@ -192,9 +192,10 @@ class Wan22MoEModelLoader:
                              "GPU, fp32 on the CPU. bf16/fp16: convert. fp8_e4m3fn: store the block weights in "
                              "fp8 (half the memory); _fast also multiplies in fp8 on cards that can (Ada, Hopper)."}),
             "attention": (list(BACKENDS), {"default": "auto", "tooltip":
-                          "Attention kernel. auto: the fastest exact one installed (FlashAttention 3 on Hopper, "
-                          "then FlashAttention 2, else PyTorch SDPA). flash_attn / flash_attn3 / sage need their "
-                          "package; sage (SageAttention) is faster but not exact."}),
+                          "Attention kernel. auto: the fastest exact one installed (Hopper: FlashAttention 3, "
+                          "then 4; Blackwell: FlashAttention 4; Ampere/Ada: FlashAttention 2), else PyTorch SDPA. "
+                          "flash_attn / flash_attn3 / flash_attn4 / sage need their package; sage (SageAttention) "
+                          "is not exact."}),
             "offload": (list(OFFLOAD_CHOICES), {"default": "auto", "tooltip":
                         "none keeps both experts on the GPU; swap_experts keeps only the active one there "
                         "(one move at the switch); block_swap also keeps swap_blocks of its blocks in CPU memory "

@@ -7,6 +7,7 @@ import torch
 from fakes import hide_package
 
 from wan22_core.config import TINY
+from wan22_core.models import attention
 from wan22_core.models.attention import AttentionKernel, resolve_backend, set_attention_backend
 from wan22_core.models.transformer import WanModel
 from wan22_core.optimize import compile_blocks, compile_toolchain_problem
@@ -23,12 +24,69 @@ def test_sdpa_kernel_equals_float64_softmax_attention():
     assert ((out.double() - expected).norm() / expected.norm()).item() <= 1e-6
 
 
-@pytest.mark.parametrize("backend,package", [("flash_attn", "flash_attn"), ("flash_attn3", "flash_attn_interface"),
-                                             ("sage", "sageattention")])
-def test_selecting_a_missing_backend_says_what_to_install(backend, package, monkeypatch):
-    hide_package(monkeypatch, package)
-    with pytest.raises(ValueError, match=f"'{package}' package is not installed.*or choose 'sdpa'"):
+@pytest.mark.parametrize("backend,module,hint", [
+    ("flash_attn", "flash_attn.flash_attn_interface", "pip install flash-attn "),
+    ("flash_attn3", "flash_attn_interface", "hopper/ folder"),
+    ("flash_attn4", "flash_attn.cute", "pip install flash-attn-4"),
+    ("sage", "sageattention", "pip install sageattention")])
+def test_selecting_a_missing_backend_says_what_to_install(backend, module, hint, monkeypatch):
+    hide_package(monkeypatch, module)
+    with pytest.raises(ValueError, match=f"its module '{module}' is not installed.*{hint}.*or choose 'sdpa'"):
         resolve_backend(backend)
+
+
+def fake_kernels(monkeypatch, installed):
+    """Stand-in attention packages (float64 softmax attention) for the backends in `installed`,
+    findable and importable as the real ones; everything else is missing."""
+    import importlib.util
+    import types
+
+    calls = []
+
+    def flash_attn_func(q, k, v):
+        calls.append(q.dtype)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / q.shape[-1] ** 0.5
+        out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double()).to(q.dtype)
+        return out, None  # (out, lse), as FA3/FA4 return
+
+    modules = {attention._MODULES[name]: types.SimpleNamespace(flash_attn_func=flash_attn_func) for name in installed}
+    real_import, real_find = importlib.import_module, importlib.util.find_spec
+    monkeypatch.setattr(importlib, "import_module",
+                        lambda name, *a, **kw: modules[name] if name in modules else real_import(name, *a, **kw))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **kw: object() if name in modules else
+                        None if name in attention._MODULES.values() else real_find(name, *a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("major,installed,expected", [
+    (9, {"flash_attn", "flash_attn3", "flash_attn4", "sage"}, "flash_attn3"),
+    (9, {"flash_attn", "flash_attn4", "sage"}, "flash_attn4"),
+    (9, {"flash_attn", "sage"}, "sdpa"),  # FA2 is slower than SDPA's cuDNN kernel on Hopper; sage is not exact
+    (8, {"flash_attn", "flash_attn4"}, "flash_attn"),
+    (10, {"flash_attn3", "flash_attn4"}, "flash_attn4"),
+    (7, {"flash_attn", "flash_attn3", "flash_attn4"}, "sdpa")])
+def test_auto_picks_the_fastest_installed_exact_backend_for_the_gpu(major, installed, expected, monkeypatch):
+    fake_kernels(monkeypatch, installed)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    assert set(attention.available_backends()) == {"sdpa", *installed}
+    assert resolve_backend("auto", torch.device("cuda")) == expected
+
+
+def test_external_kernels_are_one_opaque_op_under_compile(monkeypatch):
+    """The package kernel runs in half precision inside a compiled graph without breaking it."""
+    calls = fake_kernels(monkeypatch, {"flash_attn4"})
+    q, k, v = torch.randn(2, 9, 4, 16), torch.randn(2, 5, 4, 16), torch.randn(2, 5, 4, 16)
+
+    def attend(q, k, v):
+        return attention.external_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), "flash_attn4").float() * 2
+
+    eager = attend(q, k, v)
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v)  # fullgraph: a break fails
+    expected = 2 * AttentionKernel("sdpa")(q, k, v)
+    assert calls == [torch.bfloat16, torch.bfloat16]
+    assert torch.equal(compiled, eager)
+    assert ((eager - expected).norm() / expected.norm()).item() <= 2 ** -7  # bf16 inputs and output
 
 
 def test_auto_is_sdpa_without_cuda_and_unknown_names_fail():
@@ -93,3 +151,17 @@ def test_load_expert_pair_sets_the_attention_backend_on_both_experts(tmp_path, m
 
     assert backends("sage") == {"high": {"sage"}, "low": {"sage"}}
     assert backends(None) == {"high": {"sdpa"}, "low": {"sdpa"}}
+
+
+def test_a_second_import_of_the_seam_reuses_the_one_custom_op(monkeypatch):
+    """ComfyUI imports the pack by its folder while the engine is also `wan22_core`: the file runs
+    twice in one process, and a second definition of the op would break the first."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("another_package_name.attention", attention.__file__)
+    again = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(again)
+    assert again.external_attention is attention.external_attention
+    fake_kernels(monkeypatch, {"flash_attn4"})
+    q = torch.randn(1, 4, 2, 8, dtype=torch.bfloat16)
+    assert torch.equal(again.external_attention(q, q, q, "flash_attn4"), attention.external_attention(q, q, q, "flash_attn4"))

@@ -870,7 +870,7 @@ def test_attention_choices_are_the_engine_backends_and_a_missing_package_is_name
     kernels = [m for m in model.experts(CPU)[0].get("high").modules() if isinstance(m, attention.AttentionKernel)]
     assert kernels and {k.backend for k in kernels} == {"sdpa"}
     hide_package(monkeypatch, "sageattention")  # missing here, whatever this machine has installed
-    with pytest.raises(ValueError, match="attention backend 'sage' is selected but the 'sageattention' package is "
+    with pytest.raises(ValueError, match="attention backend 'sage' is selected but its module 'sageattention' is "
                                          "not installed .* or choose 'sdpa'"):
         MAPPINGS["Wan22MoEModelLoader"]().load(HIGH, LOW, "auto", "sage", "auto")
 

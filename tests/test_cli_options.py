@@ -134,8 +134,8 @@ def test_missing_attention_package_exits_2_with_the_engines_message(generate, mo
     hide_package(monkeypatch, "flash_attn")
     assert generate("--attention", "flash_attn")[0] == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: attention backend 'flash_attn' is selected but the 'flash_attn' package is not "
-                          "installed") and "or choose 'sdpa'" in err and len(err.splitlines()) == 1
+    assert err.startswith("error: attention backend 'flash_attn' is selected but its module "
+                          "'flash_attn.flash_attn_interface' is not installed") and "or choose 'sdpa'" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -244,3 +244,26 @@ def test_encode_prompt_equals_the_text_encoder(model_dir):
     embeds = encode_prompt(args, files)
     expected = load_text_encoder(files.text_encoder, files.tokenizer).encode_prompt(PROMPT, NEGATIVE)
     assert torch.equal(embeds.positive, expected.positive) and torch.equal(embeds.negative, expected.negative)
+
+
+
+@pytest.mark.parametrize("preset", [None, "backend:cudaMallocAsync"])
+def test_the_cli_sets_expandable_segments_unless_the_user_chose_an_allocator(preset, monkeypatch):
+    """Set before the command runs (so before any CUDA work, when the allocator reads it); a user's
+    own setting wins."""
+    import argparse
+    import os
+    import types
+
+    from wan22_core import cli
+    from wan22_core.runtime import ALLOC_CONF
+
+    if preset is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", preset)
+    seen = []
+    command = argparse.Namespace(debug=False, func=lambda args: seen.append(os.environ["PYTORCH_CUDA_ALLOC_CONF"]) or 0)
+    monkeypatch.setattr(cli, "build_parser", lambda: types.SimpleNamespace(parse_args=lambda argv: command))
+    assert cli.main([]) == 0
+    assert seen == [ALLOC_CONF if preset is None else preset]

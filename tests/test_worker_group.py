@@ -254,3 +254,18 @@ def test_invalid_degrees_fail_before_any_process_starts(env):
     with pytest.raises(ValueError, match="ulysses degree 8 does not divide the 4 attention heads"):
         parallel.WorkerGroup.get_or_create(env["spec"], eight_way)
     assert set(children_of(os.getpid())) == before
+
+
+@pytest.mark.parametrize("parent,expected", [
+    ({}, "expandable_segments:True"),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"}, "expandable_segments:True"),  # ComfyUI's
+    ({"PYTORCH_CUDA_ALLOC_CONF": "garbage_collection_threshold:0.8"}, "garbage_collection_threshold:0.8"),
+])
+def test_ranks_run_the_native_allocator_unless_the_user_chose_one(parent, expected):
+    from wan22_core.parallel.worker_group import LOOPBACK, rank_environment
+    from wan22_core.runtime import ALLOC_CONF
+
+    env = rank_environment({"PATH": "/bin", **parent})
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == expected and ALLOC_CONF == "expandable_segments:True"
+    assert env["PATH"] == "/bin" and env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == LOOPBACK
+    assert rank_environment({"GLOO_SOCKET_IFNAME": "eth1"})["GLOO_SOCKET_IFNAME"] == "eth1"  # the user's wins

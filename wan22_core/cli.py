@@ -338,6 +338,9 @@ def cmd_make_tiny(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import Wan22Error
+    from .runtime import default_cuda_allocator
+
+    default_cuda_allocator()  # before any CUDA work; torchrun ranks run this main too
 
     try:
         return args.func(args)

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection, wait
@@ -90,6 +91,20 @@ def sweep_stale_rendezvous() -> None:
 # PR_SET_PDEATHSIG fires when the *thread* that started a child exits; start every worker from
 # this one thread, which lives as long as the process, whichever thread asks for a group.
 _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wan22-spawner")
+
+
+def rank_environment(parent: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a rank: the host's, with the ranks' sockets on loopback (unless the user
+    chose an interface) and PyTorch's own caching allocator with expandable segments
+    (runtime.ALLOC_CONF) unless the user chose an allocator. ComfyUI's `backend:cudaMallocAsync`,
+    which a rank would otherwise inherit, is replaced: a peer pack reports out-of-memory errors
+    under NCCL all-to-all with it (shared/reference/peers.md, B.7)."""
+    from ..runtime import ALLOC_CONF
+
+    env = {"GLOO_SOCKET_IFNAME": LOOPBACK, "NCCL_SOCKET_IFNAME": LOOPBACK, **parent}
+    if "cudaMallocAsync" in env.get("PYTORCH_CUDA_ALLOC_CONF", "cudaMallocAsync"):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
+    return env
 
 
 class WorkerGroupError(Wan22Error):
@@ -331,8 +346,8 @@ class WorkerGroup:
                      beat_interval=min(1.0, self.config.heartbeat_timeout / 4))
         command = [sys.executable, "-c", BOOTSTRAP, str(PACK_ROOT), json.dumps(setup)]
         # A new session: a Ctrl-C in the host's terminal reaches the host, which then stops us.
-        env = {"GLOO_SOCKET_IFNAME": LOOPBACK, "NCCL_SOCKET_IFNAME": LOOPBACK, **os.environ}  # the user's wins
-        self._procs[rank] = _spawner.submit(subprocess.Popen, command, pass_fds=(theirs.fileno(),), env=env,
+        self._procs[rank] = _spawner.submit(subprocess.Popen, command, pass_fds=(theirs.fileno(),),
+                                            env=rank_environment(os.environ),
                                             start_new_session=True).result()
         theirs.close()
         self._conns[rank] = Connection(ours.detach())

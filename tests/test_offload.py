@@ -7,6 +7,7 @@ import torch
 from wan22_core.config import TINY
 from wan22_core.models.transformer import WanModel
 from wan22_core.offload import OFFLOAD_CHOICES, BlockSwap, expert_pair_options
+from wan22_core.pipeline import denoise
 
 CFG = replace(TINY.dit, num_layers=5)
 
@@ -47,15 +48,23 @@ def test_block_swap_rejects_bad_counts():
         BlockSwap(WanModel(CFG).blocks, 6, torch.device("cpu"))
 
 
-def test_expert_pair_with_block_swap_gives_the_same_latents():
+def small_job():
+    """(positive, negative, noise, settings) of a 4-step run on two tiny experts: 3 high-noise
+    steps, 1 low-noise, so a switch happens."""
     from wan22_core.config import SamplerSettings
-    from wan22_core.pipeline import denoise, make_noise
+    from wan22_core.pipeline import make_noise
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(5, 32, generator=g), torch.randn(3, 32, generator=g), make_noise(0, 5, 32, 32), \
+        SamplerSettings(steps=4)
+
+
+def test_expert_pair_with_block_swap_gives_the_same_latents():
     from wan22_core.sampling.moe import ExpertPair
     from wan22_core.tiny import seeded
 
     experts = [seeded(i, lambda: WanModel(CFG)) for i in (1, 2)]
-    pos, neg, noise = torch.randn(5, 32), torch.randn(3, 32), make_noise(0, 5, 32, 32)
-    settings = SamplerSettings(steps=4)  # 3 high-noise steps, 1 low-noise: a switch happens
+    pos, neg, noise, settings = small_job()
     plain = denoise(ExpertPair(*experts, torch.device("cpu")), pos, neg, noise, settings)
     pair = ExpertPair(*experts, torch.device("cpu"), swap_blocks=3)
     swapped = denoise(pair, pos, neg, noise, settings)
@@ -113,3 +122,33 @@ def test_expert_pair_options_refuse_with_one_message_naming_the_fix(offload, swa
     with pytest.raises(ValueError) as err:
         expert_pair_options(offload, swap_blocks, compile, 5)
     assert str(err.value) == message
+
+
+
+def test_a_switch_drops_the_device_copy_and_keeps_the_host_weights():
+    """keep_host (the default off the CPU; here forced on the CPU, where it makes real copies):
+    the placed expert computes on copies, and offloading points its tensors back at the host
+    data they left, the same storage (no copy back), with whatever changed there while it was
+    idle (the node re-merges LoRAs between runs). The latents equal those without it."""
+    from wan22_core.sampling.moe import ExpertPair
+    from wan22_core.tiny import seeded
+
+    experts = [seeded(i, lambda: WanModel(CFG)) for i in (1, 2)]
+    pos, neg, noise, settings = small_job()
+    plain = denoise(ExpertPair(*experts, torch.device("cpu"), keep_both=False), pos, neg, noise, settings)
+    high = experts[0]
+    tensors = lambda m: [*m.named_parameters(), *m.named_buffers()]  # noqa: E731
+    host = {name: t.data.data_ptr() for name, t in tensors(high)}
+    pair = ExpertPair(*experts, torch.device("cpu"), keep_both=False, keep_host=True)
+    pair.get("high")
+    assert all(t.data.data_ptr() != host[name] for name, t in tensors(high))  # computing on copies
+    assert torch.equal(denoise(pair, pos, neg, noise, settings), plain)  # switched to "low" on the way
+    assert pair.active == "low" and list(pair._host) == [id(experts[1])]
+    assert all(t.data.data_ptr() == host[name] for name, t in tensors(high))  # back on its own storage
+    weight = high.blocks[0].ffn[0].weight
+    weight.data.add_(1.0)  # changed on the host while idle
+    changed = weight.detach().clone()
+    pair.get("high")  # the copy it computes on has the change
+    assert torch.equal(weight, changed) and weight.data.data_ptr() != host["blocks.0.ffn.0.weight"]
+    pair.offload_all()
+    assert pair._host == {} and weight.data.data_ptr() == host["blocks.0.ffn.0.weight"]

@@ -11,13 +11,14 @@ forward (the pipeline's batched CFG), batch 1 a single pass.
 Configurations, in run order (a time budget skips the tail with a note; one failing
 configuration is noted and the run goes on): ours eager with SDPA; diffusers'
 `WanTransformerBlock` (the block of `WanTransformer3DModel`) with the same weights, plus an
-output parity check; each SDPA kernel and each installed
-attention backend (`available_backends()`); fp8 block Linears (`wan22_core.fp8`, both compute
+output parity check; each SDPA kernel; the self-attention kernel alone and the block with each
+installed attention backend (`available_backends()`: FlashAttention 2/3/4, SageAttention); fp8 block Linears (`wan22_core.fp8`, both compute
 modes); block swap (`wan22_core.offload.BlockSwap`, every block streamed from pinned host
 memory); the non-block part of a forward and a 720p VAE decode, for the projection; last, ours
-under torch.compile (`wan22_core.optimize.compile_blocks`, compile time reported apart).
+under torch.compile (`wan22_core.optimize.compile_blocks`, compile time reported apart), with
+SDPA and with each installed exact backend.
 Optional packages, each skipped with a note when absent: diffusers, triton (compile),
-flash-attn / sageattention, matplotlib (--chart). Predicted activation memory (wan22_core.memory)
+flash-attn / flash-attn-4 / sageattention, matplotlib (--chart). Predicted activation memory (wan22_core.memory)
 is printed next to the measured one for the eager configurations.
 
 FLOPs per block (a multiply-add is 2 FLOPs; L tokens, d = dim, f = ffn_dim, Lc = 512 text slots,
@@ -56,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from wan22_core.config import DiTConfig, VAEConfig  # noqa: E402
 from wan22_core.memory import GIB, block_activation_peak, table_720p  # noqa: E402
-from wan22_core.models.attention import available_backends, set_attention_backend  # noqa: E402
+from wan22_core.models.attention import AttentionKernel, available_backends, set_attention_backend  # noqa: E402
 from wan22_core.models.transformer import RotaryEmbedding, WanBlock, WanModel  # noqa: E402
 
 OFFICIAL_S = {"720p": 1041.5, "480p": 326.9}  # Wan2.2 T2V-A14B, 1 x H100, 40 steps (design.md §5)
@@ -373,22 +374,62 @@ def parity(ours: WanBlock, twin: nn.Module, cfg: DiTConfig, shape: Shape, dev) -
     return rel
 
 
-def section_attention(bench: Bench, blocks, b2) -> None:
-    """Each SDPA kernel PyTorch can be pinned to (GPU), then each installed attention backend."""
-    cfg, dev = bench.cfg, bench.device
-    inputs = lambda s: ours_inputs(cfg, s, dev)  # noqa: E731
-    if bench.cuda:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+def section_sdpa(bench: Bench, blocks, b2) -> None:
+    """The block with SDPA pinned to each of its kernels (GPU only)."""
+    if not bench.cuda:
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
-            kernel = getattr(SDPBackend, name, None)
-            if kernel is not None:
-                bench.run(f"ours sdpa[{name.split('_')[0].lower()}]", blocks, inputs, b2[:1],
-                          context=lambda k=kernel: sdpa_kernel(k))
+    inputs = lambda s: ours_inputs(bench.cfg, s, bench.device)  # noqa: E731
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        kernel = getattr(SDPBackend, name, None)
+        if kernel is not None:
+            bench.run(f"ours sdpa[{name.split('_')[0].lower()}]", blocks, inputs, b2[:1],
+                      context=lambda k=kernel: sdpa_kernel(k))
+
+
+def attention_flops(tokens: int, batch: int, cfg: DiTConfig) -> float:
+    """QK^T and PV of the self-attention: 4 L^2 d per sample."""
+    return batch * 4 * tokens * tokens * cfg.dim
+
+
+def section_attention(bench: Bench, blocks, b2) -> None:
+    """The self-attention kernel alone (SDPA and each installed backend: ms, TFLOP/s, difference to
+    SDPA), then the block with each installed backend."""
+    cfg, dev = bench.cfg, bench.device
+    installed = [b for b in available_backends() if b != "sdpa"]
+    bench.note(f"attention backends installed: {', '.join(['sdpa', *installed])}")
+    kernels = bench.extra.setdefault("attention_kernel", [])
+    for shape in b2:
+        if not bench.has_time(20, f"attention kernels at {shape.label}"):
+            break
+        g = torch.Generator(device=dev).manual_seed(0)
+        q, k, v = (torch.randn(shape.batch, shape.tokens, cfg.num_heads, cfg.head_dim, generator=g, device=dev,
+                               dtype=DTYPE) for _ in range(3))
+        reference = None
+        for backend in ["sdpa", *installed]:
+            row = {"backend": backend, "shape": shape.label}
+            try:
+                kernel = AttentionKernel(backend)
+                first, ms = time_blocks([kernel], (q, k, v), bench.args.warmup, bench.args.repeats, bench.cuda)
+                out = kernel(q, k, v).float()
+                if reference is None:
+                    reference = out
+                row.update(ms=statistics.median(ms), first_ms=first[0],
+                           tflops=attention_flops(shape.tokens, shape.batch, cfg) / (statistics.median(ms) * 1e-3) / 1e12,
+                           rel_l2_vs_sdpa=((out - reference).norm() / reference.norm()).item())
+                del out
+            except Exception as err:  # e.g. a package built for another CUDA or GPU
+                traceback.print_exc()
+                row["note"] = f"{type(err).__name__}: {err}"[:300]
+            kernels.append(row)
+            print("# attention kernel " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                    for k, v in row.items()), flush=True)
+        del q, k, v, reference
+    bench.save()
     stack = Stack(blocks)
-    for backend in available_backends():
-        if backend == "sdpa":
-            continue
+    inputs = lambda s: ours_inputs(cfg, s, dev)  # noqa: E731
+    for backend in installed:
         try:
             set_attention_backend(stack, backend, dev)
             bench.run(f"ours {backend}", blocks, inputs, b2)
@@ -396,22 +437,25 @@ def section_attention(bench: Bench, blocks, b2) -> None:
             bench.note(f"attention backend {backend} skipped: {err}")
         finally:
             set_attention_backend(stack, "sdpa", dev)
-    bench.note(f"attention backends installed: {', '.join(available_backends())}")
 
 
 def section_compile(bench: Bench, blocks, b2) -> None:
+    """Regional torch.compile with SDPA, then with each installed exact attention backend."""
     from wan22_core.optimize import compile_blocks
 
-    if not bench.has_time(150, "torch.compile"):
-        return
     stack = Stack(copy.deepcopy(blocks))
     problem = compile_blocks(stack, bench.device)
     if problem is not None:
         bench.note(f"torch.compile skipped: {problem}")
         return
     shapes = b2[:1] if bench.args.dry_run else b2  # a CPU compile takes ~30 s per shape
-    bench.run("ours compiled", list(stack.blocks), lambda s: ours_inputs(bench.cfg, s, bench.device), shapes,
-              predict=None, compiled=True)
+    inputs = lambda s: ours_inputs(bench.cfg, s, bench.device)  # noqa: E731
+    for backend in ["sdpa", *(b for b in available_backends() if b not in ("sdpa", "sage"))]:
+        if not bench.has_time(60, f"torch.compile with {backend}"):
+            return
+        set_attention_backend(stack, backend, bench.device)  # a new backend recompiles
+        bench.run("ours compiled" + ("" if backend == "sdpa" else f" + {backend}"), list(stack.blocks), inputs,
+                  shapes, predict=None, compiled=True)
 
 
 def section_fp8(bench: Bench, blocks, b2) -> None:
@@ -602,7 +646,7 @@ def machine(device: torch.device) -> dict:
     return info
 
 
-SECTIONS = ("ours", "attention", "fp8", "swap", "compile", "overhead", "vae")
+SECTIONS = ("ours", "sdpa", "attention", "fp8", "swap", "compile", "overhead", "vae")
 
 
 def main() -> None:
@@ -638,7 +682,8 @@ def main() -> None:
     run = set(args.only.split(",")) if args.only else set(SECTIONS)
     if "ours" in run:
         bench.section(section_ours_and_diffusers, bench, blocks, shapes)
-    for name, section in (("attention", section_attention), ("fp8", section_fp8), ("swap", section_block_swap)):
+    for name, section in (("sdpa", section_sdpa), ("attention", section_attention), ("fp8", section_fp8),
+                          ("swap", section_block_swap)):
         if name in run:
             bench.section(section, bench, blocks, b2)
     if "compile" in run:

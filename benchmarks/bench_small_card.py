@@ -10,7 +10,7 @@ so any allocation beyond what the small card could give raises an out-of-memory 
 
 What runs is what a user of that card runs: one full-size A14B expert (40 blocks, random bf16
 weights) in an `ExpertPair` with `swap_blocks` set to the memory model's `min_swap_blocks` for
-the card (or --swap), then `pipeline.denoise` for --steps steps at 1280x720x81 with batched CFG
+the card (or --swap; if the cap is hit anyway, 2 more blocks and again), then `pipeline.denoise` for --steps steps at 1280x720x81 with batched CFG
 (cond + uncond in one forward), then the VAE decode of the result, tiled (--vae-tile) as the
 README tells small-card users. Printed: seconds per step, the allocator's peak for the
 denoising and for the decode, and the memory model's prediction for the same settings. With
@@ -18,12 +18,18 @@ denoising and for the decode, and the memory model's prediction for the same set
 an expert switch costs without block swap (ExpertPair moves through pageable host memory).
 The text encoder (UMT5-XXL, 11.4 GB bf16, released after encoding) is not run.
 
+The same script times the real loop with the whole expert on the GPU, to check bench_gpu.py's
+block projections: `--card-gib 80 --swap 0 --compile --attention flash_attn4` (no cap when the
+card is as big as the GPU; compile needs --swap 0, as in the engine). The allocator is set up as
+the CLI sets it (expandable segments) unless PYTORCH_CUDA_ALLOC_CONF is set.
+
 Host memory: the swapped blocks live in pinned host memory (about 0.7 GB per block).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -34,10 +40,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
+from wan22_core.runtime import default_cuda_allocator  # noqa: E402
+
+# The allocator as the CLI sets it up (wan22_core.runtime.ALLOC_CONF) unless the caller chose one:
+# with torch's default a 720p step fragments the cache (on an H100 under the 22.5 GiB cap: 4.3 GiB
+# reserved but unusable when a 2.9 GiB tensor was asked for), which a small card cannot afford.
+default_cuda_allocator()
+
 from wan22_core.config import TINY, DiTConfig, SamplerSettings, VAEConfig  # noqa: E402
+from wan22_core.errors import OutOfMemory  # noqa: E402
 from wan22_core.memory import CUDA_OVERHEAD, GIB, estimate_peak_bytes, min_swap_blocks  # noqa: E402
+from wan22_core.models.attention import BACKENDS, set_attention_backend  # noqa: E402
 from wan22_core.models.transformer import WanModel  # noqa: E402
 from wan22_core.models.vae import WanVAE  # noqa: E402
+from wan22_core.offload import expert_pair_options  # noqa: E402
+from wan22_core.optimize import compile_blocks  # noqa: E402
 from wan22_core.pipeline import decode_to_video, denoise, make_noise  # noqa: E402
 from wan22_core.sampling.moe import ExpertPair  # noqa: E402
 
@@ -114,7 +131,8 @@ def run(args) -> dict:
                          "even with every block swapped")
     predicted = estimate_peak_bytes(cfg, frames, height, width, offload="block_swap", swap_blocks=swap,
                                     text_tokens=args.text_tokens)
-    result = dict(machine=machine(device), card_gib=args.card_gib, swap_blocks=swap, frames=frames,
+    result = dict(machine=machine(device), alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+                  card_gib=args.card_gib, swap_blocks=swap, frames=frames,
                   height=height, width=width, steps=args.steps, vae_tile=args.vae_tile,
                   predicted_denoise_gib=predicted["total"] / GIB)
     print(f"# {result['machine']}")
@@ -129,26 +147,53 @@ def run(args) -> dict:
           f"in {result['build_s']:.0f} s", flush=True)
     if args.switch_timing:
         result["switch"] = switch_timing(expert, device)
+    result["attention"] = set_attention_backend(expert, args.attention, device)
+    if args.compile:  # the engine refuses compile with block swap (offload.expert_pair_options)
+        expert_pair_options("block_swap" if swap else "swap_experts", swap, True, cfg.num_layers)
+        problem = compile_blocks(expert, device)
+        if problem:
+            raise SystemExit(f"--compile: {problem}")
+    result["compile"] = args.compile
     if cuda:
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction((card - CUDA_OVERHEAD) / torch.cuda.get_device_properties(0).total_memory)
+        total = torch.cuda.get_device_properties(0).total_memory
+        if card - CUDA_OVERHEAD < total:  # else: no cap, the whole card
+            torch.cuda.set_per_process_memory_fraction((card - CUDA_OVERHEAD) / total)
         torch.cuda.reset_peak_memory_stats(device)
 
-    experts = ExpertPair(expert, expert, device, swap_blocks=swap)  # boundary 0: only "high" runs
     g = torch.Generator().manual_seed(0)
     positive = torch.randn(args.text_tokens, cfg.text_dim, generator=g).to(DTYPE)
     negative = torch.randn(args.text_tokens, cfg.text_dim, generator=g).to(DTYPE)
     noise = make_noise(0, frames, height, width)
-    marks = [time.perf_counter()]
+    result["out_of_memory_at_swap"] = []
+    while True:  # the memory model's count first; if the cap is hit, 2 more blocks (one GPU sitting)
+        experts = ExpertPair(expert, expert, device, swap_blocks=swap)  # boundary 0: only "high" runs
+        marks = [time.perf_counter()]
 
-    def on_step(info) -> None:
+        def on_step(info) -> None:
+            if cuda:
+                torch.cuda.synchronize(device)
+            marks.append(time.perf_counter())
+            print(f"step {info.index + 1}/{info.total}: {marks[-1] - marks[-2]:.2f} s", flush=True)
+
+        try:
+            latent = denoise(experts, positive, negative, noise, SamplerSettings(steps=args.steps, boundary=0.0),
+                             on_step=on_step)
+            break
+        except (torch.cuda.OutOfMemoryError, OutOfMemory) as err:  # the engine names its own
+            print(f"# out of memory with swap_blocks {swap}: {str(err).splitlines()[0]}", flush=True)
+            result["out_of_memory_at_swap"].append(swap)
+        experts.offload_all()  # outside the except block: the traceback no longer holds GPU tensors
+        del experts
+        if swap >= cfg.num_layers:
+            raise SystemExit(f"out of memory under the {args.card_gib} GiB cap even with every block swapped")
+        swap = min(cfg.num_layers, swap + 2)
         if cuda:
-            torch.cuda.synchronize(device)
-        marks.append(time.perf_counter())
-        print(f"step {info.index + 1}/{info.total}: {marks[-1] - marks[-2]:.2f} s", flush=True)
-
-    latent = denoise(experts, positive, negative, noise, SamplerSettings(steps=args.steps, boundary=0.0),
-                     on_step=on_step)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+    result["swap_blocks"] = swap
+    result["predicted_denoise_gib"] = estimate_peak_bytes(cfg, frames, height, width, offload="block_swap",
+                                                          swap_blocks=swap, text_tokens=args.text_tokens)["total"] / GIB
     steps_s = [b - a for a, b in zip(marks, marks[1:])]
     result.update(step_s=steps_s, denoise_peak_gib=peak_gib(device))
     experts.offload_all()
@@ -164,7 +209,7 @@ def run(args) -> dict:
     video = decode_to_video(vae, latent, tile_size=args.vae_tile if cuda else 16)
     result.update(decode_s=time.perf_counter() - t0, decode_peak_gib=peak_gib(device),
                   video_shape=list(video.shape), finite=bool(torch.isfinite(latent).all()))
-    print(f"# steady step {min(steps_s[1:] or steps_s):.2f} s; denoise peak "
+    print(f"# swap_blocks {swap}; steady step {min(steps_s[1:] or steps_s):.2f} s; denoise peak "
           f"{fmt(result['denoise_peak_gib'])} GiB (predicted {result['predicted_denoise_gib']:.2f}); "
           f"decode {result['decode_s']:.1f} s, peak {fmt(result['decode_peak_gib'])} GiB; video {video.shape}")
     print(f"# projected 720p run on this card: 40 x {min(steps_s[1:] or steps_s):.1f} s + decode "
@@ -181,7 +226,7 @@ def machine(device: torch.device) -> str:
     return f"{name}, python {platform.python_version()}, torch {torch.__version__}"
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--card-gib", type=float, default=24.0, help="the card to emulate, GiB (default 24)")
     p.add_argument("--swap", type=int, default=None, help="swapped blocks (default: the memory model's minimum)")
@@ -191,11 +236,17 @@ def main() -> None:
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--text-tokens", type=int, default=128, help="prompt length in tokens (default 128)")
     p.add_argument("--vae-tile", type=int, default=32, help="VAE decode tile in latent pixels (default 32)")
+    p.add_argument("--attention", choices=BACKENDS, default="auto", help="attention backend (default auto)")
+    p.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks (needs --swap 0)")
     p.add_argument("--switch-timing", action="store_true",
                    help="also time moving the whole expert to the GPU and back (pageable and pinned)")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: checks the code path")
     p.add_argument("--json", help="write the results here")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     result = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -34,6 +34,9 @@ LABELS = {
     "ours eager": "ours, eager",
     "ours eager sdpa": "ours, eager (transposed stream)",
     "ours compiled": "ours, torch.compile",
+    "ours compiled + flash_attn4": "ours, torch.compile + FlashAttention 4",
+    "ours flash_attn4": "ours, eager, FlashAttention 4",
+    "ours sage": "ours, eager, SageAttention 1 (not exact)",
     "ours fp8 (auto: scaled_mm)": "ours, fp8 weights, scaled_mm",
     "ours fp8 (dequant: dequant)": "ours, fp8 weights, dequant",
     "ours block swap (2/2 streamed)": "ours, block swap (all streamed)",
@@ -135,10 +138,11 @@ def _color(config: str) -> str:
         return "0.55"
     if config.startswith("diffusers"):
         return "tab:orange"
-    return "tab:green" if "compiled" in config else "tab:blue"
+    return "tab:green" if "compiled" in config else "tab:red" if "sage" in config else "tab:blue"
 
 
-ORDER = ("official", "diffusers WanTransformerBlock", "ours eager", "ours compiled")
+ORDER = ("official", "diffusers WanTransformerBlock", "ours eager", "ours flash_attn4", "ours compiled",
+         "ours compiled + flash_attn4")
 
 
 def draw(out: Path = OUT, results: Path = RESULTS) -> Path:

@@ -17,7 +17,7 @@ def run(script: str, *args: str, cwd: Path) -> str:
 
 
 def test_bench_gpu_dry_run_measures_the_engine_layout(tmp_path):
-    run("bench_gpu.py", "--only", "ours,fp8,swap,overhead", "--repeats", "1", "--warmup", "1",
+    run("bench_gpu.py", "--only", "ours,attention,fp8,swap,overhead", "--repeats", "1", "--warmup", "1",
         "--json", str(tmp_path / "gpu.json"), cwd=tmp_path)
     data = json.loads((tmp_path / "gpu.json").read_text())
     assert data["dry_run"] and data["stream"] == "contiguous"
@@ -25,6 +25,9 @@ def test_bench_gpu_dry_run_measures_the_engine_layout(tmp_path):
     assert {"ours eager", "ours block swap (2/2 streamed)"} <= configs, configs
     assert any(c.startswith("ours fp8") for c in configs), configs
     assert data["projection"] and all(p["total_s"] > 0 for p in data["projection"])
+    kernels = data["attention_kernel"]  # the attention kernel alone, per installed backend and shape
+    assert {k["shape"] for k in kernels} == {"720p b2", "480p b2"}, kernels
+    assert all(k["ms"] > 0 and k["rel_l2_vs_sdpa"] == 0 for k in kernels if k["backend"] == "sdpa"), kernels
 
 
 def test_bench_small_card_dry_run_samples_with_block_swap_and_decodes(tmp_path):
@@ -33,3 +36,24 @@ def test_bench_small_card_dry_run_samples_with_block_swap_and_decodes(tmp_path):
     assert data["swap_blocks"] == 2 and len(data["step_s"]) == data["steps"] == 3
     assert data["finite"] and data["video_shape"] == [data["frames"], data["height"], data["width"], 3]
     assert "dry run: OK" in out and data["switch"]["gb"] > 0
+
+
+def test_bench_small_card_adds_two_blocks_when_the_cap_is_hit(monkeypatch, tmp_path):
+    """An out-of-memory error under the cap costs one retry with 2 more swapped blocks, not the run."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_small_card
+
+    real, calls = bench_small_card.denoise, []
+
+    def denoise(experts, *args, **kwargs):
+        calls.append(experts.swap_blocks)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return real(experts, *args, **kwargs)
+
+    monkeypatch.setattr(bench_small_card, "denoise", denoise)
+    result = bench_small_card.run(bench_small_card.parser().parse_args(["--dry-run", "--steps", "2", "--text-tokens", "8"]))
+    assert calls == [2, 4] and result["out_of_memory_at_swap"] == [2] and result["swap_blocks"] == 4
+    assert result["finite"] and len(result["step_s"]) == 2

@@ -185,8 +185,9 @@ def run(args) -> dict:
             result["out_of_memory_at_swap"].append(swap)
         experts.offload_all()  # outside the except block: the traceback no longer holds GPU tensors
         del experts
-        if swap >= cfg.num_layers:
-            raise SystemExit(f"out of memory under the {args.card_gib} GiB cap even with every block swapped")
+        if swap >= cfg.num_layers or args.compile:  # the engine refuses compile with block swap
+            raise SystemExit(f"out of memory under the {args.card_gib} GiB cap with swap_blocks {swap}"
+                             + (" and --compile" if args.compile else ", every block swapped"))
         swap = min(cfg.num_layers, swap + 2)
         if cuda:
             torch.cuda.empty_cache()

@@ -71,8 +71,11 @@ class MoEModel:
             set_attention_backend(expert, self.attention, device)
             reports += [(EXPERT_NAMES[slot], r) for r in apply_expert_loras(slot, expert, loras, self.lora_mode)]
             experts[slot] = expert
+        offload_device = comfy_adapter.runtime.offload_device()
+        # keep_host: the sampler offloads both experts after every prompt, and LoRAs are re-merged
+        # above, on the host, before placing: putting them back then copies nothing
         pair = ExpertPair(experts["high"], experts["low"], device, **self.pair_options(len(experts["high"].blocks)),
-                          offload_device=comfy_adapter.runtime.offload_device())
+                          offload_device=offload_device, keep_host=torch.device(device) != torch.device(offload_device))
         return pair, tuple(reports)
 
     def pair_options(self, num_layers: int) -> dict:

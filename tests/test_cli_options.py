@@ -247,7 +247,7 @@ def test_encode_prompt_equals_the_text_encoder(model_dir):
 
 
 
-@pytest.mark.parametrize("preset", [None, "backend:cudaMallocAsync"])
+@pytest.mark.parametrize("preset", [None, "backend:cudaMallocAsync", "newer:garbage_collection_threshold:0.8"])
 def test_the_cli_sets_expandable_segments_unless_the_user_chose_an_allocator(preset, monkeypatch):
     """Set before the command runs (so before any CUDA work, when the allocator reads it); a user's
     own setting wins."""
@@ -258,12 +258,16 @@ def test_the_cli_sets_expandable_segments_unless_the_user_chose_an_allocator(pre
     from wan22_core import cli
     from wan22_core.runtime import ALLOC_CONF
 
-    if preset is None:
-        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    else:
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    if preset is not None and preset.startswith("newer:"):  # torch's newer name for the same setting
+        monkeypatch.setenv("PYTORCH_ALLOC_CONF", preset.removeprefix("newer:"))
+    elif preset is not None:
         monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", preset)
     seen = []
-    command = argparse.Namespace(debug=False, func=lambda args: seen.append(os.environ["PYTORCH_CUDA_ALLOC_CONF"]) or 0)
+    command = argparse.Namespace(debug=False, func=lambda args: seen.append(
+        (os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), os.environ.get("PYTORCH_ALLOC_CONF"))) or 0)
     monkeypatch.setattr(cli, "build_parser", lambda: types.SimpleNamespace(parse_args=lambda argv: command))
     assert cli.main([]) == 0
-    assert seen == [ALLOC_CONF if preset is None else preset]
+    assert seen == [(ALLOC_CONF, None) if preset is None else
+                    (None, "garbage_collection_threshold:0.8") if preset.startswith("newer:") else (preset, None)]

@@ -126,7 +126,7 @@ def test_expert_pair_options_refuse_with_one_message_naming_the_fix(offload, swa
 
 
 def test_a_switch_drops_the_device_copy_and_keeps_the_host_weights():
-    """keep_host (the default off the CPU; here forced on the CPU, where it makes real copies):
+    """keep_host (the CLI and the node set it for a GPU; here on the CPU, where it makes real copies):
     the placed expert computes on copies, and offloading points its tensors back at the host
     data they left, the same storage (no copy back), with whatever changed there while it was
     idle (the node re-merges LoRAs between runs). The latents equal those without it."""
@@ -152,3 +152,24 @@ def test_a_switch_drops_the_device_copy_and_keeps_the_host_weights():
     assert torch.equal(weight, changed) and weight.data.data_ptr() != host["blocks.0.ffn.0.weight"]
     pair.offload_all()
     assert pair._host == {} and weight.data.data_ptr() == host["blocks.0.ffn.0.weight"]
+
+
+def test_keep_host_with_both_experts_resident_places_each_once():
+    """keep_both + keep_host: going back to an expert that is still placed copies nothing (a second
+    copy would hold it twice on the GPU), and offload_all puts both back on their own storage."""
+    from wan22_core.sampling.moe import ExpertPair
+    from wan22_core.tiny import seeded
+
+    experts = [seeded(i, lambda: WanModel(CFG)) for i in (1, 2)]
+    host = [{id(t): t.data.data_ptr() for t in [*e.parameters(), *e.buffers()]} for e in experts]
+    pair = ExpertPair(*experts, torch.device("cpu"), keep_both=True, keep_host=True)
+    pair.get("high")
+    placed = {id(t): t.data.data_ptr() for t in experts[0].parameters()}
+    pair.get("low")
+    pair.get("high")
+    assert {id(t): t.data.data_ptr() for t in experts[0].parameters()} == placed  # not copied again
+    kept = {id(t): h.data_ptr() for t, h in pair._host[id(experts[0])]}
+    assert kept == host[0]  # the original host storage, not a device copy
+    pair.offload_all()
+    for e, ptrs in zip(experts, host):
+        assert {id(t): t.data.data_ptr() for t in [*e.parameters(), *e.buffers()]} == ptrs

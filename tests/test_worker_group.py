@@ -269,3 +269,12 @@ def test_ranks_run_the_native_allocator_unless_the_user_chose_one(parent, expect
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == expected and ALLOC_CONF == "expandable_segments:True"
     assert env["PATH"] == "/bin" and env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == LOOPBACK
     assert rank_environment({"GLOO_SOCKET_IFNAME": "eth1"})["GLOO_SOCKET_IFNAME"] == "eth1"  # the user's wins
+
+
+def test_ranks_keep_the_newer_allocator_variable_unless_it_names_cuda_malloc_async():
+    from wan22_core.parallel.worker_group import rank_environment
+
+    env = rank_environment({"PYTORCH_ALLOC_CONF": "expandable_segments:False"})
+    assert env["PYTORCH_ALLOC_CONF"] == "expandable_segments:False" and "PYTORCH_CUDA_ALLOC_CONF" not in env
+    env = rank_environment({"PYTORCH_ALLOC_CONF": "backend:cudaMallocAsync"})
+    assert "PYTORCH_ALLOC_CONF" not in env and env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"

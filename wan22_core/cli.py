@@ -181,7 +181,8 @@ def run(args, files) -> dict:
         embeds = encode_prompt(args, files)
     with stage("load experts", timings):
         experts = ExpertPair(load_expert(args, files.high_noise, args.lora_high, dtype, device),
-                             load_expert(args, files.low_noise, args.lora_low, dtype, device), device, **placement)
+                             load_expert(args, files.low_noise, args.lora_low, dtype, device), device, **placement,
+                             keep_host=device.type != "cpu")  # the switch then copies nothing back
         if args.compile:
             compile_experts(experts.experts.values(), device)
     with stage("denoise", timings):  # includes the compile on the first step with --compile

@@ -12,9 +12,12 @@ ALLOC_CONF = "expandable_segments:True"
 
 
 def default_cuda_allocator() -> None:
-    """Use ALLOC_CONF unless the user chose an allocator. Must run before the first CUDA allocation
-    (torch reads the variable then); a process that set up CUDA already keeps its allocator."""
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
+    """Use ALLOC_CONF unless the user chose an allocator (PYTORCH_CUDA_ALLOC_CONF, or the newer
+    PYTORCH_ALLOC_CONF). Must run before the first CUDA allocation (torch reads the variable
+    then); a process that set up CUDA already keeps its allocator."""
+    if "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
+
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

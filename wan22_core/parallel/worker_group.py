@@ -96,13 +96,15 @@ _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wan22-spawner")
 def rank_environment(parent: Mapping[str, str]) -> dict[str, str]:
     """The environment of a rank: the host's, with the ranks' sockets on loopback (unless the user
     chose an interface) and PyTorch's own caching allocator with expandable segments
-    (runtime.ALLOC_CONF) unless the user chose an allocator. ComfyUI's `backend:cudaMallocAsync`,
-    which a rank would otherwise inherit, is replaced: a peer pack reports out-of-memory errors
-    under NCCL all-to-all with it (shared/reference/peers.md, B.7)."""
+    (runtime.ALLOC_CONF) unless another allocator setting is there. `backend:cudaMallocAsync` is
+    always replaced (ComfyUI sets it for its own process, and the ranks would inherit it): a peer
+    pack reports out-of-memory errors under NCCL all-to-all with it (shared/reference/peers.md, B.7)."""
     from ..runtime import ALLOC_CONF
 
     env = {"GLOO_SOCKET_IFNAME": LOOPBACK, "NCCL_SOCKET_IFNAME": LOOPBACK, **parent}
-    if "cudaMallocAsync" in env.get("PYTORCH_CUDA_ALLOC_CONF", "cudaMallocAsync"):
+    chosen = env.get("PYTORCH_CUDA_ALLOC_CONF", "") + env.get("PYTORCH_ALLOC_CONF", "")
+    if not chosen or "cudaMallocAsync" in chosen:
+        env.pop("PYTORCH_ALLOC_CONF", None)
         env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
     return env
 

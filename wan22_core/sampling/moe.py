@@ -63,24 +63,26 @@ class ExpertPair:
 
     When both fit on the compute device they are both moved there once. Otherwise only the
     active expert is on the device and the other waits on `offload_device`: one move per
-    switch (at step 0 and at the boundary), never one per step. A placed expert keeps its host
-    tensors, so offloading it only drops the device copies (the weights are not changed while
-    they are placed; LoRA merges happen on the host, between runs). With `swap_blocks` > 0 the
+    switch (at step 0 and at the boundary), never one per step. With `swap_blocks` > 0 the
     active expert also keeps that many blocks in host memory, streamed in per block
     (`wan22_core.offload.BlockSwap`), for cards that cannot hold one whole expert.
 
-    keep_host (default: when `device` is not `offload_device`) keeps those host tensors; True on
-    the CPU makes real copies, which the tests use to run the same bookkeeping.
+    keep_host=True (the CLI and the loader node; whole-expert placement only) keeps a placed
+    expert's host tensors, so offloading it only drops the device copies: no GPU -> host copy,
+    at the cost of both experts staying in host memory. Only for holders that change weights
+    on the host, between runs (the node re-merges LoRAs after `offload_all`); the multi-GPU
+    workers re-merge LoRAs into placed weights, so they keep the default. On the CPU it makes
+    real copies, which the tests use to run the same bookkeeping.
     """
 
     def __init__(self, high: nn.Module, low: nn.Module, device: torch.device,
                  keep_both: bool | None = None, offload_device: torch.device = torch.device("cpu"),
-                 swap_blocks: int = 0, keep_host: bool | None = None):
+                 swap_blocks: int = 0, keep_host: bool = False):
         self.experts = {HIGH: high, LOW: low}
         self.device = torch.device(device)
         self.offload_device = torch.device(offload_device)
         self.swap_blocks = swap_blocks
-        self.keep_host = self.device != self.offload_device if keep_host is None else keep_host
+        self.keep_host = keep_host
         if swap_blocks:
             keep_both = False  # block swap exists because one expert does not fit
         self.keep_both = both_fit(high, low, self.device) if keep_both is None else keep_both
@@ -97,6 +99,8 @@ class ExpertPair:
         return self.experts[name]
 
     def _place(self, expert: nn.Module) -> None:
+        if id(expert) in self._host:  # still placed (keep_both): copying again would hold it twice
+            return
         if self.swap_blocks:
             for name, child in expert.named_children():  # embeddings, head: on the device
                 if name != "blocks":

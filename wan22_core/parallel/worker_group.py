@@ -438,6 +438,9 @@ class WorkerGroup:
                   self.config.heartbeat_timeout for rank in silent}
         hung = [r for r in silent if silent[r] > limits[r]]
         if hung:
+            # Peers past half the bound are most likely waiting for the hung rank in a collective:
+            # name them too (they went quiet a moment after it, so they are not past the bound yet).
+            hung += [r for r in silent if r not in hung and silent[r] > limits[r] / 2]
             # The watchdog beats every <= 0.5 s: several missed beats mean the whole process is stuck.
             stuck = [r for r in hung if frozen[r] > min(2.0, limits[r] / 2)]
             self._fail([(r, f"sent no heartbeat for {silent[r]:.1f} s, not even from its watchdog thread "

@@ -17,8 +17,8 @@ read with plain file reads, one tensor at a time, cast to the target dtype and m
 target device before the next is read. So loading a 57 GB fp32 expert as bf16 peaks at the bf16
 model plus one fp32 tensor: no full fp32 copy, and no memory-mapped pages counted against the
 process (reading through an mmap keeps every touched page of the file resident: 3x the bf16
-size at peak for an fp32 file, measured). A `keep(name)` predicate reads only some tensors, so
-each rank of a sharded model reads just its part from disk.
+size at peak for an fp32 file, measured). `Checkpoint.read_rows` reads a row range of one tensor,
+so each rank of a sharded model reads just its part from disk (`parallel/loading.py`).
 
 The DiT head count is not in any tensor shape. Files we write carry it in the safetensors
 metadata (`num_heads`), folders in config.json; other files get the Wan convention of 128-wide
@@ -34,7 +34,7 @@ import pickle
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -60,8 +60,6 @@ DIFFUSERS_DIRS = {"high_noise": "transformer", "low_noise": "transformer_2", "te
 COMFY_DIRS = {"experts": "diffusion_models", "text_encoder": "text_encoders", "vae": "vae"}
 WAN_HEAD_DIM = 128  # every released Wan DiT uses 128-wide heads; files without a config rely on it
 NUM_HEADS_KEY = "num_heads"  # safetensors metadata key for the head count in files we write
-
-Keep = Callable[[str], bool]
 
 
 class CheckpointError(Wan22Error):
@@ -181,10 +179,8 @@ class Checkpoint:
                 if entry.start < 0:
                     tensor = self._pickled[name]
                 else:
-                    if entry.file not in handles:
-                        handles[entry.file] = open(entry.file, "rb")
                     buffer = scratch[:entry.nbytes] if name in converted else None
-                    tensor = _read_bytes(handles[entry.file], entry, name, buffer)
+                    tensor = _read_bytes(_handle(handles, entry.file), entry, name, buffer)
                 yield name, tensor.to(device, targets[name])
         finally:
             for handle in handles.values():
@@ -197,7 +193,7 @@ class Checkpoint:
             return stored
         return wanted
 
-    def read_rows(self, name: str, start: int, stop: int, handles: dict[Path, object] | None = None,
+    def read_rows(self, name: str, start: int, stop: int, handles: dict[Path, object],
                   label: str | None = None) -> torch.Tensor:
         """Rows [start, stop) of tensor `name` (dim 0) as stored, reading only their bytes.
 
@@ -211,12 +207,14 @@ class Checkpoint:
             raise ValueError(f"rows [{start}, {stop}) of {name} with shape {list(entry.shape)}")
         if entry.start < 0:
             return self._pickled[name][start:stop]
-        if handles is None:
-            with open(entry.file, "rb") as handle:
-                return _read_bytes(handle, entry, label or name, None, (start, stop))
-        if entry.file not in handles:
-            handles[entry.file] = open(entry.file, "rb")
-        return _read_bytes(handles[entry.file], entry, label or name, None, (start, stop))
+        return _read_bytes(_handle(handles, entry.file), entry, label or name, None, (start, stop))
+
+
+def _handle(handles: dict[Path, object], file: Path):
+    """The open binary handle of `file` in `handles`, opened on first use (the caller closes them)."""
+    if file not in handles:
+        handles[file] = open(file, "rb")
+    return handles[file]
 
 
 def _read_bytes(handle, entry: TensorEntry, name: str, buffer: torch.Tensor | None,
@@ -297,15 +295,14 @@ def _load_pickle_safely(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, keep: Keep | None = None,
+def read_state_dict(path: str | Path, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The state dict as stored, in file order; floating tensors cast to `dtype` one by one when given.
 
-    `keep(name)` selects which tensors are read at all (a rank's shard); names are as stored.
     fp8 tensors are returned as stored: their value needs the layer's `.scale_weight`.
     """
     ckpt = Checkpoint(path)
-    return dict(ckpt.read([n for n in ckpt.entries if keep is None or keep(n)], device, dtype))
+    return dict(ckpt.read(ckpt.entries, device, dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,6 +618,13 @@ def _fp8_modules(model: WanModel, found: Identity, ckpt: Checkpoint, dtype: torc
                      f"{dtype}; got {weight_dtype}")
 
 
+def _read_weight_scales(ckpt: Checkpoint, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """{module: fp32 scalar} from every `.scale_weight` of `names` ({stored: our name}); a few
+    hundred scalars, read before the weights they scale."""
+    stored = [s for s, name in names.items() if name.endswith(".scale_weight")]
+    return {names[s].rpartition(".")[0]: t.float().reshape(()) for s, t in ckpt.read(stored)}
+
+
 def _convert_dit_tensor(name: str, tensor: torch.Tensor, fp8_modules: set[str], scales: dict[str, torch.Tensor],
                         dtype: torch.dtype, work: torch.Tensor) -> dict[str, torch.Tensor]:
     """One stored tensor (official name, already cast unless it becomes fp8) -> our state-dict entries."""
@@ -641,14 +645,12 @@ def _convert_dit_tensor(name: str, tensor: torch.Tensor, fp8_modules: set[str], 
 
 
 def load_dit(path: str | Path, dtype: torch.dtype = torch.float32, *, weight_dtype: torch.dtype | None = None,
-             device: torch.device | str = "cpu", keep: Keep | None = None) -> WanModel:
+             device: torch.device | str = "cpu") -> WanModel:
     """One expert from any supported layout, with `.load_report` attached.
 
     dtype: the compute dtype (all non-fp8 tensors). weight_dtype: None keeps the file's choice
     (scaled-fp8 block Linears stay fp8, dequantised per layer in forward); torch.float8_e4m3fn
     quantises the block Linears at load (per-tensor scale); `dtype` dequantises an fp8 file.
-    keep: read only the parameters whose (official) names it accepts; the rest stay on the meta
-    device, for a rank that owns part of the model.
     """
     ckpt, found = check_slot(path, DIT)
     with torch.device("meta"):
@@ -658,12 +660,10 @@ def load_dit(path: str | Path, dtype: torch.dtype = torch.float32, *, weight_dty
     swap_to_fp8(model, fp8_modules, with_scale_input, bias_dtype=dtype)
     fp8_modules = set(fp8_modules)
     expected = set(model.state_dict())
-    wanted = {n for n in expected if keep is None or keep(n)}
 
+    scales = _read_weight_scales(ckpt, found.names)
     stored_of = {official: stored for stored, official in found.names.items()}
-    scale_names = [stored_of[n] for n in stored_of if n.endswith(".scale_weight")]  # scalars: read them first
-    scales = {found.names[s].rpartition(".")[0]: t.float().reshape(()) for s, t in ckpt.read(scale_names)}
-    to_read = [stored_of[n] for n in wanted if n in stored_of and not n.endswith(".scale_weight")]
+    to_read = [stored_of[n] for n in expected if n in stored_of and not n.endswith(".scale_weight")]
     # Quantised from full precision, each fp8 weight is read into the reused buffer; everything
     # else is cast to `dtype` while read (fp32 scales excepted).
     to_quantize = {s for s in to_read if found.names[s].rpartition(".")[0] in fp8_modules
@@ -675,9 +675,9 @@ def load_dit(path: str | Path, dtype: torch.dtype = torch.float32, *, weight_dty
         for stored, tensor in ckpt.read(names, device, None if transient else cast, transient):
             converted = _convert_dit_tensor(found.names[stored], tensor, fp8_modules, scales, dtype, work)
             for name, value in converted.items():
-                if name in wanted:
+                if name in expected:
                     state[name] = value
-    _check_missing(DIT, ckpt.path, wanted, state)
+    _check_missing(DIT, ckpt.path, expected, state)
     model.load_state_dict(state, strict=False, assign=True)
     # scales of layers we dequantised were used up, not unexpected
     unexpected = [stored for stored, official in found.names.items()
@@ -743,8 +743,7 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, *,
 def _text_encoder_state(ckpt: Checkpoint, found: Identity, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """All tensors, floating ones cast to `dtype`; scaled-fp8 weights dequantised to `dtype` (the
     encoder runs once per prompt, so its fp8 file only saves disk and download, not compute)."""
-    weight_scales = [stored for stored, name in found.names.items() if name.endswith(".scale_weight")]
-    scales = {n.rpartition(".")[0]: t.float() for n, t in ckpt.read(weight_scales)}
+    scales = _read_weight_scales(ckpt, found.names)
     state = {}
     for name, tensor in ckpt.read([stored for stored, name in found.names.items() if not name.endswith(SCALE_SUFFIXES)],
                                   dtype=dtype):
@@ -879,6 +878,11 @@ def check_expert_pair(high_noise: str | Path, low_noise: str | Path) -> tuple[Id
             f"low-noise {Path(low_noise).name} is {sizes(low.dit)}: choose the high- and low-noise experts of "
             "one model (wan2.2_t2v_*_noise_14B)")
     return high, low
+
+
+def expert_config(path: str | Path) -> DiTConfig:
+    """An expert's sizes from its headers alone (to validate a parallel plan before spawning workers)."""
+    return check_slot(path, DIT)[1].dit
 
 
 def _only_usable(root: Path, sub: str, slot: str, name_part: str = "") -> Path:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoints import Checkpoint, identify
+from .checkpoints import SCALE_SUFFIXES, Checkpoint, identify
 from .errors import Wan22Error
 from .fp8 import FP8, FP8Linear, block_linears, dequantize_fp8, fp8_scale, to_fp8
 from .keymaps import dit_official_to_diffusers
@@ -440,7 +440,7 @@ def remerge(stored: torch.Tensor, name: str, old: LoraDeltas | None, new: LoraDe
 def merge_into_state_dict(state_dict: dict[str, torch.Tensor], specs: Sequence[LoraSpec]) -> tuple[LoraReport, ...]:
     """Merge `specs` into a state dict in official names, in place (scaled fp8 entries with their
     `.scale_weight` included). For a CPU state dict before it is sharded or loaded."""
-    shapes = {n: t.shape for n, t in state_dict.items() if not n.endswith((".scale_weight", ".scale_input"))}
+    shapes = {n: t.shape for n, t in state_dict.items() if not n.endswith(SCALE_SUFFIXES)}
     deltas, reports = lora_deltas(specs, shapes)
     for name in deltas.names:
         scale_name = f"{name.rpartition('.')[0]}.scale_weight"

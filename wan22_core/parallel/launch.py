@@ -64,8 +64,9 @@ def _encode_on_rank0(args, files, device: torch.device) -> tuple[torch.Tensor, t
 def run_distributed(args, files) -> dict:
     """This rank's part of `generate`; returns the stage timings (printed on rank 0 only)."""
     from ..cli import check_model_options, denoise_video, sampler_settings, save_outputs, stage
+    from ..checkpoints import expert_config
     from ..runtime import check_backend, resolve_dtype
-    from .loading import expert_config, load_expert_pair
+    from .loading import load_expert_pair
     from .mesh import init_groups
 
     check_parallel_options(args)  # refuses --compile, --offload and --swap-blocks: no expert_placement here

@@ -1,11 +1,11 @@
 """Build an expert on this rank: meta model -> parallelize -> read only this rank's rows from disk.
 
 FSDP2 shards dim 0 of every parameter in torch.chunk layout: with P ranks, rank r holds rows
-[r * ceil(n/P), ...) and trailing ranks may hold fewer or none. A `keep(name)` filter cannot
-express that (every rank needs part of every tensor), but a row range of a C-contiguous tensor
-is one contiguous byte range of a safetensors file: the checkpoint header gives each tensor's
-offset, so a rank seeks and reads just its rows (`checkpoints.Checkpoint.read_rows`), about
-1/P of the expert, and never holds a full tensor. Without FSDP every rank reads whole tensors.
+[r * ceil(n/P), ...) and trailing ranks may hold fewer or none. So every rank needs part of
+every tensor, but a row range of a C-contiguous tensor is one contiguous byte range of a
+safetensors file: the checkpoint header gives each tensor's offset, so a rank seeks and reads
+just its rows (`checkpoints.Checkpoint.read_rows`), about 1/P of the expert, and never holds a
+full tensor. Without FSDP every rank reads whole tensors.
 
 Every layout `checkpoints.check_slot` recognises works (official, ComfyUI with or without the
 prefix, diffusers names, scaled fp8): names come from its `Identity`. fp8 rows are dequantised
@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..checkpoints import DIT, _check_missing, _convert_dit_tensor, check_slot
+from ..checkpoints import DIT, _check_missing, _convert_dit_tensor, _read_weight_scales, check_slot
 from ..config import DiTConfig
 from ..lora import LoraDeltas, LoraSpec, lora_deltas, remerge
 from ..models.transformer import WanModel
@@ -46,10 +46,7 @@ class ExpertReader:
         self.ckpt, found = check_slot(path, DIT)
         self.cfg: DiTConfig = found.dit
         self.stored = {official: stored for stored, official in found.names.items()}
-        scale_names = [stored for official, stored in self.stored.items() if official.endswith(".scale_weight")]
-        # {module: fp32 scalar}, as load_dit reads them (a few hundred scalars)
-        self._scales = {found.names[s].rpartition(".")[0]: t.float().reshape(())
-                        for s, t in self.ckpt.read(scale_names)}
+        self._scales = _read_weight_scales(self.ckpt, found.names)  # as load_dit reads them
         self._files: dict[Path, object] = {}
         self._no_work = torch.empty(0)  # _convert_dit_tensor's quantising buffer: nothing is kept in fp8 here
 
@@ -67,11 +64,6 @@ class ExpertReader:
 
     def check_names(self, model: nn.Module) -> None:
         _check_missing(DIT, self.ckpt.path, [name for name, _ in model.named_parameters()], self.stored)
-
-
-def expert_config(path: str | Path) -> DiTConfig:
-    """The expert's sizes from its headers alone (used to validate a plan before spawning)."""
-    return check_slot(path, DIT)[1].dit
 
 
 def _local_rows(param: nn.Parameter, name: str) -> tuple[torch.Tensor, int]:

@@ -9,6 +9,7 @@ each offload mode leaves on the compute device.
 import weakref
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -78,17 +79,9 @@ def tiny_model(dtype: torch.dtype, fp8_compute: str | None = None) -> WanModel:
 
 def to_fp8(model: WanModel) -> None:
     """The block Linears as scaled fp8 (as a comfy fp8 checkpoint loads), the rest bf16."""
-    from wan22_core import fp8
-    model.to(torch.bfloat16)
-    names = fp8.block_linear_names(model)
-    dense = {name: model.get_submodule(name) for name in names}
-    fp8.swap_to_fp8(model, names)
-    for name, linear in dense.items():
-        layer = model.get_submodule(name)
-        weight, scale = fp8.quantize_fp8(linear.weight.data)
-        layer.weight.data = weight
-        layer.scale_weight.copy_(scale)
-        layer.bias.data.copy_(linear.bias.data)
+    from wan22_core.fp8 import quantize_block_linears
+
+    quantize_block_linears(model.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("frames, height, width, batch, dtype", [
@@ -209,13 +202,22 @@ def test_video_tokens_for_the_design_sizes():
     (dict(offload="disk"), "offload must be one of"),
     (dict(offload="swap_experts", swap_blocks=3), "needs offload='block_swap'"),
     (dict(offload="block_swap", swap_blocks=41), "between 0 and 40"),
+    (dict(offload="block_swap", swap_blocks=0), "needs swap_blocks between 1 and 40"),  # as the engine refuses it
+    (dict(offload="auto"), "offload must be one of none, swap_experts, block_swap; got 'auto'"),
     (dict(weight_bytes_per_param=3), "weight_bytes_per_param must be 1"),
     (dict(batch=0), "batch must be an integer >= 1"),
+    (dict(batch=True), "batch must be an integer >= 1"),
     (dict(fp8_compute="int8"), "fp8_compute must be one of"),
 ])
 def test_bad_arguments_name_the_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         estimate_peak_bytes(DiTConfig(), 81, 720, 1280, **kwargs)
+
+
+def test_numpy_integers_estimate_as_python_ints():
+    numpy = estimate_peak_bytes(DiTConfig(), np.int64(81), np.int32(720), np.uint16(1280), offload="block_swap",
+                                swap_blocks=np.int64(3), batch=np.int64(1))
+    assert numpy == estimate_peak_bytes(DiTConfig(), 81, 720, 1280, offload="block_swap", swap_blocks=3, batch=1)
 
 
 def test_min_swap_blocks_is_the_smallest_count_that_fits():

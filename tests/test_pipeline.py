@@ -1,6 +1,7 @@
 """The MoE loop: parity with diffusers' WanPipeline, routing, CFG skip, denoise < 1, bad input."""
 import pytest
 import torch
+from fakes import ConstantExpert
 from reference import rel_l2, run_wan_pipeline, wan_pipeline
 
 from wan22_core.config import TINY, SamplerSettings
@@ -43,19 +44,18 @@ def test_default_schedule_splits_26_high_14_low():
     assert experts == ["high"] * 26 + ["low"] * 14
 
 
-class Recorder(torch.nn.Module):
-    """A fake expert that records its calls and returns a fixed velocity field."""
+class Recorder(ConstantExpert):
+    """ConstantExpert that records its calls (batch, timesteps) and counts its moves."""
 
     def __init__(self, value):
-        super().__init__()
-        self.value = value
+        super().__init__(value)
         self.calls = []
         self.moves = 0
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, x, t, context):
         self.calls.append((x.shape[0], t.tolist()))
-        return torch.full_like(x, self.value) + context.sum(dim=(1, 2)).view(-1, 1, 1, 1, 1) * 0.0
+        # + 0 * context: fails unless the text comes batched like the latents
+        return super().forward(x, t, context) + context.sum(dim=(1, 2)).view(-1, 1, 1, 1, 1) * 0.0
 
     def _apply(self, fn, *args, **kwargs):
         self.moves += 1

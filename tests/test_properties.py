@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import math
 import struct
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from fakes import ConstantExpert
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -25,7 +27,8 @@ from wan22_core.config import MAX_STEPS, MIN_SHIFT, SOLVERS, TINY, SamplerSettin
 from wan22_core.models.transformer import WanModel
 from wan22_core.parallel import parallel_config
 from wan22_core.parallel.plan import MAX_CPU_RANKS
-from wan22_core.pipeline import MAX_FRAMES, MAX_LATENT_POSITIONS, MAX_SIDE, check_video_size, denoise, make_noise
+from wan22_core.pipeline import (MAX_FRAMES, MAX_LATENT_POSITIONS, MAX_SIDE, check_video_size, denoise, latent_shape,
+                                  make_noise)
 from wan22_core.sampling.moe import ExpertPair
 from wan22_core.sampling.schedule import flow_schedule, partial_schedule
 
@@ -54,13 +57,8 @@ def mostly(valid, other):
 # an input is accepted if and only if these call it valid, and that a refusal names a bad input.
 
 
-def is_int(value) -> bool:
-    """A Python integer, not a bool: what sizes, seeds and parallel degrees take."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def is_whole(value) -> bool:
-    """An integer as the sampler settings take it: Python or numpy, not a bool."""
+    """An integer as every validator takes it: Python or numpy, not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
@@ -144,19 +142,26 @@ def test_size_limits_are_those_of_the_rope_table():
 def size_problems(frames, height, width) -> list[str]:
     """The arguments the documented rules refuse: frames 4k+1 and sides multiples of 16 px, within
     the 1024 RoPE rows per axis (a row is 4 frames after the first, or 16 px)."""
-    problems = [] if is_int(frames) and frames >= 1 and frames % 4 == 1 and (frames - 1) // 4 < 1024 else ["frames"]
-    return problems + [name for name, side in (("height", height), ("width", width))
-                       if not (is_int(side) and side % 16 == 0 and 1 <= side // 16 <= 1024)]
+    frames_ok = is_whole(frames) and int(frames) >= 1 and int(frames) % 4 == 1 and (int(frames) - 1) // 4 < 1024
+    return ([] if frames_ok else ["frames"]) + [
+        name for name, side in (("height", height), ("width", width))
+        if not (is_whole(side) and int(side) % 16 == 0 and 1 <= int(side) // 16 <= 1024)]
 
 
+valid_frames = st.integers(0, 1023).map(lambda rows: 4 * rows + 1)
 valid_side = st.integers(1, 1024).map(lambda rows: 16 * rows)
+# numpy integers of the types a script's arithmetic may leave (uint8 wraps around below 0)
+numpy_ints = st.one_of(st.integers(-3, 2**40).map(np.int64), st.integers(0, 255).map(np.uint8),
+                       st.integers(0, 2**32 - 1).map(np.uint32))
 
 
 @FAST
-@given(frames=mostly(st.integers(0, 1023).map(lambda rows: 4 * rows + 1),
-                     st.one_of(anything, st.integers(-3, 5000), st.sampled_from([MAX_FRAMES + 4, -3]))),
-       height=mostly(valid_side, st.one_of(anything, st.integers(-16, 17000))),
-       width=mostly(valid_side, st.one_of(anything, st.sampled_from([0, 8, 24, MAX_SIDE + 16]))))
+@given(frames=mostly(st.one_of(valid_frames, valid_frames.map(np.int64), valid_frames.map(np.uint16)),
+                     st.one_of(anything, numpy_ints, st.integers(-3, 5000), st.sampled_from([MAX_FRAMES + 4, -3]))),
+       height=mostly(st.one_of(valid_side, valid_side.map(np.int32)), st.one_of(anything, numpy_ints,
+                                                                                st.integers(-16, 17000))),
+       width=mostly(st.one_of(valid_side, valid_side.map(np.uint64)),
+                    st.one_of(anything, numpy_ints, st.sampled_from([0, 8, 24, MAX_SIDE + 16]))))
 def test_video_sizes_are_accepted_iff_valid(frames, height, width):
     problems = size_problems(frames, height, width)
     try:
@@ -166,12 +171,17 @@ def test_video_sizes_are_accepted_iff_valid(frames, height, width):
         assert str(err).split()[0] in problems
         return
     assert not problems, f"accepted with bad {problems}"
+    shape = latent_shape(frames, height, width)  # downstream: Python ints, whatever integers came in
+    assert shape == (16, (int(frames) - 1) // 4 + 1, int(height) // 8, int(width) // 8)
+    assert all(type(n) is int for n in shape)
 
 
 @FAST
-@given(seed=st.one_of(st.integers(0, 2**64 - 1), anything, st.integers(2**64, 2**65), st.integers(-3, -1)))
+@given(seed=st.one_of(st.integers(0, 2**64 - 1), anything, st.integers(2**64, 2**65), st.integers(-3, -1),
+                     st.integers(0, 2**64 - 1).map(np.uint64), st.integers(-2**63, 2**63 - 1).map(np.int64),
+                     st.integers(0, 255).map(np.uint8), st.booleans().map(np.bool_)))
 def test_seeds_are_accepted_iff_64_bit(seed):
-    valid = is_int(seed) and 0 <= seed < 2**64
+    valid = is_whole(seed) and 0 <= int(seed) < 2**64
     try:
         noise = make_noise(seed, 1, 16, 16)
     except ValueError as err:
@@ -180,20 +190,29 @@ def test_seeds_are_accepted_iff_64_bit(seed):
         return
     assert valid
     assert noise.shape == (16, 1, 2, 2) and torch.equal(noise, make_noise(seed, 1, 16, 16))
+    assert torch.equal(noise, make_noise(int(seed), 1, 16, 16))  # a numpy seed draws the Python int's noise
 
 
-class Still(torch.nn.Module):
-    """A fake expert predicting zero velocity: the loop runs, in microseconds per step."""
-
-    def __init__(self):
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, x, t, context):
-        return torch.zeros_like(x)
+# Every size of DiTConfig, written out here: the check derives its list from the dataclass fields.
+DIT_SIZES = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim", "text_len",
+             "rope_max_positions")
 
 
-EXPERTS = ExpertPair(Still(), Still(), torch.device("cpu"))
+@pytest.mark.parametrize("name", DIT_SIZES)
+@pytest.mark.parametrize("bad", [0, -4, True, 2.0, "8", None])
+def test_dit_sizes_are_integers_from_one(name, bad):
+    with pytest.raises(ValueError, match=f"^DiT {name} must be an integer >= 1, got"):
+        replace(TINY.dit, **{name: bad})
+
+
+def test_dit_sizes_take_numpy_integers():
+    cfg = replace(TINY.dit, num_layers=np.int64(3), text_len=np.uint16(16))
+    assert (cfg.num_layers, cfg.text_len) == (3, 16)
+    with pytest.raises(ValueError, match=r"^DiT patch_size\[1\] must be an integer >= 1, got 0"):
+        replace(TINY.dit, patch_size=(1, 0, 2))
+
+
+EXPERTS = ExpertPair(ConstantExpert(0.0), ConstantExpert(0.0), torch.device("cpu"))
 LATENT = torch.zeros(16, 1, 2, 2)
 
 
@@ -251,7 +270,7 @@ def parallel_problems(ranks, ulysses, fsdp, cfg_parallel, heads, heartbeat) -> l
     """Words a refusal may name, one per README rule broken; [] for a valid config. `ranks`: how
     many the gpus string names (None: not a valid gpus string on this machine)."""
     problems = [] if number(heartbeat) > 0 else ["heartbeat_timeout"]  # seconds; inf is no bound
-    if not (is_int(ulysses) and ulysses >= 0):
+    if not (is_whole(ulysses) and ulysses >= 0):
         problems.append("ulysses")
     if ranks is None:
         return problems + ["gpus"]

@@ -12,7 +12,6 @@ from diffusers import DPMSolverMultistepScheduler
 from reference import OfficialGridUniPC, rel_l2
 
 from wan22_core.config import MAX_STEPS, MIN_SHIFT, SOLVERS, SamplerSettings
-from wan22_core.sampling import schedule as schedule_module
 from wan22_core.sampling.schedule import (
     UNIPC_SIGMA_MAX,
     flow_schedule,
@@ -154,15 +153,6 @@ def test_steps_beyond_max_steps_are_refused_by_a_direct_schedule_call_too():
     assert len(flow_schedule(MAX_STEPS, 12.0, "euler").timesteps) == MAX_STEPS
     with pytest.raises(ValueError, match=f"steps must be at most {MAX_STEPS}, got {MAX_STEPS + 1}"):
         flow_schedule(MAX_STEPS + 1, 12.0, "euler")
-
-
-def test_a_schedule_call_checks_its_settings_once(monkeypatch):
-    calls = []
-    check = schedule_module.check_schedule_args
-    monkeypatch.setattr(schedule_module, "check_schedule_args", lambda *a: calls.append(a) or check(*a))
-    partial_schedule(10, 12.0, "unipc", 0.5)
-    flow_schedule(10, 12.0, "unipc")
-    assert calls == [(10, 12.0, "unipc")] * 2
 
 
 def test_the_solver_table_is_the_list_of_solvers():

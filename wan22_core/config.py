@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,11 @@ class DiTConfig:
         return self.dim // self.num_heads
 
     def __post_init__(self):
-        sizes = {name: getattr(self, name) for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim",
-                                                        "out_dim", "text_dim", "freq_dim", "text_len",
-                                                        "rope_max_positions")}
+        # every int field (the annotations are strings: `from __future__ import annotations`)
+        sizes = {f.name: getattr(self, f.name) for f in fields(self) if f.type == "int"}
         sizes.update({f"patch_size[{i}]": p for i, p in enumerate(self.patch_size)})
         for name, value in sizes.items():  # sizes read from file headers arrive here unchecked
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"DiT {name} must be an integer >= 1, got {value!r}")
         if len(self.patch_size) != 3:
             raise ValueError(f"patch_size must be (t, h, w), got {self.patch_size!r}")
@@ -104,6 +103,9 @@ NUM_TRAIN_TIMESTEPS = 1000
 FPS = 16
 # The official t2v-A14B 720p video: 81 frames (5 s at 16 fps) of 1280 x 720.
 WIDTH, HEIGHT, FRAMES = 1280, 720, 81
+# Tiled VAE decode (the loader node's `tiled`): 64 latent pixels = 512 px tiles overlapping by 64 px,
+# ComfyUI's tiled-decode defaults.
+VAE_TILE = 64
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,11 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def is_integer(value) -> bool:
+    """An integer (Python or numpy scalar), not a bool: what sizes, seeds, steps and block counts take."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def is_finite_real(value) -> bool:
     """`is_real` and finite as the float the math turns it into: not NaN, inf or an int like 2**1100."""
     try:
@@ -150,7 +157,7 @@ def check_schedule_args(steps, shift, solver) -> None:
 
     Integers and reals include numpy scalars (`np.int64(4)`, `np.float32(12)`); bools are refused.
     """
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+    if not is_integer(steps) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if steps > MAX_STEPS:  # the schedule is built in memory; a typo like 4000000 must not exhaust it
         raise ValueError(f"steps must be at most {MAX_STEPS}, got {steps} (Wan2.2 uses 40)")

@@ -156,6 +156,18 @@ def swap_to_fp8(model: nn.Module, names: list[str], with_scale_input: set[str] =
         setattr(model.get_submodule(parent_name), child, replacement)
 
 
+def quantize_block_linears(model: nn.Module) -> None:
+    """Hold `model`'s block Linears as scaled fp8 in place, each weight quantised per tensor: the
+    model a scaled-fp8 checkpoint (Comfy-Org's fp8_scaled files) loads as. Biases keep their values."""
+    dense = block_linears(model)
+    swap_to_fp8(model, list(dense))
+    for name, linear in dense.items():
+        layer = model.get_submodule(name)
+        layer.weight.data, scale = quantize_fp8(linear.weight.data)
+        layer.scale_weight.copy_(scale)
+        layer.bias.data.copy_(linear.bias.data)
+
+
 def set_fp8_compute(model: nn.Module, mode: str) -> int:
     """Choose how every FP8Linear in `model` multiplies; returns how many there are.
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import math
 
-from .config import FRAMES, HEIGHT, WIDTH, DiTConfig
+from .config import FRAMES, HEIGHT, WIDTH, DiTConfig, is_integer
 from .fp8 import COMPUTE_MODES
 from .offload import OFFLOAD_MODES, expert_pair_options
-from .pipeline import latent_shape
+from .pipeline import latent_shape, latent_tokens
 
 FP8_COMPUTE = tuple(mode for mode in COMPUTE_MODES if mode != "auto")  # the modes "auto" picks from
 FP32 = 4
@@ -262,9 +262,7 @@ def forward_persistent_bytes(cfg: DiTConfig, tokens: int, batch: int, compute_by
 
 def video_tokens(cfg: DiTConfig, frames: int, height: int, width: int) -> int:
     """Tokens of a video: latent frames x (height/8)/2 x (width/8)/2 for the A14B patch size."""
-    _, t, h, w = latent_shape(frames, height, width)
-    pt, ph, pw = cfg.patch_size
-    return (t // pt) * (h // ph) * (w // pw)
+    return latent_tokens(latent_shape(frames, height, width), cfg.patch_size)
 
 
 def _check(weight_bytes_per_param, offload, swap_blocks, batch, fp8_compute, num_layers) -> None:
@@ -273,10 +271,8 @@ def _check(weight_bytes_per_param, offload, swap_blocks, batch, fp8_compute, num
                          f"got {weight_bytes_per_param!r}")
     if offload not in OFFLOAD_MODES:  # no "auto" here: the estimate is for one placement
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}; got {offload!r}")
-    # block_swap with 0 blocks weighs what swap_experts does; accepted here so min_swap_blocks can start at 0
-    expert_pair_options("swap_experts" if offload == "block_swap" and swap_blocks == 0 else offload, swap_blocks,
-                        False, num_layers)
-    if not (isinstance(batch, int) and batch >= 1):
+    expert_pair_options(offload, swap_blocks, False, num_layers)  # the placements the engine accepts
+    if not (is_integer(batch) and batch >= 1):
         raise ValueError(f"batch must be an integer >= 1 (2: cond+uncond batched), got {batch!r}")
     if fp8_compute not in FP8_COMPUTE:
         raise ValueError(f"fp8_compute must be one of {', '.join(FP8_COMPUTE)}; got {fp8_compute!r}")
@@ -310,9 +306,13 @@ def estimate_peak_bytes(dit_cfg: DiTConfig, frames: int, height: int, width: int
 
 def min_swap_blocks(dit_cfg: DiTConfig, frames: int, height: int, width: int, card_bytes: int,
                     **kwargs) -> int | None:
-    """Fewest swapped blocks whose predicted peak plus CUDA_OVERHEAD fits `card_bytes` (None: none does)."""
-    for n in range(dit_cfg.num_layers + 1):
-        est = estimate_peak_bytes(dit_cfg, frames, height, width, offload="block_swap", swap_blocks=n, **kwargs)
+    """Fewest swapped blocks whose predicted peak plus CUDA_OVERHEAD fits `card_bytes`.
+
+    0: swap_experts fits (no block swap); None: not even all blocks swapped fit.
+    """
+    placements = [("swap_experts", 0)] + [("block_swap", n) for n in range(1, dit_cfg.num_layers + 1)]
+    for offload, n in placements:
+        est = estimate_peak_bytes(dit_cfg, frames, height, width, offload=offload, swap_blocks=n, **kwargs)
         if est["total"] + CUDA_OVERHEAD <= card_bytes:
             return n
     return None

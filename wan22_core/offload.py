@@ -17,6 +17,8 @@ import itertools
 import torch
 from torch import nn
 
+from .config import is_integer
+
 # Where the experts live while sampling (ExpertPair): "none" keeps both on the device,
 # "swap_experts" only the active one, "block_swap" also streams some of its blocks from host memory.
 OFFLOAD_MODES = ("none", "swap_experts", "block_swap")
@@ -32,7 +34,7 @@ def expert_pair_options(offload: str, swap_blocks: int, compile: bool, num_layer
     """
     if offload not in OFFLOAD_CHOICES:
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_CHOICES)}; got {offload!r}")
-    if not (isinstance(swap_blocks, int) and not isinstance(swap_blocks, bool) and 0 <= swap_blocks <= num_layers):
+    if not (is_integer(swap_blocks) and 0 <= swap_blocks <= num_layers):
         raise ValueError(f"swap_blocks must be an integer between 0 and {num_layers} (the blocks of one expert), "
                          f"got {swap_blocks!r}")
     if offload != "block_swap":
@@ -48,7 +50,7 @@ def expert_pair_options(offload: str, swap_blocks: int, compile: bool, num_layer
         raise ValueError("compile and offload='block_swap' do not combine (block swap moves the weights from hooks "
                          "around each block, which a compiled block would trace); turn compile off or choose "
                          "another offload")
-    return {"keep_both": False, "swap_blocks": swap_blocks}
+    return {"keep_both": False, "swap_blocks": int(swap_blocks)}
 
 
 class BlockSwap:

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import DiTConfig, SamplerSettings, VAEConfig
+from .config import DiTConfig, SamplerSettings, VAEConfig, is_integer
 from .errors import Cancelled, NumericalError, OutOfMemory, is_out_of_memory
 from .sampling.moe import ExpertPair, apply_guidance, guidance_scale, select_expert
 from .sampling.schedule import partial_schedule
@@ -31,8 +31,9 @@ MAX_SIDE = SIDE_STEP * MAX_LATENT_POSITIONS
 def check_video_size(frames: int, height: int, width: int) -> None:
     """Raise a ValueError naming the first bad size argument and the allowed values."""
     for name, value in (("frames", frames), ("height", height), ("width", width)):
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not is_integer(value):
             raise ValueError(f"{name} must be an integer, got {value!r}")
+    frames, height, width = int(frames), int(height), int(width)  # numpy too: no uint8 wrap-around below
     if frames < 1 or (frames - 1) % _STRIDE_T:
         below = max(1, (frames - 1) // _STRIDE_T * _STRIDE_T + 1)
         raise ValueError(f"frames must be 4k+1 (1, 5, ..., 77, 81, ...), got {frames}; "
@@ -48,7 +49,15 @@ def check_video_size(frames: int, height: int, width: int) -> None:
 def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int]:
     """[16, T_lat, H/8, W/8] for a video of `frames` x `height` x `width` pixels."""
     check_video_size(frames, height, width)
+    frames, height, width = int(frames), int(height), int(width)
     return (Z_DIM, (frames - 1) // _STRIDE_T + 1, height // _STRIDE_S, width // _STRIDE_S)
+
+
+def latent_tokens(shape: tuple[int, ...], patch_size: tuple[int, int, int]) -> int:
+    """Tokens the DiT makes of a latent [..., T, h, w]: one per (t, h, w) `patch_size` patch."""
+    t, h, w = shape[-3:]
+    pt, ph, pw = patch_size
+    return (t // pt) * (h // ph) * (w // pw)
 
 
 def make_noise(seed: int, frames: int, height: int, width: int) -> torch.Tensor:
@@ -56,9 +65,9 @@ def make_noise(seed: int, frames: int, height: int, width: int) -> torch.Tensor:
 
     Same seed -> same noise on every machine, so CPU, one GPU and N GPUs start identically.
     """
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+    if not (is_integer(seed) and 0 <= seed < 2**64):
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    g = torch.Generator("cpu").manual_seed(seed)
+    g = torch.Generator("cpu").manual_seed(int(seed))
     return torch.randn(latent_shape(frames, height, width), generator=g, dtype=torch.float32)
 
 
@@ -197,7 +206,7 @@ def release_cached_memory(device: torch.device) -> None:
 
 def _out_of_memory_message(position: _Position, noise: torch.Tensor, device, batch_cfg: bool, reason: str) -> str:
     frames, height, width = noise.shape[1:]
-    tokens = frames // _PATCH_T * (height // _PATCH_H) * (width // _PATCH_W)
+    tokens = latent_tokens(noise.shape, (_PATCH_T, _PATCH_H, _PATCH_W))
     where = (f"at step {position.step}/{position.total} ({position.expert}-noise expert)" if position.step
              else "before the first step")
     knobs = ["fp8 weights (loader weight_dtype fp8_e4m3fn, or an fp8_scaled checkpoint)",

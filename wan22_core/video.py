@@ -8,7 +8,6 @@ under the name a user (or ComfyUI) will open.
 from __future__ import annotations
 
 import errno
-import math
 import os
 import pathlib
 import re
@@ -130,11 +129,10 @@ def _check_frames(frames) -> None:
 
 
 def _check_encoder_args(fps, crf) -> None:
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) \
-            or not math.isfinite(fps) or fps <= 0:
+    if not config.is_finite_real(fps) or fps <= 0:
         raise ValueError(f"fps must be a finite number > 0, got {fps!r} (Wan2.2 uses "
                          f"{config.FPS})")
-    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
+    if not config.is_integer(crf) or not 0 <= crf <= 51:
         raise ValueError(f"crf must be an integer in [0, 51] (lower is better quality), "
                          f"got {crf!r}")
 

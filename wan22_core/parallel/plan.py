@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..config import A14B, is_finite_real, is_real
+from ..config import A14B, is_finite_real, is_integer, is_real
 from ..runtime import check_backend
 
 A14B_HEADS = A14B.dit.num_heads
@@ -27,7 +27,7 @@ def valid_ulysses_degrees(num_heads: int = A14B_HEADS) -> list[int]:
 
 
 def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not is_integer(value) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 

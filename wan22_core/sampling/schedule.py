@@ -36,11 +36,7 @@ def shift_sigmas(sigmas, shift: float):
 def flow_schedule(steps: int, shift: float, solver: str) -> Schedule:
     """The official sampling schedule of `steps` steps for `solver` ("unipc", "dpm++", "euler")."""
     check_schedule_args(steps, shift, solver)
-    return _build_schedule(int(steps), float(shift), solver)
-
-
-def _build_schedule(steps: int, shift: float, solver: str) -> Schedule:
-    """`flow_schedule` for arguments already checked by `check_schedule_args`."""
+    steps, shift = int(steps), float(shift)  # numpy scalars too: Python math below
     if solver == "unipc":
         # FlowUniPCMultistepScheduler.set_timesteps: linspace(sigma_max, 0, N+1)[:-1].
         unshifted = np.linspace(UNIPC_SIGMA_MAX, 0.0, steps + 1)[:-1]
@@ -62,13 +58,13 @@ def partial_schedule(steps: int, shift: float, solver: str, denoise: float) -> S
     """
     if not (is_real(denoise) and 0.0 < denoise <= 1.0):
         raise ValueError(f"denoise must be a number in (0, 1], got {denoise!r}; use 1.0 for a full run")
-    check_schedule_args(steps, shift, solver)
+    check_schedule_args(steps, shift, solver)  # before the steps / denoise arithmetic; flow_schedule checks again
     steps, denoise = int(steps), float(denoise)  # numpy scalars too: Python float math below
     if steps / denoise > MAX_STEPS:  # denoise d runs the last `steps` of a steps/d schedule, built in memory
         raise ValueError(f"denoise {denoise} with {steps} steps needs a schedule of steps / denoise = "
                          f"{steps / denoise:.0f} steps, more than {MAX_STEPS}; use denoise >= {steps / MAX_STEPS:g}")
     total = max(steps, int(steps / denoise))
-    full = _build_schedule(total, float(shift), solver)
+    full = flow_schedule(total, shift, solver)
     if total == steps:
         return full
     return Schedule(sigmas=full.sigmas[-(steps + 1):].clone(), timesteps=full.timesteps[-steps:].clone())

@@ -1,9 +1,14 @@
 """Fixtures shared by several test files."""
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+# The benchmark scripts, importable by the tests that check them or reuse their workloads.
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
 
 
 @pytest.fixture(scope="session")

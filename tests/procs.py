@@ -1,4 +1,4 @@
-"""Process helpers shared by the tests (and benchmarks/bench_comm.py): what is running (read from
+"""Process helpers shared by the tests (and benchmarks/bench_comm.py, soak.py, scripts/comfyui_smoke.py): what is running (read from
 /proc), waiting for processes to be gone, running a function without root's permission override,
 and starting CPU processes as the ranks of one gloo group."""
 import json
@@ -44,6 +44,13 @@ def assert_all_gone(pids, within: float = 10.0, message: str = "worker processes
         time.sleep(0.1)
     left = [p for p in pids if process_alive(p)]
     assert not left, f"{message}: {left}"
+
+
+def status(pid: int) -> dict[str, int]:
+    """Resident memory (kB), threads and open file descriptors of `pid` (benchmarks/soak.py too)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {"rss_kb": int(fields["VmRSS"].split()[0]), "threads": int(fields["Threads"]),
+            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
 def in_unprivileged_child(fn, timeout: float = 60.0) -> str:

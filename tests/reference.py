@@ -4,14 +4,24 @@
 names); `wan_pipeline` is WanPipeline with the two experts (transformer, transformer_2,
 boundary_ratio) and diffusers' UniPC given the official sampling grid; `run_wan_pipeline` calls it
 the way our `denoise` is called (embeddings zero-padded to 512 slots, our noise as its latents).
+
+diffusers is imported only by what uses it: test_parallel's rank processes import this module
+for `rel_l2` alone.
 """
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
 from wan22_core.config import DiTConfig, SamplerSettings
 from wan22_core.keymaps import dit_official_to_diffusers
 from wan22_core.sampling.schedule import UNIPC_SIGMA_MAX
+
+if TYPE_CHECKING:
+    from diffusers import WanPipeline, WanTransformer3DModel
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -21,6 +31,8 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def diffusers_twin(cfg: DiTConfig, model: torch.nn.Module) -> WanTransformer3DModel:
     """diffusers' model of the same configuration, loaded (strictly) with `model`'s weights."""
+    from diffusers import WanTransformer3DModel
+
     ref = WanTransformer3DModel(
         patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
         in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
@@ -30,19 +42,34 @@ def diffusers_twin(cfg: DiTConfig, model: torch.nn.Module) -> WanTransformer3DMo
     return ref.eval()
 
 
-class OfficialGridUniPC(UniPCMultistepScheduler):
-    """diffusers' UniPC handed the official unshifted grid (its own default starts at 1.0)."""
+@functools.cache
+def _official_grid_unipc() -> type:
+    from diffusers import UniPCMultistepScheduler
 
-    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
-        grid = np.linspace(UNIPC_SIGMA_MAX, 0, num_inference_steps + 1)[:-1]
-        super().set_timesteps(device=device, sigmas=grid)
+    class OfficialGridUniPC(UniPCMultistepScheduler):
+        """diffusers' UniPC handed the official unshifted grid (its own default starts at 1.0)."""
+
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
+            grid = np.linspace(UNIPC_SIGMA_MAX, 0, num_inference_steps + 1)[:-1]
+            super().set_timesteps(device=device, sigmas=grid)
+
+    return OfficialGridUniPC
+
+
+def __getattr__(name: str):
+    """`OfficialGridUniPC`, a diffusers subclass, is defined on first use (see the module docstring)."""
+    if name == "OfficialGridUniPC":
+        return _official_grid_unipc()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def wan_pipeline(cfg: DiTConfig, high: torch.nn.Module, low: torch.nn.Module,
                  settings: SamplerSettings) -> WanPipeline:
     """WanPipeline over twins of our two experts, switching at settings.boundary."""
-    scheduler = OfficialGridUniPC(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                  flow_shift=settings.shift, num_train_timesteps=1000)
+    from diffusers import WanPipeline
+
+    scheduler = _official_grid_unipc()(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                       flow_shift=settings.shift, num_train_timesteps=1000)
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler,
                        transformer=diffusers_twin(cfg, high), transformer_2=diffusers_twin(cfg, low),
                        boundary_ratio=settings.boundary)

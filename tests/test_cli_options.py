@@ -6,11 +6,9 @@ the same thing. Offload and LoRA wiring must give identical latents (the same fl
 same order); sequential CFG reorders nothing either on CPU, but is held to 1e-5 relative as in
 test_pipeline.py.
 """
-import importlib
-
 import pytest
 import torch
-from fakes import hide_package
+from fakes import fake_kernels, hide_package
 from reference import rel_l2
 from safetensors.torch import load_file
 
@@ -26,20 +24,15 @@ PROMPT, NEGATIVE, SEED = "a fox in snow", "blurry", 11
 SIZE = dict(frames=9, height=48, width=64)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir):
-    return tiny_model_dir
-
-
 @pytest.fixture
-def generate(model_dir, tmp_path):
+def generate(tiny_model_dir, tmp_path):
     """generate(*flags) -> (exit code, saved latents or None)."""
     runs = iter(range(100))
 
     def run(*flags):
         n = next(runs)
         latents = tmp_path / f"lat{n}.safetensors"
-        code = main(["generate", "--model-dir", str(model_dir), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+        code = main(["generate", "--model-dir", str(tiny_model_dir), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
                      "--seed", str(SEED), "--steps", "4", "--device", "cpu", "--quiet",
                      *[f"--{k}={v}" for k, v in SIZE.items()],
                      "--output", str(tmp_path / f"v{n}.mp4"), "--save-latents", str(latents), *flags])
@@ -49,9 +42,9 @@ def generate(model_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def default_latents(model_dir, tmp_path_factory):
+def default_latents(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("default") / "lat.safetensors"
-    assert main(["generate", "--model-dir", str(model_dir), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+    assert main(["generate", "--model-dir", str(tiny_model_dir), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
                  "--seed", str(SEED), "--steps", "4", "--device", "cpu", "--quiet",
                  *[f"--{k}={v}" for k, v in SIZE.items()],
                  "--output", str(out.with_suffix(".mp4")), "--save-latents", str(out)]) == 0
@@ -69,7 +62,7 @@ def test_lora_flags_parse_file_and_strength_and_repeat():
     assert exit_.value.code == 2
 
 
-def test_lora_flags_equal_the_python_api_with_apply_loras(model_dir, generate, default_latents, tmp_path, capsys):
+def test_lora_flags_equal_the_python_api_with_apply_loras(tiny_model_dir, generate, default_latents, tmp_path, capsys):
     model = WanModel(TINY.dit)
     comfy = write_tiny_lora(tmp_path / "comfy.safetensors", model, "comfy", seed=1).path
     lightx2v = write_tiny_lora(tmp_path / "lightx2v.safetensors", model, "lightx2v", seed=2).path
@@ -77,7 +70,7 @@ def test_lora_flags_equal_the_python_api_with_apply_loras(model_dir, generate, d
     assert code == 0
     assert capsys.readouterr().err.count("parameters patched") == 3  # one report per LoRA
 
-    files = ModelFiles.from_model_dir(model_dir)
+    files = ModelFiles.from_model_dir(tiny_model_dir)
     embeds = load_text_encoder(files.text_encoder, files.tokenizer).encode_prompt(PROMPT, NEGATIVE)
     high, low = load_dit(files.high_noise), load_dit(files.low_noise)
     apply_loras(high, [LoraSpec(comfy, 0.8)])
@@ -89,8 +82,6 @@ def test_lora_flags_equal_the_python_api_with_apply_loras(model_dir, generate, d
 
 
 def test_offload_and_attention_flags_reach_the_experts(generate, default_latents, monkeypatch):
-    import types
-
     import wan22_core.sampling.moe as moe
     from wan22_core.models.attention import AttentionKernel
 
@@ -103,9 +94,7 @@ def test_offload_and_attention_flags_reach_the_experts(generate, default_latents
         made.append((self.keep_both, self.swap_blocks, backends))
 
     monkeypatch.setattr(moe.ExpertPair, "__init__", recording)
-    real = importlib.import_module  # a stand-in sageattention: on CPU the kernel runs SDPA anyway
-    monkeypatch.setattr(importlib, "import_module",
-                        lambda name, *a: types.ModuleType(name) if name == "sageattention" else real(name, *a))
+    fake_kernels(monkeypatch, {"sage"})  # a stand-in sageattention: on CPU the kernel runs SDPA anyway
     for flags in [(), ("--offload", "none"), ("--offload", "swap_experts"),
                   ("--offload", "block_swap", "--swap-blocks", "1"), ("--attention", "sage")]:
         code, latents = generate(*flags)
@@ -236,10 +225,10 @@ def test_denoise_video_shows_one_bar_only_when_asked_and_closes_it_on_errors(mon
     assert [(b.total, b.steps, b.closed) for b in bars[1:]] == [(3, 3, True)]
 
 
-def test_encode_prompt_equals_the_text_encoder(model_dir):
+def test_encode_prompt_equals_the_text_encoder(tiny_model_dir):
     from wan22_core.cli import encode_prompt
 
-    files = ModelFiles.from_model_dir(model_dir)
+    files = ModelFiles.from_model_dir(tiny_model_dir)
     args = build_parser().parse_args(["generate", "--prompt", PROMPT, "--negative-prompt", NEGATIVE])
     embeds = encode_prompt(args, files)
     expected = load_text_encoder(files.text_encoder, files.tokenizer).encode_prompt(PROMPT, NEGATIVE)

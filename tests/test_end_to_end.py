@@ -18,46 +18,41 @@ from wan22_core.tiny import make_tiny, seeded
 from wan22_core.video import read_mp4_info
 
 
-@pytest.fixture(scope="module")
-def official_dir(tiny_model_dir):
-    return tiny_model_dir
-
-
-def test_official_layout_has_official_names(official_dir):
+def test_official_layout_has_official_names(tiny_model_dir):
     for rel in ("high_noise_model/config.json", "high_noise_model/diffusion_pytorch_model.safetensors.index.json",
                 "low_noise_model/config.json", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/spiece.model",
                 "Wan2.1_VAE.pth"):
-        assert (official_dir / rel).is_file(), rel
-    t5 = read_state_dict(official_dir / "models_t5_umt5-xxl-enc-bf16.pth")
+        assert (tiny_model_dir / rel).is_file(), rel
+    t5 = read_state_dict(tiny_model_dir / "models_t5_umt5-xxl-enc-bf16.pth")
     assert "token_embedding.weight" in t5 and "blocks.0.attn.q.weight" in t5
     assert t5["token_embedding.weight"].dtype == torch.bfloat16
-    index = json.loads((official_dir / "high_noise_model/diffusion_pytorch_model.safetensors.index.json").read_text())
+    index = json.loads((tiny_model_dir / "high_noise_model/diffusion_pytorch_model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 2  # sharded, as the official folders are
 
 
-def test_make_tiny_is_deterministic(official_dir, tmp_path):
+def test_make_tiny_is_deterministic(tiny_model_dir, tmp_path):
     again = make_tiny(tmp_path / "again", "official", TINY, seed=0)
     for rel in ("high_noise_model", "low_noise_model", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth"):
-        a, b = read_state_dict(official_dir / rel), read_state_dict(again / rel)
+        a, b = read_state_dict(tiny_model_dir / rel), read_state_dict(again / rel)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    high = read_state_dict(official_dir / "high_noise_model")
-    assert (official_dir / "google/umt5-xxl/spiece.model").read_bytes() == \
+    high = read_state_dict(tiny_model_dir / "high_noise_model")
+    assert (tiny_model_dir / "google/umt5-xxl/spiece.model").read_bytes() == \
         (again / "google/umt5-xxl/spiece.model").read_bytes()
     different = read_state_dict(make_tiny(tmp_path / "seed1", "official", TINY, seed=1) / "high_noise_model")
     assert not torch.equal(different["blocks.0.self_attn.q.weight"], high["blocks.0.self_attn.q.weight"])
 
 
-def test_loaders_roundtrip_weights(official_dir):
-    expert = load_dit(official_dir / "high_noise_model")
+def test_loaders_roundtrip_weights(tiny_model_dir):
+    expert = load_dit(tiny_model_dir / "high_noise_model")
     reference = seeded(0, lambda: WanModel(TINY.dit))
     assert expert.cfg == TINY.dit
     for k, v in reference.state_dict().items():
         assert torch.equal(expert.state_dict()[k], v), k
-    bf16 = load_dit(official_dir / "low_noise_model", torch.bfloat16)
+    bf16 = load_dit(tiny_model_dir / "low_noise_model", torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
-    vae = load_vae(official_dir / "Wan2.1_VAE.pth")
+    vae = load_vae(tiny_model_dir / "Wan2.1_VAE.pth")
     assert vae.cfg == TINY.vae
-    encoder = load_text_encoder(official_dir / "models_t5_umt5-xxl-enc-bf16.pth", official_dir / "google/umt5-xxl")
+    encoder = load_text_encoder(tiny_model_dir / "models_t5_umt5-xxl-enc-bf16.pth", tiny_model_dir / "google/umt5-xxl")
     assert encoder.encode(["a fox"])[0].shape[-1] == TINY.text.dim
 
 
@@ -74,24 +69,24 @@ def test_pth_that_needs_code_is_refused(tmp_path):
         read_state_dict(path)
 
 
-def test_truncated_safetensors_is_reported(official_dir, tmp_path):
-    shard = sorted((official_dir / "high_noise_model").glob("*.safetensors"))[0]
+def test_truncated_safetensors_is_reported(tiny_model_dir, tmp_path):
+    shard = sorted((tiny_model_dir / "high_noise_model").glob("*.safetensors"))[0]
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated or not a safetensors file"):
         read_state_dict(broken)
 
 
-def test_generate_latents_equal_python_api(official_dir, tmp_path):
+def test_generate_latents_equal_python_api(tiny_model_dir, tmp_path):
     out, latents = tmp_path / "v.mp4", tmp_path / "lat.safetensors"
-    code = main(["generate", "--model-dir", str(official_dir), "--prompt", "a fox in snow", "--negative-prompt",
+    code = main(["generate", "--model-dir", str(tiny_model_dir), "--prompt", "a fox in snow", "--negative-prompt",
                  "blurry", "--width", "64", "--height", "48", "--frames", "9", "--steps", "4", "--seed", "11",
                  "--output", str(out), "--save-latents", str(latents), "--device", "cpu", "--quiet"])
     assert code == 0
     saved = load_file(str(latents))["latents"]
     assert saved.shape == (16, 3, 6, 8) and saved.dtype == torch.float32
 
-    files = ModelFiles.from_model_dir(official_dir)
+    files = ModelFiles.from_model_dir(tiny_model_dir)
     embeds = load_text_encoder(files.text_encoder, files.tokenizer).encode_prompt("a fox in snow", "blurry")
     experts = ExpertPair(load_dit(files.high_noise), load_dit(files.low_noise), torch.device("cpu"))
     direct = denoise(experts, embeds.positive, embeds.negative, make_noise(11, 9, 48, 64), SamplerSettings(steps=4))
@@ -99,7 +94,7 @@ def test_generate_latents_equal_python_api(official_dir, tmp_path):
     assert read_mp4_info(out) == {"frames": 9, "width": 64, "height": 48, "fps": 16.0}
     # never overwrite: a second run fails before doing any work, and leaves the file alone
     before = out.read_bytes()
-    assert main(["generate", "--model-dir", str(official_dir), "--output", str(out), "--device", "cpu",
+    assert main(["generate", "--model-dir", str(tiny_model_dir), "--output", str(out), "--device", "cpu",
                  "--width", "64", "--height", "48", "--frames", "9", "--steps", "1", "--quiet"]) == 2
     assert out.read_bytes() == before
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,10 +20,9 @@ from wan22_core.parallel import ModelSpec, WorkerGroup, parallel_config
 from wan22_core.pipeline import denoise
 from wan22_core.sampling.moe import ExpertPair
 from procs import children_of
+from procs import status as proc_status
 from reference import rel_l2
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import soak  # noqa: E402  the workload (SIZES, job: 2 steps, timesteps 999 high-noise, 833 low) and status
+import soak  # from benchmarks/: the workload (SIZES, job: 2 steps, timesteps 999 high-noise, 833 low)
 
 PROMPTS = 50
 WARM_UP = 10  # two rounds of soak.SIZES: every shape has been through every cache once
@@ -35,7 +32,7 @@ RSS_GROWTH = 0.10
 
 def status(pid: int) -> dict[str, int]:
     """Resident memory (kB), threads, open file descriptors and child processes of `pid`."""
-    return {**soak.status(pid), "children": len(children_of(pid))}
+    return {**proc_status(pid), "children": len(children_of(pid))}
 
 
 def live_tensors() -> int:

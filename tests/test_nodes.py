@@ -393,6 +393,19 @@ def test_ui_workflow_is_wired_with_official_defaults_and_comfy_org_files():
         assert name in note and f"models/{folder}/" in note
 
 
+def test_swap_block_advice_is_the_memory_models():
+    """The note's and the tooltip's swap_blocks numbers are memory.min_swap_blocks's, not a copy."""
+    from wan22_core.config import A14B, FRAMES, HEIGHT, WIDTH
+    from wan22_core.memory import GIB, min_swap_blocks
+
+    need = {gib: min_swap_blocks(A14B.dit, FRAMES, HEIGHT, WIDTH, gib * GIB) for gib in (24, 32)}
+    assert LOADERS.SWAP_BLOCKS_720P == need
+    note = ui_nodes("wan22_t2v_a14b.json")["MarkdownNote"]["widgets_values"][0]
+    assert f"`swap_blocks` {need[24]} (720p, bf16; {need[32]} on a 32 GB card)" in note
+    tooltip = input_spec(MAPPINGS["Wan22MoEModelLoader"])["swap_blocks"][1]["tooltip"]
+    assert f"about {need[24]} on a 24 GB card and {need[32]} on a 32 GB card" in tooltip
+
+
 @pytest.mark.parametrize("ui_path", UI_WORKFLOWS, ids=lambda p: p.name)
 def test_every_ui_workflow_has_its_thumbnail(ui_path):
     thumbnail = ui_path.with_suffix(".jpg")

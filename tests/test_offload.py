@@ -173,3 +173,10 @@ def test_keep_host_with_both_experts_resident_places_each_once():
     pair.offload_all()
     for e, ptrs in zip(experts, host):
         assert {id(t): t.data.data_ptr() for t in [*e.parameters(), *e.buffers()]} == ptrs
+
+
+def test_one_process_holders_keep_host_copies_only_off_the_offload_device():
+    from wan22_core.sampling.moe import keeps_host_copies
+
+    assert keeps_host_copies(torch.device("cuda", 0)) and keeps_host_copies("cuda", "cpu")
+    assert not keeps_host_copies(torch.device("cpu")) and not keeps_host_copies("cpu", torch.device("cpu"))

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from procs import join_gloo_group, start_gloo_ranks, wait_ranks
+from reference import rel_l2
 from safetensors.torch import load_file
 
 from wan22_core.checkpoints import load_dit
@@ -46,10 +47,6 @@ SCENARIOS = {
         "cfg+ulysses+fsdp, kept gathered": dict(cfg_parallel=2, ulysses=2, fsdp=True, reshard_after_forward=False),
         "cfg+ulysses+fsdp bf16": dict(cfg_parallel=2, ulysses=2, fsdp=True, dtype=torch.bfloat16)},
 }
-
-
-def rel_l2(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def job_inputs(shape_name):
@@ -95,11 +92,6 @@ def test_parse_gpus_and_node_config():
     for bad, message in [("cpu:0", "N >= 1"), ("cpu:x", "N >= 1"), ("0,0", "twice"), ("gpu", "not 'all'")]:
         with pytest.raises(ValueError, match=message):
             parse_gpus(bad)
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA GPU.*cpu:N"):
-            parse_gpus("all")
-        with pytest.raises(ValueError, match="no CUDA GPU"):
-            parse_gpus("0,1")
     config = parallel_config("cpu:4", ulysses_degree=0, cfg_parallel=True, num_heads=HEADS)
     assert (config.plan.ulysses, config.plan.cfg_parallel, config.backend) == (2, 2, "gloo")
     assert parallel_config("cpu:4", fsdp=False).plan.ulysses == 4  # 0 = all ranks
@@ -126,11 +118,6 @@ def test_shard_tokens_pads_with_identity_rotation_and_reassembles():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir):
-    return tiny_model_dir
-
-
-@pytest.fixture(scope="module")
 def loras(tmp_path_factory):
     """{expert: [(file, strength)]}: a block-Linear LoRA on the high-noise expert; on the low-noise
     one a lightx2v-style file (biases, norm3 and the [1, 6, dim] modulation too, so one rank holds
@@ -146,12 +133,13 @@ def lora_specs(pairs):
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir, loras):
+def reference(tiny_model_dir, loras):
     """{dtype, or "loras": {shape: latent}} from one process on the full experts."""
     out = {}
     for key in (torch.float32, torch.bfloat16, "loras"):
         dtype = torch.float32 if key == "loras" else key
-        high, low = load_dit(model_dir / "high_noise_model", dtype), load_dit(model_dir / "low_noise_model", dtype)
+        high = load_dit(tiny_model_dir / "high_noise_model", dtype)
+        low = load_dit(tiny_model_dir / "low_noise_model", dtype)
         if key == "loras":
             apply_loras(high, lora_specs(loras["high"]))
             apply_loras(low, lora_specs(loras["low"]))
@@ -173,11 +161,11 @@ def collect_ranks(procs, out_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(model_dir, loras, tmp_path_factory):
+def runs(tiny_model_dir, loras, tmp_path_factory):
     """{world size: [per-rank results]}: one launch per world size (run side by side), each
     running every scenario, because starting a process costs far more than a tiny run."""
     out = {world: tmp_path_factory.mktemp(f"ranks{world}") for world in SCENARIOS}
-    started = {world: start_ranks(world, model_dir, out[world], loras) for world in SCENARIOS}
+    started = {world: start_ranks(world, tiny_model_dir, out[world], loras) for world in SCENARIOS}
     return {world: collect_ranks(procs, out[world]) for world, (_, procs) in started.items()}
 
 
@@ -235,14 +223,14 @@ def test_cli_parallel_flags_make_the_plan():
         plan_from_args(build_parser().parse_args(["generate", "--ulysses", "3"]), world_size=3, num_heads=40)
 
 
-def test_torchrun_cli_with_loras_matches_single_process(model_dir, loras, tmp_path):
+def test_torchrun_cli_with_loras_matches_single_process(tiny_model_dir, loras, tmp_path):
     """Both paths merge the same --lora-high/--lora-low: the one process into whole tensors, the
     ranks into their FSDP shards while reading them."""
     from wan22_core.cli import main
 
     lora_flags = [arg for expert, pairs in loras.items() for path, strength in pairs
                   for arg in (f"--lora-{expert}", f"{path}:{strength}")]
-    common = ["generate", "--model-dir", str(model_dir), "--frames", "9", "--height", "48", "--width", "48",
+    common = ["generate", "--model-dir", str(tiny_model_dir), "--frames", "9", "--height", "48", "--width", "48",
               "--steps", "4", "--shift", "5", "--quiet", *lora_flags]
     torchrun = subprocess.Popen(  # started first: it runs while this process makes the reference
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

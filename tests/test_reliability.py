@@ -25,22 +25,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakes import ConstantExpert, dit_tensors, save_dit
 from safetensors.torch import save_file
 
 from wan22_core import video
 from wan22_core.checkpoints import CheckpointError, check_expert_pair, load_dit, load_vae, read_state_dict
-from wan22_core.config import TINY, DiTConfig, SamplerSettings
+from wan22_core.config import TINY, SamplerSettings
 from wan22_core.errors import NumericalError, OutOfMemory, Wan22Error
 from wan22_core.models.tokenizer import Tokenizer, clean_text
-from wan22_core.models.transformer import WanModel
 from wan22_core.parallel import ModelSpec, WorkerGroup, parallel_config, parse_gpus
-from wan22_core.parallel.worker_group import validate_spec
 from wan22_core.pipeline import check_video_size, denoise, make_noise, release_cached_memory
 from wan22_core.runtime import check_backend, resolve_device
 from wan22_core.sampling.moe import ExpertPair
 from wan22_core.sampling.schedule import partial_schedule
 from wan22_core.tiny import train_tiny_sentencepiece
-from procs import assert_all_gone, in_unprivileged_child
+from procs import assert_all_gone, children_of, in_unprivileged_child
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -51,19 +50,7 @@ def embeds(length=3, dim=4):
     return torch.ones(length, dim), torch.zeros(2, dim)
 
 
-class Constant(torch.nn.Module):
-    """A fake expert whose velocity is `value` everywhere (NaN and Inf included)."""
-
-    def __init__(self, value: float):
-        super().__init__()
-        self.value = value
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, x, t, context):
-        return torch.full_like(x, self.value)
-
-
-class RunsOutOfMemory(Constant):
+class RunsOutOfMemory(ConstantExpert):
     """Works for `good_calls` forwards, then allocates an activation and fails as `fail()` does.
 
     Keeps weak references to that activation and to the latent it was given, so a test can see
@@ -100,8 +87,6 @@ def cpu_out_of_memory():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(steps=True), "steps must be an integer >= 1, got True"),
     (dict(steps=10**6), "steps must be at most 10000, got 1000000"),
-    (dict(shift=float("inf")), "shift must be a finite number >= 0.001, got inf"),
-    (dict(shift=-1.0), "shift must be a finite number >= 0.001, got -1.0"),
     (dict(cfg_high=float("inf")), "cfg_high must be a finite number >= 0, got inf"),
     (dict(cfg_low=True), "cfg_low must be a finite number >= 0, got True"),
     (dict(boundary=float("nan")), r"boundary must be in \[0, 1\], got nan"),
@@ -121,14 +106,14 @@ def test_frames_beyond_the_rope_table_are_refused():
 @pytest.mark.parametrize("strength", [0, -0.5, 1.5, float("nan"), float("inf")])
 def test_denoise_strength_outside_zero_one_is_refused(strength):
     noise = make_noise(0, 5, 32, 32)
-    pair = ExpertPair(Constant(0.0), Constant(0.0), CPU)
+    pair = ExpertPair(ConstantExpert(0.0), ConstantExpert(0.0), CPU)
     with pytest.raises(ValueError, match=r"denoise must be a number in \(0, 1\]"):
         denoise(pair, *embeds(), noise, SETTINGS, latent=torch.zeros_like(noise), denoise_strength=strength)
 
 
 def test_a_denoise_strength_that_needs_a_huge_schedule_is_refused():
     noise = make_noise(0, 5, 32, 32)
-    pair = ExpertPair(Constant(0.0), Constant(0.0), CPU)
+    pair = ExpertPair(ConstantExpert(0.0), ConstantExpert(0.0), CPU)
     with pytest.raises(ValueError, match=r"denoise 1e-09 with 3 steps needs a schedule of steps / denoise = "
                                          r"3000000000 steps, more than 10000; use denoise >= 0.0003"):
         denoise(pair, *embeds(), noise, SETTINGS, latent=torch.zeros_like(noise), denoise_strength=1e-9)
@@ -141,7 +126,7 @@ def test_partial_schedule_refuses_a_denoise_so_small_the_schedule_overflows():
 
 def test_latent_noise_and_embeddings_of_the_wrong_shape_are_refused():
     noise = make_noise(0, 5, 32, 32)  # [16, 2, 4, 4]
-    pair = ExpertPair(Constant(0.0), Constant(0.0), CPU)
+    pair = ExpertPair(ConstantExpert(0.0), ConstantExpert(0.0), CPU)
     with pytest.raises(ValueError, match=r"input latent has shape \(48, 2, 4, 4\), expected \(16, 2, 4, 4\)"):
         denoise(pair, *embeds(), noise, SETTINGS, latent=torch.zeros(48, 2, 4, 4))
     with pytest.raises(ValueError, match=r"noise must have shape \[16, latent frames, height/8, width/8\].*"
@@ -167,12 +152,6 @@ def test_prompt_bytes_that_are_not_utf8_are_refused_with_the_fix():
 
 # ---------------------------------------------------------------------------------------------
 # Files
-
-
-def tiny_dit_tensors(cfg: DiTConfig = TINY.dit) -> dict[str, torch.Tensor]:
-    with torch.device("meta"):
-        shapes = WanModel(cfg).state_dict()
-    return {name: torch.zeros(t.shape) for name, t in shapes.items()}
 
 
 def test_a_missing_checkpoint_is_named(tmp_path):
@@ -215,7 +194,7 @@ def test_a_corrupt_pth_is_refused_without_a_traceback_from_torch(tmp_path, damag
 def test_damaged_folder_json_is_a_checkpoint_error(tmp_path):
     folder = tmp_path / "high_noise_model"
     folder.mkdir()
-    save_file(tiny_dit_tensors(), str(folder / "model-00001-of-00001.safetensors"), metadata={"num_heads": "4"})
+    save_dit(folder / "model-00001-of-00001.safetensors", TINY.dit)
     (folder / "model.safetensors.index.json").write_text('{"weight_map": ')  # cut off while downloading
     with pytest.raises(CheckpointError, match="model.safetensors.index.json: .*download it again"):
         load_dit(folder)
@@ -229,39 +208,34 @@ def test_damaged_folder_json_is_a_checkpoint_error(tmp_path):
 
 
 def test_a_header_whose_shapes_disagree_with_the_model_is_refused_before_reading(tmp_path, monkeypatch):
-    tensors = tiny_dit_tensors()
     # Same byte count, transposed: safetensors' own checks pass; the weights would be garbage.
-    tensors["blocks.1.ffn.0.weight"] = tensors["blocks.1.ffn.0.weight"].t().contiguous()
-    spliced = tmp_path / "spliced.safetensors"
-    save_file(tensors, str(spliced), metadata={"num_heads": "4"})
+    transposed = {"blocks.1.ffn.0.weight": torch.zeros(TINY.dit.dim, TINY.dit.ffn_dim)}
+    spliced = save_dit(tmp_path / "spliced.safetensors", TINY.dit, transposed)
     monkeypatch.setattr("wan22_core.checkpoints._read_bytes", lambda *a: pytest.fail("read tensor data"))
     with pytest.raises(CheckpointError, match=r"tensor blocks.1.ffn.0.weight has shape \[64, 128\] where a DiT "
                                               r"of dim 64 and ffn_dim 128 has \[128, 64\]"):
         load_dit(spliced)
-    tensors.update({f"blocks.7.{k[9:]}": v.clone() for k, v in tensors.items() if k.startswith("blocks.1.")})
-    save_file(tensors, str(spliced), metadata={"num_heads": "4"})
+    tensors = {**dit_tensors(TINY.dit), **transposed}
+    save_dit(spliced, TINY.dit, {f"blocks.7.{k[9:]}": v for k, v in tensors.items() if k.startswith("blocks.1.")})
     with pytest.raises(CheckpointError, match=r"blocks go up to blocks.7 but 5 are missing \(e.g. blocks.2\)"):
         load_dit(spliced)
 
 
 def test_experts_of_different_sizes_are_refused_as_a_pair(tmp_path):
-    high, low = tmp_path / "high.safetensors", tmp_path / "low.safetensors"
-    save_file(tiny_dit_tensors(), str(high), metadata={"num_heads": "4"})
-    save_file(tiny_dit_tensors(replace(TINY.dit, num_layers=3)), str(low),
-              metadata={"num_heads": "4"})
+    high = save_dit(tmp_path / "high.safetensors", TINY.dit)
+    low = save_dit(tmp_path / "low.safetensors", replace(TINY.dit, num_layers=3))
     with pytest.raises(CheckpointError, match=r"experts do not belong together: high-noise high.safetensors is dim "
                                               r"64, 2 layers.*low-noise low.safetensors is dim 64, 3 layers"):
         check_expert_pair(high, low)
 
 
 def test_the_worker_group_refuses_mismatched_experts_before_starting(tmp_path):
-    high, low = tmp_path / "high.safetensors", tmp_path / "low.safetensors"
-    save_file(tiny_dit_tensors(), str(high), metadata={"num_heads": "4"})
-    save_file(tiny_dit_tensors(replace(TINY.dit, num_layers=3)), str(low),
-              metadata={"num_heads": "4"})
-    plan = parallel_config("cpu:2", ulysses_degree=2, fsdp=True, num_heads=4).plan
+    high = save_dit(tmp_path / "high.safetensors", TINY.dit)
+    low = save_dit(tmp_path / "low.safetensors", replace(TINY.dit, num_layers=3))
+    before = set(children_of(os.getpid()))
     with pytest.raises(CheckpointError, match="experts do not belong together"):
-        validate_spec(ModelSpec(high, low), plan)
+        WorkerGroup.get_or_create(ModelSpec(high, low), parallel_config("cpu:2", ulysses_degree=2, fsdp=True))
+    assert set(children_of(os.getpid())) == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +263,8 @@ def test_cuda_requested_without_cuda_is_refused(monkeypatch):
         resolve_device("cuda")
     with pytest.raises(ValueError, match="gpus 'all': this machine has no CUDA GPU.*use 'cpu:N'"):
         parse_gpus("all")
+    with pytest.raises(ValueError, match="gpus '0,1': this machine has no CUDA GPU; use 'cpu:N'"):
+        parse_gpus("0,1")
 
 
 def test_a_torch_without_nccl_or_distributed_is_refused(monkeypatch):
@@ -319,7 +295,7 @@ def test_an_absurd_cpu_rank_count_is_a_value_error():
 
 
 def test_inf_from_the_low_noise_expert_names_it_and_the_step():
-    pair = ExpertPair(Constant(0.1), Constant(float("inf")), CPU)
+    pair = ExpertPair(ConstantExpert(0.1), ConstantExpert(float("inf")), CPU)
     with pytest.raises(NumericalError, match=r"after step 3/3 \(timestep 856, low-noise expert\)"):
         denoise(pair, *embeds(), make_noise(0, 5, 32, 32), SETTINGS)
 
@@ -355,7 +331,7 @@ def test_other_runtime_errors_pass_through_unchanged():
         raise error
 
     with pytest.raises(RuntimeError) as err:
-        denoise(ExpertPair(RunsOutOfMemory(fail), Constant(0.0), CPU), *embeds(), make_noise(0, 5, 32, 32),
+        denoise(ExpertPair(RunsOutOfMemory(fail), ConstantExpert(0.0), CPU), *embeds(), make_noise(0, 5, 32, 32),
                 SETTINGS)
     assert err.value is error
 
@@ -499,7 +475,7 @@ def test_ctrl_c_in_the_controller_mid_step_stops_every_rank(group):
 
     with pytest.raises(KeyboardInterrupt):
         group.run(Job(positive, negative, noise, SamplerSettings(steps=4, shift=5.0)), on_step=interrupt)
-    assert not group.alive and WorkerGroup._current is None
+    assert not group.alive and WorkerGroup.current() is None
     assert_all_gone(pids, message="a rank outlived the interrupted run")
     with pytest.raises(Wan22Error, match="shut down"):
         group.run(Job(positive, negative, noise))

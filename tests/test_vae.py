@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+from reference import rel_l2
 
 from wan22_core.config import TINY, VAEConfig
 from wan22_core.models.vae import (
@@ -95,10 +96,6 @@ def pair(request):
     theirs = diffusers_vae(cfg)
     theirs.load_state_dict(to_diffusers(ours.state_dict(), cfg), strict=True)
     return ours, theirs
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -90,8 +90,9 @@ def env(tmp_path_factory, tiny_model_dir):
                spec=parallel.ModelSpec(model_dir / "high_noise_model", model_dir / "low_noise_model"),
                job=parallel.Job(positive, negative, noise, SETTINGS),
                reference=denoise(experts, positive, negative, noise, SETTINGS))
-    if parallel.WorkerGroup._current is not None:
-        parallel.WorkerGroup._current.shutdown()
+    group = parallel.WorkerGroup.current()
+    if group is not None:
+        group.shutdown()
     for key, value in saved.items():
         os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
@@ -169,7 +170,7 @@ def test_sigkill_of_a_rank_mid_sampling_is_a_clear_error_and_tears_down(env):
         group.run(env["job"], on_step=kill_rank_1)
     assert time.monotonic() - start < HEARTBEAT_S  # noticed at once, not by the heartbeat bound
     assert err.value.rank == 1 and "next run starts a fresh one" in str(err.value)
-    assert not group.alive and parallel.WorkerGroup._current is None
+    assert not group.alive and parallel.WorkerGroup.current() is None
     assert_all_gone(pids)
 
 
@@ -190,7 +191,7 @@ def test_a_rank_that_raises_reports_its_traceback_and_the_next_group_works(env):
 
 def test_a_hung_rank_is_detected_within_the_heartbeat_bound(env):
     parallel = env["parallel"]
-    old = parallel.WorkerGroup._current
+    old = parallel.WorkerGroup.current()
     group = parallel.WorkerGroup.get_or_create(env["spec"], config(env, heartbeat=HEARTBEAT_S + 0.5))
     assert group is not old  # a changed config rebuilds the group
     assert rel_l2(group.run(env["job"]), env["reference"]) <= TOL

@@ -26,7 +26,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' gloo rank launcher
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # wan22_core, from a checkout installed or not
 from procs import join_gloo_group, start_gloo_ranks, wait_ranks  # noqa: E402
+
+from wan22_core.config import SamplerSettings  # noqa: E402
 
 # --- the closed form (docs/multigpu.md, "Communication per step") ---------------------------------
 
@@ -189,7 +192,8 @@ def projection_rows():
 # "Computational Efficiency on Different GPUs" (the image assets/comp_effic.png, Wan-Video/Wan2.2
 # at commit 42bf4cfaa384bc21833865abc2f9e6c0e67233dc); 1 and 8 GPUs are the figures issue 7 compares.
 OFFICIAL_H100_720P_S = {1: 1041.5, 4: 288.7, 8: 155.1}
-STEPS = 40
+OFFICIAL_H100_480P_S = 326.9  # the same table, 480P on 1 GPU
+STEPS = SamplerSettings().steps  # 40, the official default
 
 
 def scaling_series(rows: list[dict] | None = None) -> dict:

@@ -12,8 +12,8 @@ Configurations, in run order (a time budget skips the tail with a note; one fail
 configuration is noted and the run goes on): ours eager with SDPA; diffusers'
 `WanTransformerBlock` (the block of `WanTransformer3DModel`) with the same weights, plus an
 output parity check; each SDPA kernel; the self-attention kernel alone and the block with each
-installed attention backend (`available_backends()`: FlashAttention 2/3/4, SageAttention); fp8 block Linears (`wan22_core.fp8`, both compute
-modes); block swap (`wan22_core.offload.BlockSwap`, every block streamed from pinned host
+installed attention backend (`available_backends()`: FlashAttention 2/3/4, SageAttention); fp8
+block Linears (`wan22_core.fp8`, both compute modes); block swap (`wan22_core.offload.BlockSwap`, every block streamed from pinned host
 memory); the non-block part of a forward and a 720p VAE decode, for the projection; last, ours
 under torch.compile (`wan22_core.optimize.compile_blocks`, compile time reported apart), with
 SDPA and with each installed exact backend.
@@ -59,9 +59,11 @@ from wan22_core.config import DiTConfig, VAEConfig  # noqa: E402
 from wan22_core.memory import GIB, block_activation_peak, table_720p  # noqa: E402
 from wan22_core.models.attention import AttentionKernel, available_backends, set_attention_backend  # noqa: E402
 from wan22_core.models.transformer import RotaryEmbedding, WanBlock, WanModel  # noqa: E402
+from bench_comm import OFFICIAL_H100_480P_S, OFFICIAL_H100_720P_S, STEPS, forward_flops  # noqa: E402
+from reference import rel_l2  # noqa: E402  (tests/, which bench_comm puts on the path)
 
-OFFICIAL_S = {"720p": 1041.5, "480p": 326.9}  # Wan2.2 T2V-A14B, 1 x H100, 40 steps (design.md §5)
-STEPS = 40
+# Wan2.2 T2V-A14B, 1 x H100, 40 steps (the Wan2.2 README table; bench_comm.py says where from)
+OFFICIAL_S = {"720p": OFFICIAL_H100_720P_S[1], "480p": OFFICIAL_H100_480P_S}
 DTYPE = torch.bfloat16
 
 
@@ -98,9 +100,8 @@ class Result:
 
 
 def block_flops(cfg: DiTConfig, tokens: int, batch: int) -> float:
-    """Matmul FLOPs of one WanBlock forward (formula in the module docstring)."""
-    n, d, f, lc = tokens, cfg.dim, cfg.ffn_dim, cfg.text_len
-    return batch * (8 * n * d * d + 4 * n * n * d + 4 * n * d * d + 4 * lc * d * d + 4 * n * lc * d + 4 * n * d * f)
+    """Matmul FLOPs of one WanBlock forward (formula in the module docstring, bench_comm.forward_flops)."""
+    return batch * forward_flops(tokens, cfg.dim, cfg.ffn_dim, 1, cfg.text_len)
 
 
 class Stack(nn.Module):
@@ -182,14 +183,7 @@ def fp8_blocks(blocks: list[WanBlock], compute: str) -> Stack:
     from wan22_core import fp8
 
     stack = Stack(copy.deepcopy(blocks))
-    names = fp8.block_linear_names(stack)
-    dense = {name: stack.get_submodule(name) for name in names}
-    fp8.swap_to_fp8(stack, names)
-    for name, linear in dense.items():
-        layer = stack.get_submodule(name)
-        layer.weight.data, scale = fp8.quantize_fp8(linear.weight.data)
-        layer.scale_weight.copy_(scale)
-        layer.bias.data.copy_(linear.bias.data)
+    fp8.quantize_block_linears(stack)
     fp8.set_fp8_compute(stack, compute)
     return stack
 
@@ -369,7 +363,7 @@ def parity(ours: WanBlock, twin: nn.Module, cfg: DiTConfig, shape: Shape, dev) -
         ours_rope = RotaryEmbedding(cfg.head_dim, cfg.rope_max_positions)(shape.grid, torch.device(dev))
         a = ours(hidden.float(), temb.float(), context, ours_rope).float()
         b = twin(hidden, context, temb, rope).float()
-    rel = ((a - b).norm() / b.norm()).item()
+    rel = rel_l2(a, b)
     print(f"# parity ours vs diffusers block at {shape.label}: relative L2 {rel:.2e}", flush=True)
     return rel
 
@@ -417,7 +411,7 @@ def section_attention(bench: Bench, blocks, b2) -> None:
                     reference = out
                 row.update(ms=statistics.median(ms), first_ms=first[0],
                            tflops=attention_flops(shape.tokens, shape.batch, cfg) / (statistics.median(ms) * 1e-3) / 1e12,
-                           rel_l2_vs_sdpa=((out - reference).norm() / reference.norm()).item())
+                           rel_l2_vs_sdpa=rel_l2(out, reference))
                 del out
             except Exception as err:  # e.g. a package built for another CUDA or GPU
                 traceback.print_exc()
@@ -686,12 +680,12 @@ def main() -> None:
                           ("swap", section_block_swap)):
         if name in run:
             bench.section(section, bench, blocks, b2)
-    if "compile" in run:
-        bench.section(section_compile, bench, blocks, b2)  # compiling may take minutes
-    if "overhead" in run:
+    if "overhead" in run:  # the projection's other inputs before compile, which the budget may cut
         bench.section(section_overhead, bench, b2)
     if "vae" in run:
         bench.section(section_vae, bench, b2[0])
+    if "compile" in run:
+        bench.section(section_compile, bench, blocks, b2)  # compiling may take minutes
     del blocks
     bench.extra["ratios"] = ratios(bench)
     rows = projection(bench, b2)

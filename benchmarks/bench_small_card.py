@@ -10,9 +10,9 @@ so any allocation beyond what the small card could give raises an out-of-memory 
 
 What runs is what a user of that card runs: one full-size A14B expert (40 blocks, random bf16
 weights) in an `ExpertPair` with `swap_blocks` set to the memory model's `min_swap_blocks` for
-the card (or --swap; if the cap is hit anyway, 2 more blocks and again), then `pipeline.denoise` for --steps steps at 1280x720x81 with batched CFG
-(cond + uncond in one forward), then the VAE decode of the result, tiled (--vae-tile) as the
-README tells small-card users. Printed: seconds per step, the allocator's peak for the
+the card (or --swap; if the cap is hit anyway, 2 more blocks and again), then `pipeline.denoise`
+for --steps steps at 1280x720x81 with batched CFG (cond + uncond in one forward), then the VAE
+decode of the result, tiled (--vae-tile, default the decode node's tiled size). Printed: seconds per step, the allocator's peak for the
 denoising and for the decode, and the memory model's prediction for the same settings. With
 --switch-timing, first (uncapped): the time to move the whole expert to the GPU and back, what
 an expert switch costs without block swap (ExpertPair moves through pageable host memory).
@@ -21,7 +21,7 @@ The text encoder (UMT5-XXL, 11.4 GB bf16, released after encoding) is not run.
 The same script times the real loop with the whole expert on the GPU, to check bench_gpu.py's
 block projections: `--card-gib 80 --swap 0 --compile --attention flash_attn4` (no cap when the
 card is as big as the GPU; compile needs --swap 0, as in the engine). The allocator is set up as
-the CLI sets it (expandable segments) unless PYTORCH_CUDA_ALLOC_CONF is set.
+the CLI sets it (expandable segments) unless PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF is set.
 
 Host memory: the swapped blocks live in pinned host memory (about 0.7 GB per block).
 """
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -42,14 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from wan22_core.runtime import default_cuda_allocator  # noqa: E402
 
-# The allocator as the CLI sets it up (wan22_core.runtime.ALLOC_CONF) unless the caller chose one:
-# with torch's default a 720p step fragments the cache (on an H100 under the 22.5 GiB cap: 4.3 GiB
-# reserved but unusable when a 2.9 GiB tensor was asked for), which a small card cannot afford.
-default_cuda_allocator()
+default_cuda_allocator()  # as the CLI does (runtime.ALLOC_CONF says why), unless the caller chose one
 
-from wan22_core.config import TINY, DiTConfig, SamplerSettings, VAEConfig  # noqa: E402
+from wan22_core.config import (FRAMES, HEIGHT, TINY, VAE_TILE, WIDTH, DiTConfig, SamplerSettings,  # noqa: E402
+                               VAEConfig)
 from wan22_core.errors import OutOfMemory  # noqa: E402
-from wan22_core.memory import CUDA_OVERHEAD, GIB, estimate_peak_bytes, min_swap_blocks  # noqa: E402
+from wan22_core.memory import CUDA_OVERHEAD, GIB, estimate_peak_bytes, min_swap_blocks, video_tokens  # noqa: E402
 from wan22_core.models.attention import BACKENDS, set_attention_backend  # noqa: E402
 from wan22_core.models.transformer import WanModel  # noqa: E402
 from wan22_core.models.vae import WanVAE  # noqa: E402
@@ -57,6 +54,7 @@ from wan22_core.offload import expert_pair_options  # noqa: E402
 from wan22_core.optimize import compile_blocks  # noqa: E402
 from wan22_core.pipeline import decode_to_video, denoise, make_noise  # noqa: E402
 from wan22_core.sampling.moe import ExpertPair  # noqa: E402
+from bench_gpu import machine  # noqa: E402  (this folder)
 
 DTYPE = torch.bfloat16
 
@@ -129,16 +127,13 @@ def run(args) -> dict:
     if swap is None:
         raise SystemExit(f"the memory model says {frames}x{height}x{width} does not fit {args.card_gib} GiB "
                          "even with every block swapped")
-    predicted = estimate_peak_bytes(cfg, frames, height, width, offload="block_swap", swap_blocks=swap,
-                                    text_tokens=args.text_tokens)
-    result = dict(machine=machine(device), alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-                  card_gib=args.card_gib, swap_blocks=swap, frames=frames,
-                  height=height, width=width, steps=args.steps, vae_tile=args.vae_tile,
-                  predicted_denoise_gib=predicted["total"] / GIB)
+    alloc = {name: os.environ.get(name) for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    result = dict(machine=machine(device), alloc_conf=alloc, card_gib=args.card_gib, frames=frames,
+                  height=height, width=width, steps=args.steps, vae_tile=args.vae_tile)
     print(f"# {result['machine']}")
     print(f"# card {args.card_gib} GiB: allocator cap {(card - CUDA_OVERHEAD) / GIB:.2f} GiB "
           f"(minus {CUDA_OVERHEAD / GIB:.1f} GiB CUDA context budget); {frames}x{height}x{width}, "
-          f"{predicted['tokens']} tokens, swap_blocks {swap}/{cfg.num_layers}", flush=True)
+          f"{video_tokens(cfg, frames, height, width)} tokens, swap_blocks {swap}/{cfg.num_layers}", flush=True)
 
     t0 = time.perf_counter()
     expert = build_expert(cfg, device)
@@ -193,8 +188,9 @@ def run(args) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
     result["swap_blocks"] = swap
-    result["predicted_denoise_gib"] = estimate_peak_bytes(cfg, frames, height, width, offload="block_swap",
-                                                          swap_blocks=swap, text_tokens=args.text_tokens)["total"] / GIB
+    result["predicted_denoise_gib"] = estimate_peak_bytes(  # 0 swapped blocks is swap_experts (min_swap_blocks)
+        cfg, frames, height, width, offload="block_swap" if swap else "swap_experts", swap_blocks=swap,
+        text_tokens=args.text_tokens)["total"] / GIB
     steps_s = [b - a for a, b in zip(marks, marks[1:])]
     result.update(step_s=steps_s, denoise_peak_gib=peak_gib(device))
     experts.offload_all()
@@ -213,8 +209,9 @@ def run(args) -> dict:
     print(f"# swap_blocks {swap}; steady step {min(steps_s[1:] or steps_s):.2f} s; denoise peak "
           f"{fmt(result['denoise_peak_gib'])} GiB (predicted {result['predicted_denoise_gib']:.2f}); "
           f"decode {result['decode_s']:.1f} s, peak {fmt(result['decode_peak_gib'])} GiB; video {video.shape}")
-    print(f"# projected 720p run on this card: 40 x {min(steps_s[1:] or steps_s):.1f} s + decode "
-          f"= {40 * min(steps_s[1:] or steps_s) + result['decode_s']:.0f} s" if cuda else "# dry run: OK")
+    steps = SamplerSettings().steps
+    print(f"# projected {steps}-step run on this card: {steps} x {min(steps_s[1:] or steps_s):.1f} s + decode "
+          f"= {steps * min(steps_s[1:] or steps_s) + result['decode_s']:.0f} s" if cuda else "# dry run: OK")
     return result
 
 
@@ -222,21 +219,17 @@ def fmt(v) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
-def machine(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return f"{name}, python {platform.python_version()}, torch {torch.__version__}"
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--card-gib", type=float, default=24.0, help="the card to emulate, GiB (default 24)")
     p.add_argument("--swap", type=int, default=None, help="swapped blocks (default: the memory model's minimum)")
     p.add_argument("--steps", type=int, default=3, help="denoising steps to time (default 3; the first warms up)")
-    p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--height", type=int, default=720)
-    p.add_argument("--width", type=int, default=1280)
+    p.add_argument("--frames", type=int, default=FRAMES)
+    p.add_argument("--height", type=int, default=HEIGHT)
+    p.add_argument("--width", type=int, default=WIDTH)
     p.add_argument("--text-tokens", type=int, default=128, help="prompt length in tokens (default 128)")
-    p.add_argument("--vae-tile", type=int, default=32, help="VAE decode tile in latent pixels (default 32)")
+    p.add_argument("--vae-tile", type=int, default=VAE_TILE,
+                   help=f"VAE decode tile in latent pixels (default {VAE_TILE}, the decode node's tiled size)")
     p.add_argument("--attention", choices=BACKENDS, default="auto", help="attention backend (default auto)")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks (needs --swap 0)")
     p.add_argument("--switch-timing", action="store_true",

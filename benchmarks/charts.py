@@ -24,15 +24,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench_comm, when imported from elsewhere (tests)
 sys.path.insert(1, str(HERE.parent))  # wan22_core, from a checkout installed or not
 
+from wan22_core.config import A14B  # noqa: E402
+
 RESULTS = HERE / "results"
 OUT = RESULTS / "performance.png"
 SHAPE = "720p b2"  # 75,600 tokens, cond + uncond in one forward: what the pipeline runs at 720p
-BLOCKS = 40  # DiT blocks per forward (A14B)
+BLOCKS = A14B.dit.num_layers  # DiT blocks per forward
 # Display names for bench_gpu.py configuration names; anything else keeps its own name.
 LABELS = {
     "diffusers WanTransformerBlock": "diffusers block, eager",
     "ours eager": "ours, eager",
-    "ours eager sdpa": "ours, eager (transposed stream)",
+    "ours eager sdpa": "ours, eager",  # the old transposed stream: starred, see CONTIGUOUS_THEN
     "ours compiled": "ours, torch.compile",
     "ours compiled + flash_attn4": "ours, torch.compile + FlashAttention 4",
     "ours flash_attn4": "ours, eager, FlashAttention 4",
@@ -95,6 +97,14 @@ def load_runs(results: Path = RESULTS) -> list[dict]:
     return runs
 
 
+def non_block_ms(runs: list[dict]) -> float:
+    """The first run's measured non-block time of a 720p forward, for runs that measured none."""
+    for run in runs:
+        if "720p" in (run.get("non_block_ms") or {}):
+            return run["non_block_ms"]["720p"]
+    raise SystemExit("no run measured the non-block part of a forward at 720p (bench_gpu.py section 'overhead')")
+
+
 def step_rows(runs: list[dict]) -> list[dict]:
     """Seconds per denoising step at 720p per configuration, official first.
 
@@ -104,13 +114,11 @@ def step_rows(runs: list[dict]) -> list[dict]:
     measured in another run on the same device."""
     import bench_comm
 
-    shared = [r["non_block_ms"]["720p"] for r in runs if "720p" in (r.get("non_block_ms") or {})]
-    if not shared:
-        raise SystemExit("no run measured the non-block part of a forward at 720p (bench_gpu.py section 'overhead')")
+    shared = non_block_ms(runs)
     per_config: dict[str, list[tuple[float, str]]] = {}
     transposed: dict[str, set[str]] = {}  # config -> files whose "ours" row fed a transposed stream
     for run in runs:
-        overhead = (run.get("non_block_ms") or {}).get("720p", shared[0])
+        overhead = (run.get("non_block_ms") or {}).get("720p", shared)
         for r in run["results"]:
             if r["shape"] != SHAPE or r["ms_per_block"] is None or r["config"].startswith(FORCED_KERNEL):
                 continue
@@ -155,7 +163,7 @@ def draw(out: Path = OUT, results: Path = RESULTS) -> Path:
     rows.sort(key=lambda r: ORDER.index(r["config"]) if r["config"] in ORDER else len(ORDER))  # stable
     series = bench_comm.scaling_series()
     device = runs[0]["machine"]["device"]
-    overhead = next(r["non_block_ms"]["720p"] for r in runs if "720p" in (r.get("non_block_ms") or {}))
+    overhead = non_block_ms(runs)
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 6), gridspec_kw={"width_ratios": [1.2, 1]})
     values = []

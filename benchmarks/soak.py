@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # reference.rel_l2, procs.status
 
 from wan22_core.checkpoints import load_dit  # noqa: E402
 from wan22_core.config import TINY, SamplerSettings  # noqa: E402
@@ -28,6 +29,8 @@ from wan22_core.parallel import Job, ModelSpec, WorkerGroup, parallel_config  # 
 from wan22_core.pipeline import denoise, make_noise  # noqa: E402
 from wan22_core.sampling.moe import ExpertPair  # noqa: E402
 from wan22_core.tiny import make_tiny  # noqa: E402
+from procs import status  # noqa: E402
+from reference import rel_l2  # noqa: E402
 
 # The workload, shared with tests/test_load.py (which imports it from here).
 # (frames, height, width): 1 to 3 latent frames, 1x1 to 2x3 tokens per frame (odd counts pad for 2 ranks)
@@ -41,13 +44,6 @@ def job(i: int) -> Job:
     positive = torch.randn(5 + i % 7, TINY.dit.text_dim, generator=g)
     negative = torch.randn(3 + i % 4, TINY.dit.text_dim, generator=g)
     return Job(positive, negative, make_noise(7 * i + 1, *SIZES[i % len(SIZES)]), SETTINGS)
-
-
-def status(pid: int) -> dict[str, int]:
-    """Resident memory (kB), threads and open file descriptors of `pid`."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return {"rss_kb": int(fields["VmRSS"].split()[0]), "threads": int(fields["Threads"]),
-            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
 def report(label: str, i: int, pids: list[int], seconds: float, rows: list) -> None:
@@ -76,17 +72,22 @@ def main() -> None:
     if not 1 <= args.every <= args.prompts:
         parser.error(f"--every must be between 1 and --prompts ({args.prompts}), got {args.every}")
 
-    model_dir = make_tiny(Path(tempfile.mkdtemp()) / "official", "official", TINY)
+    with tempfile.TemporaryDirectory() as tmp:  # nothing left behind
+        soak(make_tiny(Path(tmp) / "official", "official", TINY), args.prompts, args.every)
+
+
+def soak(model_dir: Path, prompts: int, every: int) -> None:
+    """`prompts` prompts in this process, then through one cpu:2 worker group; a report every `every`."""
     experts = ExpertPair(load_dit(model_dir / "high_noise_model"), load_dit(model_dir / "low_noise_model"),
                          torch.device("cpu"))
     me, start, rows, twins = os.getpid(), time.perf_counter(), [], {}
-    for i in range(args.prompts + 1):
-        if i % args.every == 0 and i:
+    for i in range(prompts + 1):
+        if i % every == 0 and i:
             report("in-process", i, [me], time.perf_counter() - start, rows)
-        if i < args.prompts:
+        if i < prompts:
             j = job(i)
             latent = denoise(experts, j.positive, j.negative, j.noise, j.settings)
-            if i % args.every == 0:
+            if i % every == 0:
                 twins[i] = latent  # a sample of twins: keeping all would itself grow memory
     print(f"in-process growth after the first checkpoint: {growth(rows)}")
 
@@ -95,13 +96,13 @@ def main() -> None:
                                                       num_heads=TINY.dit.num_heads))
     pids, start, rows, worst = [me, *group.pids], time.perf_counter(), [], 0.0
     try:
-        for i in range(args.prompts + 1):
-            if i % args.every == 0 and i:
+        for i in range(prompts + 1):
+            if i % every == 0 and i:
                 report("group", i, pids, time.perf_counter() - start, rows)
-            if i < args.prompts:
+            if i < prompts:
                 latent = group.run(job(i))
                 if i in twins:
-                    worst = max(worst, ((latent - twins[i]).norm() / twins[i].norm()).item())
+                    worst = max(worst, rel_l2(latent, twins[i]))
     finally:
         group.shutdown()
     print(f"group growth after the first checkpoint (controller, rank 0, rank 1): {growth(rows)}")

@@ -13,14 +13,15 @@ from pathlib import Path
 import torch
 
 from ..wan22_core.checkpoints import check_expert_pair, load_dit, load_text_encoder, load_vae
-from ..wan22_core.config import A14B
+from ..wan22_core.config import A14B, FRAMES, HEIGHT, WIDTH
 from ..wan22_core.fp8 import set_fp8_compute
 from ..wan22_core.lora import LoraError, LoraReport, LoraSpec, apply_loras, file_key
+from ..wan22_core.memory import GIB, min_swap_blocks
 from ..wan22_core.models.attention import BACKENDS, resolve_backend, set_attention_backend
 from ..wan22_core.offload import OFFLOAD_CHOICES, expert_pair_options
 from ..wan22_core.optimize import compile_blocks
 from ..wan22_core.runtime import DTYPES, resolve_dtype
-from ..wan22_core.sampling.moe import ExpertPair
+from ..wan22_core.sampling.moe import ExpertPair, keeps_host_copies
 from . import comfy_adapter
 from .comfy_adapter import DIFFUSION_MODELS, TEXT_ENCODERS, VAE, file_options, model_path
 from .model_cache import CACHE
@@ -29,7 +30,9 @@ CATEGORY = "Wan2.2 MoE"
 DEVICES = ("auto", "cpu", "gpu")
 WEIGHT_DTYPES = ("auto", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast")
 MAX_SWAP_BLOCKS = A14B.dit.num_layers
-DEFAULT_SWAP_BLOCKS = 20  # half of A14B's 40: 720p fits a 32 GB card (memory.min_swap_blocks)
+DEFAULT_SWAP_BLOCKS = 20  # half of A14B's 40: enough for 720p on a 32 GB card (SWAP_BLOCKS_720P)
+# swapped blocks the memory model says 720p x 81 frames (bf16, batched CFG) needs, per card size
+SWAP_BLOCKS_720P = {gib: min_swap_blocks(A14B.dit, FRAMES, HEIGHT, WIDTH, gib * GIB) for gib in (24, 32)}
 EXPERT_NAMES = {"high": "high-noise", "low": "low-noise"}
 
 
@@ -75,7 +78,7 @@ class MoEModel:
         # keep_host: the sampler offloads both experts after every prompt, and LoRAs are re-merged
         # above, on the host, before placing: putting them back then copies nothing
         pair = ExpertPair(experts["high"], experts["low"], device, **self.pair_options(len(experts["high"].blocks)),
-                          offload_device=offload_device, keep_host=torch.device(device) != torch.device(offload_device))
+                          offload_device=offload_device, keep_host=keeps_host_copies(device, offload_device))
         return pair, tuple(reports)
 
     def pair_options(self, num_layers: int) -> dict:
@@ -208,7 +211,8 @@ class Wan22MoEModelLoader:
                                     "tooltip":
                             f"Used only with offload = block_swap: how many of the {MAX_SWAP_BLOCKS} blocks (at least "
                             "1) to keep on the CPU, each streamed to the GPU just before it runs. 720p x 81 frames in "
-                            "bf16 needs about 31 on a 24 GB card and 20 on a 32 GB card."}),
+                            f"bf16 needs about {SWAP_BLOCKS_720P[24]} on a 24 GB card and {SWAP_BLOCKS_720P[32]} on a "
+                            "32 GB card."}),
             "compile": ("BOOLEAN", {"default": False, "tooltip":
                         "torch.compile the transformer block (one compile reused by all blocks): faster steps "
                         "after a first slow one, same results. Needs triton on a GPU; without it this warns and "
@@ -217,10 +221,9 @@ class Wan22MoEModelLoader:
 
     def load(self, high_noise_model: str, low_noise_model: str, weight_dtype: str, attention: str, offload: str,
              swap_blocks: int = DEFAULT_SWAP_BLOCKS, compile: bool = False):
-        for name, value, allowed in (("weight_dtype", weight_dtype, WEIGHT_DTYPES), ("attention", attention, BACKENDS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        resolve_backend(attention)  # a backend whose package is missing fails here, naming the package
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}; got {weight_dtype!r}")
+        resolve_backend(attention)  # an unknown name, or a backend whose package is missing, fails here
         high = model_path(DIFFUSION_MODELS, high_noise_model)
         low = model_path(DIFFUSION_MODELS, low_noise_model)
         identity, _ = check_expert_pair(high, low)  # headers only: wrong slots or two models fail here, in ms

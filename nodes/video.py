@@ -5,15 +5,13 @@ import os
 
 import torch
 
-from ..wan22_core.config import FPS
+from ..wan22_core.config import FPS, VAE_TILE
 from ..wan22_core.models.vae import normalize_latent
 from ..wan22_core.pipeline import Z_DIM, decode_to_video
 from ..wan22_core.video import unique_path, write_mp4
 from . import comfy_adapter
 from .loaders import CATEGORY
 
-# Tiled decode: 64 latent pixels = 512 px tiles overlapping by 64 px, ComfyUI's tiled-decode defaults.
-TILE_LATENT_PIXELS = 64
 SAVE_ATTEMPTS = 3  # another saver may take our file name between choosing and writing it
 
 
@@ -46,7 +44,7 @@ class Wan22VAEDecode:
         vae.to(device)
         try:
             videos = [decode_to_video(vae, normalize_latent(raw[i:i + 1].to(device, torch.float32))[0],
-                                      tile_size=TILE_LATENT_PIXELS if tiled else None)
+                                      tile_size=VAE_TILE if tiled else None)
                       for i in range(raw.shape[0])]
         finally:
             vae.to(runtime.offload_device())

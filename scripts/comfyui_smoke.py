@@ -40,6 +40,7 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # procs: the tests' /proc helpers
 PACK_NAME = "wan22-moe"
 WORKFLOWS = REPO / "example_workflows"
 BASE, MULTIGPU, FOUR_STEP = "wan22_t2v_a14b", "wan22_t2v_a14b_multigpu", "wan22_t2v_a14b_4step_lora"
@@ -291,26 +292,26 @@ async def interrupt_workflow(url: str, name: str) -> None:
 
 def worker_pids(server_pid: int) -> list[int]:
     """The server's worker-rank processes (children whose command line runs our worker)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    from procs import children_of
+
+    def command(pid: int) -> str:
         try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if parent == server_pid and WORKER_MARK in command:
-            pids.append(int(stat.parent.name))
-    return sorted(pids)
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError):
+            return ""
+
+    return sorted(pid for pid in children_of(server_pid) if WORKER_MARK in command(pid))
 
 
 def check_workers_gone(pids: list[int], timeout: float = 15.0) -> None:
     """After the server stopped, its worker ranks must exit on their own (they watch their parent)."""
+    from procs import process_alive
+
     deadline = time.monotonic() + timeout
     alive = pids
     while alive and time.monotonic() < deadline:
         time.sleep(0.2)
-        alive = [p for p in pids if Path(f"/proc/{p}").exists()
-                 and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+        alive = [p for p in pids if process_alive(p)]
     if alive:
         for pid in alive:  # do not leave them behind, then fail
             os.kill(pid, signal.SIGKILL)

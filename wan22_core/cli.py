@@ -47,13 +47,12 @@ def _add_sampling_flags(p: argparse.ArgumentParser, steps: int, width: int, heig
 
 
 def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
-    from .parallel.plan import valid_ulysses_degrees
+    from .parallel.plan import A14B_HEADS, valid_ulysses_degrees
 
-    heads = DiTConfig().num_heads
     g = p.add_argument_group("multi-GPU (under torchrun --nproc_per_node N; see docs/multigpu.md)")
     g.add_argument("--ulysses", type=int, default=1, metavar="N",
-                   help=f"sequence-parallel degree; divides the {heads} heads: "
-                        f"{', '.join(map(str, valid_ulysses_degrees(heads)))}")
+                   help=f"sequence-parallel degree; divides the {A14B_HEADS} heads: "
+                        f"{', '.join(map(str, valid_ulysses_degrees()))}")
     g.add_argument("--fsdp", action="store_true", help="shard both experts' weights across all ranks")
     g.add_argument("--cfg-parallel", action="store_true", help="cond and uncond passes on two halves of the ranks")
     g.add_argument("--keep-gathered", action="store_true",
@@ -168,7 +167,7 @@ def _model_files(args):
 def run(args, files) -> dict:
     """Load, encode, denoise, decode and save; returns the stage timings."""
     from .runtime import resolve_device, resolve_dtype
-    from .sampling.moe import ExpertPair
+    from .sampling.moe import ExpertPair, keeps_host_copies
 
     settings = sampler_settings(args)
     device = resolve_device(args.device)
@@ -182,7 +181,7 @@ def run(args, files) -> dict:
     with stage("load experts", timings):
         experts = ExpertPair(load_expert(args, files.high_noise, args.lora_high, dtype, device),
                              load_expert(args, files.low_noise, args.lora_low, dtype, device), device, **placement,
-                             keep_host=device.type != "cpu")  # the switch then copies nothing back
+                             keep_host=keeps_host_copies(device))  # the switch then copies nothing back
         if args.compile:
             compile_experts(experts.experts.values(), device)
     with stage("denoise", timings):  # includes the compile on the first step with --compile
@@ -230,10 +229,10 @@ def check_model_options(args) -> None:
 def expert_placement(args, files) -> dict:
     """--offload / --swap-blocks / --compile -> ExpertPair keyword arguments (auto: both experts stay
     on the device when they fit in 60% of it, else one at a time)."""
-    from .checkpoints import DIT, check_slot
+    from .checkpoints import expert_config
     from .offload import expert_pair_options
 
-    layers = check_slot(files.high_noise, DIT)[1].dit.num_layers  # headers only
+    layers = expert_config(files.high_noise).num_layers  # headers only
     return expert_pair_options(args.offload, args.swap_blocks, args.compile, layers)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 
 import torch
 
@@ -11,12 +12,12 @@ import torch
 ALLOC_CONF = "expandable_segments:True"
 
 
-def default_cuda_allocator() -> None:
-    """Use ALLOC_CONF unless the user chose an allocator (PYTORCH_CUDA_ALLOC_CONF, or the newer
-    PYTORCH_ALLOC_CONF). Must run before the first CUDA allocation (torch reads the variable
+def default_cuda_allocator(env: MutableMapping[str, str] = os.environ) -> None:
+    """Use ALLOC_CONF in `env` unless an allocator is chosen there (PYTORCH_CUDA_ALLOC_CONF, or the
+    newer PYTORCH_ALLOC_CONF). Must run before the first CUDA allocation (torch reads the variable
     then); a process that set up CUDA already keeps its allocator."""
-    if "PYTORCH_ALLOC_CONF" not in os.environ:
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
+    if "PYTORCH_ALLOC_CONF" not in env:
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -58,8 +59,6 @@ def check_backend(backend: str) -> None:
     """
     import torch.distributed as dist
 
-    if backend not in ("nccl", "gloo"):
-        raise ValueError(f"backend must be nccl or gloo, got {backend!r}")
     if not dist.is_available():  # then the is_*_available functions may be missing too
         raise ValueError(f"multi-GPU needs torch.distributed, which this torch build ({torch.__version__}) lacks; "
                          "install the Linux build of torch from pytorch.org")

@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from ..config import SamplerSettings
+from ..config import DiTConfig, SamplerSettings
 from ..errors import Cancelled, NumericalError, Wan22Error
 from ..lora import LoraReport, LoraSpec
 from ..pipeline import StepInfo
@@ -95,17 +95,17 @@ _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wan22-spawner")
 
 def rank_environment(parent: Mapping[str, str]) -> dict[str, str]:
     """The environment of a rank: the host's, with the ranks' sockets on loopback (unless the user
-    chose an interface) and PyTorch's own caching allocator with expandable segments
-    (runtime.ALLOC_CONF) unless another allocator setting is there. `backend:cudaMallocAsync` is
-    always replaced (ComfyUI sets it for its own process, and the ranks would inherit it): a peer
-    pack reports out-of-memory errors under NCCL all-to-all with it (shared/reference/peers.md, B.7)."""
-    from ..runtime import ALLOC_CONF
+    chose an interface) and the allocator the CLI uses (runtime.default_cuda_allocator).
+    `backend:cudaMallocAsync` is dropped first (ComfyUI sets it for its own process, and the ranks
+    would inherit it): a peer pack reports out-of-memory errors under NCCL all-to-all with it
+    (shared/reference/peers.md, B.7)."""
+    from ..runtime import default_cuda_allocator
 
     env = {"GLOO_SOCKET_IFNAME": LOOPBACK, "NCCL_SOCKET_IFNAME": LOOPBACK, **parent}
-    chosen = env.get("PYTORCH_CUDA_ALLOC_CONF", "") + env.get("PYTORCH_ALLOC_CONF", "")
-    if not chosen or "cudaMallocAsync" in chosen:
-        env.pop("PYTORCH_ALLOC_CONF", None)
-        env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        if "cudaMallocAsync" in env.get(name, ""):
+            del env[name]
+    default_cuda_allocator(env)
     return env
 
 
@@ -195,7 +195,7 @@ def validate_spec(spec: ModelSpec, plan: ParallelPlan) -> tuple[ParallelPlan, di
                          "(fp8 checkpoint files are fine: their shards are dequantised into this dtype)")
     resolve_backend(spec.attention)  # unknown names and missing packages fail here, not on every rank
     high, _ = check_expert_pair(spec.high_noise, spec.low_noise)  # headers only: one model's two experts
-    reports = check_loras(spec)
+    reports = check_loras(spec, high.dit)
     return replace(plan, num_heads=high.dit.num_heads), reports  # replace re-runs the plan's checks
 
 
@@ -203,18 +203,17 @@ def validate_spec(spec: ModelSpec, plan: ParallelPlan) -> tuple[ParallelPlan, di
 _checked_loras: dict[tuple, LoraReport] = {}
 
 
-def check_loras(spec: ModelSpec) -> dict[str, tuple[LoraReport, ...]]:
-    """{"high"/"low": reports}: every LoRA read and matched against its expert's parameter shapes
-    (from the checkpoint headers), so a wrong file fails here with the LoRA's own message."""
+def check_loras(spec: ModelSpec, cfg: DiTConfig) -> dict[str, tuple[LoraReport, ...]]:
+    """{"high"/"low": reports}: every LoRA read and matched against the parameter shapes of the
+    experts' config `cfg` (from the checkpoint headers; both experts have it, check_expert_pair),
+    so a wrong file fails here with the LoRA's own message."""
     from dataclasses import replace
 
     from ..lora import file_key, lora_deltas
     from ..models.transformer import WanModel
-    from .loading import expert_config
 
     reports = {}
-    for expert, path in (("high", spec.high_noise), ("low", spec.low_noise)):
-        cfg = expert_config(path) if spec.loras(expert) else None
+    for expert in ("high", "low"):
         for lora in spec.loras(expert):
             key = (cfg, file_key(lora.path)) if lora.path.is_file() else None
             if key not in _checked_loras:
@@ -256,14 +255,14 @@ class WorkerGroup:
                 return current
             if current is not None:
                 current.shutdown()
-            cls._current = cls(spec, config, on_status, checked)
+            cls._current = cls(spec, config, on_status, *checked)
             return cls._current
 
-    def __init__(self, spec: ModelSpec, config: ParallelConfig,
-                 on_status: Callable[[int, str], None] | None = None, checked: tuple | None = None):
+    def __init__(self, spec: ModelSpec, config: ParallelConfig, on_status: Callable[[int, str], None] | None,
+                 plan: ParallelPlan, lora_reports: dict[str, tuple[LoraReport, ...]]):
+        """Start the ranks; `plan` and `lora_reports` are validate_spec's result (get_or_create)."""
         self.spec, self.config, self.on_status = spec, config, on_status
-        # checked: validate_spec's result when the caller already has it
-        plan, self.lora_reports = checked or validate_spec(spec, config.plan)  # reports: for the caller to show
+        self.lora_reports = lora_reports  # for the caller to show
         self._procs: dict[int, subprocess.Popen] = {}
         self._conns: dict[int, Connection] = {}
         self._status: dict[int, str] = {}

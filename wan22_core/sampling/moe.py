@@ -58,6 +58,12 @@ def move_keeping_host(module: nn.Module, device: torch.device) -> list[tuple[tor
     return kept
 
 
+def keeps_host_copies(device: torch.device, offload_device: torch.device = torch.device("cpu")) -> bool:
+    """ExpertPair's keep_host for a one-process holder (the CLI, the loader node): worth it whenever
+    the compute device is not where idle experts wait."""
+    return torch.device(device) != torch.device(offload_device)
+
+
 class ExpertPair:
     """The two experts and where they live.
 
@@ -67,12 +73,12 @@ class ExpertPair:
     active expert also keeps that many blocks in host memory, streamed in per block
     (`wan22_core.offload.BlockSwap`), for cards that cannot hold one whole expert.
 
-    keep_host=True (the CLI and the loader node; whole-expert placement only) keeps a placed
-    expert's host tensors, so offloading it only drops the device copies: no GPU -> host copy,
-    at the cost of both experts staying in host memory. Only for holders that change weights
-    on the host, between runs (the node re-merges LoRAs after `offload_all`); the multi-GPU
-    workers re-merge LoRAs into placed weights, so they keep the default. On the CPU it makes
-    real copies, which the tests use to run the same bookkeeping.
+    keep_host=True (the CLI and the loader node, per `keeps_host_copies`; whole-expert placement
+    only) keeps a placed expert's host tensors, so offloading it only drops the device copies:
+    no GPU -> host copy, at the cost of both experts staying in host memory. Only for holders
+    that change weights on the host, between runs (the node re-merges LoRAs after `offload_all`);
+    the multi-GPU workers re-merge LoRAs into placed weights, so they keep the default. On the
+    CPU it makes real copies, which the tests use to run the same bookkeeping.
     """
 
     def __init__(self, high: nn.Module, low: nn.Module, device: torch.device,

@@ -121,11 +121,12 @@ def measure(world: int, model_dir: Path, workdir: Path) -> dict:
 
 def expected(name: str, world: int, cfg) -> dict:
     """The formula's per-rank bytes per step for one scenario on the measurement model (fp32)."""
+    from wan22_core.memory import video_tokens
     from wan22_core.models.transformer import WanModel
 
     degrees = SCENARIOS[name](world)
     u, c = degrees.get("ulysses", 1), degrees.get("cfg_parallel", 1)
-    tokens = ((FRAMES - 1) // 4 + 1) * (HEIGHT // 16) * (WIDTH // 16)
+    tokens = video_tokens(cfg, FRAMES, HEIGHT, WIDTH)
     batch = 2 // c
     out = {}
     if u > 1:
@@ -159,11 +160,13 @@ def forward_flops(tokens: int, dim: int, ffn: int, layers: int, text: int = 512)
 
 
 def projection_rows():
-    from wan22_core.config import A14B
+    from wan22_core import config
+    from wan22_core.memory import video_tokens
+    from wan22_core.pipeline import latent_shape
 
-    d = A14B.dit
-    tokens = 21 * 45 * 80  # 720p, 81 frames: 75,600
-    latent_elems = 16 * 21 * 90 * 160
+    d = config.A14B.dit
+    tokens = video_tokens(d, config.FRAMES, config.HEIGHT, config.WIDTH)  # 720p, 81 frames: 75,600
+    latent_elems = math.prod(latent_shape(config.FRAMES, config.HEIGHT, config.WIDTH))
     step_flops = 2 * forward_flops(tokens, d.dim, d.ffn_dim, d.num_layers)  # cond + uncond
     expert_bytes = 14.29e9 * 2  # bf16
     head_out = math.prod(d.patch_size) * d.out_dim
@@ -246,8 +249,11 @@ def draw_scaling(ax, series: dict) -> None:
 
 
 def report(measured: dict, cfg) -> str:
+    from wan22_core.memory import video_tokens
+
+    tokens = video_tokens(cfg, FRAMES, HEIGHT, WIDTH)
     lines = ["### Measured on CPU ranks (gloo) vs the formula, bytes per rank per step (fp32, "
-             f"{FRAMES} frames {WIDTH}x{HEIGHT}, 45 tokens; dim {cfg.dim}, {cfg.num_layers} layers)", "",
+             f"{FRAMES} frames {WIDTH}x{HEIGHT}, {tokens} tokens; dim {cfg.dim}, {cfg.num_layers} layers)", "",
              "| ranks | plan | collective | measured | formula | match |", "|---|---|---|---|---|---|"]
     for world, per_scenario in measured.items():
         for name, counts in per_scenario.items():

@@ -53,6 +53,27 @@ def expert_pair_options(offload: str, swap_blocks: int, compile: bool, num_layer
     return {"keep_both": False, "swap_blocks": int(swap_blocks)}
 
 
+# Host masters: a module whose weights stay in host memory and visit the device. `host_masters`
+# pairs each parameter and buffer (an fp8 layer's scale and an unmerged LoRA's factors travel with
+# the weights) with its host data; `to_device` points the tensors at device copies of it, and
+# `to_host` points them back (no copy: the weights do not change on the device).
+Masters = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def host_masters(module: nn.Module, pin: bool = False) -> Masters:
+    return [(t, t.data.pin_memory() if pin else t.data) for t in itertools.chain(module.parameters(), module.buffers())]
+
+
+def to_device(masters: Masters, device: torch.device, non_blocking: bool = False) -> None:
+    for tensor, host in masters:  # copy=True: a real copy on the CPU too, so tests run the same bookkeeping
+        tensor.data = host.to(device, non_blocking=non_blocking, copy=True)
+
+
+def to_host(masters: Masters) -> None:
+    for tensor, host in masters:
+        tensor.data = host
+
+
 class BlockSwap:
     def __init__(self, blocks: nn.ModuleList, num_blocks: int, device: torch.device):
         if not 0 <= num_blocks <= len(blocks):
@@ -61,7 +82,7 @@ class BlockSwap:
         self.cuda = self.device.type == "cuda"
         self.swapped = list(blocks)[len(blocks) - num_blocks:]
         self.order = {block: i for i, block in enumerate(self.swapped)}
-        self.host: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.host: dict[nn.Module, Masters] = {}
         self.ready: dict[nn.Module, torch.cuda.Event | None] = {}
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.peak_resident = 0  # most swapped blocks on the device at once (bookkeeping, tests)
@@ -70,9 +91,7 @@ class BlockSwap:
                 block.to(self.device)
         for block in self.swapped:
             block.to("cpu")
-            # buffers too: an fp8 layer's scale and an unmerged LoRA's factors travel with the weights
-            tensors = itertools.chain(block.parameters(), block.buffers())
-            self.host[block] = [(t, t.data.pin_memory() if self.cuda else t.data) for t in tensors]
+            self.host[block] = host_masters(block, pin=self.cuda)
         self._hooks = [h for block in self.swapped for h in (
             block.register_forward_pre_hook(self._before), block.register_forward_hook(self._after))]
 
@@ -83,16 +102,14 @@ class BlockSwap:
     def _load(self, block: nn.Module) -> None:
         if block in self.ready:
             return
+        event = None
         if self.cuda:
             with torch.cuda.stream(self.stream):
-                for param, host in self.host[block]:
-                    param.data = host.to(self.device, non_blocking=True)
+                to_device(self.host[block], self.device, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self.stream)
-        else:  # a real copy, so CPU tests exercise the same bookkeeping
-            for param, host in self.host[block]:
-                param.data = host.clone()
-            event = None
+        else:
+            to_device(self.host[block], self.device)
         self.ready[block] = event
         self.peak_resident = max(self.peak_resident, len(self.ready))
 
@@ -109,8 +126,7 @@ class BlockSwap:
             self._load(nxt)  # prefetch, overlapping this block's compute
 
     def _after(self, block: nn.Module, args, output) -> None:
-        for param, host in self.host[block]:
-            param.data = host  # drop the device copy; the host copy is the master
+        to_host(self.host[block])  # drop the device copy; the host copy is the master
         del self.ready[block]
 
     def remove(self) -> None:

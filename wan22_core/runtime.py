@@ -6,7 +6,7 @@ from collections.abc import MutableMapping
 
 import torch
 
-# The CUDA caching allocator the CLI runs with unless PYTORCH_CUDA_ALLOC_CONF is set. Without
+# The CUDA caching allocator the CLI and the worker ranks run with unless the user set one. Without
 # expandable segments, 720p under a 24 GiB cap ran out of memory at step 1 with 4.3 GiB reserved
 # but unusable (fragments); with them it ran at 22.2 GiB (benchmarks/RESULTS.md, "24 GB card").
 ALLOC_CONF = "expandable_segments:True"

@@ -141,9 +141,9 @@ def test_missing_attention_package_exits_2_with_the_engines_message(generate, mo
     (("--cfg-parallel", "--no-batch-cfg"), "--no-batch-cfg and --cfg-parallel do not combine"),
 ])
 def test_option_errors_are_one_line_before_any_work(generate, flags, message, capsys, monkeypatch):
-    import wan22_core.checkpoints as checkpoints
+    from wan22_core.cli import stages
 
-    monkeypatch.setattr(checkpoints, "load_text_encoder", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(stages, "load_text_encoder", lambda *a, **k: pytest.fail("work started"))
     assert generate(*flags)[0] == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
@@ -183,9 +183,7 @@ def test_dtype_and_format_choices_are_the_engines_names():
 
 def test_denoise_video_shows_one_bar_only_when_asked_and_closes_it_on_errors(monkeypatch):
     """The denoise stage both the one-process CLI and the torchrun ranks run (rank 0 alone shows a bar)."""
-    import wan22_core.cli as cli
-    import wan22_core.pipeline as pipeline
-    from wan22_core.cli import denoise_video
+    from wan22_core.cli import stages
 
     bars, calls = [], []
 
@@ -201,36 +199,31 @@ def test_denoise_video_shows_one_bar_only_when_asked_and_closes_it_on_errors(mon
             self.closed = True
 
     def fake_denoise(experts, positive, negative, noise, settings, batch_cfg, on_step):
-        calls.append((experts, positive, negative, tuple(noise.shape), batch_cfg, on_step is None))
+        calls.append((experts, positive, negative, noise, batch_cfg, on_step is None))
         for step in range(settings.steps):
             on_step and on_step(step)
         if experts == "broken":
             raise RuntimeError("step failed")
         return "latent"
 
-    monkeypatch.setattr(cli, "_progress_bar", Bar)
-    monkeypatch.setattr(pipeline, "denoise", fake_denoise)
+    monkeypatch.setattr(stages, "progress_bar", Bar)
+    monkeypatch.setattr(stages, "denoise", fake_denoise)
     settings = SamplerSettings(steps=3)
-    args = build_parser().parse_args(["generate", "--frames", "9", "--height", "48", "--width", "64", "--seed", "5",
-                                      "--no-batch-cfg"])
-    assert denoise_video(args, "experts", "pos", "neg", settings) == "latent"
+    assert stages.denoise_video("experts", "pos", "neg", "noise", settings, batch_cfg=False, progress=True) == "latent"
     assert [(b.total, b.steps, b.closed) for b in bars] == [(3, 3, True)]
-    assert calls[0] == ("experts", "pos", "neg", (16, 3, 6, 8), False, False)
-    assert denoise_video(args, "experts", "pos", "neg", settings, show_progress=False) == "latent"
-    quiet = build_parser().parse_args(["generate", "--quiet"])
-    assert denoise_video(quiet, "experts", "pos", "neg", settings) == "latent"
-    assert len(bars) == 1 and calls[1][-1] and calls[2][-1]  # no bar, no on_step
+    assert calls[0] == ("experts", "pos", "neg", "noise", False, False)
+    assert stages.denoise_video("experts", "pos", "neg", "noise", settings, batch_cfg=True, progress=False) == "latent"
+    assert len(bars) == 1 and calls[1][-2:] == (True, True)  # no bar, no on_step
     with pytest.raises(RuntimeError, match="step failed"):
-        denoise_video(args, "broken", "pos", "neg", settings)
+        stages.denoise_video("broken", "pos", "neg", "noise", settings, batch_cfg=True, progress=True)
     assert [(b.total, b.steps, b.closed) for b in bars[1:]] == [(3, 3, True)]
 
 
 def test_encode_prompt_equals_the_text_encoder(tiny_model_dir):
-    from wan22_core.cli import encode_prompt
+    from wan22_core.cli.stages import encode_prompt
 
     files = ModelFiles.from_model_dir(tiny_model_dir)
-    args = build_parser().parse_args(["generate", "--prompt", PROMPT, "--negative-prompt", NEGATIVE])
-    embeds = encode_prompt(args, files)
+    embeds = encode_prompt(files, PROMPT, NEGATIVE)
     expected = load_text_encoder(files.text_encoder, files.tokenizer).encode_prompt(PROMPT, NEGATIVE)
     assert torch.equal(embeds.positive, expected.positive) and torch.equal(embeds.negative, expected.negative)
 
@@ -244,7 +237,7 @@ def test_the_cli_sets_expandable_segments_unless_the_user_chose_an_allocator(pre
     import os
     import types
 
-    from wan22_core import cli
+    from wan22_core.cli import commands
     from wan22_core.runtime import ALLOC_CONF
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
@@ -254,9 +247,10 @@ def test_the_cli_sets_expandable_segments_unless_the_user_chose_an_allocator(pre
     elif preset is not None:
         monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", preset)
     seen = []
-    command = argparse.Namespace(debug=False, func=lambda args: seen.append(
+    monkeypatch.setitem(commands.COMMANDS, "demo", lambda args: seen.append(
         (os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), os.environ.get("PYTORCH_ALLOC_CONF"))) or 0)
-    monkeypatch.setattr(cli, "build_parser", lambda: types.SimpleNamespace(parse_args=lambda argv: command))
-    assert cli.main([]) == 0
+    command = argparse.Namespace(debug=False, command="demo")
+    monkeypatch.setattr(commands, "build_parser", lambda: types.SimpleNamespace(parse_args=lambda argv: command))
+    assert commands.main([]) == 0
     assert seen == [(ALLOC_CONF, None) if preset is None else
                     (None, "garbage_collection_threshold:0.8") if preset.startswith("newer:") else (preset, None)]

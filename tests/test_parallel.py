@@ -213,14 +213,15 @@ def test_fsdp_forward_records_are_forgotten_after_a_job(runs, world):
 
 def test_cli_parallel_flags_make_the_plan():
     from wan22_core.cli import build_parser
-    from wan22_core.parallel.launch import parallel_requested, plan_from_args
+    from wan22_core.cli.commands import parallel_requested
+    from wan22_core.cli.torchrun import parallel_plan
 
     args = build_parser().parse_args(["generate", "--ulysses", "2", "--cfg-parallel", "--fsdp", "--keep-gathered"])
-    plan = plan_from_args(args, world_size=4, num_heads=40)
+    plan = parallel_plan(args, world_size=4, num_heads=40)
     assert (plan.ulysses, plan.cfg_parallel, plan.fsdp, plan.reshard_after_forward) == (2, 2, True, False)
     assert parallel_requested(args) and not parallel_requested(build_parser().parse_args(["generate"]))
     with pytest.raises(ValueError, match="valid degrees: 1, 2, 4, 5, 8, 10, 20, 40"):
-        plan_from_args(build_parser().parse_args(["generate", "--ulysses", "3"]), world_size=3, num_heads=40)
+        parallel_plan(build_parser().parse_args(["generate", "--ulysses", "3"]), world_size=3, num_heads=40)
 
 
 def test_torchrun_cli_with_loras_matches_single_process(tiny_model_dir, loras, tmp_path):

@@ -11,7 +11,7 @@ and talk to each other over the loopback interface only (GLOO_SOCKET_IFNAME / NC
 unless the user set them), so nothing of the group listens on another interface and no port has
 to be chosen. They load their shards and wait for jobs; the group lives across jobs and is
 rebuilt only when the model spec or the parallel config changes, or after a fault. Multi-node
-runs go through torchrun (cli.py), not through this group.
+runs go through torchrun (cli/torchrun.py), not through this group.
 
 Faults: a rank that raises, dies or stays silent for `heartbeat_timeout` seconds ends the run
 with a WorkerGroupError naming the rank (with its traceback when it sent one); the group is

@@ -1,0 +1,121 @@
+"""`main` and the commands: demo, generate (one process here, or on torchrun's ranks), make-tiny.
+
+`generate` reads like nanoGPT's sample.py: settings first, then load, encode, denoise, decode,
+save, each stage timed. Errors exit non-zero with one line (no traceback unless --debug).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..checkpoints import ModelFiles, expert_config, load_dit
+from ..errors import Wan22Error
+from ..lora import apply_loras
+from ..models.attention import set_attention_backend
+from ..offload import expert_pair_options
+from ..optimize import compile_blocks
+from ..parallel.launch import torchrun_world_size
+from ..pipeline import make_noise
+from ..runtime import default_cuda_allocator, resolve_device, resolve_dtype
+from ..sampling.moe import ExpertPair, keeps_host_copies
+from ..tiny import cached_tiny, make_tiny, tiny_config
+from . import parser as flags
+from .parser import build_parser
+from .stages import check_model_options, denoise_video, encode_prompt, save_outputs, stage
+from .torchrun import run_on_ranks
+
+
+def run_here(args: argparse.Namespace, files: ModelFiles) -> dict:
+    """`generate` in this process: load, encode, denoise, decode and save; returns the stage timings."""
+    settings = flags.sampler_settings(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    check_model_options(args.attention, [*args.lora_high, *args.lora_low])
+    layers = expert_config(files.high_noise).num_layers  # headers only
+    placement = expert_pair_options(args.offload, args.swap_blocks, args.compile, layers)
+    timings: dict[str, float] = {}
+
+    with stage("text encoder", timings):
+        embeds = encode_prompt(files, args.prompt, args.negative_prompt)
+    with stage("load experts", timings):
+        experts = ExpertPair(load_expert(files.high_noise, args.lora_high, dtype, args.attention, device),
+                             load_expert(files.low_noise, args.lora_low, dtype, args.attention, device), device,
+                             **placement, keep_host=keeps_host_copies(device))  # the switch then copies nothing back
+        if args.compile:
+            compile_experts(experts.experts.values(), device)
+    with stage("denoise", timings):  # includes the compile on the first step with --compile
+        noise = make_noise(args.seed, args.frames, args.height, args.width)
+        latent = denoise_video(experts, embeds.positive, embeds.negative, noise, settings, batch_cfg=args.batch_cfg,
+                               progress=not args.quiet)
+        del experts
+    save_outputs(latent, files.vae, device, dtype, flags.outputs(args), timings)
+    return timings
+
+
+def load_expert(path, loras, dtype, attention, device):
+    """One expert with its LoRAs merged and the attention backend set."""
+    expert = load_dit(path, dtype)
+    for report in apply_loras(expert, loras):
+        if not report.unmatched:  # a report with unmatched keys is already logged as a warning
+            print(f"  {report}", file=sys.stderr)
+    set_attention_backend(expert, attention, device)
+    return expert
+
+
+def compile_experts(experts, device) -> None:
+    """--compile: regional torch.compile of both experts; without the toolchain, one line and eager."""
+    for expert in experts:  # both on one device: the first call finds a missing toolchain
+        problem = compile_blocks(expert, device)
+        if problem is not None:
+            print(f"warning: --compile ignored: {problem}; running eager (same results, slower)", file=sys.stderr)
+            return
+
+
+def parallel_requested(args: argparse.Namespace) -> bool:
+    """Parallel flags given, or started by torchrun with more than one process."""
+    return args.ulysses > 1 or args.fsdp or args.cfg_parallel or torchrun_world_size() > 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    timings: dict[str, float] = {}
+    with stage("tiny models", timings):
+        files = cached_tiny(args.cache_dir)
+    timings.update(run_here(args, files))
+    print(f"total {sum(timings.values()):.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    files = flags.model_files(args)
+    files.check()  # every file in its slot, read from headers: fail in seconds, not after loading
+    if parallel_requested(args):
+        run_on_ranks(args, files)
+    else:
+        run_here(args, files)
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    cfg = tiny_config(dim=args.dim, layers=args.layers, heads=args.heads, ffn_dim=args.ffn_dim,
+                      text_layers=args.text_layers)
+    out = make_tiny(args.dir, args.format, cfg, args.seed)
+    print(f"wrote a tiny {args.format} model set to {out}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "make-tiny": cmd_make_tiny}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    default_cuda_allocator()  # before any CUDA work; torchrun ranks run this main too
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (Wan22Error, ValueError, OSError) as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2

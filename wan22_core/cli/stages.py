@@ -1,0 +1,101 @@
+"""The stages of `generate` that one process and the torchrun ranks share, on plain values.
+
+Encode, denoise, then save: each takes what it needs, never the argparse namespace, so the
+torchrun path (`torchrun.py`) runs the same stages on each rank (rank 0 alone encodes and saves).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..checkpoints import ModelFiles, load_text_encoder, load_vae
+from ..config import SamplerSettings
+from ..lora import LoraSpec
+from ..models.attention import resolve_backend
+from ..models.text_encoder import PromptEmbeds
+from ..pipeline import decode_to_video, denoise
+from ..sampling.moe import ExpertPair
+from ..video import write_mp4
+
+
+@contextmanager
+def stage(name: str, timings: dict):
+    """Time one stage into `timings` and print it (stderr)."""
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+    print(f"  {name:<14} {timings[name]:7.2f} s", file=sys.stderr)
+
+
+def check_model_options(attention: str, loras: Sequence[LoraSpec]) -> None:
+    """Fail on the model flags now, not after the text encoder ran: attention package, LoRA files."""
+    resolve_backend(attention)
+    for lora in loras:
+        if not lora.path.is_file():
+            raise FileNotFoundError(f"LoRA file not found: {lora.path}")
+
+
+def encode_prompt(files: ModelFiles, prompt: str, negative_prompt: str | None) -> PromptEmbeds:
+    """The prompt and negative prompt through the text encoder, on the CPU (one process, or rank 0
+    under torchrun); the encoder (11 GB at full size) is dropped when this returns."""
+    encoder = load_text_encoder(files.text_encoder, files.tokenizer, device="cpu")
+    return encoder.encode_prompt(prompt, negative_prompt)
+
+
+def denoise_video(experts: ExpertPair, positive: torch.Tensor, negative: torch.Tensor, noise: torch.Tensor,
+                  settings: SamplerSettings, *, batch_cfg: bool, progress: bool) -> torch.Tensor:
+    """The noise through the sampling loop, with a progress bar when `progress` (off with --quiet,
+    and on torchrun ranks other than 0)."""
+    bar = progress_bar(settings.steps) if progress else None
+    try:
+        return denoise(experts, positive, negative, noise, settings, batch_cfg=batch_cfg,
+                       on_step=bar and (lambda s: bar.update(1)))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def progress_bar(total: int) -> tqdm:
+    return tqdm(total=total, desc="denoise", unit="step", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a run's results go: the mp4, optionally the latents, and how the video is written."""
+
+    video: Path
+    latents: Path | None = None  # safetensors, key "latents", [16, T, H/8, W/8] float32
+    fps: int = 16
+    vae_tile: int | None = None  # latent pixels per VAE tile; None decodes whole frames
+    overwrite: bool = False
+
+    def check(self) -> None:
+        """Fail on an existing output before minutes of work (unless overwrite)."""
+        for path in (self.video, self.latents):
+            if path is not None and path.exists() and not self.overwrite:
+                raise FileExistsError(f"{path} exists; choose another name or pass --overwrite")
+
+
+def save_outputs(latent: torch.Tensor, vae_path: Path, device: torch.device, dtype: torch.dtype, outputs: Outputs,
+                 timings: dict) -> None:
+    """The latents (when asked), then VAE decode and the mp4 (rank 0 only under torchrun)."""
+    if outputs.latents is not None:
+        outputs.latents.parent.mkdir(parents=True, exist_ok=True)
+        tmp = outputs.latents.with_name(f".{outputs.latents.name}.partial")
+        save_file({"latents": latent.float().cpu().contiguous()}, str(tmp))
+        os.replace(tmp, outputs.latents)
+    with stage("vae decode", timings):
+        vae = load_vae(vae_path, torch.float32 if device.type == "cpu" else dtype).to(device)
+        frames = decode_to_video(vae, latent, tile_size=outputs.vae_tile)
+    with stage("write mp4", timings):
+        out = write_mp4(frames, outputs.video, fps=outputs.fps, overwrite=outputs.overwrite)
+    print(f"wrote {out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {outputs.fps} fps)")

@@ -159,10 +159,10 @@ def make_blocks(cfg: DiTConfig, count: int, device) -> list[WanBlock]:
 
 
 def diffusers_twin(block: WanBlock, cfg: DiTConfig, device) -> nn.Module:
-    """diffusers' WanTransformerBlock holding `block`'s weights (names via wan22_core.keymaps)."""
+    """diffusers' WanTransformerBlock holding `block`'s weights (names via wan22_core.checkpoints.keymaps)."""
     from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
 
-    from wan22_core.keymaps import dit_official_to_diffusers
+    from wan22_core.checkpoints.keymaps import dit_official_to_diffusers
 
     with torch.device(device):
         twin = WanTransformerBlock(cfg.dim, cfg.ffn_dim, cfg.num_heads, "rms_norm_across_heads",

@@ -17,7 +17,7 @@ from wan22_core.checkpoints import (DIT, TEXT_ENCODER, Checkpoint, CheckpointErr
 from wan22_core.cli import main
 from wan22_core.config import TINY, DiTConfig, SamplerSettings, VAEConfig
 from wan22_core.fp8 import FP8, FP8Linear, dequantize_fp8, set_fp8_compute
-from wan22_core.keymaps import COMFY_DIT_PREFIX, vae_diffusers_to_official, vae_official_to_diffusers
+from wan22_core.checkpoints.keymaps import COMFY_DIT_PREFIX, vae_diffusers_to_official, vae_official_to_diffusers
 from wan22_core.models.transformer import WanModel
 from wan22_core.models.vae import WanVAE
 from wan22_core.pipeline import denoise, make_noise
@@ -322,7 +322,7 @@ def no_tensor_reads(monkeypatch):
     """Fails the test if any tensor data is read: wrong files must be caught from headers."""
     def refuse(*args, **kwargs):
         raise AssertionError("tensor data was read before the slot check")
-    monkeypatch.setattr(checkpoints, "_read_bytes", refuse)
+    monkeypatch.setattr(checkpoints.reading, "_read_bytes", refuse)
 
 
 def wrong_files(sets, tmp_path):
@@ -451,8 +451,8 @@ def test_tensors_are_read_in_file_order_whatever_order_they_are_asked_in(sets, m
     file_order = sorted(ckpt.entries, key=lambda n: (str(ckpt.entries[n].file), ckpt.entries[n].start))
     assert len({entry.file for entry in ckpt.entries.values()}) == 2  # the order spans both shards
     read = []
-    original = checkpoints._read_bytes
-    monkeypatch.setattr(checkpoints, "_read_bytes",
+    original = checkpoints.reading._read_bytes
+    monkeypatch.setattr(checkpoints.reading, "_read_bytes",
                         lambda handle, entry, name, buffer: read.append(name) or original(handle, entry, name, buffer))
     yielded = [name for name, _ in ckpt.read(reversed(file_order), dtype=torch.bfloat16)]
     assert read == yielded == file_order

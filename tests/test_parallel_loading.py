@@ -1,4 +1,4 @@
-"""Shard-aware expert loading (`parallel.loading.ExpertReader`) gives exactly the single-process
+"""Shard-aware expert loading (`checkpoints.DitRowReader`) gives exactly the single-process
 weights: the rows every rank reads, put back together, equal `load_dit` bit for bit in every
 layout and dtype, scaled fp8 included (a multi-GPU run must compute what one GPU computes)."""
 import math
@@ -9,10 +9,10 @@ import torch
 from procs import start_gloo_ranks, wait_ranks
 from safetensors.torch import load_file, save_file
 
-from wan22_core.checkpoints import DIT, SCALED_FP8_MARKER, CheckpointError, load_dit
+from wan22_core.checkpoints import DIT, CheckpointError, DitRowReader, load_dit
 from wan22_core.config import TINY
+from wan22_core.models.text_encoder import SCALED_FP8_MARKER
 from wan22_core.models.transformer import WanModel
-from wan22_core.parallel.loading import ExpertReader
 from wan22_core.tiny import COMFY_FILES, make_tiny
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -43,10 +43,10 @@ def test_rank_rows_put_together_equal_the_single_process_weights(experts, layout
     with torch.device("meta"):
         model = WanModel(TINY.dit)
     fp8_stored = 0
-    with ExpertReader(path) as reader:
-        reader.check_names(model)
+    with DitRowReader(path) as reader:
+        reader.check_names(name for name, _ in model.named_parameters())
         for name, param in model.named_parameters():
-            fp8_stored += reader.ckpt.entries[reader.stored[name]].dtype == torch.float8_e4m3fn
+            fp8_stored += reader.entry(name).dtype == torch.float8_e4m3fn
             for world in (2, 3):
                 pieces = rank_rows(reader, name, param.shape[0], dtype, world)
                 assert all(p.dtype == dtype for p in pieces), name
@@ -65,7 +65,7 @@ def test_unscaled_fp8_rows_equal_the_single_process_weights(experts, tmp_path):
     save_file({k: v for k, v in source.items() if not k.endswith(".scale_weight") and k != SCALED_FP8_MARKER},
               str(unscaled), metadata={"num_heads": str(TINY.dit.num_heads)})
     expected = load_dit(unscaled, torch.bfloat16, weight_dtype=torch.bfloat16).state_dict()
-    with ExpertReader(unscaled) as reader:
+    with DitRowReader(unscaled) as reader:
         for name, value in expected.items():
             got = torch.cat(rank_rows(reader, name, value.shape[0], torch.bfloat16, 2))
             assert torch.equal(got, value), name
@@ -78,18 +78,18 @@ def test_a_missing_tensor_is_named_with_the_single_process_message(experts, tmp_
     save_file(source, str(damaged), metadata={"num_heads": str(TINY.dit.num_heads)})
     with torch.device("meta"):
         model = WanModel(TINY.dit)
-    with ExpertReader(damaged) as reader, pytest.raises(
+    with DitRowReader(damaged) as reader, pytest.raises(
             CheckpointError, match=rf"no_bias.safetensors is missing 1 tensors of a {DIT} \(e.g. "
                                    r"blocks.0.self_attn.q.bias\); the file is incomplete or a different model size"):
-        reader.check_names(model)
+        reader.check_names(name for name, _ in model.named_parameters())
 
 
 def test_a_file_cut_short_after_opening_fails_with_the_truncation_message(experts, tmp_path):
     path = tmp_path / "expert.safetensors"
     path.write_bytes(experts["comfy"].read_bytes())
-    with ExpertReader(path) as reader:
+    with DitRowReader(path) as reader:
         name = "head.head.weight"  # the tensors are in name order; this one ends near the file's end
-        entry = reader.ckpt.entries[reader.stored[name]]
+        entry = reader.entry(name)
         with open(path, "r+b") as f:
             f.truncate(entry.start + entry.nbytes // 2)
         with pytest.raises(CheckpointError, match=rf"ended inside tensor '{name}'; the file is truncated, "

@@ -211,7 +211,7 @@ def test_a_header_whose_shapes_disagree_with_the_model_is_refused_before_reading
     # Same byte count, transposed: safetensors' own checks pass; the weights would be garbage.
     transposed = {"blocks.1.ffn.0.weight": torch.zeros(TINY.dit.dim, TINY.dit.ffn_dim)}
     spliced = save_dit(tmp_path / "spliced.safetensors", TINY.dit, transposed)
-    monkeypatch.setattr("wan22_core.checkpoints._read_bytes", lambda *a: pytest.fail("read tensor data"))
+    monkeypatch.setattr("wan22_core.checkpoints.reading._read_bytes", lambda *a: pytest.fail("read tensor data"))
     with pytest.raises(CheckpointError, match=r"tensor blocks.1.ffn.0.weight has shape \[64, 128\] where a DiT "
                                               r"of dim 64 and ffn_dim 128 has \[128, 64\]"):
         load_dit(spliced)

@@ -46,7 +46,7 @@ from torch import nn
 from .checkpoints import SCALE_SUFFIXES, Checkpoint, identify
 from .errors import Wan22Error
 from .fp8 import FP8, FP8Linear, block_linears, dequantize_fp8, fp8_scale, to_fp8
-from .keymaps import dit_official_to_diffusers
+from .checkpoints.keymaps import dit_official_to_diffusers
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,13 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 
-from .checkpoints import (COMFY_DIRS, DIFFUSERS_DIRS, HIGH_NOISE_DIR, LOW_NOISE_DIR, NUM_HEADS_KEY, T5_FILE,
-                          T5_TOKENIZER_DIR, VAE_FILE, ModelFiles)
+from .checkpoints import ModelFiles
+from .checkpoints.keymaps import dit_official_to_diffusers, vae_official_to_diffusers
+from .checkpoints.layouts import (COMFY_DIRS, DIFFUSERS_DIRS, HIGH_NOISE_DIR, LOW_NOISE_DIR, NUM_HEADS_KEY, T5_FILE,
+                                  T5_TOKENIZER_DIR, VAE_FILE)
 from .config import (DEFAULT_NEGATIVE_PROMPT, LATENT_MEAN, LATENT_STD, TINY, DiTConfig, ModelConfig,
                      SamplerSettings)
 from .fp8 import block_linears, quantize_fp8
-from .keymaps import dit_official_to_diffusers, vae_official_to_diffusers
 from .models.text_encoder import SCALED_FP8_MARKER, SPIECE_KEY, build_umt5, official_to_transformers
 from .models.tokenizer import EOS_ID, PAD_ID, UNK_ID
 from .models.transformer import WanModel

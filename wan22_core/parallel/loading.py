@@ -4,13 +4,13 @@ FSDP2 shards dim 0 of every parameter in torch.chunk layout: with P ranks, rank 
 [r * ceil(n/P), ...) and trailing ranks may hold fewer or none. So every rank needs part of
 every tensor, but a row range of a C-contiguous tensor is one contiguous byte range of a
 safetensors file: the checkpoint header gives each tensor's offset, so a rank seeks and reads
-just its rows (`checkpoints.Checkpoint.read_rows`), about 1/P of the expert, and never holds a
-full tensor. Without FSDP every rank reads whole tensors.
+just its rows (`checkpoints.DitRowReader`), about 1/P of the expert, and never holds a full
+tensor. Without FSDP every rank reads whole tensors.
 
 Every layout `checkpoints.check_slot` recognises works (official, ComfyUI with or without the
-prefix, diffusers names, scaled fp8): names come from its `Identity`. fp8 rows are dequantised
-into the compute dtype, since the shards are what the ranks compute with, by the converter
-`load_dit` uses: the ranks' rows are the single-process weights bit for bit.
+prefix, diffusers names, scaled fp8). fp8 rows are dequantised into the compute dtype, since
+the shards are what the ranks compute with, by the converter `load_dit` uses: the ranks' rows
+are the single-process weights bit for bit.
 
 LoRAs are merged into the rows as they are read (`lora.lora_deltas` builds just the delta rows
 of this rank's shard), so every shard is merged when it lands and FSDP never gathers unmerged
@@ -26,44 +26,11 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..checkpoints import DIT, _check_missing, _convert_dit_tensor, _read_weight_scales, check_slot
-from ..config import DiTConfig
+from ..checkpoints import DitRowReader
 from ..lora import LoraDeltas, LoraSpec, lora_deltas, remerge
 from ..models.transformer import WanModel
 from .mesh import ParallelGroups
 from .parallelize import parallelize
-
-
-class ExpertReader:
-    """Row-range reads of one expert checkpoint, by official parameter name.
-
-    Reading is `Checkpoint.read_rows` and conversion is `checkpoints._convert_dit_tensor`, the
-    function `load_dit` converts every tensor with, so each rank's rows equal the same rows of
-    `load_dit(path, dtype, weight_dtype=dtype)` bit for bit (fp8 dequantised as there too).
-    """
-
-    def __init__(self, path: str | Path):
-        self.ckpt, found = check_slot(path, DIT)
-        self.cfg: DiTConfig = found.dit
-        self.stored = {official: stored for stored, official in found.names.items()}
-        self._scales = _read_weight_scales(self.ckpt, found.names)  # as load_dit reads them
-        self._files: dict[Path, object] = {}
-        self._no_work = torch.empty(0)  # _convert_dit_tensor's quantising buffer: nothing is kept in fp8 here
-
-    def __enter__(self) -> "ExpertReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._files.values():
-            handle.close()
-
-    def rows(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows [start, stop) of parameter `name` in `dtype` (fp8 rows times their scale)."""
-        tensor = self.ckpt.read_rows(self.stored[name], start, stop, self._files, label=name)
-        return _convert_dit_tensor(name, tensor, set(), self._scales, dtype, self._no_work)[name]
-
-    def check_names(self, model: nn.Module) -> None:
-        _check_missing(DIT, self.ckpt.path, [name for name, _ in model.named_parameters()], self.stored)
 
 
 def _local_rows(param: nn.Parameter, name: str) -> tuple[torch.Tensor, int]:
@@ -81,7 +48,7 @@ def _local_rows(param: nn.Parameter, name: str) -> tuple[torch.Tensor, int]:
     return local, start
 
 
-def _fill(param: nn.Parameter, reader: ExpertReader, name: str, dtype: torch.dtype, loras: LoraDeltas) -> None:
+def _fill(param: nn.Parameter, reader: DitRowReader, name: str, dtype: torch.dtype, loras: LoraDeltas) -> None:
     """Copy this rank's rows of `name` into `param`, with the LoRA delta rows merged in.
 
     The merge is `lora.remerge` on the rows as stored in `dtype`, exactly what `apply_loras`
@@ -101,10 +68,10 @@ def load_expert(path: str | Path, groups: ParallelGroups, device: torch.device, 
 
     on_tensor is called after each parameter is read (the worker's heartbeat while loading).
     """
-    with ExpertReader(path) as reader:
+    with DitRowReader(path) as reader:
         with torch.device("meta"):  # parameters in `dtype`, as load_dit holds them (the shards are stored so)
             model = WanModel(reader.cfg).requires_grad_(False).to(dtype)
-        reader.check_names(model)
+        reader.check_names(name for name, _ in model.named_parameters())
         deltas, _ = lora_deltas(loras, {name: p.shape for name, p in model.named_parameters()})
         runnable = parallelize(model, groups, dtype)
         model.to_empty(device=device)

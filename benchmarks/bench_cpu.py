@@ -34,7 +34,7 @@ def build(args):
     from wan22_core.config import DiTConfig, SamplerSettings
     from wan22_core.models.transformer import WanModel
     from wan22_core.pipeline import make_noise
-    from wan22_core.sampling.moe import ExpertPair
+    from wan22_core.placement import ExpertPair
     from wan22_core.tiny import seeded
 
     cfg = DiTConfig(dim=args.dim, ffn_dim=args.dim * 3, num_heads=args.heads, num_layers=args.layers,

@@ -53,7 +53,7 @@ from wan22_core.models.vae import WanVAE  # noqa: E402
 from wan22_core.offload import expert_pair_options  # noqa: E402
 from wan22_core.optimize import compile_blocks  # noqa: E402
 from wan22_core.pipeline import decode_to_video, denoise, make_noise  # noqa: E402
-from wan22_core.sampling.moe import ExpertPair  # noqa: E402
+from wan22_core.placement import ExpertPair  # noqa: E402
 from bench_gpu import machine  # noqa: E402  (this folder)
 
 DTYPE = torch.bfloat16

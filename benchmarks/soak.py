@@ -27,7 +27,7 @@ from wan22_core.checkpoints import load_dit  # noqa: E402
 from wan22_core.config import TINY, SamplerSettings  # noqa: E402
 from wan22_core.parallel import Job, ModelSpec, WorkerGroup, parallel_config  # noqa: E402
 from wan22_core.pipeline import denoise, make_noise  # noqa: E402
-from wan22_core.sampling.moe import ExpertPair  # noqa: E402
+from wan22_core.placement import ExpertPair  # noqa: E402
 from wan22_core.tiny import make_tiny  # noqa: E402
 from procs import status  # noqa: E402
 from reference import rel_l2  # noqa: E402

@@ -7,28 +7,27 @@ load shards in its workers instead of in the ComfyUI process.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..wan22_core.checkpoints import check_expert_pair, load_dit, load_text_encoder, load_vae
-from ..wan22_core.config import A14B, FRAMES, HEIGHT, WIDTH
-from ..wan22_core.fp8 import set_fp8_compute
-from ..wan22_core.lora import LoraError, LoraReport, LoraSpec, apply_loras, file_key
+from ..wan22_core.checkpoints import check_expert_pair, load_text_encoder, load_vae
+from ..wan22_core.config import A14B, FRAMES, HEIGHT, WEIGHT_DTYPES, WIDTH, ExpertOptions
+from ..wan22_core.experts import Reports, expert_dtypes, load_expert, load_experts
+from ..wan22_core.lora import LoraError, LoraSpec, file_key
 from ..wan22_core.memory import GIB, min_swap_blocks
-from ..wan22_core.models.attention import BACKENDS, resolve_backend, set_attention_backend
+from ..wan22_core.models.attention import BACKENDS, resolve_backend
 from ..wan22_core.offload import OFFLOAD_CHOICES, expert_pair_options
-from ..wan22_core.optimize import compile_blocks
+from ..wan22_core.placement import OFFICIAL_VIDEO, ExpertPair, Video
 from ..wan22_core.runtime import DTYPES, resolve_dtype
-from ..wan22_core.sampling.moe import ExpertPair, keeps_host_copies
 from . import comfy_adapter
 from .comfy_adapter import DIFFUSION_MODELS, TEXT_ENCODERS, VAE, file_options, model_path
 from .model_cache import CACHE
 
 CATEGORY = "Wan2.2 MoE"
 DEVICES = ("auto", "cpu", "gpu")
-WEIGHT_DTYPES = ("auto", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast")
 MAX_SWAP_BLOCKS = A14B.dit.num_layers
 DEFAULT_SWAP_BLOCKS = 20  # half of A14B's 40: enough for 720p on a 32 GB card (SWAP_BLOCKS_720P)
 # swapped blocks the memory model says 720p x 81 frames (bf16, batched CFG) needs, per card size
@@ -56,54 +55,31 @@ class MoEModel:
 
     high_noise: Path
     low_noise: Path
-    weight_dtype: str
-    attention: str
-    offload: str
-    swap_blocks: int = 0
-    compile: bool = False
+    options: ExpertOptions  # swap_blocks is 0 unless offload is block_swap (the widget counts only then)
     loras_high: tuple[LoraSpec, ...] = ()
     loras_low: tuple[LoraSpec, ...] = ()
-    lora_mode: str = "merge"
 
-    def experts(self, device: torch.device) -> tuple[ExpertPair, tuple[tuple[str, LoraReport], ...]]:
-        """Both experts ready to sample on `device`, and (expert, report) for each LoRA applied."""
-        dtypes = expert_dtypes(self.weight_dtype, device)
-        experts, reports = {}, []
-        for slot, path, loras in (("high", self.high_noise, self.loras_high), ("low", self.low_noise, self.loras_low)):
-            expert = cached_expert(slot, path, dtypes, self.compile, device)
-            set_attention_backend(expert, self.attention, device)
-            reports += [(EXPERT_NAMES[slot], r) for r in apply_expert_loras(slot, expert, loras, self.lora_mode)]
-            experts[slot] = expert
-        offload_device = comfy_adapter.runtime.offload_device()
-        # keep_host: the sampler offloads both experts after every prompt, and LoRAs are re-merged
-        # above, on the host, before placing: putting them back then copies nothing
-        pair = ExpertPair(experts["high"], experts["low"], device, **self.pair_options(len(experts["high"].blocks)),
-                          offload_device=offload_device, keep_host=keeps_host_copies(device, offload_device))
-        return pair, tuple(reports)
+    def experts(self, device: torch.device, video: Video = OFFICIAL_VIDEO) -> tuple[ExpertPair, Reports]:
+        """Both experts ready to sample `video` on `device`, and (expert, report) for each LoRA applied."""
+        def cached(slot: str, path: Path, options: ExpertOptions) -> torch.nn.Module:
+            key = (file_key(path), expert_dtypes(options, device), options.compile)
+            return CACHE.get(slot, key, lambda: load_expert(path, options, device))
 
-    def pair_options(self, num_layers: int) -> dict:
-        """ExpertPair's keep_both and swap_blocks (ValueError on a bad combination). The swap_blocks
-        input has a non-zero default and counts only with offload = block_swap."""
-        swap_blocks = self.swap_blocks if self.offload == "block_swap" else 0
-        return expert_pair_options(self.offload, swap_blocks, self.compile, num_layers)
+        try:
+            pair, reports = load_experts(self.high_noise, self.low_noise, self.options, device,
+                                         loras=(self.loras_high, self.loras_low),
+                                         offload_device=comfy_adapter.runtime.offload_device(), video=video,
+                                         load=cached, warn=warnings.warn)
+        except LoraError:
+            raise  # a file that is missing or does not fit: found before any weight changed
+        except BaseException:
+            release_cached_experts()  # stopped part-way through a LoRA merge: reload on the next run
+            raise
+        return pair, tuple((EXPERT_NAMES[slot], report) for slot, report in reports)
 
-
-def expert_dtypes(weight_dtype: str, device: torch.device) -> tuple:
-    """weight_dtype -> (compute dtype, stored weight dtype or None for the file's own, fp8 matmul mode).
-
-    As ComfyUI's UNETLoader: fp8_e4m3fn stores the block weights in fp8 and multiplies in 16 bits;
-    _fast also multiplies in fp8 where the card can (compute capability 8.9+).
-    """
-    if weight_dtype in DTYPES:
-        return DTYPES[weight_dtype], DTYPES[weight_dtype], None
-    compute = resolve_dtype("auto", device)
-    if weight_dtype == "auto":
-        return compute, None, None
-    return compute, torch.float8_e4m3fn, "auto" if weight_dtype.endswith("_fast") else "dequant"
-
-
-def cached_expert(slot: str, path: Path, dtypes: tuple, compile: bool, device: torch.device) -> torch.nn.Module:
-    return CACHE.get(slot, (file_key(path), dtypes, compile), lambda: load_expert(path, dtypes, compile, device))
+    def check_placement(self, num_layers: int) -> None:
+        """offload, swap_blocks and compile as one placement (ValueError on a bad combination)."""
+        expert_pair_options(self.options.offload, self.options.swap_blocks, self.options.compile, num_layers)
 
 
 def release_cached_experts() -> None:
@@ -111,32 +87,6 @@ def release_cached_experts() -> None:
     hold the model instead."""
     for slot in EXPERT_NAMES:
         CACHE.drop(slot)
-
-
-def load_expert(path: Path, dtypes: tuple, compile: bool, device: torch.device) -> torch.nn.Module:
-    compute, stored, fp8_matmul = dtypes
-    model = load_dit(path, compute, weight_dtype=stored)
-    if fp8_matmul is not None:
-        set_fp8_compute(model, fp8_matmul)
-    if compile:  # warns and stays eager when the toolchain is missing
-        problem = compile_blocks(model, device)
-        if problem is not None:
-            import warnings
-
-            warnings.warn(f"torch.compile disabled: {problem}; running eager (same results, slower)")
-    return model
-
-
-def apply_expert_loras(slot: str, expert: torch.nn.Module, loras: tuple[LoraSpec, ...],
-                       mode: str) -> tuple[LoraReport, ...]:
-    """Make exactly `loras` applied to a cached expert ((): none), logging what each patched."""
-    try:
-        return apply_loras(expert, loras, mode)
-    except LoraError:
-        raise  # a file that is missing or does not fit: found before any weight changed
-    except BaseException:
-        CACHE.drop(slot)  # stopped part-way through the weights: reload them on the next run
-        raise
 
 
 def _file_input(folder: str, tooltip: str) -> tuple:
@@ -205,7 +155,8 @@ class Wan22MoEModelLoader:
             "offload": (list(OFFLOAD_CHOICES), {"default": "auto", "tooltip":
                         "none keeps both experts on the GPU; swap_experts keeps only the active one there "
                         "(one move at the switch); block_swap also keeps swap_blocks of its blocks in CPU memory "
-                        "(for cards that cannot hold one expert); auto keeps both when they fit in 60% of the card."}),
+                        "(for cards that cannot hold one expert); auto keeps both when both experts and the video's "
+                        "activations fit the card (the memory model), else swaps them."}),
         }, "optional": {  # optional, so API prompts written before these inputs existed stay valid
             "swap_blocks": ("INT", {"default": DEFAULT_SWAP_BLOCKS, "min": 0, "max": MAX_SWAP_BLOCKS, "step": 1,
                                     "tooltip":
@@ -227,9 +178,10 @@ class Wan22MoEModelLoader:
         high = model_path(DIFFUSION_MODELS, high_noise_model)
         low = model_path(DIFFUSION_MODELS, low_noise_model)
         identity, _ = check_expert_pair(high, low)  # headers only: wrong slots or two models fail here, in ms
-        model = MoEModel(high_noise=high, low_noise=low, weight_dtype=weight_dtype,
-                         attention=attention, offload=offload, swap_blocks=swap_blocks, compile=compile)
-        model.pair_options(identity.dit.num_layers)  # offload, swap_blocks, compile: fail now, not when sampling
+        options = ExpertOptions(weight_dtype=weight_dtype, attention=attention, offload=offload,
+                                swap_blocks=swap_blocks if offload == "block_swap" else 0, compile=compile)
+        model = MoEModel(high_noise=high, low_noise=low, options=options)
+        model.check_placement(identity.dit.num_layers)  # offload, swap_blocks, compile: fail now, not when sampling
         return (model,)
 
 

@@ -54,17 +54,18 @@ def model_spec(model: MoEModel) -> ModelSpec:
     LoRAs are always merged into each rank's shards there (lora_mode does not apply): a strength
     change re-merges from the factors the ranks keep, without reading a checkpoint.
     """
-    if model.weight_dtype.startswith("fp8"):
-        raise ValueError(f"weight_dtype {model.weight_dtype!r} does not work with the parallel input: the workers "
+    options = model.options
+    if options.weight_dtype.startswith("fp8"):
+        raise ValueError(f"weight_dtype {options.weight_dtype!r} does not work with the parallel input: the workers "
                          "hold 16-bit shards (fp8 files are dequantised, sharding already divides the memory); "
                          "set weight_dtype to auto, bf16 or fp16")
-    if model.offload == "block_swap":
+    if options.offload == "block_swap":
         raise ValueError("offload 'block_swap' does not work with the parallel input (FSDP already spreads the "
                          "weights over the GPUs); set offload to auto")
-    if model.compile:
+    if options.compile:
         raise ValueError("compile does not work with the parallel input yet; turn compile off in the loader")
-    return ModelSpec(model.high_noise, model.low_noise, dtype=model.weight_dtype, loras_high=model.loras_high,
-                     loras_low=model.loras_low, attention=model.attention)
+    return ModelSpec(model.high_noise, model.low_noise, dtype=options.weight_dtype, loras_high=model.loras_high,
+                     loras_low=model.loras_low, attention=options.attention)
 
 
 Reports = tuple[tuple[str, LoraReport], ...]  # (expert, what one LoRA patched)

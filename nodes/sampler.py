@@ -132,7 +132,8 @@ class Wan22MoESampler:
         progress = _Progress(runtime, steps, len(jobs))
         try:
             if parallel is None:
-                outputs, reports = sample_here(model, embeds, jobs, settings, denoise, progress)
+                outputs, reports = sample_here(model, embeds, jobs, settings, denoise, progress,
+                                               video=(frames, height, width))
             else:
                 outputs, reports = sample_on_group(parallel, model, embeds, jobs, settings, denoise, progress,
                                                    unique_id)
@@ -144,13 +145,13 @@ class Wan22MoESampler:
 
 
 def sample_here(model: MoEModel, embeds, jobs: list, settings: SamplerSettings, denoise: float,
-                progress: _Progress) -> tuple[list[torch.Tensor], tuple]:
+                progress: _Progress, video: tuple[int, int, int]) -> tuple[list[torch.Tensor], tuple]:
     """Each (noise, start latent) job in this process; the final latents (normalised, CPU) and LoRA reports."""
     runtime = comfy_adapter.runtime
     device = runtime.compute_device()
     runtime.free_memory()
     release_gpu_group(device)
-    experts, reports = model.experts(device)
+    experts, reports = model.experts(device, video)
     outputs = []
     try:
         for index, (noise, start) in enumerate(jobs):

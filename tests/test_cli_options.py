@@ -18,7 +18,7 @@ from wan22_core.config import TINY, SamplerSettings
 from wan22_core.lora import LoraSpec, apply_loras, write_tiny_lora
 from wan22_core.models.transformer import WanModel
 from wan22_core.pipeline import denoise, make_noise
-from wan22_core.sampling.moe import ExpertPair
+from wan22_core.placement import ExpertPair
 
 PROMPT, NEGATIVE, SEED = "a fox in snow", "blurry", 11
 SIZE = dict(frames=9, height=48, width=64)
@@ -82,18 +82,18 @@ def test_lora_flags_equal_the_python_api_with_apply_loras(tiny_model_dir, genera
 
 
 def test_offload_and_attention_flags_reach_the_experts(generate, default_latents, monkeypatch):
-    import wan22_core.sampling.moe as moe
+    import wan22_core.placement as placement
     from wan22_core.models.attention import AttentionKernel
 
     made = []
-    original = moe.ExpertPair.__init__
+    original = placement.ExpertPair.__init__
 
     def recording(self, high, low, *args, **kwargs):
         original(self, high, low, *args, **kwargs)
         backends = {m.backend for e in (high, low) for m in e.modules() if isinstance(m, AttentionKernel)}
         made.append((self.keep_both, self.swap_blocks, backends))
 
-    monkeypatch.setattr(moe.ExpertPair, "__init__", recording)
+    monkeypatch.setattr(placement.ExpertPair, "__init__", recording)
     fake_kernels(monkeypatch, {"sage"})  # a stand-in sageattention: on CPU the kernel runs SDPA anyway
     for flags in [(), ("--offload", "none"), ("--offload", "swap_experts"),
                   ("--offload", "block_swap", "--swap-blocks", "1"), ("--attention", "sage")]:
@@ -109,13 +109,13 @@ def test_sequential_cfg_matches_batched(generate, default_latents):
 
 
 def test_compile_without_toolchain_runs_eager_with_one_warning_line(generate, default_latents, monkeypatch, capsys):
-    import wan22_core.optimize as optimize
+    import wan22_core.experts as experts
 
-    monkeypatch.setattr(optimize, "compile_toolchain_problem", lambda device: "no C++ compiler on PATH (install g++)")
+    monkeypatch.setattr(experts, "compile_toolchain_problem", lambda device: "no C++ compiler on PATH (install g++)")
     code, latents = generate("--compile")
     assert code == 0 and torch.equal(latents, default_latents)
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: --compile ignored: no C++ compiler on PATH (install g++); "
+    assert warnings == ["warning: compile ignored: no C++ compiler on PATH (install g++); "
                         "running eager (same results, slower)"]
 
 

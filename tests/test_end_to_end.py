@@ -13,7 +13,7 @@ from wan22_core.cli import main
 from wan22_core.config import TINY, SamplerSettings
 from wan22_core.models.transformer import WanModel
 from wan22_core.pipeline import denoise, make_noise
-from wan22_core.sampling.moe import ExpertPair
+from wan22_core.placement import ExpertPair
 from wan22_core.tiny import make_tiny, seeded
 from wan22_core.video import read_mp4_info
 

@@ -21,7 +21,7 @@ from wan22_core.checkpoints.keymaps import COMFY_DIT_PREFIX, vae_diffusers_to_of
 from wan22_core.models.transformer import WanModel
 from wan22_core.models.vae import WanVAE
 from wan22_core.pipeline import denoise, make_noise
-from wan22_core.sampling.moe import ExpertPair
+from wan22_core.placement import ExpertPair
 from wan22_core.tiny import COMFY_FILES, COMFY_VAE_FILE, FORMATS, make_tiny, seeded, tiny_config
 
 import bench_loading  # the peak-RSS measurement, shared with the benchmark (conftest puts benchmarks/ on the path)

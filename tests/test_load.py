@@ -18,7 +18,7 @@ from wan22_core.checkpoints import load_dit
 from wan22_core.config import TINY
 from wan22_core.parallel import ModelSpec, WorkerGroup, parallel_config
 from wan22_core.pipeline import denoise
-from wan22_core.sampling.moe import ExpertPair
+from wan22_core.placement import ExpertPair
 from procs import children_of
 from procs import status as proc_status
 from reference import rel_l2

@@ -19,7 +19,8 @@ from wan22_core.config import TINY, DiTConfig
 from wan22_core.memory import (GIB, block_activation_peak, estimate_peak_bytes, param_counts, video_tokens,
                                weight_bytes)
 from wan22_core.models.transformer import WanModel
-from wan22_core.sampling.moe import HIGH, ExpertPair
+from wan22_core.placement import ExpertPair
+from wan22_core.sampling.moe import HIGH
 
 CFG = DiTConfig(dim=64, ffn_dim=176, num_heads=4, num_layers=2, text_dim=32, freq_dim=32)
 TEXT_TOKENS = 77  # a prompt of 77 tokens (the model keeps them plus one slot for the padding)

@@ -901,7 +901,7 @@ def test_block_swap_samples_the_same_latent_and_checks_the_block_count(runtime):
     with pytest.raises(ValueError, match=too_many):  # the tiny experts have 2 blocks: found from the headers
         loader.load(HIGH, LOW, "auto", "auto", "block_swap", 3)
     with pytest.raises(ValueError, match=too_many):  # a spec made without the loader: still checked before sampling
-        sample(dataclasses.replace(swapped, swap_blocks=3), embeds)
+        sample(dataclasses.replace(swapped, options=dataclasses.replace(swapped.options, swap_blocks=3)), embeds)
 
 
 def test_block_swap_without_blocks_is_refused_with_the_engines_message(runtime):
@@ -917,7 +917,7 @@ def test_block_swap_without_blocks_is_refused_with_the_engines_message(runtime):
 
 def test_compile_runs_once_per_loaded_expert_and_changing_it_reloads(runtime, monkeypatch):
     compiled = []
-    monkeypatch.setattr(LOADERS, "compile_blocks", lambda model, device: compiled.append((model, device)) or None)
+    monkeypatch.setattr(engine("experts"), "compile_blocks", lambda model, device: compiled.append((model, device)) or None)
     CACHE.clear()
     loader = MAPPINGS["Wan22MoEModelLoader"]()
     (model,) = loader.load(HIGH, LOW, "auto", "auto", "auto", 20, True)

@@ -60,7 +60,7 @@ def small_job():
 
 
 def test_expert_pair_with_block_swap_gives_the_same_latents():
-    from wan22_core.sampling.moe import ExpertPair
+    from wan22_core.placement import ExpertPair
     from wan22_core.tiny import seeded
 
     experts = [seeded(i, lambda: WanModel(CFG)) for i in (1, 2)]
@@ -74,7 +74,7 @@ def test_expert_pair_with_block_swap_gives_the_same_latents():
 
 def test_expert_pair_places_everything_but_the_swapped_blocks_on_the_device():
     """Bookkeeping with a stand-in device (meta): what lands where when an expert is activated."""
-    from wan22_core.sampling.moe import ExpertPair
+    from wan22_core.placement import ExpertPair
 
     high, low = WanModel(CFG), WanModel(CFG)
     pair = ExpertPair(high, low, torch.device("meta"), swap_blocks=2)
@@ -92,7 +92,7 @@ def test_expert_pair_places_everything_but_the_swapped_blocks_on_the_device():
 
 
 @pytest.mark.parametrize("offload, swap_blocks, compile, expected", [
-    ("auto", 0, False, dict(keep_both=None, swap_blocks=0)),  # ExpertPair decides from the card (both_fit)
+    ("auto", 0, False, dict(keep_both=None, swap_blocks=0)),  # ExpertPair decides from the card (experts_fit)
     ("none", 0, True, dict(keep_both=True, swap_blocks=0)),
     ("swap_experts", 0, True, dict(keep_both=False, swap_blocks=0)),
     ("block_swap", 1, False, dict(keep_both=False, swap_blocks=1)),
@@ -130,7 +130,7 @@ def test_a_switch_drops_the_device_copy_and_keeps_the_host_weights():
     the placed expert computes on copies, and offloading points its tensors back at the host
     data they left, the same storage (no copy back), with whatever changed there while it was
     idle (the node re-merges LoRAs between runs). The latents equal those without it."""
-    from wan22_core.sampling.moe import ExpertPair
+    from wan22_core.placement import ExpertPair
     from wan22_core.tiny import seeded
 
     experts = [seeded(i, lambda: WanModel(CFG)) for i in (1, 2)]
@@ -157,7 +157,7 @@ def test_a_switch_drops_the_device_copy_and_keeps_the_host_weights():
 def test_keep_host_with_both_experts_resident_places_each_once():
     """keep_both + keep_host: going back to an expert that is still placed copies nothing (a second
     copy would hold it twice on the GPU), and offload_all puts both back on their own storage."""
-    from wan22_core.sampling.moe import ExpertPair
+    from wan22_core.placement import ExpertPair
     from wan22_core.tiny import seeded
 
     experts = [seeded(i, lambda: WanModel(CFG)) for i in (1, 2)]
@@ -176,7 +176,35 @@ def test_keep_host_with_both_experts_resident_places_each_once():
 
 
 def test_one_process_holders_keep_host_copies_only_off_the_offload_device():
-    from wan22_core.sampling.moe import keeps_host_copies
+    from wan22_core.placement import keeps_host_copies
 
     assert keeps_host_copies(torch.device("cuda", 0)) and keeps_host_copies("cuda", "cpu")
     assert not keeps_host_copies(torch.device("cpu")) and not keeps_host_copies("cpu", torch.device("cpu"))
+
+
+def test_both_experts_stay_exactly_when_the_memory_model_says_they_fit(monkeypatch):
+    """The one "fits" rule (placement.experts_fit): both experts' bytes + the memory model's
+    activations for the video + CUDA_OVERHEAD against the card; auto placement asks it. Real-size
+    A14B on the meta device, a fake card of any size."""
+    import types
+
+    from wan22_core.config import A14B, FRAMES, HEIGHT, WIDTH
+    from wan22_core.memory import CUDA_OVERHEAD, GIB, estimate_peak_bytes
+    from wan22_core.placement import ExpertPair, experts_fit
+
+    with torch.device("meta"):
+        high, low = (WanModel(A14B.dit).to(torch.bfloat16) for _ in range(2))
+    card = {}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=card["bytes"]))
+    cuda = torch.device("cuda", 0)
+    # the memory model's own total with both experts resident, counted from its parameter formula
+    need = estimate_peak_bytes(A14B.dit, FRAMES, HEIGHT, WIDTH, offload="none")["total"] + CUDA_OVERHEAD
+    assert 69 * GIB < need < 70 * GIB  # 53.2 GiB of weights, 14.5 of activations, 1.5 of overhead
+    for size, fits in ((need, True), (need - 1, False), (80 * 10**9, True), (48 * GIB, False)):
+        card["bytes"] = size
+        assert experts_fit(high, low, cuda) is fits, size
+        assert ExpertPair(high, low, cuda).keep_both is fits  # auto placement asks the same rule
+    card["bytes"] = need
+    small = (FRAMES, 480, 832)  # a smaller video leaves room: the rule reads the size
+    assert not experts_fit(high, low, cuda, (FRAMES * 2 - 1, HEIGHT, WIDTH)) and experts_fit(high, low, cuda, small)
+    assert experts_fit(high, low, torch.device("cpu"))  # host memory: nothing to gain by moving

@@ -26,7 +26,7 @@ from wan22_core.models.transformer import WanModel
 from wan22_core.parallel import ParallelPlan, parallel_config, parse_gpus, valid_ulysses_degrees
 from wan22_core.parallel.ulysses import shard_tokens
 from wan22_core.pipeline import denoise, make_noise
-from wan22_core.sampling.moe import ExpertPair, module_bytes
+from wan22_core.placement import ExpertPair, module_bytes
 
 TOL = 1e-5
 # bf16: each token sees the same weights and inputs as in one process, and the residual stream,

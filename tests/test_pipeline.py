@@ -8,7 +8,8 @@ from wan22_core.config import TINY, SamplerSettings
 from wan22_core.errors import Cancelled, NumericalError
 from wan22_core.models.transformer import WanModel
 from wan22_core.pipeline import check_video_size, denoise, latent_shape, make_noise
-from wan22_core.sampling.moe import ExpertPair, select_expert
+from wan22_core.placement import ExpertPair
+from wan22_core.sampling.moe import select_expert
 from wan22_core.sampling.schedule import flow_schedule
 
 CFG = TINY.dit

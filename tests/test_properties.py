@@ -29,7 +29,7 @@ from wan22_core.parallel import parallel_config
 from wan22_core.parallel.plan import MAX_CPU_RANKS
 from wan22_core.pipeline import (MAX_FRAMES, MAX_LATENT_POSITIONS, MAX_SIDE, check_video_size, denoise, latent_shape,
                                   make_noise)
-from wan22_core.sampling.moe import ExpertPair
+from wan22_core.placement import ExpertPair
 from wan22_core.sampling.schedule import flow_schedule, partial_schedule
 
 FAST = settings(max_examples=150, deadline=None, database=None,

@@ -36,7 +36,7 @@ from wan22_core.models.tokenizer import Tokenizer, clean_text
 from wan22_core.parallel import ModelSpec, WorkerGroup, parallel_config, parse_gpus
 from wan22_core.pipeline import check_video_size, denoise, make_noise, release_cached_memory
 from wan22_core.runtime import check_backend, resolve_device
-from wan22_core.sampling.moe import ExpertPair
+from wan22_core.placement import ExpertPair
 from wan22_core.sampling.schedule import partial_schedule
 from wan22_core.tiny import train_tiny_sentencepiece
 from procs import assert_all_gone, children_of, in_unprivileged_child

@@ -134,6 +134,30 @@ class SamplerSettings:
         return self
 
 
+# How the loader node's weight_dtype (and ExpertOptions.weight_dtype) holds the expert weights.
+WEIGHT_DTYPES = ("auto", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast")
+
+
+@dataclass(frozen=True)
+class ExpertOptions:
+    """How the two experts are loaded, patched and placed: the CLI's flags, the loader node's inputs.
+
+    Each value is checked where it is used (`experts.expert_dtypes`, `models.attention`,
+    `offload.expert_pair_options`, `lora.apply_loras`); the multi-GPU path refuses the ones its
+    ranks do not implement (`parallel.plan.check_parallel_options`).
+    """
+
+    dtype: str = "auto"  # compute dtype: auto (bf16 on a GPU, fp32 on the CPU), bf16, fp16, fp32
+    # auto: as the file stores them (scaled-fp8 Linears stay fp8); bf16/fp16: converted, and computed
+    # in that dtype; fp8_e4m3fn: block Linears quantised at load (_fast also multiplies in fp8)
+    weight_dtype: str = "auto"
+    attention: str = "auto"  # one of models.attention.BACKENDS
+    offload: str = "auto"  # one of offload.OFFLOAD_CHOICES
+    swap_blocks: int = 0  # blocks per expert kept in host memory; only with offload="block_swap"
+    compile: bool = False  # regional torch.compile of each block
+    lora_mode: str = "merge"  # one of lora.MODES
+
+
 def is_real(value) -> bool:
     """A real number (Python or numpy scalar); bool is an int to Python, but True is no scale."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)

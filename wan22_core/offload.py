@@ -22,7 +22,7 @@ from .config import is_integer
 # Where the experts live while sampling (ExpertPair): "none" keeps both on the device,
 # "swap_experts" only the active one, "block_swap" also streams some of its blocks from host memory.
 OFFLOAD_MODES = ("none", "swap_experts", "block_swap")
-OFFLOAD_CHOICES = ("auto", *OFFLOAD_MODES)  # auto: both experts stay when they fit (moe.both_fit)
+OFFLOAD_CHOICES = ("auto", *OFFLOAD_MODES)  # auto: both experts stay when they fit (placement.experts_fit)
 
 
 def expert_pair_options(offload: str, swap_blocks: int, compile: bool, num_layers: int) -> dict:

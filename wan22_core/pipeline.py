@@ -7,14 +7,15 @@ multi-GPU workers wrap the same loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .config import DiTConfig, SamplerSettings, VAEConfig, is_integer
 from .errors import Cancelled, NumericalError, OutOfMemory, is_out_of_memory
-from .sampling.moe import ExpertPair, apply_guidance, guidance_scale, select_expert
+from .sampling.moe import apply_guidance, guidance_scale, select_expert
 from .sampling.schedule import partial_schedule
 from .sampling.solvers import make_solver
 
@@ -71,6 +72,15 @@ def make_noise(seed: int, frames: int, height: int, width: int) -> torch.Tensor:
     return torch.randn(latent_shape(frames, height, width), generator=g, dtype=torch.float32)
 
 
+class Experts(Protocol):
+    """What the loop needs of an expert holder: the expert for a step (placed where it computes)
+    and that device. One process: `placement.ExpertPair`; FSDP ranks: `parallel.fsdp.ShardedExperts`."""
+
+    device: torch.device
+
+    def get(self, name: str) -> nn.Module: ...
+
+
 @dataclass(frozen=True)
 class StepInfo:
     """What a progress/preview callback sees after each step."""
@@ -101,7 +111,7 @@ def predict_velocity(model, x, timestep, cond, uncond, scale: float, batch_cfg: 
 
 
 def denoise(
-    experts: ExpertPair,
+    experts: Experts,
     positive: torch.Tensor,
     negative: torch.Tensor,
     noise: torch.Tensor,

@@ -8,16 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..checkpoints import ModelFiles, expert_config, load_dit
+from ..checkpoints import ModelFiles, expert_config
 from ..errors import Wan22Error
-from ..lora import apply_loras
-from ..models.attention import set_attention_backend
+from ..experts import load_experts
 from ..offload import expert_pair_options
-from ..optimize import compile_blocks
 from ..parallel.launch import torchrun_world_size
 from ..pipeline import make_noise
 from ..runtime import default_cuda_allocator, resolve_device, resolve_dtype
-from ..sampling.moe import ExpertPair, keeps_host_copies
 from ..tiny import cached_tiny, make_tiny, tiny_config
 from . import parser as flags
 from .parser import build_parser
@@ -29,46 +26,32 @@ def run_here(args: argparse.Namespace, files: ModelFiles) -> dict:
     """`generate` in this process: load, encode, denoise, decode and save; returns the stage timings."""
     settings = flags.sampler_settings(args)
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    options = flags.expert_options(args)
     check_model_options(args.attention, [*args.lora_high, *args.lora_low])
-    layers = expert_config(files.high_noise).num_layers  # headers only
-    placement = expert_pair_options(args.offload, args.swap_blocks, args.compile, layers)
+    expert_pair_options(options.offload, options.swap_blocks, options.compile,
+                        expert_config(files.high_noise).num_layers)  # headers only: fail before any work
     timings: dict[str, float] = {}
 
     with stage("text encoder", timings):
         embeds = encode_prompt(files, args.prompt, args.negative_prompt)
     with stage("load experts", timings):
-        experts = ExpertPair(load_expert(files.high_noise, args.lora_high, dtype, args.attention, device),
-                             load_expert(files.low_noise, args.lora_low, dtype, args.attention, device), device,
-                             **placement, keep_host=keeps_host_copies(device))  # the switch then copies nothing back
-        if args.compile:
-            compile_experts(experts.experts.values(), device)
+        experts, reports = load_experts(files.high_noise, files.low_noise, options, device,
+                                        loras=(args.lora_high, args.lora_low),
+                                        video=(args.frames, args.height, args.width), warn=print_warning)
+        for _, report in reports:
+            if not report.unmatched:  # a report with unmatched keys is already logged as a warning
+                print(f"  {report}", file=sys.stderr)
     with stage("denoise", timings):  # includes the compile on the first step with --compile
         noise = make_noise(args.seed, args.frames, args.height, args.width)
         latent = denoise_video(experts, embeds.positive, embeds.negative, noise, settings, batch_cfg=args.batch_cfg,
                                progress=not args.quiet)
         del experts
-    save_outputs(latent, files.vae, device, dtype, flags.outputs(args), timings)
+    save_outputs(latent, files.vae, device, resolve_dtype(args.dtype, device), flags.outputs(args), timings)
     return timings
 
 
-def load_expert(path, loras, dtype, attention, device):
-    """One expert with its LoRAs merged and the attention backend set."""
-    expert = load_dit(path, dtype)
-    for report in apply_loras(expert, loras):
-        if not report.unmatched:  # a report with unmatched keys is already logged as a warning
-            print(f"  {report}", file=sys.stderr)
-    set_attention_backend(expert, attention, device)
-    return expert
-
-
-def compile_experts(experts, device) -> None:
-    """--compile: regional torch.compile of both experts; without the toolchain, one line and eager."""
-    for expert in experts:  # both on one device: the first call finds a missing toolchain
-        problem = compile_blocks(expert, device)
-        if problem is not None:
-            print(f"warning: --compile ignored: {problem}; running eager (same results, slower)", file=sys.stderr)
-            return
+def print_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def parallel_requested(args: argparse.Namespace) -> bool:

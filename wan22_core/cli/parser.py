@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..checkpoints import ModelFiles
-from ..config import FPS, FRAMES, HEIGHT, SOLVERS, WIDTH, DiTConfig, SamplerSettings
+from ..config import FPS, FRAMES, HEIGHT, SOLVERS, WIDTH, DiTConfig, ExpertOptions, SamplerSettings
 from ..lora import LoraSpec
 from ..models.attention import BACKENDS
 from ..offload import OFFLOAD_CHOICES
@@ -161,3 +161,9 @@ def outputs(args: argparse.Namespace) -> Outputs:
     return Outputs(video=args.output, latents=args.save_latents, fps=args.fps, vae_tile=args.vae_tile,
                    overwrite=args.overwrite)
 
+
+def expert_options(args: argparse.Namespace) -> ExpertOptions:
+    """--dtype (compute; the weights stay as the file stores them), --attention, --offload,
+    --swap-blocks, --compile; LoRAs are merged."""
+    return ExpertOptions(dtype=args.dtype, attention=args.attention, offload=args.offload,
+                         swap_blocks=args.swap_blocks, compile=args.compile)

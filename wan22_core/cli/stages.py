@@ -22,8 +22,7 @@ from ..config import SamplerSettings
 from ..lora import LoraSpec
 from ..models.attention import resolve_backend
 from ..models.text_encoder import PromptEmbeds
-from ..pipeline import decode_to_video, denoise
-from ..sampling.moe import ExpertPair
+from ..pipeline import Experts, decode_to_video, denoise
 from ..video import write_mp4
 
 
@@ -51,7 +50,7 @@ def encode_prompt(files: ModelFiles, prompt: str, negative_prompt: str | None) -
     return encoder.encode_prompt(prompt, negative_prompt)
 
 
-def denoise_video(experts: ExpertPair, positive: torch.Tensor, negative: torch.Tensor, noise: torch.Tensor,
+def denoise_video(experts: Experts, positive: torch.Tensor, negative: torch.Tensor, noise: torch.Tensor,
                   settings: SamplerSettings, *, batch_cfg: bool, progress: bool) -> torch.Tensor:
     """The noise through the sampling loop, with a progress bar when `progress` (off with --quiet,
     and on torchrun ranks other than 0)."""

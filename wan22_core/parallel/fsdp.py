@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from ..sampling.moe import ExpertPair
+from ..placement import ExpertPair
+from ..sampling.moe import HIGH, LOW
 
 
 def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
@@ -39,15 +40,18 @@ def apply_fsdp(model: nn.Module, mesh, dtype: torch.dtype, reshard_after_forward
     return model
 
 
-class ShardedExperts(ExpertPair):
+class ShardedExperts:
     """Both experts stay sharded on this rank's device for the whole run: a switch moves nothing.
 
     With reshard_after_forward=False an expert keeps its gathered weights once it has run; at
-    the switch they are released, so at most one expert is ever held in full.
+    the switch they are released, so at most one expert is ever held in full. The sampling loop
+    takes it as it takes a one-process `ExpertPair` (`pipeline.Experts`).
     """
 
     def __init__(self, high: nn.Module, low: nn.Module, device: torch.device):
-        super().__init__(high, low, device, keep_both=True)
+        self.experts = {HIGH: high, LOW: low}
+        self.device = torch.device(device)
+        self.active: str | None = None
 
     def get(self, name: str) -> nn.Module:
         if self.active is not None and name != self.active:
@@ -56,7 +60,7 @@ class ShardedExperts(ExpertPair):
         return self.experts[name]
 
 
-def forget_forward_records(experts: ExpertPair) -> None:
+def forget_forward_records(experts: ShardedExperts | ExpertPair) -> None:
     """Clear what FSDP2 records per forward; call after each job (the worker does).
 
     FSDP2 appends every forward to the root's `post_forward_order` (and each unit's

@@ -28,7 +28,9 @@ from torch import nn
 
 from ..checkpoints import DitRowReader
 from ..lora import LoraDeltas, LoraSpec, lora_deltas, remerge
+from ..models.attention import set_attention_backend
 from ..models.transformer import WanModel
+from ..placement import ExpertPair
 from .mesh import ParallelGroups
 from .parallelize import parallelize
 
@@ -126,14 +128,10 @@ def load_expert_pair(high_noise: str | Path, low_noise: str | Path, groups: Para
     every rank holds full experts: they load to host memory and ExpertPair places them as on
     one GPU (both on the device when they fit, else one at a time).
     """
-    from ..sampling.moe import ExpertPair
-
     where = device if groups.plan.fsdp else torch.device("cpu")
     experts = [load_expert(path, groups, where, dtype, loras, on_tensor and (lambda n=name: on_tensor(n)))
                for name, path, loras in (("high", high_noise, loras_high), ("low", low_noise, loras_low))]
     if attention is not None:
-        from ..models.attention import set_attention_backend
-
         for expert in experts:
             set_attention_backend(expert, attention, device)
     if groups.plan.fsdp:

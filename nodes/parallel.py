@@ -11,7 +11,8 @@ import torch
 
 from ..wan22_core.config import A14B, SamplerSettings
 from ..wan22_core.lora import LoraReport
-from ..wan22_core.parallel import Job, ModelSpec, ParallelConfig, WorkerGroup, parallel_config, valid_ulysses_degrees
+from ..wan22_core.parallel import (Job, ModelSpec, ParallelConfig, WorkerGroup, check_parallel_options, parallel_config,
+                                   valid_ulysses_degrees)
 from . import comfy_adapter
 from .loaders import CATEGORY, EXPERT_NAMES, MoEModel, release_cached_experts
 
@@ -48,24 +49,11 @@ class Wan22MultiGPUConfig:
         return (parallel_config(gpus, ulysses_degree, fsdp, cfg_parallel),)
 
 
-def model_spec(model: MoEModel) -> ModelSpec:
-    """The worker group's view of the experts; loader options the workers cannot honour are refused.
-
-    LoRAs are always merged into each rank's shards there (lora_mode does not apply): a strength
-    change re-merges from the factors the ranks keep, without reading a checkpoint.
-    """
-    options = model.options
-    if options.weight_dtype.startswith("fp8"):
-        raise ValueError(f"weight_dtype {options.weight_dtype!r} does not work with the parallel input: the workers "
-                         "hold 16-bit shards (fp8 files are dequantised, sharding already divides the memory); "
-                         "set weight_dtype to auto, bf16 or fp16")
-    if options.offload == "block_swap":
-        raise ValueError("offload 'block_swap' does not work with the parallel input (FSDP already spreads the "
-                         "weights over the GPUs); set offload to auto")
-    if options.compile:
-        raise ValueError("compile does not work with the parallel input yet; turn compile off in the loader")
-    return ModelSpec(model.high_noise, model.low_noise, dtype=options.weight_dtype, loras_high=model.loras_high,
-                     loras_low=model.loras_low, attention=options.attention)
+def model_spec(model: MoEModel, config: ParallelConfig) -> ModelSpec:
+    """The worker group's view of the experts, after the one rule of what the ranks refuse
+    (`check_parallel_options`, as under torchrun): nothing the loader asked for is ignored."""
+    check_parallel_options(model.options, cfg_parallel=config.plan.cfg_parallel_enabled)
+    return ModelSpec.from_options(model.high_noise, model.low_noise, model.options, model.loras_high, model.loras_low)
 
 
 Reports = tuple[tuple[str, LoraReport], ...]  # (expert, what one LoRA patched)
@@ -76,7 +64,7 @@ def sample_on_group(config: ParallelConfig, model: MoEModel, embeds, jobs: list,
     """Run each (noise, start latent) job on the worker group; the final latents (normalised, CPU)
     and the LoRA reports."""
     runtime = comfy_adapter.runtime
-    spec = model_spec(model)
+    spec = model_spec(model, config)
     ranks = config.plan.world_size
 
     def on_status(rank: int, status: str) -> None:

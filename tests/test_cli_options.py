@@ -136,9 +136,12 @@ def test_missing_attention_package_exits_2_with_the_engines_message(generate, mo
     (("--lora-high", "missing.safetensors"), "LoRA file not found: missing.safetensors"),
     # the torchrun path checks the model options too (here it stops before asking for torchrun)
     (("--ulysses", "2", "--lora-low", "missing.safetensors"), "LoRA file not found: missing.safetensors"),
-    (("--compile", "--ulysses", "2"), "--compile: one-process options, not supported with --ulysses"),
-    (("--fsdp", "--offload", "none", "--swap-blocks", "1"), "--offload none, --swap-blocks 1: one-process options"),
-    (("--cfg-parallel", "--no-batch-cfg"), "--no-batch-cfg and --cfg-parallel do not combine"),
+    # the multi-GPU path refuses with the rule the worker group uses (plan.check_parallel_options)
+    (("--compile", "--ulysses", "2"), "not on the multi-GPU path: compile=True (not on the ranks yet"),
+    (("--fsdp", "--offload", "none", "--swap-blocks", "1"), "not on the multi-GPU path: offload='none' (the ranks "
+                                                             "place the experts themselves"),
+    (("--fsdp", "--swap-blocks", "1"), "not on the multi-GPU path: swap_blocks=1 (block swap is for one process"),
+    (("--cfg-parallel", "--no-batch-cfg"), "not on the multi-GPU path: batch_cfg=False with cfg_parallel"),
 ])
 def test_option_errors_are_one_line_before_any_work(generate, flags, message, capsys, monkeypatch):
     from wan22_core.cli import stages

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -755,9 +756,14 @@ def test_invalid_multigpu_settings_fail_before_any_process_starts(fake, monkeypa
     eight = multigpu_config("cpu:8", 8)  # fine for A14B's 40 heads, not for the tiny model's 4
     with pytest.raises(ValueError, match="ulysses degree 8 does not divide the 4 attention heads"):
         sample(model, embeds, parallel=eight)
-    (fp8,) = MAPPINGS["Wan22MoEModelLoader"]().load(HIGH, LOW, "fp8_e4m3fn", "auto", "auto")
-    with pytest.raises(ValueError, match="weight_dtype 'fp8_e4m3fn' does not work with the parallel input"):
-        sample(fp8, embeds, parallel=multigpu_config())
+    loader = MAPPINGS["Wan22MoEModelLoader"]()
+    refused = {("fp8_e4m3fn", "auto", False): "weight_dtype='fp8_e4m3fn' (the ranks hold 16-bit shards",
+               ("auto", "swap_experts", False): "offload='swap_experts' (the ranks place the experts themselves",
+               ("auto", "auto", True): "compile=True (not on the ranks yet"}
+    for (weight_dtype, offload, compile), message in refused.items():  # the torchrun CLI's rule, nothing ignored
+        (model_with,) = loader.load(HIGH, LOW, weight_dtype, "auto", offload, 20, compile)
+        with pytest.raises(ValueError, match=re.escape(f"not on the multi-GPU path: {message}")):
+            sample(model_with, embeds, parallel=multigpu_config())
     assert children_of(os.getpid()) == before
 
 

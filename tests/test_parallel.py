@@ -224,6 +224,27 @@ def test_cli_parallel_flags_make_the_plan():
         parallel_plan(build_parser().parse_args(["generate", "--ulysses", "3"]), world_size=3, num_heads=40)
 
 
+def test_one_rule_says_what_the_ranks_refuse_and_accepts_the_rest():
+    """plan.check_parallel_options: the torchrun CLI and the worker group (the node) refuse the
+    same options with the same reasons; everything else is honoured on the ranks."""
+    from wan22_core.config import ExpertOptions
+    from wan22_core.parallel.plan import check_parallel_options, parallel_refusals
+
+    accepted = [ExpertOptions(), ExpertOptions(dtype="bf16", attention="sdpa"), ExpertOptions(weight_dtype="fp16"),
+                ExpertOptions(lora_mode="unmerged")]
+    for options in accepted:
+        check_parallel_options(options, cfg_parallel=True)
+    assert parallel_refusals(ExpertOptions(), cfg_parallel=False, batch_cfg=False) == []  # unbatched without CFG-parallel
+    everything = ExpertOptions(weight_dtype="fp8_e4m3fn_fast", offload="block_swap", swap_blocks=3, compile=True)
+    reasons = parallel_refusals(everything, cfg_parallel=True, batch_cfg=False)
+    assert [reason.split(" (")[0] for reason in reasons] == [
+        "weight_dtype='fp8_e4m3fn_fast'", "compile=True", "offload='block_swap'", "swap_blocks=3",
+        "batch_cfg=False with cfg_parallel"]
+    with pytest.raises(ValueError) as refused:
+        check_parallel_options(everything, cfg_parallel=True, batch_cfg=False)
+    assert str(refused.value) == "not on the multi-GPU path: " + "; ".join(reasons) and "\n" not in str(refused.value)
+
+
 def test_torchrun_cli_with_loras_matches_single_process(tiny_model_dir, loras, tmp_path):
     """Both paths merge the same --lora-high/--lora-low: the one process into whole tensors, the
     ranks into their FSDP shards while reading them."""

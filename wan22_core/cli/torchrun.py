@@ -13,23 +13,11 @@ from contextlib import nullcontext
 from ..checkpoints import ModelFiles, expert_config
 from ..parallel.launch import from_rank0, local_device, torchrun_group, torchrun_world_size, under_torchrun
 from ..parallel.loading import load_expert_pair
-from ..parallel.plan import ParallelPlan
+from ..parallel.plan import ParallelPlan, check_parallel_options
 from ..pipeline import make_noise
 from ..runtime import resolve_dtype
 from . import parser as flags
 from .stages import check_model_options, denoise_video, encode_prompt, save_outputs, stage
-
-
-def check_parallel_options(args: argparse.Namespace) -> None:
-    """Refuse the one-process options the ranks do not implement, before anything starts."""
-    refused = [flag for flag, given in (("--compile", args.compile), (f"--offload {args.offload}", args.offload != "auto"),
-                                        (f"--swap-blocks {args.swap_blocks}", args.swap_blocks)) if given]
-    if refused:
-        raise ValueError(f"{', '.join(refused)}: one-process options, not supported with --ulysses/--fsdp/"
-                         "--cfg-parallel (--fsdp already spreads both experts over the GPUs); drop them")
-    if args.cfg_parallel and not args.batch_cfg:
-        raise ValueError("--no-batch-cfg and --cfg-parallel do not combine: CFG-parallel splits the batched "
-                         "cond/uncond pair over two halves of the ranks; drop one")
 
 
 def parallel_plan(args: argparse.Namespace, world_size: int, num_heads: int) -> ParallelPlan:
@@ -40,7 +28,7 @@ def parallel_plan(args: argparse.Namespace, world_size: int, num_heads: int) -> 
 
 def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
     """This rank's part of `generate`; returns the stage timings (printed on rank 0 only)."""
-    check_parallel_options(args)  # refuses --compile, --offload and --swap-blocks: the ranks place the experts
+    check_parallel_options(flags.expert_options(args), cfg_parallel=args.cfg_parallel, batch_cfg=args.batch_cfg)
     check_model_options(args.attention, [*args.lora_high, *args.lora_low])  # once, not on every rank after loading
     if not under_torchrun():
         raise ValueError("--ulysses, --fsdp and --cfg-parallel run under torchrun: "

@@ -5,8 +5,9 @@ The model code knows nothing of this package: Ulysses replaces the attention and
 seams of `models/transformer.py` from outside, FSDP wraps its blocks. Importing this package
 is cheap (no torch.distributed.fsdp until a plan uses it).
 """
-from .plan import ParallelConfig, ParallelPlan, parallel_config, parse_gpus, valid_ulysses_degrees
+from .plan import (ParallelConfig, ParallelPlan, check_parallel_options, parallel_config, parse_gpus,
+                   valid_ulysses_degrees)
 from .worker_group import Job, ModelSpec, WorkerGroup, WorkerGroupError
 
-__all__ = ["ParallelConfig", "ParallelPlan", "parallel_config", "parse_gpus", "valid_ulysses_degrees",
-           "Job", "ModelSpec", "WorkerGroup", "WorkerGroupError"]
+__all__ = ["ParallelConfig", "ParallelPlan", "check_parallel_options", "parallel_config", "parse_gpus",
+           "valid_ulysses_degrees", "Job", "ModelSpec", "WorkerGroup", "WorkerGroupError"]

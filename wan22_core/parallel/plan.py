@@ -6,7 +6,8 @@ weights over *all* ranks: every rank runs the same modules in the same order (th
 run the same expert on different text), so one all-gather per module serves the whole grid.
 
 Nothing here touches torch.distributed; the node, the CLI and the worker group validate with
-these before spawning anything.
+these before spawning anything, including which one-process options the ranks refuse
+(`check_parallel_options`, the one rule for both the torchrun CLI and the worker group).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..config import A14B, is_finite_real, is_integer, is_real
+from ..config import A14B, ExpertOptions, is_finite_real, is_integer, is_real
 from ..runtime import check_backend
 
 A14B_HEADS = A14B.dit.num_heads
@@ -170,3 +171,39 @@ def parallel_config(gpus: str = "all", ulysses_degree: int = 0, fsdp: bool = Tru
     plan = ParallelPlan(world_size=len(devices), ulysses=ulysses, cfg_parallel=cfg, fsdp=fsdp,
                         reshard_after_forward=reshard_after_forward, num_heads=num_heads)
     return ParallelConfig(devices=devices, plan=plan, heartbeat_timeout=float(heartbeat_timeout))
+
+
+# ---------------------------------------------------------------------------------------------
+# Options: what the ranks do not implement of the one-process options
+
+
+def parallel_refusals(options: ExpertOptions, *, cfg_parallel: bool, batch_cfg: bool = True) -> list[str]:
+    """Why each of `options` cannot run on the ranks of a multi-GPU run, with the fix ([]: all can).
+
+    Accepted as they are: dtype, weight_dtype auto/bf16/fp16 (fp8 files are dequantised into
+    it), attention (set on every rank), and lora_mode: the ranks always merge LoRAs into their
+    shards, and a strength change re-merges from the factors they keep (the LoRA node says so).
+    """
+    refused = []
+    if options.weight_dtype.startswith("fp8"):
+        refused.append(f"weight_dtype={options.weight_dtype!r} (the ranks hold 16-bit shards, and sharding already "
+                       "divides the memory: use auto, bf16 or fp16)")
+    if options.compile:
+        refused.append("compile=True (not on the ranks yet: turn it off)")
+    if options.offload != "auto":
+        refused.append(f"offload={options.offload!r} (the ranks place the experts themselves: FSDP spreads both over "
+                       "the GPUs, and without FSDP each rank keeps both when they fit: use auto)")
+    if options.swap_blocks:
+        refused.append(f"swap_blocks={options.swap_blocks} (block swap is for one process: use 0)")
+    if cfg_parallel and not batch_cfg:
+        refused.append("batch_cfg=False with cfg_parallel (CFG-parallel splits the batched cond/uncond pair over two "
+                       "halves of the ranks: turn one of them off)")
+    return refused
+
+
+def check_parallel_options(options: ExpertOptions, *, cfg_parallel: bool, batch_cfg: bool = True) -> None:
+    """ValueError naming every option the ranks refuse (`parallel_refusals`), before anything starts."""
+    refused = parallel_refusals(options, cfg_parallel=cfg_parallel, batch_cfg=batch_cfg)
+    if refused:
+        raise ValueError(f"not on the multi-GPU path: {'; '.join(refused)}")
+

@@ -36,14 +36,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-from ..config import DiTConfig, SamplerSettings
+from ..config import DiTConfig, ExpertOptions, SamplerSettings
 from ..errors import Cancelled, NumericalError, Wan22Error
 from ..lora import LoraReport, LoraSpec
 from ..pipeline import StepInfo
+from ..runtime import DTYPES
 from .plan import ParallelConfig, ParallelPlan
 
 PACK_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the wan22_core package
@@ -163,6 +164,15 @@ class ModelSpec:
         return message
 
     @classmethod
+    def from_options(cls, high_noise: str | Path, low_noise: str | Path, options: ExpertOptions,
+                     loras_high: Sequence[LoraSpec] = (), loras_low: Sequence[LoraSpec] = ()) -> "ModelSpec":
+        """What the ranks load for a one-process model spec; `options` are checked first
+        (`plan.check_parallel_options`). weight_dtype bf16/fp16 is the ranks' compute dtype."""
+        dtype = options.weight_dtype if options.weight_dtype in DTYPES else options.dtype
+        return cls(high_noise, low_noise, dtype=dtype, loras_high=tuple(loras_high), loras_low=tuple(loras_low),
+                   attention=options.attention)
+
+    @classmethod
     def from_message(cls, message: dict) -> "ModelSpec":
         loras = {field: tuple(LoraSpec(path, strength) for path, strength in message[field])
                  for field in ("loras_high", "loras_low")}
@@ -188,7 +198,6 @@ def validate_spec(spec: ModelSpec, plan: ParallelPlan) -> tuple[ParallelPlan, di
 
     from ..checkpoints import check_expert_pair
     from ..models.attention import resolve_backend
-    from ..runtime import DTYPES
 
     if spec.dtype != "auto" and spec.dtype not in DTYPES:
         raise ValueError(f"multi-GPU compute dtype must be auto, {', '.join(DTYPES)}; got {spec.dtype!r} "

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..wan22_core.checkpoints import check_expert_pair, load_text_encoder, load_vae
-from ..wan22_core.config import A14B, FRAMES, HEIGHT, WEIGHT_DTYPES, WIDTH, ExpertOptions
+from ..wan22_core.config import A14B, DEFAULT_SWAP_BLOCKS, FRAMES, HEIGHT, WEIGHT_DTYPES, WIDTH, ExpertOptions
 from ..wan22_core.experts import Reports, expert_dtypes, load_expert, load_experts
 from ..wan22_core.lora import LoraError, LoraSpec, file_key
 from ..wan22_core.memory import GIB, min_swap_blocks
@@ -29,7 +29,6 @@ from .model_cache import CACHE
 CATEGORY = "Wan2.2 MoE"
 DEVICES = ("auto", "cpu", "gpu")
 MAX_SWAP_BLOCKS = A14B.dit.num_layers
-DEFAULT_SWAP_BLOCKS = 20  # half of A14B's 40: enough for 720p on a 32 GB card (SWAP_BLOCKS_720P)
 # swapped blocks the memory model says 720p x 81 frames (bf16, batched CFG) needs, per card size
 SWAP_BLOCKS_720P = {gib: min_swap_blocks(A14B.dit, FRAMES, HEIGHT, WIDTH, gib * GIB) for gib in (24, 32)}
 EXPERT_NAMES = {"high": "high-noise", "low": "low-noise"}

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from ..wan22_core.config import FRAMES, HEIGHT, MAX_STEPS, MIN_SHIFT, SOLVERS, WIDTH, SamplerSettings, VAEConfig
+from ..wan22_core.config import (FRAMES, HEIGHT, MAX_FRAMES, MAX_SIDE, MAX_STEPS, MIN_SHIFT, SIDE_STEP, SOLVERS, WIDTH,
+                                 Z_DIM, SamplerSettings, VAEConfig)
 from ..wan22_core.errors import Cancelled
 from ..wan22_core.models.vae import denormalize_latent, normalize_latent
 from ..wan22_core.parallel import ParallelConfig
-from ..wan22_core.pipeline import MAX_FRAMES, MAX_SIDE, SIDE_STEP, Z_DIM, check_video_size, latent_shape, make_noise
+from ..wan22_core.pipeline import check_video_size, latent_shape, make_noise
 from ..wan22_core.pipeline import denoise as run_denoise
 from . import comfy_adapter
 from .loaders import CATEGORY, MoEModel

@@ -5,9 +5,8 @@ import os
 
 import torch
 
-from ..wan22_core.config import FPS, VAE_TILE
-from ..wan22_core.models.vae import normalize_latent
-from ..wan22_core.pipeline import Z_DIM, decode_to_video
+from ..wan22_core.config import FPS, VAE_TILE, Z_DIM
+from ..wan22_core.pipeline import decode_raw_to_video
 from ..wan22_core.video import unique_path, write_mp4
 from . import comfy_adapter
 from .loaders import CATEGORY
@@ -43,8 +42,7 @@ class Wan22VAEDecode:
         runtime.free_memory()
         vae.to(device)
         try:
-            videos = [decode_to_video(vae, normalize_latent(raw[i:i + 1].to(device, torch.float32))[0],
-                                      tile_size=VAE_TILE if tiled else None)
+            videos = [decode_raw_to_video(vae, raw[i].float(), tile_size=VAE_TILE if tiled else None)
                       for i in range(raw.shape[0])]
         finally:
             vae.to(runtime.offload_device())

@@ -122,7 +122,7 @@ def prepare(work: Path) -> tuple[Path, Path]:
     sys.path.insert(0, str(REPO))
     import torch
     from wan22_core.config import TINY
-    from wan22_core.lora import write_tiny_lora
+    from wan22_core.tiny import write_tiny_lora
     from wan22_core.models.transformer import WanModel
     from wan22_core.tiny import make_tiny
 

@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 from wan22_core.checkpoints import ModelFiles, load_dit, load_text_encoder
 from wan22_core.cli import build_parser, main
 from wan22_core.config import TINY, SamplerSettings
-from wan22_core.lora import LoraSpec, apply_loras, write_tiny_lora
+from wan22_core.lora import LoraSpec, apply_loras
 from wan22_core.models.transformer import WanModel
 from wan22_core.pipeline import denoise, make_noise
 from wan22_core.placement import ExpertPair
+from wan22_core.tiny import write_tiny_lora
 
 PROMPT, NEGATIVE, SEED = "a fox in snow", "blurry", 11
 SIZE = dict(frames=9, height=48, width=64)

@@ -11,13 +11,12 @@ import torch
 from reference import rel_l2
 from safetensors.torch import load_file, save_file
 
-from wan22_core.checkpoints import DIT, NUM_HEADS_KEY, Checkpoint, CheckpointError, check_slot, load_dit
+from wan22_core.checkpoints import DIT, NUM_HEADS_KEY, SCALE_SUFFIXES, Checkpoint, CheckpointError, check_slot, load_dit
 from wan22_core.config import TINY, DiTConfig
 from wan22_core.fp8 import FP8, FP8Linear, block_linear_names, fp8_scale, to_fp8
-from wan22_core.lora import (TINY_LORA_FORMATS, LoraError, LoraSpec, apply_loras, lora_deltas, merge_into_state_dict,
-                             write_tiny_lora)
+from wan22_core.lora import LoraError, LoraReport, LoraSpec, apply_loras, lora_deltas, remerge
 from wan22_core.models.transformer import WanModel
-from wan22_core.tiny import seeded
+from wan22_core.tiny import TINY_LORA_FORMATS, seeded, write_tiny_lora
 
 RANK = 4
 # Beyond the block Linears: a convolution, the fp32 head and an embedding Linear (merged in both modes).
@@ -298,6 +297,20 @@ def test_fp8_scale_grows_instead_of_clipping(base, base_file, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Loaders: state dicts and row ranges (FSDP shards)
+
+
+def merge_into_state_dict(state_dict: dict[str, torch.Tensor], specs: list[LoraSpec]) -> tuple[LoraReport, ...]:
+    """Merge `specs` into a state dict in official names, in place (scaled fp8 entries with their
+    `.scale_weight` included), with the pieces the ranks merge their rows with (lora_deltas, remerge)."""
+    shapes = {n: t.shape for n, t in state_dict.items() if not n.endswith(SCALE_SUFFIXES)}
+    deltas, reports = lora_deltas(specs, shapes)
+    for name in deltas.names:
+        scale_name = f"{name.rpartition('.')[0]}.scale_weight"
+        scale = state_dict.get(scale_name) if state_dict[name].dtype == FP8 else None
+        state_dict[name], scale = remerge(state_dict[name], name, None, deltas, scale)
+        if scale is not None:
+            state_dict[scale_name] = scale
+    return reports
 
 
 def test_state_dict_and_row_merges_equal_the_model_merge(base, base_file, tmp_path):

@@ -24,7 +24,7 @@ from procs import children_of
 from reference import rel_l2
 
 from wan22_core.config import TINY
-from wan22_core.lora import write_tiny_lora
+from wan22_core.tiny import write_tiny_lora
 from wan22_core.models.transformer import WanModel
 from wan22_core.tiny import make_tiny
 from wan22_core.video import read_mp4_info

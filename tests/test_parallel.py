@@ -21,12 +21,13 @@ from safetensors.torch import load_file
 
 from wan22_core.checkpoints import load_dit
 from wan22_core.config import TINY, SamplerSettings
-from wan22_core.lora import LoraSpec, apply_loras, write_tiny_lora
+from wan22_core.lora import LoraSpec, apply_loras
 from wan22_core.models.transformer import WanModel
 from wan22_core.parallel import ParallelPlan, parallel_config, parse_gpus, valid_ulysses_degrees
 from wan22_core.parallel.ulysses import shard_tokens
 from wan22_core.pipeline import denoise, make_noise
 from wan22_core.placement import ExpertPair, module_bytes
+from wan22_core.tiny import write_tiny_lora
 
 TOL = 1e-5
 # bf16: each token sees the same weights and inputs as in one process, and the residual stream,

@@ -23,12 +23,11 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from wan22_core.checkpoints import DIT, TEXT_ENCODER, VAE, Checkpoint, CheckpointError, check_slot, identify, load_dit
-from wan22_core.config import MAX_STEPS, MIN_SHIFT, SOLVERS, TINY, SamplerSettings
+from wan22_core.config import MAX_FRAMES, MAX_LATENT_POSITIONS, MAX_SIDE, MAX_STEPS, MIN_SHIFT, SOLVERS, TINY, SamplerSettings
 from wan22_core.models.transformer import WanModel
 from wan22_core.parallel import parallel_config
 from wan22_core.parallel.plan import MAX_CPU_RANKS
-from wan22_core.pipeline import (MAX_FRAMES, MAX_LATENT_POSITIONS, MAX_SIDE, check_video_size, denoise, latent_shape,
-                                  make_noise)
+from wan22_core.pipeline import check_video_size, denoise, latent_shape, make_noise
 from wan22_core.placement import ExpertPair
 from wan22_core.sampling.schedule import flow_schedule, partial_schedule
 

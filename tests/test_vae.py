@@ -18,9 +18,9 @@ from reference import rel_l2
 from wan22_core.config import TINY, VAEConfig
 from wan22_core.models.vae import (
     WanVAE,
-    decode_to_images,
     denormalize_latent,
     normalize_latent,
+    to_images,
 )
 
 CONVERTIBLE = VAEConfig(base_dim=4, dim_mult=(1, 2, 4, 4), num_res_blocks=2)
@@ -250,18 +250,25 @@ def test_latent_normalisation_round_trips_and_uses_the_official_stats():
     assert math.isclose(normalize_latent(one_std_above)[0, 0].item(), 1.0, rel_tol=1e-6)
 
 
-def test_decode_to_images_layout_and_range():
+def test_decoded_frames_layout_and_range_in_both_latent_spaces():
+    """pipeline.decode_to_video (normalised latents) and decode_raw_to_video (ComfyUI's raw ones)
+    give ComfyUI's IMAGE layout; the raw entry decodes the raw latent as it is."""
+    from wan22_core.pipeline import decode_raw_to_video, decode_to_video
+
     vae = randomise(WanVAE(TINY.vae))
-    z = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(7))
+    z = torch.randn(16, 2, 4, 6, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        images = decode_to_images(vae, z)
-        video = vae.decode(z)
+        video = vae.decode(z[None])
+    images = decode_to_video(vae, z)
     assert images.shape == (5, 32, 48, 3)  # [frames, H, W, RGB]
     assert images.dtype == torch.float32
     assert images.min() >= 0.0 and images.max() <= 1.0
-    assert torch.allclose(images, (video[0].permute(1, 2, 3, 0) + 1) / 2)
-    with pytest.raises(ValueError, match="single video latent"):
-        decode_to_images(vae, torch.zeros(2, 16, 1, 4, 4))
+    assert torch.equal(images, (video[0].permute(1, 2, 3, 0) + 1) / 2)
+    assert torch.equal(to_images(video), images)
+    raw = denormalize_latent(z[None])[0]
+    torch.testing.assert_close(decode_raw_to_video(vae, raw), images, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="single decoded video"):
+        to_images(torch.zeros(2, 3, 1, 8, 8))
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 6, 32, 32), (1, 3, 5, 30, 32), (1, 4, 5, 32, 32)])

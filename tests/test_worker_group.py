@@ -26,9 +26,10 @@ from reference import rel_l2
 
 from wan22_core.checkpoints import load_dit
 from wan22_core.config import TINY, SamplerSettings
-from wan22_core.lora import LoraSpec, apply_loras, write_tiny_lora
+from wan22_core.lora import LoraSpec, apply_loras
 from wan22_core.pipeline import denoise, make_noise
 from wan22_core.placement import ExpertPair
+from wan22_core.tiny import write_tiny_lora
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 MANGLED = str(PACK_ROOT).replace(".", "_x_")  # ComfyUI's sys.modules name for a pack: its path

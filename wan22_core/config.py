@@ -134,6 +134,10 @@ class SamplerSettings:
         return self
 
 
+# Blocks per expert the loader node keeps in CPU memory with offload block_swap unless told: half of
+# A14B's 40, enough for 720p on a 32 GB card (its tooltip gives the memory model's count per card).
+DEFAULT_SWAP_BLOCKS = 20
+
 # How the loader node's weight_dtype (and ExpertOptions.weight_dtype) holds the expert weights.
 WEIGHT_DTYPES = ("auto", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast")
 
@@ -208,3 +212,13 @@ TINY = ModelConfig(
     text=TextEncoderConfig(vocab_size=256, dim=32, ffn_dim=64, num_heads=4, num_layers=2),
     vae=VAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
 )
+
+# Video sizes the models take; the size checks (pipeline.check_video_size) and the sampler node's
+# widgets read these.
+Z_DIM = A14B.vae.z_dim  # latent channels
+_STRIDE_T, _STRIDE_S, _ = A14B.vae.stride  # frames / pixels per latent position
+MAX_LATENT_POSITIONS = A14B.dit.rope_max_positions  # RoPE table rows per axis
+# The largest video the RoPE table covers (official sizes are far below).
+MAX_FRAMES = _STRIDE_T * (MAX_LATENT_POSITIONS * A14B.dit.patch_size[0] - 1) + 1
+SIDE_STEP = _STRIDE_S * A14B.dit.patch_size[1]  # pixels per token side: sizes are multiples of this
+MAX_SIDE = SIDE_STEP * MAX_LATENT_POSITIONS

@@ -40,13 +40,12 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoints import SCALE_SUFFIXES, Checkpoint, identify
+from .checkpoints import Checkpoint, identify
+from .checkpoints.keymaps import dit_official_to_diffusers
 from .errors import Wan22Error
 from .fp8 import FP8, FP8Linear, block_linears, dequantize_fp8, fp8_scale, to_fp8
-from .checkpoints.keymaps import dit_official_to_diffusers
 
 log = logging.getLogger(__name__)
 
@@ -437,20 +436,6 @@ def remerge(stored: torch.Tensor, name: str, old: LoraDeltas | None, new: LoraDe
     return _round(values, stored.dtype, scale), scale
 
 
-def merge_into_state_dict(state_dict: dict[str, torch.Tensor], specs: Sequence[LoraSpec]) -> tuple[LoraReport, ...]:
-    """Merge `specs` into a state dict in official names, in place (scaled fp8 entries with their
-    `.scale_weight` included). For a CPU state dict before it is sharded or loaded."""
-    shapes = {n: t.shape for n, t in state_dict.items() if not n.endswith(SCALE_SUFFIXES)}
-    deltas, reports = lora_deltas(specs, shapes)
-    for name in deltas.names:
-        scale_name = f"{name.rpartition('.')[0]}.scale_weight"
-        scale = state_dict.get(scale_name) if state_dict[name].dtype == FP8 else None
-        state_dict[name], scale = remerge(state_dict[name], name, None, deltas, scale)
-        if scale is not None:
-            state_dict[scale_name] = scale
-    return reports
-
-
 # ---------------------------------------------------------------------------------------------
 # 5. Unmerged: a low-rank side branch on the block Linears
 
@@ -572,77 +557,3 @@ def _remerge_parameter(model: nn.Module, param: nn.Parameter, name: str, old: Lo
     param.data.copy_(weight)
     if scale is not None:
         scale.copy_(new_scale)
-
-
-# ---------------------------------------------------------------------------------------------
-# 7. Tiny LoRA files for tests
-
-TINY_LORA_FORMATS = ("comfy", "kohya", "peft", "diffusers", "lightx2v")
-_ALPHA_FORMATS = ("comfy", "kohya", "lightx2v")  # the others store no alpha (scale 1)
-
-
-@dataclass(frozen=True)
-class TinyLora:
-    """What `write_tiny_lora` wrote, in official names, as the file holds it (upcast to fp32)."""
-
-    path: Path
-    low_rank: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module -> (up, down, alpha)
-    diffs: dict[str, torch.Tensor]  # parameter -> full delta
-
-
-def _stored_key(fmt: str, module: str, kind: str) -> str:
-    """The key `fmt` uses for `kind` ("down", "up", "alpha", "diff", "diff_b", "diff_m") of a module."""
-    if fmt == "kohya":
-        return f"lora_unet_{module.replace('.', '_')}.lora_{kind}.weight" if kind in ("down", "up") \
-            else f"lora_unet_{module.replace('.', '_')}.{kind}"
-    if fmt in ("peft", "diffusers"):
-        if fmt == "diffusers":
-            module = dit_official_to_diffusers(module + ".weight").removesuffix(".weight")
-        prefix = "transformer." if fmt == "diffusers" else "base_model.model."
-        return f"{prefix}{module}.lora_{'A' if kind == 'down' else 'B'}.weight"
-    return f"diffusion_model.{module}." + (f"lora_{kind}.weight" if kind in ("down", "up") else kind)
-
-
-def write_tiny_lora(path: str | Path, model: nn.Module, fmt: str = "comfy", rank: int = 4, seed: int = 0,
-                    targets: Sequence[str] | None = None, alpha: float | None = None,
-                    dtype: torch.dtype = torch.float32) -> TinyLora:
-    """Write a random LoRA for `model` (any WanModel, meta is fine) in format `fmt` and return its tensors.
-
-    targets: module names (default: every Linear in the blocks; convolutions such as
-    `patch_embedding` work too). alpha: defaults to rank / 2 in formats that store one, so
-    alpha/rank is not 1. "lightx2v" also writes `.diff_b` for each target's bias and, per block,
-    `norm3.diff`/`.diff_b` and `diff_m` (modulation).
-    """
-    if fmt not in TINY_LORA_FORMATS:
-        raise ValueError(f"LoRA format must be one of {', '.join(TINY_LORA_FORMATS)}; got {fmt!r}")
-    if alpha is not None and fmt not in _ALPHA_FORMATS:
-        raise ValueError(f"format {fmt!r} stores no alpha (it is the rank); pass alpha=None or use "
-                         f"one of {', '.join(_ALPHA_FORMATS)}")
-    targets = list(targets) if targets is not None else list(block_linears(model))
-    alpha = (rank / 2 if fmt in _ALPHA_FORMATS else float(rank)) if alpha is None else float(alpha)
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):  # ~0.1 per factor: deltas of 10-20% of the tiny weights, visible in outputs
-        return (torch.randn(shape, generator=g) * 0.1).to(dtype)
-
-    tensors, low_rank, diffs = {}, {}, {}
-    for module in targets:
-        shape = model.get_submodule(module).weight.shape
-        up, down = rand(shape[0], rank, *[1] * (len(shape) - 2)), rand(rank, *shape[1:])
-        tensors[_stored_key(fmt, module, "up")], tensors[_stored_key(fmt, module, "down")] = up, down
-        if fmt in _ALPHA_FORMATS:
-            tensors[_stored_key(fmt, module, "alpha")] = torch.tensor(alpha)
-        low_rank[module] = (up.float(), down.float(), alpha)
-    if fmt == "lightx2v":
-        params = dict(model.named_parameters())
-        full = {f"{m}.bias": (m, "diff_b") for m in targets}  # parameter -> (module, kind) of its delta
-        for i in sorted({int(n.split(".")[1]) for n in params if n.startswith("blocks.")}):
-            full.update({f"blocks.{i}.norm3.weight": (f"blocks.{i}.norm3", "diff"),
-                         f"blocks.{i}.norm3.bias": (f"blocks.{i}.norm3", "diff_b"),
-                         f"blocks.{i}.modulation": (f"blocks.{i}", "diff_m")})
-        for name, (module, kind) in full.items():
-            if name in params:
-                tensors[_stored_key(fmt, module, kind)] = delta = rand(*params[name].shape)
-                diffs[name] = delta.float()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-    return TinyLora(Path(path), low_rank, diffs)

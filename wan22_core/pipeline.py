@@ -13,20 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DiTConfig, SamplerSettings, VAEConfig, is_integer
+from .config import MAX_FRAMES, MAX_SIDE, SIDE_STEP, Z_DIM, DiTConfig, SamplerSettings, VAEConfig, is_integer
 from .errors import Cancelled, NumericalError, OutOfMemory, is_out_of_memory
+from .models.vae import WanVAE, to_images
 from .sampling.moe import apply_guidance, guidance_scale, select_expert
 from .sampling.schedule import partial_schedule
 from .sampling.solvers import make_solver
 
-Z_DIM = VAEConfig().z_dim
 _STRIDE_T, _STRIDE_S, _ = VAEConfig().stride  # frames / pixels per latent position
-_PATCH_T, _PATCH_H, _PATCH_W = DiTConfig().patch_size  # latent positions per token
-MAX_LATENT_POSITIONS = DiTConfig().rope_max_positions  # RoPE table rows per axis
-# The largest video the RoPE table covers (official sizes are far below).
-MAX_FRAMES = _STRIDE_T * (MAX_LATENT_POSITIONS * _PATCH_T - 1) + 1
-SIDE_STEP = _STRIDE_S * _PATCH_H  # pixels per token side: sizes are multiples of this
-MAX_SIDE = SIDE_STEP * MAX_LATENT_POSITIONS
 
 
 def check_video_size(frames: int, height: int, width: int) -> None:
@@ -216,7 +210,7 @@ def release_cached_memory(device: torch.device) -> None:
 
 def _out_of_memory_message(position: _Position, noise: torch.Tensor, device, batch_cfg: bool, reason: str) -> str:
     frames, height, width = noise.shape[1:]
-    tokens = latent_tokens(noise.shape, (_PATCH_T, _PATCH_H, _PATCH_W))
+    tokens = latent_tokens(noise.shape, DiTConfig().patch_size)
     where = (f"at step {position.step}/{position.total} ({position.expert}-noise expert)" if position.step
              else "before the first step")
     knobs = ["fp8 weights (loader weight_dtype fp8_e4m3fn, or an fp8_scaled checkpoint)",
@@ -229,10 +223,14 @@ def _out_of_memory_message(position: _Position, noise: torch.Tensor, device, bat
             f"{reason}. The run's tensors were freed. To fit, try: {'; '.join(knobs)}")
 
 
-def decode_to_video(vae, latent: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
-    """Normalised latent [16, T, h, w] -> frames [4(T-1)+1, 8h, 8w, 3] float in [0, 1] (CPU)."""
-    from .models.vae import decode_to_images
-
+def decode_to_video(vae: WanVAE, latent: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
+    """Normalised latent [16, T, h, w] (the engine's) -> frames [4(T-1)+1, 8h, 8w, 3] float in [0, 1] (CPU)."""
     with torch.no_grad():
         # no cast here: decode de-normalises in fp32 before casting to the VAE's dtype
-        return decode_to_images(vae, latent[None].to(next(vae.parameters()).device), tile_size=tile_size).cpu()
+        return to_images(vae.decode(latent[None].to(next(vae.parameters()).device), tile_size=tile_size)).cpu()
+
+
+def decode_raw_to_video(vae: WanVAE, raw: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
+    """Raw VAE latent [16, T, h, w] (ComfyUI's LATENT space) -> frames, as `decode_to_video`."""
+    with torch.no_grad():
+        return to_images(vae.decode_raw(raw[None].to(next(vae.parameters()).device), tile_size=tile_size)).cpu()

@@ -1,4 +1,4 @@
-"""Tiny random model sets in the layouts users have, for tests, the demo and benchmarks.
+"""Tiny random model sets (and LoRA files) in the layouts users have, for tests, the demo and benchmarks.
 
 No weights can be downloaded here, so every format we load is also one we can write. The same
 (seed, sizes) always writes the same tensors, and every layout holds the same weights: each
@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import sentencepiece as spm
 import torch
@@ -319,3 +319,77 @@ def cached_tiny(cache_dir: str | Path, cfg: ModelConfig = TINY, seed: int = 0) -
     if not folder.exists():
         make_tiny(folder, "official", cfg, seed)
     return ModelFiles.from_model_dir(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny LoRA files, in the formats lora.py reads
+
+TINY_LORA_FORMATS = ("comfy", "kohya", "peft", "diffusers", "lightx2v")
+_ALPHA_FORMATS = ("comfy", "kohya", "lightx2v")  # the others store no alpha (scale 1)
+
+
+@dataclass(frozen=True)
+class TinyLora:
+    """What `write_tiny_lora` wrote, in official names, as the file holds it (upcast to fp32)."""
+
+    path: Path
+    low_rank: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module -> (up, down, alpha)
+    diffs: dict[str, torch.Tensor]  # parameter -> full delta
+
+
+def _stored_key(fmt: str, module: str, kind: str) -> str:
+    """The key `fmt` uses for `kind` ("down", "up", "alpha", "diff", "diff_b", "diff_m") of a module."""
+    if fmt == "kohya":
+        return f"lora_unet_{module.replace('.', '_')}.lora_{kind}.weight" if kind in ("down", "up") \
+            else f"lora_unet_{module.replace('.', '_')}.{kind}"
+    if fmt in ("peft", "diffusers"):
+        if fmt == "diffusers":
+            module = dit_official_to_diffusers(module + ".weight").removesuffix(".weight")
+        prefix = "transformer." if fmt == "diffusers" else "base_model.model."
+        return f"{prefix}{module}.lora_{'A' if kind == 'down' else 'B'}.weight"
+    return f"diffusion_model.{module}." + (f"lora_{kind}.weight" if kind in ("down", "up") else kind)
+
+
+def write_tiny_lora(path: str | Path, model: torch.nn.Module, fmt: str = "comfy", rank: int = 4, seed: int = 0,
+                    targets: Sequence[str] | None = None, alpha: float | None = None,
+                    dtype: torch.dtype = torch.float32) -> TinyLora:
+    """Write a random LoRA for `model` (any WanModel, meta is fine) in format `fmt` and return its tensors.
+
+    targets: module names (default: every Linear in the blocks; convolutions such as
+    `patch_embedding` work too). alpha: defaults to rank / 2 in formats that store one, so
+    alpha/rank is not 1. "lightx2v" also writes `.diff_b` for each target's bias and, per block,
+    `norm3.diff`/`.diff_b` and `diff_m` (modulation).
+    """
+    if fmt not in TINY_LORA_FORMATS:
+        raise ValueError(f"LoRA format must be one of {', '.join(TINY_LORA_FORMATS)}; got {fmt!r}")
+    if alpha is not None and fmt not in _ALPHA_FORMATS:
+        raise ValueError(f"format {fmt!r} stores no alpha (it is the rank); pass alpha=None or use "
+                         f"one of {', '.join(_ALPHA_FORMATS)}")
+    targets = list(targets) if targets is not None else list(block_linears(model))
+    alpha = (rank / 2 if fmt in _ALPHA_FORMATS else float(rank)) if alpha is None else float(alpha)
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):  # ~0.1 per factor: deltas of 10-20% of the tiny weights, visible in outputs
+        return (torch.randn(shape, generator=g) * 0.1).to(dtype)
+
+    tensors, low_rank, diffs = {}, {}, {}
+    for module in targets:
+        shape = model.get_submodule(module).weight.shape
+        up, down = rand(shape[0], rank, *[1] * (len(shape) - 2)), rand(rank, *shape[1:])
+        tensors[_stored_key(fmt, module, "up")], tensors[_stored_key(fmt, module, "down")] = up, down
+        if fmt in _ALPHA_FORMATS:
+            tensors[_stored_key(fmt, module, "alpha")] = torch.tensor(alpha)
+        low_rank[module] = (up.float(), down.float(), alpha)
+    if fmt == "lightx2v":
+        params = dict(model.named_parameters())
+        full = {f"{m}.bias": (m, "diff_b") for m in targets}  # parameter -> (module, kind) of its delta
+        for i in sorted({int(n.split(".")[1]) for n in params if n.startswith("blocks.")}):
+            full.update({f"blocks.{i}.norm3.weight": (f"blocks.{i}.norm3", "diff"),
+                         f"blocks.{i}.norm3.bias": (f"blocks.{i}.norm3", "diff_b"),
+                         f"blocks.{i}.modulation": (f"blocks.{i}", "diff_m")})
+        for name, (module, kind) in full.items():
+            if name in params:
+                tensors[_stored_key(fmt, module, kind)] = delta = rand(*params[name].shape)
+                diffs[name] = delta.float()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    return TinyLora(Path(path), low_rank, diffs)

@@ -1,7 +1,7 @@
 """The Wan2.1 video VAE (z_dim 16) that the A14B experts share (official `wan/modules/vae2_1.py`).
 
 Reading order: latent normalisation, causal convolution, norm / residual / attention / resample
-blocks, encoder and decoder, the `WanVAE` wrapper, tiled decode, `decode_to_images`.
+blocks, encoder and decoder, the `WanVAE` wrapper, tiled decode, `to_images`.
 
 Module names are the official parameter names (`encoder.downsamples.N.residual.2.weight`,
 `decoder.upsamples.N.time_conv.weight`, `conv1`, `conv2`, `*.gamma`, `middle.1.to_qkv`, ...), so
@@ -318,7 +318,8 @@ class WanVAE(nn.Module):
     """Wan2.1 VAE: `encode` video -> normalised latent, `decode` normalised latent -> video.
 
     Latents are in the engine's normalised space; `normalize_latent` / `denormalize_latent`
-    convert from / to raw VAE (and ComfyUI LATENT) space. Callers wrap calls in torch.no_grad().
+    convert from / to raw VAE (and ComfyUI LATENT) space, and `decode_raw` takes a raw latent
+    as it is. Callers wrap calls in torch.no_grad().
     """
 
     def __init__(self, cfg: VAEConfig = VAEConfig()):
@@ -369,14 +370,18 @@ class WanVAE(nn.Module):
         close to, not equal to, the untiled decode: the decoder's mid-block attention and its
         receptive field stop at the tile edge.
         """
-        raw = denormalize_latent(z.float()).to(self.dtype)
+        return self.decode_raw(denormalize_latent(z.float()), tile_size, tile_overlap)
+
+    def decode_raw(self, raw: torch.Tensor, tile_size: int | None = None, tile_overlap: int = 8) -> torch.Tensor:
+        """Raw VAE latent [B, 16, T, h, w] (ComfyUI's LATENT space) -> video, as `decode`."""
+        raw = raw.to(self.dtype)
         if tile_size is None:
-            video = self._decode_raw(raw)
+            video = self._decode_frames(raw)
         else:
             video = self._decode_tiled(raw, tile_size, tile_overlap)
         return video.float().clamp_(-1.0, 1.0)
 
-    def _decode_raw(self, raw: torch.Tensor) -> torch.Tensor:
+    def _decode_frames(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw latent -> unclamped video, one latent frame at a time through one cache."""
         cache: CausalCache = {}
         x = self.conv2(raw)
@@ -400,7 +405,7 @@ class WanVAE(nn.Module):
         total = torch.zeros(h * sh, w * sw, device=raw.device)
         for (y0, y1), wy in zip(rows, row_weights):
             for (x0, x1), wx in zip(cols, col_weights):
-                tile = self._decode_raw(raw[..., y0:y1, x0:x1]).float()
+                tile = self._decode_frames(raw[..., y0:y1, x0:x1]).float()
                 weight = wy[:, None] * wx[None, :]  # [tile H, tile W]
                 video[..., y0 * sh : y1 * sh, x0 * sw : x1 * sw] += tile * weight
                 total[y0 * sh : y1 * sh, x0 * sw : x1 * sw] += weight
@@ -445,17 +450,12 @@ def _cross_fade(overlap_start: int, overlap_end: int, scale: int) -> tuple[float
     return overlap_start * scale + quarter, overlap_end * scale - quarter
 
 
-def decode_to_images(
-    vae: WanVAE, z: torch.Tensor, tile_size: int | None = None, tile_overlap: int = 8
-) -> torch.Tensor:
-    """Normalised latent [1, 16, T, h, w] -> frames [4(T-1)+1, 8h, 8w, 3], fp32 in [0, 1].
+def to_images(video: torch.Tensor) -> torch.Tensor:
+    """One decoded video [1, 3, F, H, W] in [-1, 1] -> frames [F, H, W, 3] in [0, 1].
 
-    That is ComfyUI's IMAGE layout; the tensor stays on the latent's device.
+    That is ComfyUI's IMAGE layout; the tensor stays on the video's device.
     """
-    if z.ndim != 5 or z.shape[0] != 1:
-        raise ValueError(
-            f"decode_to_images takes a single video latent [1, 16, T, h, w], got {tuple(z.shape)}; "
-            "decode batches with WanVAE.decode"
-        )
-    video = vae.decode(z, tile_size=tile_size, tile_overlap=tile_overlap)[0]  # [3, F, H, W]
-    return ((video + 1.0) / 2.0).permute(1, 2, 3, 0).contiguous()
+    if video.ndim != 5 or video.shape[:2] != (1, 3):
+        raise ValueError(f"to_images takes a single decoded video [1, 3, F, H, W], got {tuple(video.shape)}; "
+                         "decode batches with WanVAE.decode and convert each video")
+    return ((video[0] + 1.0) / 2.0).permute(1, 2, 3, 0).contiguous()

@@ -4,6 +4,7 @@ and starting CPU processes as the ranks of one gloo group."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -98,11 +99,23 @@ def in_unprivileged_child(fn, timeout: float = 60.0) -> str:
     return result
 
 
+def loopback_store() -> dist.TCPStore:
+    """A rendezvous store listening on 127.0.0.1 only, on a free port. (A TCPStore that binds its
+    own socket listens on every interface, whatever host it is given; the product's ranks use no
+    TCPStore at all: a FileStore in a private folder.)"""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    return dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                         master_listen_fd=listener.detach())  # the store owns the socket from here
+
+
 def start_gloo_ranks(args: list[str], world: int, setup: dict, **popen_kwargs):
     """Start `world` processes `python *args JSON` as the ranks of one gloo group. JSON is `setup`
     plus rank, world and port, the three that join_gloo_group takes. Returns (store, processes):
     keep the store alive until the ranks have joined, it is the group's rendezvous."""
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    store = loopback_store()
     procs = [subprocess.Popen([sys.executable, *args, json.dumps(dict(setup, rank=rank, world=world, port=store.port))],
                               **popen_kwargs) for rank in range(world)]
     return store, procs

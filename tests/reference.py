@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from wan22_core.config import DiTConfig, SamplerSettings
 from wan22_core.checkpoints.keymaps import dit_official_to_diffusers
+from wan22_core.config import DiTConfig, SamplerSettings
 from wan22_core.sampling.schedule import UNIPC_SIGMA_MAX
 
 if TYPE_CHECKING:

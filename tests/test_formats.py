@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 from wan22_core import checkpoints
 from wan22_core.checkpoints import (DIT, TEXT_ENCODER, Checkpoint, CheckpointError, ModelFiles, check_slot,
                                     load_dit, load_text_encoder, load_vae, read_state_dict)
+from wan22_core.checkpoints.keymaps import COMFY_DIT_PREFIX, vae_diffusers_to_official, vae_official_to_diffusers
 from wan22_core.cli import main
 from wan22_core.config import TINY, DiTConfig, SamplerSettings, VAEConfig
 from wan22_core.fp8 import FP8, FP8Linear, dequantize_fp8, set_fp8_compute
-from wan22_core.checkpoints.keymaps import COMFY_DIT_PREFIX, vae_diffusers_to_official, vae_official_to_diffusers
 from wan22_core.models.transformer import WanModel
 from wan22_core.models.vae import WanVAE
 from wan22_core.pipeline import denoise, make_noise
@@ -140,9 +140,11 @@ def test_comfy_fp8_latents_within_fp8_rounding(fp8_set):
     # Each fp8 Linear's output is off by ~eps relative (its weight's error); the velocity adds
     # gated block outputs to an fp32 residual stream and the latents add sigma * velocity to the
     # fp32 noise, both of which shrink the relative error, so eps bounds the latent error.
-    # Measured: ~0.2% (eps ~2.6%). The lower bound shows fp8 weights were really used (fp16
-    # rounding alone gives ~2e-4).
-    assert 1e-3 < rel_l2(latents, reference) < eps
+    # Measured: 2.356e-3 (eps 2.6e-2). The rounding is deterministic (seeded weights, fp32 compute;
+    # float reordering moves it by ~1e-4 of itself), so the band is +-6%: an fp8 path that also
+    # rounds its activations to fp8 gives 5.4e-3, one that multiplies in bf16 2.59e-3, and fp16
+    # rounding alone ~2e-4.
+    assert 2.2e-3 < rel_l2(latents, reference) < 2.5e-3
 
 
 def test_scaled_fp8_text_encoder_is_dequantized_at_load(sets, fp8_set):

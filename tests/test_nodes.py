@@ -24,9 +24,8 @@ from procs import children_of
 from reference import rel_l2
 
 from wan22_core.config import TINY
-from wan22_core.tiny import write_tiny_lora
 from wan22_core.models.transformer import WanModel
-from wan22_core.tiny import make_tiny
+from wan22_core.tiny import make_tiny, write_tiny_lora
 from wan22_core.video import read_mp4_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -481,7 +480,18 @@ def sample(model, embeds, seed=7, **overrides) -> dict:
     return latent
 
 
+# ComfyUI's Wan2.1 latent2rgb preview table (comfy/latent_formats.py, Wan21), copied here so the
+# test does not read the values it checks from the code under test: [16 channels][R, G, B], bias.
+COMFY_WAN21_RGB = [
+    [-0.1299, -0.1692, 0.2932], [0.0671, 0.0406, 0.0442], [0.3568, 0.2548, 0.1747], [0.0372, 0.2344, 0.1420],
+    [0.0313, 0.0189, -0.0328], [0.0296, -0.0956, -0.0665], [-0.3477, -0.4059, -0.2925], [0.0166, 0.1902, 0.1975],
+    [-0.0412, 0.0267, -0.1364], [-0.1293, 0.0740, 0.1636], [0.0680, 0.3019, 0.1128], [0.0032, 0.0581, 0.0639],
+    [-0.1251, 0.0927, 0.1699], [0.0060, -0.0633, 0.0005], [0.3477, 0.2275, 0.2950], [0.1984, 0.0913, 0.1861]]
+COMFY_WAN21_RGB_BIAS = [-0.1835, -0.0868, -0.3360]
+
+
 def test_progress_and_previews_reach_the_adapter(models_dir, tmp_path, monkeypatch):
+    """Each step's preview is ComfyUI's latent2rgb map of that step's denoised latent (first frame)."""
     fake = FakeComfyRuntime(models_dir, tmp_path)
     monkeypatch.setattr(ADAPTER, "runtime", fake)
     embeds, model, _ = load_all()
@@ -489,9 +499,20 @@ def test_progress_and_previews_reach_the_adapter(models_dir, tmp_path, monkeypat
     sample(model, embeds, latent=start)
     assert fake.totals == [2 * TINY_SETTINGS["steps"]]
     assert [value for value, _ in fake.updates] == list(range(1, 7))
-    previews = [p for _, p in fake.updates]
-    assert all(p.dtype == torch.uint8 and p.shape == (4, 4, 3) for p in previews)
     assert fake.freed >= 1  # ComfyUI's memory was freed before the experts were loaded
+
+    pipeline, settings = engine("pipeline"), engine("config").SamplerSettings(steps=3)
+    denoised = []  # the engine's clean-latent estimates of each video's steps, as the node ran them
+    for offset, latent in enumerate(engine("models.vae").normalize_latent(start["samples"])):
+        noise = pipeline.make_noise(7 + offset, 5, 32, 32)
+        pipeline.denoise(model.experts(CPU)[0], embeds.positive, embeds.negative, noise, settings, latent=latent,
+                         on_step=lambda info: denoised.append(info.denoised.clone()))
+    factors, bias = torch.tensor(COMFY_WAN21_RGB), torch.tensor(COMFY_WAN21_RGB_BIAS)
+    for (_, preview), z in zip(fake.updates, denoised, strict=True):
+        rgb = torch.einsum("chw,cr->hwr", z[:, 0], factors) + bias  # roughly [-1, 1]
+        expected = ((rgb + 1) / 2).clamp(0, 1) * 255
+        assert preview.dtype == torch.uint8 and preview.shape == (4, 4, 3)
+        assert (preview.float() - expected).abs().max() <= 0.5 + 1e-3  # rounding to uint8, and float order
 
 
 def test_comfyui_interrupt_stops_sampling_within_one_step(models_dir, tmp_path, monkeypatch):

@@ -71,6 +71,17 @@ def run_fakes(settings, **kw):
     return high, low, out
 
 
+def test_a_step_exactly_at_the_boundary_runs_the_high_noise_expert():
+    """Official Wan: high-noise iff t >= boundary * 1000. Unshifted Euler steps of 1/8 put a
+    timestep at exactly 875 (0.875 is exact in binary), the default boundary."""
+    settings = SamplerSettings(steps=8, shift=1.0, solver="euler")
+    timesteps = flow_schedule(8, 1.0, "euler").timesteps.tolist()
+    assert timesteps[:3] == [1000, 875, 750] and settings.boundary * 1000 == 875
+    high, low, _ = run_fakes(settings)
+    assert [t[0] for _, t in high.calls] == [1000, 875]  # the step at 875 itself is high
+    assert [t[0] for _, t in low.calls] == timesteps[2:]
+
+
 def test_routing_and_one_move_per_switch():
     high, low, _ = run_fakes(SamplerSettings(steps=40))
     assert len(high.calls) == 26 and len(low.calls) == 14

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from fakes import ConstantExpert, dit_tensors, save_dit
 from safetensors.torch import save_file
 
@@ -35,8 +36,8 @@ from wan22_core.errors import NumericalError, OutOfMemory, Wan22Error
 from wan22_core.models.tokenizer import Tokenizer, clean_text
 from wan22_core.parallel import ModelSpec, WorkerGroup, parallel_config, parse_gpus
 from wan22_core.pipeline import check_video_size, denoise, make_noise, release_cached_memory
-from wan22_core.runtime import check_backend, resolve_device
 from wan22_core.placement import ExpertPair
+from wan22_core.runtime import check_backend, resolve_device
 from wan22_core.sampling.schedule import partial_schedule
 from wan22_core.tiny import train_tiny_sentencepiece
 from procs import assert_all_gone, children_of, in_unprivileged_child
@@ -459,6 +460,18 @@ def test_the_group_listens_on_loopback_only(group):
     assert in_workers, "the gloo ranks should listen for their peers"
     outside = [a for a in new_in_controller + in_workers if not is_loopback(a)]
     assert outside == [], f"listening on non-loopback addresses {outside} "
+
+
+def test_the_tests_rank_store_listens_on_loopback_only():
+    """tests/procs.py's rendezvous (the gloo tests and bench_comm): 127.0.0.1, as the product binds."""
+    from procs import loopback_store
+
+    before = listening_sockets(os.getpid())
+    store = loopback_store()
+    new = [a for a in listening_sockets(os.getpid()) if a not in before]
+    assert new == ["127.0.0.1"], new
+    store.set("ready", "1")  # and it serves
+    assert dist.TCPStore("127.0.0.1", store.port, is_master=False).get("ready") == b"1"
 
 
 def test_ctrl_c_in_the_controller_mid_step_stops_every_rank(group):

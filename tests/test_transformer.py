@@ -59,6 +59,27 @@ def test_text_padding_is_zero_before_embedding():
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("tokens", [1, 11, 511])
+def test_one_slot_stands_for_every_padded_position(tokens):
+    """embed_text keeps one zero-padding slot with a log(512 - n) logit bias; cross-attention with
+    it equals attention over all 512 slots (float64, to rounding). The count itself is checked too:
+    one copy more or less moves the padding's softmax weight by a factor (m +- 1) / m."""
+    cfg = CONFIGS[0][0]
+    model = WanModel(cfg).double().eval()
+    randomize_(model, seed=4)
+    g = torch.Generator().manual_seed(5)
+    padded_copies = cfg.text_len - tokens
+    with torch.no_grad():
+        context, pad_bias = model.embed_text(torch.randn(1, tokens, cfg.text_dim, generator=g, dtype=torch.float64))
+        assert context.shape == (1, tokens + 1, cfg.dim) and torch.equal(pad_bias[:tokens], torch.zeros(tokens))
+        assert math.isclose(math.exp(pad_bias[-1].item()), padded_copies, rel_tol=1e-12)
+        every_slot = torch.cat([context[:, :tokens], context[:, tokens:].expand(1, padded_copies, -1)], dim=1)
+        x = torch.randn(1, 6, cfg.dim, generator=g, dtype=torch.float64)
+        attention = model.blocks[0].cross_attn
+        # measured <= 3.1e-15; a count one too high gives 1.7e-7 (1 token) to 1.1e-5 (511 tokens)
+        assert rel_l2(attention(x, context, pad_bias), attention(x, every_slot, None)) <= 1e-12
+
+
 def official_rope_float64(x: torch.Tensor, grid, head_dim: int) -> torch.Tensor:
     """The official rope_params/rope_apply, written out in float64 complex numbers."""
     def rope_params(max_len, dim, theta=10000):

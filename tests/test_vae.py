@@ -15,7 +15,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from reference import rel_l2
 
-from wan22_core.config import TINY, VAEConfig
+from wan22_core.config import LATENT_MEAN, LATENT_STD, TINY, VAEConfig
 from wan22_core.models.vae import (
     WanVAE,
     denormalize_latent,
@@ -102,19 +102,43 @@ def pair(request):
 # Parity with diffusers
 
 
+def diffusers_stats(theirs: AutoencoderKLWan) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' own per-channel latent mean and std (its config), shaped [1, 16, 1, 1, 1]."""
+    return tuple(torch.tensor(theirs.config[key]).view(1, -1, 1, 1, 1) for key in ("latents_mean", "latents_std"))
+
+
+def test_latent_statistics_are_diffusers_all_32_values():
+    """All 16 means and 16 standard deviations, against AutoencoderKLWan's config (an independent
+    copy of the official Wan2_1_VAE values): one wrong channel shifts that channel of every video."""
+    config = diffusers_vae(TINY.vae).config
+    assert list(LATENT_MEAN) == list(config.latents_mean)
+    assert list(LATENT_STD) == list(config.latents_std)
+
+
 @pytest.mark.parametrize("latent_frames, video_frames", [(1, 1), (2, 5), (5, 17)])
 def test_decode_matches_diffusers(pair, latent_frames, video_frames):
     ours, theirs = pair
     z = torch.randn(1, 16, latent_frames, 4, 4, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         video = ours.decode(z)
-        # diffusers decodes raw latents; ours takes the engine's normalised ones.
-        expected = theirs.decode(denormalize_latent(z)).sample
+        # diffusers decodes raw latents; ours takes the engine's normalised ones (its stats, not ours)
+        mean, std = diffusers_stats(theirs)
+        expected = theirs.decode(z * std + mean).sample
     assert video.shape == (1, 3, video_frames, 32, 32)
     assert rel_l2(video, expected) <= PARITY_RTOL
     # Non-trivial output: spread out, and mostly not saturated by the final clamp.
     assert video.std() > 0.1
     assert (video.abs() >= 1.0).float().mean() < 0.2
+
+
+def test_raw_latents_decode_as_diffusers_decodes_them(pair):
+    """The raw entry (ComfyUI's LATENT space): both sides take the same raw latent, so no
+    normalisation of ours is on either side of the comparison."""
+    ours, theirs = pair
+    raw = 2 * torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        video, expected = ours.decode_raw(raw), theirs.decode(raw).sample
+    assert rel_l2(video, expected) <= PARITY_RTOL and video.std() > 0.1
 
 
 @pytest.mark.parametrize("video_frames, latent_frames", [(1, 1), (5, 2), (17, 5)])
@@ -124,7 +148,8 @@ def test_encode_matches_diffusers_posterior_mean(pair, video_frames, latent_fram
     video = torch.rand(1, 3, video_frames, 32, 32, generator=gen) * 2 - 1
     with torch.no_grad():
         latent = ours.encode(video)
-        expected = normalize_latent(theirs.encode(video).latent_dist.mean)
+        mean, std = diffusers_stats(theirs)
+        expected = (theirs.encode(video).latent_dist.mean - mean) / std
         round_trip = ours.decode(latent)
     assert latent.shape == (1, 16, latent_frames, 4, 4)
     assert rel_l2(latent, expected) <= PARITY_RTOL

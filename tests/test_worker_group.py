@@ -8,6 +8,7 @@ killed, raising, hanging; the controller killed) with no process left behind.
 import importlib.machinery
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ from reference import rel_l2
 from wan22_core.checkpoints import load_dit
 from wan22_core.config import TINY, SamplerSettings
 from wan22_core.lora import LoraSpec, apply_loras
+from wan22_core.models.transformer import WanModel
 from wan22_core.pipeline import denoise, make_noise
 from wan22_core.placement import ExpertPair
 from wan22_core.tiny import write_tiny_lora
@@ -98,6 +100,15 @@ def env(tmp_path_factory, tiny_model_dir):
         os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
+def fsdp_shard_bytes(cfg, rank: int, world: int) -> int:
+    """fp32 bytes of one expert that FSDP2 leaves on `rank`: rows [rank * ceil(n/world), ...) of
+    every parameter (torch.chunk layout), counted from the model's shapes."""
+    with torch.device("meta"):
+        params = list(WanModel(cfg).parameters())
+    per_rank = [math.ceil(p.shape[0] / world) for p in params]
+    return sum(max(0, min(p.shape[0], (rank + 1) * n) - rank * n) * p[0].numel() * 4 for p, n in zip(params, per_rank))
+
+
 def config(env, heartbeat=HEARTBEAT_S):
     return env["parallel"].parallel_config("cpu:2", ulysses_degree=2, fsdp=True, num_heads=TINY.dit.num_heads,
                                            heartbeat_timeout=heartbeat)
@@ -108,6 +119,7 @@ def test_group_started_under_a_mangled_module_name_matches_single_process(env):
     group = env["parallel"].WorkerGroup.get_or_create(env["spec"], config(env),
                                                       on_status=lambda rank, s: statuses.__setitem__(rank, s))
     assert statuses == {0: "ready", 1: "ready"}
+    assert group.parameter_bytes == {rank: 2 * fsdp_shard_bytes(TINY.dit, rank, 2) for rank in (0, 1)}
     latent = group.run(env["job"], on_step=steps.append)
     assert rel_l2(latent, env["reference"]) <= TOL
     assert [(s.index, s.expert) for s in steps] == [(0, "high"), (1, "high"), (2, "low"), (3, "low")]

@@ -31,7 +31,7 @@ from ..models.transformer import WanBlock
 from ..pipeline import denoise
 from ..runtime import resolve_dtype
 from .fsdp import forget_forward_records
-from .loading import load_expert_pair, set_expert_loras
+from .loading import load_expert_pair, local_parameter_bytes, set_expert_loras
 from .mesh import init_groups
 from .plan import ParallelPlan
 from .worker_group import ModelSpec, recv_message, send_message
@@ -135,7 +135,8 @@ class Worker:
                 if isinstance(module, WanBlock):  # a heartbeat per block forward while sampling
                     module.register_forward_pre_hook(lambda *_: self.channel.beat())
         self.channel.busy = False
-        self.channel.send(type="ready")
+        held = sum(local_parameter_bytes(expert) for expert in self.experts.experts.values())
+        self.channel.send(type="ready", parameter_bytes=held)
         self.channel.status = "ready"
 
     def serve(self) -> None:

@@ -278,12 +278,14 @@ class WorkerGroup:
         self._closed = False
         self._job_id = 0
         self.last_steps: dict[int, int] = {}  # steps each rank completed in the last job
+        self.parameter_bytes: dict[int, int] = {}  # expert parameter bytes each rank holds (its FSDP shards)
         sweep_stale_rendezvous()
         self._rendezvous_dir = tempfile.mkdtemp(prefix=f"{RENDEZVOUS_PREFIX}{os.getpid()}-")  # 0700: ours alone
         try:
             for rank in range(plan.world_size):
                 self._spawn(rank, plan)
-            self._exchange(lambda rank, message: message["type"] == "ready", "starting up")
+            ready = self._exchange(lambda rank, message: message["type"] == "ready", "starting up")
+            self.parameter_bytes = {rank: message["parameter_bytes"] for rank, message in sorted(ready.items())}
         except BaseException:
             self._kill()
             raise

@@ -67,7 +67,7 @@ class Wan22LoRA:
         if not high and not low:
             return (model,)
         if (model.loras_high or model.loras_low) and model.options.lora_mode != lora_mode:
-            raise ValueError(f"lora_mode {lora_mode!r} differs from the {model.options.lora_mode!r} of an earlier Wan22LoRA "
-                             "in the chain; all chained Wan22LoRA nodes must use the same lora_mode")
+            raise ValueError(f"lora_mode {lora_mode!r} differs from the {model.options.lora_mode!r} of an earlier "
+                             "Wan22LoRA in the chain; all chained Wan22LoRA nodes must use the same lora_mode")
         return (replace(model, loras_high=model.loras_high + high, loras_low=model.loras_low + low,
                         options=replace(model.options, lora_mode=lora_mode)),)

@@ -944,7 +944,8 @@ def test_block_swap_without_blocks_is_refused_with_the_engines_message(runtime):
 
 def test_compile_runs_once_per_loaded_expert_and_changing_it_reloads(runtime, monkeypatch):
     compiled = []
-    monkeypatch.setattr(engine("experts"), "compile_blocks", lambda model, device: compiled.append((model, device)) or None)
+    monkeypatch.setattr(engine("experts"), "compile_blocks",
+                        lambda model, device: compiled.append((model, device)) or None)
     CACHE.clear()
     loader = MAPPINGS["Wan22MoEModelLoader"]()
     (model,) = loader.load(HIGH, LOW, "auto", "auto", "auto", 20, True)

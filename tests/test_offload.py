@@ -195,7 +195,8 @@ def test_both_experts_stay_exactly_when_the_memory_model_says_they_fit(monkeypat
     with torch.device("meta"):
         high, low = (WanModel(A14B.dit).to(torch.bfloat16) for _ in range(2))
     card = {}
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=card["bytes"]))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(total_memory=card["bytes"]))
     cuda = torch.device("cuda", 0)
     # the memory model's own total with both experts resident, counted from its parameter formula
     need = estimate_peak_bytes(A14B.dit, FRAMES, HEIGHT, WIDTH, offload="none")["total"] + CUDA_OVERHEAD

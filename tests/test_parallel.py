@@ -235,7 +235,7 @@ def test_one_rule_says_what_the_ranks_refuse_and_accepts_the_rest():
                 ExpertOptions(lora_mode="unmerged")]
     for options in accepted:
         check_parallel_options(options, cfg_parallel=True)
-    assert parallel_refusals(ExpertOptions(), cfg_parallel=False, batch_cfg=False) == []  # unbatched without CFG-parallel
+    assert parallel_refusals(ExpertOptions(), cfg_parallel=False, batch_cfg=False) == []  # unbatched, no CFG split
     everything = ExpertOptions(weight_dtype="fp8_e4m3fn_fast", offload="block_swap", swap_blocks=3, compile=True)
     reasons = parallel_refusals(everything, cfg_parallel=True, batch_cfg=False)
     assert [reason.split(" (")[0] for reason in reasons] == [

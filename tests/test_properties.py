@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from wan22_core.checkpoints import DIT, TEXT_ENCODER, VAE, Checkpoint, CheckpointError, check_slot, identify, load_dit
-from wan22_core.config import MAX_FRAMES, MAX_LATENT_POSITIONS, MAX_SIDE, MAX_STEPS, MIN_SHIFT, SOLVERS, TINY, SamplerSettings
+from wan22_core.config import (MAX_FRAMES, MAX_LATENT_POSITIONS, MAX_SIDE, MAX_STEPS, MIN_SHIFT, SOLVERS, TINY,
+                               SamplerSettings)
 from wan22_core.models.transformer import WanModel
 from wan22_core.parallel import parallel_config
 from wan22_core.parallel.plan import MAX_CPU_RANKS

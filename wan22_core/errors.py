@@ -1,4 +1,5 @@
 """Exceptions the engine raises on purpose; nodes and the CLI turn them into one-line messages."""
+import torch
 
 
 class Wan22Error(Exception):
@@ -19,8 +20,6 @@ class OutOfMemory(Wan22Error):
 
 def is_out_of_memory(err: BaseException) -> bool:
     """torch's OutOfMemoryError (CUDA), or a RuntimeError that says so (CPU, MPS, ROCm, older torch)."""
-    import torch
-
     if isinstance(err, torch.OutOfMemoryError):
         return True
     text = str(err).lower()

@@ -16,6 +16,9 @@ LoRAs are merged into the rows as they are read (`lora.lora_deltas` builds just 
 of this rank's shard), so every shard is merged when it lands and FSDP never gathers unmerged
 weights. Each expert keeps the parsed LoRA factors (about the LoRA file's size), so
 `set_expert_loras` re-merges a live expert's shards in place without reading the checkpoint.
+
+torch.distributed.tensor and this package's fsdp module are imported where they are used, as in
+parallelize.py: they add 0.6 to 1.2 s to every start of the CLI and the nodes.
 """
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from ..config import A14B, ExpertOptions, is_finite_real, is_integer, is_real
 from ..runtime import check_backend
 
@@ -106,8 +108,6 @@ MAX_CPU_RANKS = 256  # a typo like cpu:20000 must not fork-bomb the machine
 
 def parse_gpus(gpus: str) -> tuple[str, ...]:
     """"all", "0,1,2,3" (CUDA indices) or "cpu:N" (N CPU ranks on gloo) -> one device name per rank."""
-    import torch
-
     text = str(gpus).strip().lower()
     if text.startswith("cpu:"):
         count = text[4:]

@@ -33,18 +33,21 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from ..checkpoints import check_expert_pair
 from ..config import DiTConfig, ExpertOptions, SamplerSettings
 from ..errors import Cancelled, NumericalError, Wan22Error
-from ..lora import LoraReport, LoraSpec
+from ..lora import LoraReport, LoraSpec, file_key, lora_deltas
+from ..models.attention import resolve_backend
+from ..models.transformer import WanModel
 from ..pipeline import StepInfo
-from ..runtime import DTYPES
+from ..runtime import DTYPES, default_cuda_allocator
 from .plan import ParallelConfig, ParallelPlan
 
 PACK_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the wan22_core package
@@ -100,8 +103,6 @@ def rank_environment(parent: Mapping[str, str]) -> dict[str, str]:
     `backend:cudaMallocAsync` is dropped first (ComfyUI sets it for its own process, and the ranks
     would inherit it): a peer pack reports out-of-memory errors under NCCL all-to-all with it
     (shared/reference/peers.md, B.7)."""
-    from ..runtime import default_cuda_allocator
-
     env = {"GLOO_SOCKET_IFNAME": LOOPBACK, "NCCL_SOCKET_IFNAME": LOOPBACK, **parent}
     for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         if "cudaMallocAsync" in env.get(name, ""):
@@ -194,11 +195,6 @@ class Job:
 def validate_spec(spec: ModelSpec, plan: ParallelPlan) -> tuple[ParallelPlan, dict[str, tuple[LoraReport, ...]]]:
     """Check the files, the LoRAs and the plan against the model's real head count, before any
     process starts; returns the plan with that head count and what each LoRA patches."""
-    from dataclasses import replace
-
-    from ..checkpoints import check_expert_pair
-    from ..models.attention import resolve_backend
-
     if spec.dtype != "auto" and spec.dtype not in DTYPES:
         raise ValueError(f"multi-GPU compute dtype must be auto, {', '.join(DTYPES)}; got {spec.dtype!r} "
                          "(fp8 checkpoint files are fine: their shards are dequantised into this dtype)")
@@ -216,11 +212,6 @@ def check_loras(spec: ModelSpec, cfg: DiTConfig) -> dict[str, tuple[LoraReport, 
     """{"high"/"low": reports}: every LoRA read and matched against the parameter shapes of the
     experts' config `cfg` (from the checkpoint headers; both experts have it, check_expert_pair),
     so a wrong file fails here with the LoRA's own message."""
-    from dataclasses import replace
-
-    from ..lora import file_key, lora_deltas
-    from ..models.transformer import WanModel
-
     reports = {}
     for expert in ("high", "low"):
         for lora in spec.loras(expert):

@@ -73,7 +73,7 @@ def load_experts(high_noise: Path, low_noise: Path, options: ExpertOptions, devi
     LoRA or backend change reuses the loaded weights). Each expert then gets exactly its `loras`
     (in `options.lora_mode`) and the attention backend. The pair is placed per `options.offload`
     (auto: `placement.experts_fit` for `video`); keep_host per `keeps_host_copies`, so the
-    expert switch copies nothing back. `warn` gets one line when --compile cannot work here.
+    expert switch copies nothing back. `warn` gets one line when compile cannot work here.
     """
     load = load or (lambda slot, path, opts: load_expert(path, opts, device))
     problem = compile_toolchain_problem(device) if options.compile else None

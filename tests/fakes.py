@@ -3,6 +3,7 @@ import importlib
 import importlib.util
 import types
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -71,3 +72,33 @@ def save_dit(path, cfg: DiTConfig, extra: dict[str, torch.Tensor] | None = None)
     head count in its metadata as our writer records it. Returns `path`."""
     save_file({**dit_tensors(cfg), **(extra or {})}, str(path), metadata={"num_heads": str(cfg.num_heads)})
     return path
+
+
+# Where each GGUF block type keeps its fp16 scales (byte offsets in ggml's block structs): random
+# bytes there could spell NaN or Inf, which no real file holds.
+_GGUF_F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+                    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+                    "F16": (0,)}
+_INF_NAN_EXPONENT = {"F16": 0x7C00, "BF16": 0x7F80}  # all exponent bits set: Inf or NaN
+
+
+def random_gguf_blocks(qtype: str, n_blocks: int, seed: int = 0) -> np.ndarray:
+    """`n_blocks` random but valid blocks of a GGUF type, [n_blocks, type_size] uint8.
+
+    Every code, packed sub-block scale, min and mask bit is a random byte, so any packing mistake
+    shows; the fp16 fields are random finite halves (signs, subnormals and zero included); float
+    types hold random finite values.
+    """
+    from wan22_core.quant import TYPES
+
+    rng = np.random.default_rng(seed)
+    kind = TYPES[qtype]
+    if qtype == "F32":
+        return rng.standard_normal(n_blocks, dtype=np.float32).view(np.uint8).reshape(n_blocks, 4)
+    raw = rng.integers(0, 256, (n_blocks, kind.type_size), dtype=np.uint8)
+    for at in _GGUF_F16_FIELDS.get(qtype, (0,)):  # BF16's one field is handled the same way
+        bits = raw[:, at:at + 2].copy().view(np.uint16)
+        exponent = _INF_NAN_EXPONENT.get(qtype, _INF_NAN_EXPONENT["F16"])
+        bits[(bits & exponent) == exponent] &= ~np.uint16(0x4000)  # clear the top exponent bit: finite
+        raw[:, at:at + 2] = bits.view(np.uint8)
+    return raw

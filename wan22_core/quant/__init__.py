@@ -1,0 +1,11 @@
+"""Weights held quantised in memory and dequantised per layer: GGUF's ggml block types.
+
+`gguf_dequant` reads the block formats (pure torch, any device, compilable); `gguf_linear`
+holds them (`GGUFWeight`, `GGUFLinear`, `swap_to_gguf`). Reading GGUF files (headers, metadata,
+memory-mapped tensor bytes) is the `gguf` package's job; the checkpoint loader calls it.
+"""
+from .gguf_dequant import TYPES, QuantType, UnsupportedQuantType, dequantize, quant_type
+from .gguf_linear import GGUFLinear, GGUFWeight, swap_to_gguf
+
+__all__ = ["TYPES", "QuantType", "UnsupportedQuantType", "dequantize", "quant_type",
+           "GGUFLinear", "GGUFWeight", "swap_to_gguf"]

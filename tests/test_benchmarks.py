@@ -61,3 +61,20 @@ def test_bench_small_card_adds_two_blocks_when_the_cap_is_hit(monkeypatch, tmp_p
     result = bench_small_card.run(bench_small_card.parser().parse_args(["--dry-run", "--steps", "2", "--text-tokens", "8"]))
     assert calls == [2, 4] and result["out_of_memory_at_swap"] == [2] and result["swap_blocks"] == 4
     assert result["finite"] and len(result["step_s"]) == 2
+
+
+
+def test_bench_gguf_dry_run_dequantises_and_compiles(tmp_path):
+    """BF16 (bf16 output is a view: no work to time) and Q4_K, eager and compiled; one thread, as
+    a busy 2-core box times steadier that way. Every type's parity is in test_gguf_dequant."""
+    run("bench_gguf.py", "--types", "BF16,Q4_K", "--compile", "--threads", "1", "--json", str(tmp_path / "gguf.json"),
+        cwd=tmp_path)
+    data = json.loads((tmp_path / "gguf.json").read_text())
+    assert data["dry_run"] and not data["errors"], data["errors"]
+    rows = {r["type"]: r for r in data["dequant"]}
+    assert list(rows) == ["BF16", "Q4_K"] and rows["BF16"]["ours_bfloat16_gbps"] is None
+    for row in rows.values():
+        assert row["max_diff_vs_numpy"] == 0 and row["ours_float32_gbps"] > 0 and row["numpy_float32_gbps"] > 0
+        assert row["compiled_max_diff_vs_eager"] == 0 and row["compile_s"] > 0 and row["compiled_bfloat16_gbps"] > 0
+    assert rows["Q4_K"]["ours_bfloat16_gbps"] > 0
+    assert {r["type"]: r["same_output"] for r in data["linear"]} == {"Q8_0": True, "Q4_K": True}

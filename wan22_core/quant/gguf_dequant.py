@@ -140,34 +140,35 @@ def _scale_min_k4(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    return blocks[:, 2:].view(torch.int8).float() * _f16(blocks, 0)
+    return blocks[:, 2:].view(torch.int8).float().mul_(_f16(blocks, 0))
 
 
 def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    codes = _nibbles(blocks[:, 2:]).reshape(-1, 32).float() - 8  # [n, 32] in -8..7
-    return _f16(blocks, 0) * codes
+    codes = _nibbles(blocks[:, 2:]).reshape(-1, 32).float().sub_(8)  # [n, 32] in -8..7
+    return codes.mul_(_f16(blocks, 0))
 
 
 def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
     codes = _nibbles(blocks[:, 4:]).reshape(-1, 32).float()
-    return (_f16(blocks, 0) * codes).add_(_f16(blocks, 2))
+    return codes.mul_(_f16(blocks, 0)).add_(_f16(blocks, 2))
 
 
 def _five_bit(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """Q5_0/Q5_1 codes [n, 32]: 16 bytes of nibbles plus 4 bytes of high bits (a little-endian
     uint32: bit i belongs to weight i)."""
-    high_bits = _bits(high, 8).transpose(-1, -2).reshape(-1, 32)  # byte j, bit k -> weight 8j + k
+    shifts = torch.arange(8, dtype=torch.uint8, device=high.device)
+    high_bits = ((high.unsqueeze(-1) >> shifts) & 1).reshape(-1, 32)  # byte j, bit k -> weight 8j + k
     return _nibbles(low).reshape(-1, 32) | (high_bits << 4)
 
 
 def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
-    codes = _five_bit(blocks[:, 6:], blocks[:, 2:6]).float() - 16
-    return _f16(blocks, 0) * codes
+    codes = _five_bit(blocks[:, 6:], blocks[:, 2:6]).float().sub_(16)
+    return codes.mul_(_f16(blocks, 0))
 
 
 def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
     codes = _five_bit(blocks[:, 8:], blocks[:, 4:8]).float()
-    return (_f16(blocks, 0) * codes).add_(_f16(blocks, 2))
+    return codes.mul_(_f16(blocks, 0)).add_(_f16(blocks, 2))
 
 
 def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
@@ -194,7 +195,7 @@ def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
     # bits minus 4 where its mask bit is 0 (so -4..3); mask bit j of byte l is weight 32 j + l.
     low = _bits(blocks[:, 32:96].reshape(-1, 2, 32), 4, width=2).reshape(-1, 16, 16)
     no_high = 1 - _bits(blocks[:, :32], 8).reshape(-1, 16, 16)
-    codes = low.float() - (no_high << 2).float()
+    codes = low.float().sub_((no_high << 2).float())
     scales = _f16(blocks, 108) * _q3_k_scales(blocks[:, 96:108])  # [n, 16]
     return codes.mul_(scales.unsqueeze(-1)).reshape(-1, QK_K)
 
@@ -220,9 +221,10 @@ def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
 def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     # low 4 bits [128] | high 2 bits [64] | int8 scales [16] | d. Each half of 128 weights reads
     # 64 low bytes (nibbles of bytes 0-31, 32-63: four runs of 32) and 32 high bytes (2 bits each).
-    low = _nibbles(blocks[:, :128].reshape(-1, 2, 2, 32)).transpose(-3, -2)  # [n, half, nibble, run, 32]
+    packed = blocks[:, :128].reshape(-1, 2, 2, 32)  # [n, half, run of 32 bytes, 32]
+    low = torch.stack((packed & 0x0F, packed >> 4), dim=-3).reshape(-1, 2, 4, 32)  # [n, half, nibble * 2 + run, 32]
     high = _bits(blocks[:, 128:192].reshape(-1, 2, 32), 4, width=2)  # [n, half, shift, 32]
-    codes = (low.reshape(-1, 2, 4, 32) | (high << 4)).reshape(-1, 16, 16).float() - 32
+    codes = (low | (high << 4)).reshape(-1, 16, 16).float().sub_(32)
     scales = _f16(blocks, 208) * blocks[:, 192:208].view(torch.int8).float()  # [n, 16]
     return codes.mul_(scales.unsqueeze(-1)).reshape(-1, QK_K)
 

@@ -6,10 +6,11 @@
 
 1. dequant: one weight of random valid blocks per type (random codes and packed scales, finite
    fp16 scales: tests/fakes.py), dequantised whole, as `GGUFLinear` does before each matmul.
-   GB/s = bytes of output / median seconds: ours to fp32 and to bf16 (the compute dtype) on
-   --device, the gguf package's numpy to fp32 on the CPU. Ratio = ours fp32 / numpy fp32 on the
-   CPU (on a GPU the columns are side by side, not a like-for-like ratio). Each row also checks
-   ours against numpy: max |diff| (0 means bit-exact, as the tests require on the CPU).
+   GB/s = bytes of output / mean seconds: ours to fp32 and to bf16 (the compute dtype) on
+   --device; on the CPU also the gguf package's numpy to fp32 and the ratio ours / numpy ("view":
+   the output is the stored bytes reinterpreted, no work). Each row checks ours against numpy:
+   max |diff| (0 means bit-exact, as the tests require on the CPU; on a GPU it checks the CUDA
+   kernels the same way).
 2. compile (--compile): the same under `torch.compile` (compile seconds apart), with its
    max |diff| against eager; inductor may fuse a multiply and a subtract into one rounding.
 3. linear: one Linear forward on --tokens rows, `nn.Linear` holding the dense weight against
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.benchmark as benchmark
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
@@ -41,19 +42,11 @@ from fakes import random_gguf_blocks  # noqa: E402
 LINEAR_TYPES = ("Q8_0", "Q4_K")
 
 
-def seconds(fn, repeats: int, device: torch.device) -> float:
-    """Median wall seconds of `fn()` over `repeats` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(fn, repeats: int) -> float:
+    """Mean wall seconds of `fn()` over `repeats` calls after a warm-up (torch's Timer: it syncs
+    the GPU around the timing; the thread count is ours, not its default of one)."""
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.timeit(repeats).mean
 
 
 def gbps(numel: int, dtype: torch.dtype, s: float) -> float:
@@ -81,18 +74,19 @@ def bench_type(name: str, args, device: torch.device) -> dict:
     row["max_diff_vs_numpy"] = max_diff(dequantize(data, name, shape), theirs)
     for dtype in (torch.float32, torch.bfloat16):  # None: the output is a view of the stored bytes (no work)
         view = dequantize(data, name, shape, dtype).data_ptr() == data.data_ptr()
-        s = seconds(lambda: dequantize(data, name, shape, dtype), args.repeats, device)
+        s = seconds(lambda: dequantize(data, name, shape, dtype), args.repeats)
         row[f"ours_{str(dtype)[6:]}_gbps"] = None if view else gbps(numel, dtype, s)
-    row["numpy_float32_gbps"] = None if np.shares_memory(theirs, raw) else gbps(
-        numel, torch.float32, seconds(lambda: reference(raw, name), args.repeats, torch.device("cpu")))
-    if device.type == "cpu" and row["ours_float32_gbps"] and row["numpy_float32_gbps"]:
-        row["ours_over_numpy"] = row["ours_float32_gbps"] / row["numpy_float32_gbps"]
+    if device.type == "cpu":  # on a GPU, numpy is the parity reference only
+        row["numpy_float32_gbps"] = None if np.shares_memory(theirs, raw) else gbps(
+            numel, torch.float32, seconds(lambda: reference(raw, name), args.repeats))
+        if row["ours_float32_gbps"] and row["numpy_float32_gbps"]:
+            row["ours_over_numpy"] = row["ours_float32_gbps"] / row["numpy_float32_gbps"]
     if args.compile:
         compiled = torch.compile(lambda d: dequantize(d, name, shape, torch.bfloat16), dynamic=False)
         start = time.perf_counter()
         out = compiled(data)
         row["compile_s"] = time.perf_counter() - start
-        row["compiled_bfloat16_gbps"] = gbps(numel, torch.bfloat16, seconds(lambda: compiled(data), args.repeats, device))
+        row["compiled_bfloat16_gbps"] = gbps(numel, torch.bfloat16, seconds(lambda: compiled(data), args.repeats))
         row["compiled_max_diff_vs_eager"] = (out.float() - dequantize(data, name, shape, torch.bfloat16).float()).abs().max().item()
     return row
 
@@ -111,8 +105,8 @@ def bench_linear(args, device: torch.device) -> list[dict]:
             dense = nn.Linear(args.cols, args.rows, device=device, dtype=dtype)
             dense.weight.copy_(dequantize(layer.weight, name, (args.rows, args.cols), dtype))
             dense.bias.zero_()
-            ms_dense = 1e3 * seconds(lambda: dense(x), args.repeats, device)
-            ms_gguf = 1e3 * seconds(lambda: layer(x), args.repeats, device)
+            ms_dense = 1e3 * seconds(lambda: dense(x), args.repeats)
+            ms_gguf = 1e3 * seconds(lambda: layer(x), args.repeats)
             same = torch.equal(layer(x), F.linear(x, dense.weight, dense.bias))
             rows.append({"type": name, "tokens": args.tokens, "dtype": str(dtype)[6:], "dense_ms": ms_dense,
                          "gguf_ms": ms_gguf, "gguf_over_dense": ms_gguf / ms_dense, "same_output": same,
@@ -154,7 +148,7 @@ def run(args) -> dict:
     result = {"machine": {**machine(device), "load_average": os.getloadavg()[0]}, "dry_run": args.dry_run,
               "dequant": [], "errors": {}}
     print("# " + ", ".join(f"{k} {v}" for k, v in result["machine"].items()))
-    print(f"# {args.rows} x {args.cols} weight, median of {args.repeats}; GB/s of output")
+    print(f"# {args.rows} x {args.cols} weight, mean of {args.repeats}; GB/s of output")
     print(f"{'type':<6} {'bits':>5} {'ours f32':>9} {'ours bf16':>9} {'numpy f32':>9} {'ratio':>6} "
           f"{'max|diff|':>9}" + (f" {'compiled':>9} {'compile_s':>9} {'c.diff':>7}" if args.compile else ""))
     for name in names:
@@ -166,7 +160,7 @@ def run(args) -> dict:
             continue
         result["dequant"].append(row)
         ratio = f"{row['ours_over_numpy']:6.2f}" if "ours_over_numpy" in row else f"{'-':>6}"
-        speeds = " ".join(f"{'view':>9}" if row[k] is None else f"{row[k]:9.2f}"
+        speeds = " ".join(f"{'-':>9}" if k not in row else f"{'view':>9}" if row[k] is None else f"{row[k]:9.2f}"
                           for k in ("ours_float32_gbps", "ours_bfloat16_gbps", "numpy_float32_gbps"))
         line = f"{name:<6} {row['bits_per_weight']:5.2f} {speeds} {ratio} {row['max_diff_vs_numpy']:9.2g}"
         if args.compile:

@@ -192,10 +192,11 @@ def _q3_k_scales(packed: torch.Tensor) -> torch.Tensor:
 
 def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
     # high-bit mask [32] | 2-bit low codes [64] | scales [12] | d. A weight's code is its 2 low
-    # bits minus 4 where its mask bit is 0 (so -4..3); mask bit j of byte l is weight 32 j + l.
+    # bits minus 4 where its mask bit is 0, i.e. (mask bit, low bits) as 3 bits minus 4 (-4..3);
+    # mask bit j of byte l is weight 32 j + l.
     low = _bits(blocks[:, 32:96].reshape(-1, 2, 32), 4, width=2).reshape(-1, 16, 16)
-    no_high = 1 - _bits(blocks[:, :32], 8).reshape(-1, 16, 16)
-    codes = low.float().sub_((no_high << 2).float())
+    high = _bits(blocks[:, :32], 8).reshape(-1, 16, 16)
+    codes = (low | (high << 2)).float().sub_(4)
     scales = _f16(blocks, 108) * _q3_k_scales(blocks[:, 96:108])  # [n, 16]
     return codes.mul_(scales.unsqueeze(-1)).reshape(-1, QK_K)
 

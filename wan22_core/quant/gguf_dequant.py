@@ -62,6 +62,7 @@ TYPES = {t.name: t for t in (
     QuantType("Q6_K", 14, QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),  # low 4 bits, high 2 bits, 16 x int8 scale, d
 )}
 _BY_ID = {t.id: t for t in TYPES.values()}
+_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # stored as plain floats
 
 
 class UnsupportedQuantType(ValueError):
@@ -97,9 +98,6 @@ def dequantize(data: torch.Tensor, qtype: QuantType | int | str, shape: Sequence
     if kind.name in _FLOATS:  # stored as floats already: one exact view, one rounding to dtype
         return blocks.view(_FLOATS[kind.name]).reshape(shape).to(dtype)
     return _DEQUANTIZE[kind.name](blocks).reshape(shape).to(dtype)
-
-
-_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,8 +181,8 @@ def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
 
 def _q3_k_scales(packed: torch.Tensor) -> torch.Tensor:
     """Q3_K's 12 bytes -> 16 signed six-bit scales [n, 16] (fp32, -32..31). Low 4 bits: the low
-    nibbles of bytes 0-7 (scales 0-7), then their high nibbles (8-15); top 2 bits: bytes 8-11,
-    scale i in bits 2*(i // 4) of byte 8 + i % 4."""
+    nibbles of bytes 0-7 (scales 0-7), then their high nibbles (8-15); top 2 bits: scale i's
+    are bits 2*(i // 4) and 2*(i // 4) + 1 of byte 8 + i % 4."""
     low = _nibbles(packed[:, :8]).reshape(-1, 16)
     high = _bits(packed[:, 8:12], 4, width=2).reshape(-1, 16)
     return (low | (high << 4)).float() - 32

@@ -82,6 +82,7 @@ def bench_type(name: str, args, device: torch.device) -> dict:
         if row["ours_float32_gbps"] and row["numpy_float32_gbps"]:
             row["ours_over_numpy"] = row["ours_float32_gbps"] / row["numpy_float32_gbps"]
     if args.compile:
+        torch._dynamo.reset()  # one code object for every type: without a reset, dynamo stops recompiling after 8
         compiled = torch.compile(lambda d: dequantize(d, name, shape, torch.bfloat16), dynamic=False)
         start = time.perf_counter()
         out = compiled(data)

@@ -40,7 +40,6 @@ Exit status: 0 within bounds, 1 a bound exceeded, 2 bad input or missing package
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import importlib
 import importlib.util
@@ -261,7 +260,8 @@ def official_attention_stand_in(compute_dtype: torch.dtype | None):
         mask = None
         if k_lens is not None:  # [B, 1, 1, Lk]: True where the key is real
             mask = (torch.arange(k.shape[2], device=k.device)[None] < k_lens.to(k.device)[:, None])[:, None, None]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale).transpose(1, 2).to(out_dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale)
+        return out.transpose(1, 2).to(out_dtype)
 
     return flash_attention
 
@@ -467,7 +467,8 @@ class Diffusers:
     def forward(self, expert: str, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
         twin = self.place(diffusers_twin(self.cfg, self.experts[expert]))
         with torch.no_grad():
-            return twin(hidden_states=x[None].to(self.device, self.dtype), timestep=torch.tensor([t], device=self.device),
+            return twin(hidden_states=x[None].to(self.device, self.dtype),
+                        timestep=torch.tensor([t], device=self.device),
                         encoder_hidden_states=pad_text(context, self.cfg.text_len).to(self.device, self.dtype),
                         return_dict=False)[0][0].float().cpu()
 
@@ -571,7 +572,7 @@ class Run:
     device: torch.device
     mods: types.SimpleNamespace | None = None  # the official modules; None: diffusers is the reference
     comfy: types.ModuleType | None = None
-    reference_latents: dict = field(default_factory=dict)  # case name -> (reference latents, our embeddings)
+    reference_latents: dict = field(default_factory=dict)  # case -> reference (latents, (pos, neg))
 
     @property
     def reference_name(self) -> str:

@@ -62,13 +62,7 @@ from reference import diffusers_twin, pad_text, rel_l2, run_wan_pipeline, wan_pi
 from wan22_core.checkpoints import ModelFiles, load_dit, load_text_encoder, load_vae  # noqa: E402
 from wan22_core.config import DEFAULT_NEGATIVE_PROMPT, DiTConfig, SamplerSettings  # noqa: E402
 from wan22_core.pipeline import decode_to_video, denoise, make_noise  # noqa: E402
-
-
-def _expert_pair():
-    """The expert holder `denoise` takes. Its module moves with the engine restructure: fix this one import."""
-    from wan22_core.sampling.moe import ExpertPair
-
-    return ExpertPair
+from wan22_core.placement import ExpertPair  # noqa: E402
 
 
 NUM_TRAIN_TIMESTEPS = 1000  # official num_train_timesteps (shared_config.py)
@@ -419,7 +413,7 @@ class Ours:
 
             for expert, path in lora_paths.items():
                 apply_loras(self.experts[expert], [LoraSpec(path, LORA_STRENGTHS[expert])])
-        self.pair = _expert_pair()(self.experts["high"], self.experts["low"], device)
+        self.pair = ExpertPair(self.experts["high"], self.experts["low"], device)
 
     def encode(self, prompt: str, negative: str, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
         return our_embeddings(self.files, prompt, negative, dtype)

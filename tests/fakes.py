@@ -60,6 +60,35 @@ class ConstantExpert(torch.nn.Module):
         return torch.full_like(x, self.value)
 
 
+class ShiftExpert(torch.nn.Module):
+    """A fake expert whose transformation (output minus input) is constant: x + `offset` + the mean of
+    its text context, so the guided transformation is constant too (cond and uncond differ)."""
+
+    def __init__(self, offset: float):
+        super().__init__()
+        self.offset = offset
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.calls = 0  # forward calls (a batch-2 CFG pass is one)
+
+    def forward(self, x, t, context):
+        self.calls += 1
+        return x + self.offset + context.mean(dim=(1, 2)).view(-1, *[1] * (x.ndim - 1))
+
+
+class NoiseExpert(torch.nn.Module):
+    """A fake expert whose transformation changes completely every step: x + noise seeded by the timestep."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.calls = 0
+
+    def forward(self, x, t, context):
+        self.calls += 1
+        g = torch.Generator().manual_seed(int(t[0]))
+        return x + torch.randn(x.shape[1:], generator=g) + context.mean(dim=(1, 2)).view(-1, *[1] * (x.ndim - 1))
+
+
 def dit_tensors(cfg: DiTConfig) -> dict[str, torch.Tensor]:
     """Zeros under every name and shape of a DiT of `cfg` (official names)."""
     with torch.device("meta"):

@@ -25,25 +25,53 @@ def hide_package(monkeypatch, package: str) -> None:
     monkeypatch.setattr(importlib, "import_module", fake)
 
 
+def _attend(q, k, v):
+    """Softmax attention in float64 on [B, L, heads, head_dim], returned in q's dtype."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / q.shape[-1] ** 0.5
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double()).to(q.dtype).contiguous()
+
+
+def _sage_packages(calls: list) -> dict[str, types.SimpleNamespace]:
+    """Stand-ins for SageAttention 2.x ("sage"), 1.x ("sage1", Triton only) and 3 ("sage3"): the
+    real call signatures and layouts, float64 attention inside; sageattn3 changes k in place as the
+    real one does."""
+    def sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None, return_lse=False):
+        calls.append(q.dtype)
+        if tensor_layout == "HND":
+            return _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        return _attend(q, k, v)
+
+    def sageattn3_blackwell(q, k, v, attn_mask=None, is_causal=False, per_block_mean=True):
+        calls.append(q.dtype)
+        k -= k.mean(dim=-2, keepdim=True)  # softmax does not see it; the caller's k would
+        return _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).contiguous()
+
+    return {"sage": types.SimpleNamespace(sageattn=sageattn, sageattn_qk_int8_pv_fp8_cuda=sageattn),
+            "sage1": types.SimpleNamespace(sageattn=sageattn),
+            "sage3": types.SimpleNamespace(sageattn3_blackwell=sageattn3_blackwell)}
+
+
 def fake_kernels(monkeypatch, installed) -> list[torch.dtype]:
     """Stand-in attention packages (float64 softmax attention) for the backends in `installed`,
-    findable and importable as the real ones; everything else is missing. Returns the dtypes the
-    kernel is called with, one per call."""
+    findable and importable as the real ones; everything else is missing. "sage" is SageAttention 2.x,
+    "sage1" the 1.x package, "sage3" SageAttention 3 (`sageattn3`). Returns the dtypes the kernel is
+    called with, one per call."""
     calls = []
 
     def flash_attn_func(q, k, v):
         calls.append(q.dtype)
-        scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / q.shape[-1] ** 0.5
-        out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double()).to(q.dtype)
-        return out, None  # (out, lse), as FA3/FA4 return
+        return _attend(q, k, v), None  # (out, lse), as FA3/FA4 return
 
-    modules = {attention._MODULES[name]: types.SimpleNamespace(flash_attn_func=flash_attn_func) for name in installed}
+    sage = _sage_packages(calls)
+    module_names = {**attention._MODULES, "sage1": attention._MODULES["sage"], "sage3": attention.SAGE3_MODULE}
+    modules = {module_names[name]: sage.get(name, types.SimpleNamespace(flash_attn_func=flash_attn_func))
+               for name in installed}
     real_import, real_find = importlib.import_module, importlib.util.find_spec
     monkeypatch.setattr(importlib, "import_module",
                         lambda name, *a, **kw: modules[name] if name in modules else real_import(name, *a, **kw))
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a, **kw: object() if name in modules else
-                        None if name in attention._MODULES.values() else real_find(name, *a, **kw))
+                        None if name in module_names.values() else real_find(name, *a, **kw))
     return calls
 
 

@@ -50,6 +50,73 @@ def test_auto_picks_the_fastest_installed_exact_backend_for_the_gpu(major, insta
     assert resolve_backend("auto", torch.device("cuda")) == expected
 
 
+@pytest.mark.parametrize("major", [7, 8, 9, 10, 12])
+def test_auto_never_picks_an_inexact_backend(major, monkeypatch):
+    fake_kernels(monkeypatch, {"sage", "sage3"})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    assert resolve_backend("auto", torch.device("cuda")) == "sdpa"
+    assert attention.INEXACT_BACKENDS == {"sage"}
+
+
+@pytest.mark.parametrize("major,installed,kernel", [
+    (12, {"sage", "sage3"}, "sageattn3"),  # RTX 50: FP4 when SageAttention 3 is built
+    (10, {"sage3"}, "sageattn3"),  # B200: SageAttention 3 alone is enough
+    (9, {"sage", "sage3"}, "sageattention"),  # Hopper: 2.x (its sageattn takes the FP8-PV kernel)
+    (8, {"sage", "sage3"}, "sageattention"),
+    (12, {"sage"}, "sageattention")])
+def test_sage_takes_sageattention_3_on_blackwell_and_2x_elsewhere(major, installed, kernel, monkeypatch):
+    fake_kernels(monkeypatch, installed)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    assert "sage" in attention.available_backends()
+    assert resolve_backend("sage", torch.device("cuda")) == "sage"
+    assert attention.sage_kernel(torch.device("cuda")) == kernel
+
+
+def test_sage_refuses_sageattention_1x(monkeypatch):
+    fake_kernels(monkeypatch, {"sage1"})
+    with pytest.raises(ValueError, match=r"the installed sageattention is 1.x; install 2.x \(pip install "
+                                         r"sageattention==2.2.0 --no-build-isolation\) or choose 'sdpa'"):
+        resolve_backend("sage")
+
+
+def test_sageattention_3_alone_serves_blackwell_only(monkeypatch):
+    """Before the device is known it is accepted; on a Hopper GPU 2.x is missing."""
+    fake_kernels(monkeypatch, {"sage3"})
+    assert resolve_backend("sage") == "sage"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with pytest.raises(ValueError, match="its module 'sageattention' is not installed"):
+        resolve_backend("sage", torch.device("cuda"))
+
+
+def test_a_sageattention_3_that_does_not_import_is_named(monkeypatch):
+    fake_kernels(monkeypatch, {"sage3"})
+    hide_package(monkeypatch, "sageattn3")  # found on the path, its extension fails to load
+    with pytest.raises(ValueError, match="would run SageAttention 3, but 'sageattn3' does not import.*rebuild it"):
+        resolve_backend("sage")
+
+
+@pytest.mark.parametrize("kernel", ["sageattention", "sageattn3"])
+def test_sage_kernels_get_their_layout_through_the_op(kernel, monkeypatch):
+    """2.x takes the seam's [B, L, heads, dim] (tensor_layout NHD); 3 takes [B, heads, L, dim] and
+    changes k in place, so it gets a copy. Same numbers as SDPA either way."""
+    calls = fake_kernels(monkeypatch, {"sage", "sage3"})
+    monkeypatch.setattr(attention, "sage_kernel", lambda device: kernel)  # CPU tensors, the CUDA choice
+    q, k, v = (torch.randn(2, n, 3, 16).bfloat16() for n in (9, 5, 5))
+    k_before = k.clone()
+    out = attention.external_attention(q, k, v, "sage")
+    assert out.shape == (2, 9, 3, 16) and out.is_contiguous() and calls == [torch.bfloat16]
+    assert torch.equal(k, k_before)
+    assert rel_l2(out, AttentionKernel("sdpa")(q.float(), k.float(), v.float())) <= 2 ** -7  # bf16 in and out
+
+
+def test_inexact_backend_is_read_from_the_model(monkeypatch):
+    fake_kernels(monkeypatch, {"sage"})
+    model = WanModel(CFG)
+    assert attention.inexact_backend(model) is None
+    set_attention_backend(model, "sage")
+    assert attention.inexact_backend(model) == "sage"
+
+
 def test_external_kernels_are_one_opaque_op_under_compile(monkeypatch):
     """The package kernel runs in half precision inside a compiled graph without breaking it."""
     calls = fake_kernels(monkeypatch, {"flash_attn4"})

@@ -12,7 +12,10 @@ Backends (imported lazily, only when selected):
 - `flash_attn3`: FlashAttention 3 (`flash_attn_interface`, Hopper). Exact; fp16/bf16 on CUDA.
 - `flash_attn4`: FlashAttention 4 (`flash_attn.cute`, the `flash-attn-4` package: CuTe DSL kernels
   compiled on first use, Hopper and Blackwell). Exact; fp16/bf16 on CUDA.
-- `sage`: SageAttention (`sageattention`): INT8 QK^T, so *not* exact; never picked by `auto`.
+- `sage`: SageAttention, *not* exact (quantized), never picked by `auto`. On Blackwell, SageAttention 3
+  (`sageattn3`, FP4 microscaling; built from the repository's sageattention3_blackwell/ folder) when
+  it is there; otherwise SageAttention 2.x (`sageattention`), whose `sageattn` picks the kernel for
+  the GPU: INT8 QK^T with FP8 PV on Ada, Hopper and RTX 50, FP16 PV on Ampere. 1.x is refused.
 `auto` picks the fastest exact backend that is installed, by GPU generation (`AUTO_ORDER`).
 The non-SDPA kernels run as one opaque custom op, so `torch.compile` keeps a block in one graph.
 """
@@ -32,8 +35,12 @@ _INSTALL_HINT = {
     "flash_attn": "pip install flash-attn --no-build-isolation",
     "flash_attn3": "build flash-attention's hopper/ folder (FlashAttention 3)",
     "flash_attn4": "pip install flash-attn-4",
-    "sage": "pip install sageattention",
+    "sage": "pip install sageattention==2.2.0 --no-build-isolation",
 }
+INEXACT_BACKENDS = frozenset({"sage"})  # a NaN/Inf with these is more likely the kernel than the weights
+SAGE3_MODULE = "sageattn3"  # SageAttention 3: `sageattn3_blackwell(q, k, v)`, [B, heads, L, head_dim] only
+BLACKWELL_MAJORS = (10, 12)  # compute capability: data-centre Blackwell (B200), RTX 50
+SAGE2_ONLY = "sageattn_qk_int8_pv_fp8_cuda"  # exported by sageattention 2.x, not by the Triton-only 1.x
 # `auto` on CUDA: the exact backends to try, fastest first, per compute-capability major; SDPA
 # when none is installed. Not FlashAttention 2 on Hopper: SDPA's cuDNN kernel is 1.38x faster
 # there (benchmarks/RESULTS.md, H100). FlashAttention 3 before 4 on Hopper is not measured (no
@@ -58,16 +65,44 @@ def _installed(module: str) -> bool:
 
 def available_backends() -> list[str]:
     """Backends whose package is installed here (sdpa always)."""
-    return ["sdpa", *(name for name, module in _MODULES.items() if _installed(module))]
+    return ["sdpa", *(name for name, module in _MODULES.items()
+                      if _installed(module) or (name == "sage" and _installed(SAGE3_MODULE)))]
+
+
+def sage_kernel(device: torch.device) -> str:
+    """The package `sage` runs on `device`: SageAttention 3 on Blackwell when installed, else 2.x."""
+    blackwell = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in BLACKWELL_MAJORS
+    return SAGE3_MODULE if blackwell and _installed(SAGE3_MODULE) else _MODULES["sage"]
+
+
+def _import_sage3():
+    try:
+        return importlib.import_module(SAGE3_MODULE)
+    except ImportError as err:  # found but its CUDA extensions (fp4attn_cuda, fp4quant_cuda) do not load
+        raise ValueError(f"attention backend 'sage' would run SageAttention 3, but {SAGE3_MODULE!r} does not import "
+                         f"({err}); rebuild it (SageAttention's sageattention3_blackwell/ folder: python setup.py "
+                         "install) or choose 'sdpa'") from err
+
+
+def _check_sage(device: torch.device | None) -> None:
+    """SageAttention 3 for a Blackwell `device` (or for any, before the device is known), else 2.x."""
+    if _installed(SAGE3_MODULE) and (device is None or sage_kernel(device) == SAGE3_MODULE):
+        _import_sage3()
+        return
+    if not hasattr(_import("sage"), SAGE2_ONLY):
+        raise ValueError("attention backend 'sage' needs SageAttention 2.x (or 3 on Blackwell), but the installed "
+                         f"sageattention is 1.x; install 2.x ({_INSTALL_HINT['sage']}) or choose 'sdpa'")
 
 
 def resolve_backend(name: str, device: torch.device | None = None) -> str:
     """`auto` -> the fastest installed exact backend for `device`; other names are checked."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    if name == "sage":
+        _check_sage(device)
+    elif name not in ("auto", "sdpa"):
+        _import(name)
     if name != "auto":
-        if name != "sdpa":
-            _import(name)
         return name
     if device is None or device.type != "cuda":
         return "sdpa"
@@ -79,9 +114,18 @@ def resolve_backend(name: str, device: torch.device | None = None) -> str:
 def _external_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
     """An installed attention package's kernel on [B, L, heads, head_dim] half-precision tensors."""
     if backend == "sage":
-        return _import("sage").sageattn(q, k, v, tensor_layout="NHD")
+        return _sage_attention(q, k, v)
     out = _import(backend).flash_attn_func(q, k, v)
     return out[0] if isinstance(out, tuple) else out  # FA3/FA4 return (out, lse)
+
+
+def _sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if sage_kernel(q.device) == SAGE3_MODULE:
+        # it takes [B, heads, L, head_dim] only and subtracts the key mean in place: k goes as a copy
+        out = _import_sage3().sageattn3_blackwell(
+            q.transpose(1, 2), k.transpose(1, 2).clone(), v.transpose(1, 2))
+        return out.transpose(1, 2).contiguous()  # the layout the op's fake promises
+    return _import("sage").sageattn(q, k, v, tensor_layout="NHD")
 
 
 def _opaque_op():
@@ -119,6 +163,12 @@ class AttentionKernel(nn.Module):
         if dtype not in (torch.float16, torch.bfloat16):  # flash kernels take half precision only
             q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
         return external_attention(q, k, v, self.backend).to(dtype)
+
+
+def inexact_backend(model: nn.Module) -> str | None:
+    """The inexact backend (`INEXACT_BACKENDS`) `model`'s attention runs, if any: for error messages."""
+    return next((m.backend for m in model.modules()
+                 if isinstance(m, AttentionKernel) and m.backend in INEXACT_BACKENDS), None)
 
 
 def set_attention_backend(model: nn.Module, backend: str, device: torch.device | None = None) -> str:

@@ -130,6 +130,7 @@ class StepCache:
     def passes_run(self) -> int:
         return sum(self.ran)
 
-    def summary(self) -> str:
-        """The status line the CLI and the sampler node show after a run."""
-        return f"{self.passes_run} of {len(self.ran)} model passes run"
+
+def passes_summary(run: int, total: int) -> str:
+    """The line the CLI and the sampler node show after a run (from `StepInfo.model_ran` counts)."""
+    return f"{run} of {total} model passes run"

@@ -39,7 +39,7 @@ from wan22_core.config import TINY, SamplerSettings  # noqa: E402
 from wan22_core.models.transformer import WanModel  # noqa: E402
 from wan22_core.models.vae import WanVAE  # noqa: E402
 from wan22_core.pipeline import decode_to_video, denoise, make_noise  # noqa: E402
-from wan22_core.sampling.moe import ExpertPair  # noqa: E402
+from wan22_core.placement import ExpertPair  # noqa: E402
 from wan22_core.tiny import seeded  # noqa: E402
 
 THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.2)

@@ -6,17 +6,19 @@
 // - worker_status: with the `parallel` input connected, what each multi-GPU worker rank is doing
 //   (from the server's wan22moe.worker_status events).
 // - lora_report: after a run with LoRAs, what each LoRA patched (the sampler's `ui` output).
-// All are display-only: `serialize: false` keeps them out of the saved workflow's widgets_values
-// and `options.serialize: false` keeps them out of the API prompt.
+// All are display-only (text_lines.js). Every extra runs behind a guard (guard.js): a failure is
+// reported once in the console and the sampler and its widgets keep working without the line.
+// Only interfaces both supported frontends offer are used (1.27.10 and 1.5x: see README).
 import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
 import { describeSplit } from "./expert_split.js";
+import { guarded, makeReporter } from "./guard.js";
+import { makeLinesWidget, showText } from "./text_lines.js";
 import { EVENT, applyStatus, describeRanks } from "./worker_status.js";
 
 const NODE_TYPE = "Wan22MoESampler";
 const SETTINGS = ["steps", "shift", "boundary", "solver", "denoise"];
-const LINE_HEIGHT = 22;
-const HIDDEN = [0, -4]; // a widget of no height (LiteGraph adds 4 px between widgets)
+const report = makeReporter();
 
 function currentSettings(node) {
   const settings = {};
@@ -32,46 +34,52 @@ function isLinked(node, inputName) {
   return node.inputs?.some((input) => input.name === inputName && input.link != null) ?? false;
 }
 
-function splitLines(node) {
-  const settings = currentSettings(node);
-  return [settings ? describeSplit(settings) : "expert split: set by a linked input"];
+// Each line's rows for a node, in the order the widgets are added (after every input widget,
+// so widgets_values keeps INPUT_TYPES order).
+const LINES = {
+  expert_split(node) {
+    const settings = currentSettings(node);
+    return [settings ? describeSplit(settings) : "expert split: set by a linked input"];
+  },
+  worker_status(node) {
+    return isLinked(node, "parallel") || node.wan22Workers ? [describeRanks(node.wan22Workers)] : [];
+  },
+  lora_report(node) {
+    return (node.wan22Lora ?? []).map((line) => `LoRA ${line}`);
+  },
+};
+
+function addLines(node) {
+  for (const [name, lines] of Object.entries(LINES)) {
+    guarded(report, `adding the ${name} line to ${NODE_TYPE}`, () => {
+      const widget = node.addCustomWidget(makeLinesWidget(node, name, lines, report));
+      showText(widget, lines(node));
+    })();
+  }
+  const [width, height] = node.computeSize();
+  node.setSize([Math.max(width, node.size[0]), Math.max(height, node.size[1])]);
 }
 
-function statusLines(node) {
-  return isLinked(node, "parallel") || node.wan22Workers ? [describeRanks(node.wan22Workers)] : [];
+// New text in each line, redrawn wherever the node is rendered.
+function showLines(node) {
+  for (const widget of node.widgets ?? []) {
+    if (widget.type !== "wan22_text" || !(widget.name in LINES)) continue;
+    showText(widget, LINES[widget.name](node));
+    redrawHosted(widget);
+  }
 }
 
-function loraLines(node) {
-  return (node.wan22Lora ?? []).map((line) => `LoRA ${line}`);
+// Renderers that host canvas-drawn widgets outside the graph canvas ("Nodes 2.0") set
+// triggerDraw and size the host from the frontend's layout of the node, which the graph canvas
+// renews on its next frame: redraw after that one, so new rows get their room.
+function redrawHosted(widget) {
+  if (!widget.triggerDraw) return;
+  requestAnimationFrame(() => requestAnimationFrame(() => widget.triggerDraw?.()));
 }
 
-// A read-only widget showing `lines(node)`, one row each, and taking no room when there are none.
-function makeTextWidget(name, lines) {
-  return {
-    type: "wan22_text",
-    name,
-    value: "",
-    serialize: false,
-    options: { serialize: false },
-    draw(ctx, node, width, y) {
-      const rows = lines(node);
-      this.value = rows.join("\n");
-      ctx.save();
-      ctx.fillStyle = globalThis.LiteGraph?.WIDGET_SECONDARY_TEXT_COLOR ?? "#999";
-      ctx.font = "12px sans-serif";
-      ctx.textAlign = "center";
-      ctx.textBaseline = "middle";
-      rows.forEach((row, i) => ctx.fillText(row, width / 2, y + (i + 0.5) * LINE_HEIGHT, width - 20));
-      ctx.restore();
-    },
-    computeSize(width) {
-      const rows = this.node ? lines(this.node).length : 1;
-      return rows ? [width, rows * LINE_HEIGHT] : HIDDEN;
-    },
-  };
-}
-
-function fitHeight(node) {
+// After an event changed what the lines say: new text, and room for it.
+function refresh(node) {
+  showLines(node);
   const [, height] = node.computeSize();
   if (height > node.size[1]) node.setSize([node.size[0], height]);
   node.setDirtyCanvas(true, true);
@@ -79,42 +87,44 @@ function fitHeight(node) {
 
 function onWorkerStatus(event) {
   const { node: id, ...status } = event.detail ?? {};
-  const node = id == null ? null : app.graph?.getNodeById(id);
+  const graph = app.rootGraph ?? app.graph; // rootGraph where the frontend has it (app.graph is deprecated there)
+  const node = id == null ? null : graph?.getNodeById(id);
   if (node?.type !== NODE_TYPE) return; // e.g. a node inside a subgraph, or another tab's graph
   node.wan22Workers = applyStatus(node.wan22Workers, status);
-  fitHeight(node);
+  refresh(node);
+}
+
+// prototype[method] runs the frontend's own handler first, then `extra` behind a guard.
+function chain(prototype, method, what, extra) {
+  const original = prototype[method];
+  const guardedExtra = guarded(report, what, extra);
+  prototype[method] = function (...args) {
+    const result = original?.apply(this, args);
+    guardedExtra.apply(this, args);
+    return result;
+  };
 }
 
 app.registerExtension({
   name: "wan22moe.SamplerLines",
-  setup() {
-    api.addEventListener(EVENT, onWorkerStatus);
-  },
+  setup: guarded(report, "listening for worker status events", () => {
+    api.addEventListener(EVENT, guarded(report, "showing a worker status event", onWorkerStatus));
+  }),
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== NODE_TYPE) return;
-    const { onNodeCreated, onConnectionsChange, onExecuted } = nodeType.prototype;
-    nodeType.prototype.onNodeCreated = function () {
-      const result = onNodeCreated?.apply(this, arguments);
-      // Added last, after every input widget, so widgets_values keeps INPUT_TYPES order.
-      for (const [name, lines] of [["expert_split", splitLines], ["worker_status", statusLines],
-        ["lora_report", loraLines]]) {
-        const widget = this.addCustomWidget(makeTextWidget(name, lines));
-        widget.node = this;
-      }
-      const [width, height] = this.computeSize();
-      this.setSize([Math.max(width, this.size[0]), Math.max(height, this.size[1])]);
-      return result;
-    };
-    nodeType.prototype.onConnectionsChange = function () {
-      const result = onConnectionsChange?.apply(this, arguments);
-      if (this.graph) fitHeight(this); // the status line comes and goes with the parallel link
-      return result;
-    };
-    nodeType.prototype.onExecuted = function (output) {
-      const result = onExecuted?.apply(this, arguments);
+    const proto = nodeType.prototype;
+    chain(proto, "onNodeCreated", `adding the lines to ${NODE_TYPE}`, function () {
+      addLines(this);
+    });
+    chain(proto, "onConfigure", "updating the lines after a workflow load", function () {
+      showLines(this); // the saved size already has room for them
+    });
+    chain(proto, "onConnectionsChange", "updating the lines after a link change", function () {
+      if (this.graph) refresh(this); // the status line comes and goes with the parallel link
+    });
+    chain(proto, "onExecuted", "showing the LoRA report", function (output) {
       this.wan22Lora = output?.lora_report ?? [];
-      fitHeight(this);
-      return result;
-    };
+      refresh(this);
+    });
   },
 });

@@ -5,8 +5,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# pyproject extras to install; .ci/run adds browser (playwright, aiohttp) for tests/test_browser.py
+EXTRAS ?= test
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.wan22-installed
+comma := ,
+STAMP := $(VENV)/.wan22-installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: demo test clean-venv
 
@@ -14,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfy_standin import import_pack
 from fakes import hide_package
 from procs import children_of
 from reference import rel_l2
@@ -74,18 +75,6 @@ print(json.dumps({"seconds": time.perf_counter() - start, "nodes": sorted(module
                   "web": module.WEB_DIRECTORY, "heavy": sorted(m for m in ("transformers", "comfy", "folder_paths")
                                                                if m in sys.modules)}))
 """
-
-
-def import_pack():
-    """Import the repository root the way ComfyUI's load_custom_node does: by file path, under
-    the folder path (dots mangled) as module name, so only relative imports can work."""
-    name = str(ROOT).replace(".", "_x_")
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 PACK = import_pack()

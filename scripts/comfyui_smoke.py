@@ -1,6 +1,7 @@
 """Run the pack inside a real ComfyUI checkout, end to end, and leave nothing behind.
 
-    python scripts/comfyui_smoke.py --comfyui PATH [--python PY] [--screenshot DIR]
+    python scripts/comfyui_smoke.py --comfyui PATH [--python PY]
+        [--screenshot DIR [--frontend VERSION|newest ...] [--frontend-root PATH ...]]
 
 Run it with a Python that can run ComfyUI (its requirements + ours installed); `--python` picks
 another one for the server. Steps: a temporary base folder (so the checkout's own custom_nodes,
@@ -14,17 +15,23 @@ over the websocket; the 4-step one reports what its LoRAs patched); check the mp
 names; interrupt long runs through POST /interrupt, in this process and on the worker group (both
 must stop within a step); shut the server down and check its worker processes are gone too.
 
---screenshot DIR also opens ComfyUI's own frontend in headless Chromium (Debian's `chromium`,
-driven over the DevTools protocol), loads each UI example workflow with `app.loadGraphData`,
-checks that the frontend turns it into exactly its API twin (so the sampler's read-only lines
-are display-only), closes any dialog and saves DIR/<workflow>.jpg (the template thumbnails; the
-README's graph picture is wan22_t2v_a14b.jpg).
+--screenshot DIR also checks the pack in ComfyUI's frontend, in headless Chromium (Debian's
+`chromium` driven by playwright: pip install -e '.[browser]'; fonts-noto-cjk for the Chinese
+negative prompt), on ComfyUI's own frontend and on each `--frontend VERSION` (a
+comfyui-frontend-package fetched by pip; `newest` asks the index) or `--frontend-root PATH` (an
+unpacked frontend's static folder), each served by a fresh server started with `--front-end-root`;
+with neither option, `--frontend newest`. On each: every UI example workflow loads with all its
+nodes, the sampler's lines are on it and painted, the frontend turns the workflow into exactly its
+API twin (so the lines are display-only), every node type of the pack is created from the node
+library's code path, "Nodes 2.0" loads the graph too, and no error from the pack's files reaches
+the console or the page. Pictures: DIR/frontend-<version>/<workflow>.jpg (the whole graph; the
+template thumbnails and the README's picture come from these), DIR/frontend-<version>/sampler.png
+and sampler_nodes2.png (the sampler of wan22_t2v_a14b at zoom 1, classic and Nodes 2.0).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import shutil
@@ -40,7 +47,9 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # procs: the tests' /proc helpers
+sys.path.insert(0, str(REPO / "tests"))  # procs: the tests' /proc helpers; frontend: the browser checks
+import frontend as fe  # noqa: E402  (standard library only)
+
 PACK_NAME = "wan22-moe"
 WORKFLOWS = REPO / "example_workflows"
 BASE, MULTIGPU, FOUR_STEP = "wan22_t2v_a14b", "wan22_t2v_a14b_multigpu", "wan22_t2v_a14b_4step_lora"
@@ -52,17 +61,7 @@ LORAS = ("wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
          "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors")
 WORKER_STATUS_EVENT = "wan22moe.worker_status"
 WORKER_MARK = "wan22_core.parallel.worker"  # in every worker rank's command line
-# The sampler's read-only lines right after loading each UI workflow in the frontend.
-EXPECTED_LINES = {
-    BASE: {"expert_split": "high-noise steps 1-26 | low-noise 27-40", "worker_status": ""},
-    MULTIGPU: {"expert_split": "high-noise steps 1-26 | low-noise 27-40",
-               "worker_status": "workers: start on the first run"},
-    FOUR_STEP: {"expert_split": "high-noise steps 1-2 | low-noise 3-4", "worker_status": ""},
-}
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--disable-quic", "--hide-scrollbars"]
-VIEWPORT = (1600, 1000)
-# Frontend settings for the picture: no minimap or fps counter over the graph.
+# Frontend settings for the pictures: no minimap or fps counter over the graph.
 PICTURE_SETTINGS = {"Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}
 
 
@@ -142,10 +141,13 @@ def prepare(work: Path) -> tuple[Path, Path]:
     return base, config
 
 
-def start_comfyui(comfyui: Path, python: str, base: Path, config: Path, port: int, logfile: Path) -> subprocess.Popen:
+def start_comfyui(comfyui: Path, python: str, base: Path, config: Path, port: int, logfile: Path,
+                  front_end_root: Path | None = None) -> subprocess.Popen:
     command = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--base-directory", str(base), "--extra-model-paths-config", str(config),
                "--database-url", "sqlite:///:memory:", "--preview-method", "auto", "--disable-api-nodes"]
+    if front_end_root is not None:
+        command += ["--front-end-root", str(front_end_root)]
     log(f"starting {' '.join(command)}")
     with open(logfile, "wb") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(command, cwd=comfyui, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -320,49 +322,14 @@ def check_workers_gone(pids: list[int], timeout: float = 15.0) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Screenshot through the DevTools protocol
+# The pack in the frontend, in headless Chromium (tests/frontend.py has the page scripts)
 
-
-class DevTools:
-    """Just enough of the Chrome DevTools protocol: send a command, wait for its answer."""
-
-    def __init__(self, ws):
-        self.ws, self.next_id = ws, 0
-
-    async def call(self, method: str, **params):
-        self.next_id += 1
-        await self.ws.send_json({"id": self.next_id, "method": method, "params": params})
-        while True:
-            message = await self.ws.receive_json(timeout=120)
-            if message.get("id") == self.next_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message["result"]
-
-    async def evaluate(self, expression: str):
-        result = await self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"page script failed: {json.dumps(result['exceptionDetails'])[:2000]}")
-        return result["result"].get("value")
-
-
-PAGE_SCRIPT = """(async () => {
-  const workflow = %s;
-  await app.loadGraphData(workflow, true, true, %s);
-  await new Promise((resolve) => setTimeout(resolve, 1500));
-  const dialogs = document.querySelectorAll('.p-dialog').length;
-  for (const close of document.querySelectorAll('.p-dialog-close-button, .p-dialog-header-close')) close.click();
-  const sampler = app.graph.nodes.find((n) => n.type === 'Wan22MoESampler');
-  app.graph.setDirtyCanvas(true, true);
-  await new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)));  // lines drawn
-  const lines = Object.fromEntries(['expert_split', 'worker_status', 'lora_report']
-    .map((name) => [name, sampler.widgets.find((w) => w.name === name)?.value]));
-  const { output } = await app.graphToPrompt();
-  // Zoom the whole graph into the free canvas area (between the side bar, the menu and the
-  // bottom toolbar), then report that area as the picture's clip.
+# Zooms the whole graph into the free canvas area (between the side bar, the menu and the bottom
+# toolbar) and returns that area as the picture's clip.
+FIT_GRAPH = """() => {
   const title = LiteGraph.NODE_TITLE_HEIGHT;
-  const x0 = Math.min(...app.graph.nodes.map((n) => n.pos[0]));
   const badge = 24;  // the pack badge above each title
+  const x0 = Math.min(...app.graph.nodes.map((n) => n.pos[0]));
   const y0 = Math.min(...app.graph.nodes.map((n) => n.pos[1] - title - badge));
   const x1 = Math.max(...app.graph.nodes.map((n) => n.pos[0] + n.size[0]));
   const y1 = Math.max(...app.graph.nodes.map((n) => n.pos[1] + n.size[1]));
@@ -375,73 +342,111 @@ PAGE_SCRIPT = """(async () => {
   ds.offset[1] = (free.top - canvas.top) / scale - y0;
   app.graph.setDirtyCanvas(true, true);
   const pad = 16;
-  const clip = { x: free.left - pad, y: free.top - pad, width: (x1 - x0) * scale + 2 * pad,
-                 height: (y1 - y0) * scale + 2 * pad, scale: 1 };
-  return JSON.stringify({ dialogs, output, clip, lines, widgets_values: app.graph.serialize().nodes
-    .find((n) => n.type === 'Wan22MoESampler').widgets_values });
-})()"""
+  return { x: free.left - pad, y: free.top - pad, width: (x1 - x0) * scale + 2 * pad,
+           height: (y1 - y0) * scale + 2 * pad };
+}"""
+
+# The page area of a node: its own element where the frontend renders nodes as elements, else its
+# box on the graph canvas (with title and badge).
+NODE_CLIP = """(id) => {
+  const pad = 12;
+  const element = document.querySelector(`[data-node-id="${id}"]`);
+  let box;
+  if (element) {
+    box = element.getBoundingClientRect();
+  } else {
+    const node = app.graph.getNodeById(id);
+    const { scale, offset } = app.canvas.ds;
+    const canvas = app.canvas.canvas.getBoundingClientRect();
+    const top = LiteGraph.NODE_TITLE_HEIGHT + 24;
+    box = { left: canvas.left + (node.pos[0] + offset[0]) * scale,
+            top: canvas.top + (node.pos[1] - top + offset[1]) * scale,
+            width: node.size[0] * scale, height: (node.size[1] + top) * scale };
+  }
+  return { x: box.left - pad, y: box.top - pad, width: box.width + 2 * pad, height: box.height + 2 * pad };
+}"""
 
 
-async def screenshot(url: str, out_dir: Path, work: Path) -> None:
-    """Each UI example in ComfyUI's frontend: checked against its API twin, saved as out_dir/<name>.jpg."""
-    import aiohttp  # ComfyUI's own requirement
+def close_dialogs(page) -> None:
+    """The first-run template browser and the like would cover the graph in the pictures."""
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(500)
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        raise RuntimeError("--screenshot needs Debian's chromium (apt-get install chromium fonts-noto-cjk)")
-    http_json(f"{url}/settings", PICTURE_SETTINGS)
-    profile = work / "chromium"
-    browser = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-                                f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}", "about:blank"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+def check_workflows(page, shots: Path) -> None:
+    """Every UI example: all nodes, the lines, the API twin; pictures of the graph and the sampler."""
+    for name in fe.EXPECTED_LINES:
+        report = fe.load_workflow(page, name)
+        problems = fe.load_problems(name, report)
+        if problems:
+            raise RuntimeError(f"frontend {fe.frontend_version(page)}, {name}: " + "; ".join(problems))
+        close_dialogs(page)
+        if name == BASE:
+            fe.sampler_lines(page, report["samplerId"])  # centred at zoom 1 again
+            page.screenshot(path=shots / "sampler.png", clip=page.evaluate(NODE_CLIP, report["samplerId"]))
+        page.screenshot(path=shots / f"{name}.jpg", type="jpeg", quality=88, clip=page.evaluate(FIT_GRAPH))
+        log(f"frontend {fe.frontend_version(page)}: {name} has all {len(report['types'])} nodes, "
+            f"graphToPrompt == API twin; sampler lines {report['lines']}")
+
+
+def check_nodes_2_0(page, shots: Path) -> None:
+    """The base example with the frontend's element-based node renderer ("Nodes 2.0")."""
+    fe.use_nodes_2_0(page, True)
     try:
-        port = wait_for("Chromium's DevTools port", lambda: (profile / "DevToolsActivePort").is_file()
-                        and (profile / "DevToolsActivePort").read_text().split()[0], 30)
-        page = next(t for t in http_json(f"http://127.0.0.1:{port}/json/list") if t["type"] == "page")
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-                tools = DevTools(ws)
-                await tools.call("Emulation.setDeviceMetricsOverride", width=VIEWPORT[0], height=VIEWPORT[1],
-                                 deviceScaleFactor=1, mobile=False)
-                await tools.call("Page.navigate", url=url)
-                for _ in range(240):  # the frontend is ready when its app has a graph and a canvas
-                    if await tools.evaluate("!!(window.app && app.graph && app.canvas && "
-                                            "LiteGraph.registered_node_types.Wan22MoESampler)"):
-                        break
-                    await asyncio.sleep(0.5)
-                else:
-                    raise TimeoutError("ComfyUI's frontend did not start in the browser")
-                await tools.evaluate("new Promise((resolve) => setTimeout(resolve, 2000))")
-                await tools.evaluate("document.querySelectorAll('.p-dialog-close-button').forEach((b) => b.click())")
-                out_dir.mkdir(parents=True, exist_ok=True)
-                for name in (BASE, MULTIGPU, FOUR_STEP):
-                    ui_text = (WORKFLOWS / f"{name}.json").read_text()
-                    result = json.loads(await tools.evaluate(PAGE_SCRIPT % (ui_text, json.dumps(name))))
-                    check_frontend_result(name, result)
-                    await asyncio.sleep(1.0)
-                    shot = await tools.call("Page.captureScreenshot", format="jpeg", quality=88, clip=result["clip"])
-                    out = out_dir / f"{name}.jpg"
-                    out.write_bytes(base64.b64decode(shot["data"]))
-                    log(f"screenshot {out} ({out.stat().st_size} bytes); dialogs closed: {result['dialogs']}")
+        report = fe.load_workflow(page, BASE)
+        close_dialogs(page)
+        shown = fe.sampler_lines(page, report["samplerId"])
+        page.screenshot(path=shots / "sampler_nodes2.png", clip=page.evaluate(NODE_CLIP, report["samplerId"]))
     finally:
-        stop(browser, "chromium")
+        fe.use_nodes_2_0(page, False)
+    if sorted(report["types"]) != sorted(n["type"] for n in fe.workflow(BASE)["nodes"]):
+        raise RuntimeError(f"Nodes 2.0: {BASE} created only {report['types']}")
+    log(f"frontend {fe.frontend_version(page)}, Nodes 2.0: {BASE} has all nodes; lines painted there: "
+        f"{shown['painted'] or 'none (this renderer does not host canvas-drawn widgets)'}")
 
 
-def check_frontend_result(name: str, result: dict) -> None:
-    """The frontend's own graphToPrompt must give our API twin; the read-only lines are on the node, not in it."""
-    twin = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
-    if result["output"] != twin:
-        raise RuntimeError(f"the frontend converts {name} to\n"
-                           f"{json.dumps(result['output'], ensure_ascii=False)}\nwhich is not the API twin")
-    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
-    saved = next(n for n in ui["nodes"] if n["type"] == "Wan22MoESampler")["widgets_values"]
-    if result["widgets_values"] != saved:
-        raise RuntimeError(f"{name}: the frontend saves the sampler as {result['widgets_values']}, "
-                           f"the file has {saved}")
-    expected = {**EXPECTED_LINES[name], "lora_report": ""}
-    if result["lines"] != expected:
-        raise RuntimeError(f"{name}: the sampler's lines are {result['lines']}, expected {expected}")
-    log(f"frontend: {name} graphToPrompt == API twin; sampler lines {result['lines']}")
+def check_in_browser(url: str, out_dir: Path) -> None:
+    """The pack in the frontend that `url` serves; pictures in out_dir/frontend-<version>/."""
+    from playwright.sync_api import sync_playwright
+
+    http_json(f"{url}/settings", {**PICTURE_SETTINGS, **fe.CHECK_SETTINGS})
+    with sync_playwright() as playwright:
+        browser = fe.open_browser(playwright)
+        try:
+            page, page_log = fe.open_page(browser, url)
+            version = fe.frontend_version(page)
+            shots = out_dir / f"frontend-{version}"
+            shots.mkdir(parents=True, exist_ok=True)
+            close_dialogs(page)
+            check_workflows(page, shots)
+            infos = http_json(f"{url}/object_info")
+            problems = fe.creation_problems(fe.create_nodes(page, list(NODES)), infos)
+            if problems:
+                raise RuntimeError(f"frontend {version}, nodes created from the library: " + "; ".join(problems))
+            log(f"frontend {version}: all {len(NODES)} node types created from the library")
+            check_nodes_2_0(page, shots)
+            errors = page_log.from_pack()
+            if errors:
+                raise RuntimeError(f"frontend {version}: errors from the pack's files:\n" + "\n".join(errors))
+            log(f"frontend {version}: no error from the pack; pictures in {shots}")
+        finally:
+            browser.close()
+
+
+def frontend_roots(args) -> list[Path]:
+    """The static folders of the frontends to check besides ComfyUI's own, fetched before any start."""
+    roots = []
+    for path in args.frontend_root:
+        candidates = (path, path / "static", path / "comfyui_frontend_package" / "static")
+        found = [p for p in candidates if (p / "index.html").is_file()]
+        if not found:
+            raise RuntimeError(f"--frontend-root {path} holds no index.html (give the package's static folder)")
+        roots.append(found[0])
+    for spec in args.frontend or ([] if args.frontend_root else ["newest"]):
+        version = fe.newest_frontend_version() if spec == "newest" else spec
+        roots.append(fe.frontend_static(version))
+        log(f"--frontend {spec}: comfyui-frontend-package {version} in {roots[-1]}")
+    return roots
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,16 +457,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--comfyui", type=Path, required=True, help="a ComfyUI checkout (the folder with main.py)")
     parser.add_argument("--python", default=sys.executable, help="the Python that runs ComfyUI (default: this one)")
     parser.add_argument("--screenshot", type=Path, metavar="DIR",
-                        help="also save DIR/<workflow>.jpg of each UI example workflow in the frontend")
+                        help="also check the pack in the frontend(s) in headless Chromium and save pictures in "
+                             "DIR/frontend-<version>/")
+    parser.add_argument("--frontend", action="append", default=[], metavar="VERSION",
+                        help="with --screenshot: also check comfyui-frontend-package VERSION, or `newest` "
+                             "(fetched by pip; repeatable; default: newest unless --frontend-root is given)")
+    parser.add_argument("--frontend-root", action="append", default=[], type=Path, metavar="PATH",
+                        help="with --screenshot: also check the frontend in PATH (an unpacked "
+                             "comfyui-frontend-package or its static folder; repeatable)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds for start-up and for the prompt")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, outputs)")
     args = parser.parse_args(argv)
     if not (args.comfyui / "main.py").is_file():
         parser.error(f"--comfyui {args.comfyui} has no main.py; give the ComfyUI checkout folder")
+    if (args.frontend or args.frontend_root) and args.screenshot is None:
+        parser.error("--frontend and --frontend-root choose frontends for --screenshot DIR; give it too")
 
     work = Path(tempfile.mkdtemp(prefix="wan22-comfyui-smoke-"))
     logfile, server = work / "comfyui.log", None
     try:
+        other_frontends = frontend_roots(args) if args.screenshot is not None else []
         base, config = prepare(work)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -479,9 +494,17 @@ def main(argv: list[str] | None = None) -> int:
         if len(workers) != 2:
             raise RuntimeError(f"expected the 2 worker ranks to stay up between prompts, found {workers}")
         if args.screenshot is not None:
-            asyncio.run(screenshot(url, args.screenshot.resolve(), work))
+            check_in_browser(url, args.screenshot.resolve())
         stop(server, "ComfyUI")
         check_workers_gone(workers)
+        for index, root in enumerate(other_frontends):  # a fresh server for each (--front-end-root)
+            port, logfile = free_port(), work / f"comfyui-frontend-{index}.log"
+            url = f"http://127.0.0.1:{port}"
+            server = start_comfyui(args.comfyui.resolve(), args.python, base, config, port, logfile, root)
+            wait_for("ComfyUI to answer /object_info", lambda: http_json(f"{url}/object_info", timeout=30),
+                     args.timeout, server, every=1.0)
+            check_in_browser(url, args.screenshot.resolve())
+            stop(server, "ComfyUI")
         log("OK")
         return 0
     except Exception as err:  # one report: what failed, then the server's last words

@@ -8,7 +8,8 @@ schedule fails here until the vectors (and then the JS) are updated:
     .venv/bin/python tests/test_web.py --write
 
 The worker status line and the LoRA report listen for names the nodes send: those are checked
-against the Python constants here.
+against the Python constants here, and the frontend versions the browser test runs against the
+pin in pyproject.toml and the README.
 """
 import ast
 import json
@@ -85,6 +86,16 @@ def test_the_status_event_and_the_lora_report_key_match_the_nodes():
     assert js_event == python_constant(ROOT / "nodes/comfy_adapter.py", "WORKER_STATUS_EVENT")
     sampler, extension = (ROOT / "nodes/sampler.py").read_text(), (ROOT / "web/js/wan22_moe.js").read_text()
     assert '{"ui": {"lora_report": ' in sampler and "output?.lora_report" in extension
+
+
+def test_the_oldest_tested_frontend_is_the_pinned_floor_and_the_readme_names_both():
+    """tests/test_browser.py runs TESTED_FRONTENDS; pyproject's pin and the README must say the same."""
+    from frontend import TESTED_FRONTENDS
+
+    floor = re.search(r'"comfyui-frontend-package>=([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert TESTED_FRONTENDS[0] == floor
+    readme = (ROOT / "README.md").read_text()
+    assert [v for v in TESTED_FRONTENDS if f"**{v}**" not in readme] == []
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def test_worker_status_and_lora_report_follow_the_server(frontend):
     expected = push_run_events(frontend, loaded["samplerId"])
     shown = fe.sampler_lines(frontend.page, loaded["samplerId"])
     assert shown["lines"] == expected
-    assert sorted(shown["painted"]) == fe.lines_of(expected)
+    assert set(fe.lines_of(expected)) <= set(shown["painted"])
     assert frontend.pack_errors(since) == []
 
 
@@ -179,7 +179,7 @@ def test_nodes_2_0_shows_the_lines_or_leaves_them_out(frontend):
     assert sorted(loaded["types"]) == sorted(n["type"] for n in saved["nodes"])
     assert shown["lines"] == expected
     if VUE_HOSTS_DRAWN_WIDGETS[frontend.version]:
-        assert sorted(shown["painted"]) == fe.lines_of(expected)
+        assert set(fe.lines_of(expected)) <= set(shown["painted"])
     else:
         assert shown["painted"] == []
     assert frontend.pack_errors(since) == []

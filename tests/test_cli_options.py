@@ -258,3 +258,110 @@ def test_the_cli_sets_expandable_segments_unless_the_user_chose_an_allocator(pre
     assert commands.main([]) == 0
     assert seen == [(ALLOC_CONF, None) if preset is None else
                     (None, "garbage_collection_threshold:0.8") if preset.startswith("newer:") else (preset, None)]
+
+
+# ---------------------------------------------------------------------------------------------
+# --no-video and --text-dtype
+
+
+@pytest.fixture
+def vae_never_loaded(monkeypatch):
+    from wan22_core.cli import stages
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the VAE was loaded")  # not caught by main: it would fail the run loudly
+
+    monkeypatch.setattr(stages, "load_vae", refuse)
+
+
+@pytest.fixture
+def encoded(monkeypatch):
+    """The PromptEmbeds each `generate` run encoded, one process or the torchrun path, in order."""
+    from wan22_core.cli import commands, torchrun
+
+    seen = []
+    for module in (commands, torchrun):
+        def recording(*args, real=module.encode_prompt):
+            seen.append(real(*args))
+            return seen[-1]
+
+        monkeypatch.setattr(module, "encode_prompt", recording)
+    return seen
+
+
+def test_no_video_writes_the_latents_of_a_normal_run_and_nothing_else(generate, default_latents, tmp_path,
+                                                                        vae_never_loaded, capsys):
+    existing = tmp_path / "existing.mp4"
+    existing.write_bytes(b"keep")
+    code, latents = generate("--no-video", "--output", str(existing))  # --output's existing-file check is skipped
+    assert code == 0 and torch.equal(latents, default_latents)  # the normal run's --save-latents, bit for bit
+    assert existing.read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.mp4", "lat0.safetensors"]  # no mp4, no .partial
+    out, err = capsys.readouterr()
+    assert out.strip() == f"wrote {tmp_path / 'lat0.safetensors'} (latents [16, 3, 6, 8]; no video: --no-video)"
+    stages = [line.rsplit(None, 2)[0].strip() for line in err.splitlines() if line.rstrip().endswith(" s")]
+    assert stages == ["text encoder", "load experts", "denoise"]  # as a normal run, minus vae decode and write mp4
+    assert generate("--output", str(existing))[0] == 2  # the control: without --no-video the check applies
+
+
+def test_no_video_without_save_latents_exits_2_before_reading_any_file(tmp_path, capsys):
+    assert main(["generate", "--model-dir", str(tmp_path / "nowhere"), "--no-video"]) == 2
+    assert capsys.readouterr().err == ("error: --no-video writes only the latents, and no --save-latents was given: "
+                                       "add --save-latents F.safetensors, or drop --no-video\n")
+
+
+def test_no_video_takes_separate_files_without_a_vae(tiny_model_dir, default_latents, tmp_path, vae_never_loaded,
+                                                      capsys):
+    from wan22_core.checkpoints import CheckpointError
+
+    files = ModelFiles.from_model_dir(tiny_model_dir)
+    run = ["generate", "--high-noise", str(files.high_noise), "--low-noise", str(files.low_noise),
+           "--text-encoder", str(files.text_encoder), "--tokenizer", str(files.tokenizer),
+           "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--seed", str(SEED), "--steps", "4", "--quiet",
+           *[f"--{k}={v}" for k, v in SIZE.items()], "--save-latents", str(tmp_path / "lat.safetensors")]
+    assert main([*run, "--no-video"]) == 0
+    assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], default_latents)
+    capsys.readouterr()
+    assert main([*run, "--output", str(tmp_path / "v.mp4"), "--overwrite"]) == 2  # a video needs the VAE
+    assert capsys.readouterr().err == ("error: give --model-dir, or all of --high-noise --low-noise --text-encoder "
+                                       "--vae (missing --vae)\n")
+    without_vae = ModelFiles(files.high_noise, files.low_noise, files.text_encoder, None, files.tokenizer)
+    assert "high_noise" in without_vae.check(vae=False) and "vae" not in without_vae.check(vae=False)
+    with pytest.raises(CheckpointError, match=r"no VAE given: pass --vae F \(only --no-video runs without one\)"):
+        without_vae.check()
+
+
+def test_text_dtype_fp32_embeds_as_load_text_encoder_fp32_and_auto_keeps_the_files_dtype(
+        tiny_model_dir, generate, default_latents, encoded):
+    files = ModelFiles.from_model_dir(tiny_model_dir)
+    code, latents = generate("--text-dtype", "fp32", "--no-video")
+    assert code == 0 and generate("--no-video")[0] == 0  # the default: --text-dtype auto
+    fp32, auto = encoded
+    expected = {dtype: load_text_encoder(files.text_encoder, files.tokenizer, dtype=dtype).encode_prompt(PROMPT, NEGATIVE)
+                for dtype in (torch.float32, None)}  # None: the file's dtype (bf16 here, as the official .pth)
+    for got, want, dtype in ((fp32, expected[torch.float32], torch.float32), (auto, expected[None], torch.bfloat16)):
+        assert got.positive.dtype == got.negative.dtype == dtype
+        assert torch.equal(got.positive, want.positive) and torch.equal(got.negative, want.negative)
+    # fp32 text reaches the loop: the bf16 rounding of the embeddings moves the latents by 1.8e-5 here
+    # (4 steps of the tiny model; the same embeddings give identical latents, 0)
+    assert rel_l2(latents, default_latents) > 1e-6
+
+
+def test_torchrun_path_encodes_in_text_dtype_and_writes_only_the_latents(generate, tmp_path, monkeypatch,
+                                                                          vae_never_loaded, encoded, capsys):
+    """`run_on_ranks` as torchrun starts it (its environment), on one gloo rank in this process."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
+        monkeypatch.setenv(name, str(value))
+    code, ranks = generate("--fsdp", "--no-video", "--text-dtype", "fp32")
+    assert code == 0, capsys.readouterr().err
+    code, one = generate("--no-video", "--text-dtype", "fp32")  # one process: no parallel flag, world size 1
+    assert code == 0 and torch.equal(ranks, one)  # FSDP on one rank is the one-process computation
+    on_ranks, here = encoded
+    assert on_ranks.positive.dtype == torch.float32 and torch.equal(on_ranks.positive, here.positive)
+    assert not list(tmp_path.glob("*.mp4"))
+    assert capsys.readouterr().out.count("no video: --no-video") == 2

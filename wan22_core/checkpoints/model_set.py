@@ -18,7 +18,7 @@ class ModelFiles:
     high_noise: Path
     low_noise: Path
     text_encoder: Path
-    vae: Path
+    vae: Path | None  # None: a run that decodes nothing (`generate --no-video`); `check(vae=False)` only
     tokenizer: Path | None = None  # None: the text encoder file embeds it (`spiece_model`)
 
     @classmethod
@@ -65,11 +65,18 @@ class ModelFiles:
                    text_encoder=_only_usable(root, COMFY_DIRS["text_encoder"], TEXT_ENCODER),
                    vae=_only_usable(root, COMFY_DIRS["vae"], VAE))
 
-    def check(self) -> dict[str, Identity]:
+    def check(self, vae: bool = True) -> dict[str, Identity]:
         """Recognise every file from its header and fail on the first that does not fit its slot,
-        a missing tokenizer, or experts of different sizes, before any weights are read."""
+        a missing tokenizer, or experts of different sizes, before any weights are read.
+
+        `vae=False`: the run decodes nothing (`generate --no-video`), so the VAE is not read and
+        may be None; otherwise a missing VAE is an error.
+        """
         found = dict(zip(("high_noise", "low_noise"), check_expert_pair(self.high_noise, self.low_noise)))
-        found["vae"] = check_slot(self.vae, VAE)[1]
+        if vae:
+            if self.vae is None:
+                raise CheckpointError("no VAE given: pass --vae F (only --no-video runs without one)")
+            found["vae"] = check_slot(self.vae, VAE)[1]
         text_ckpt, found["text_encoder"] = check_slot(self.text_encoder, TEXT_ENCODER)
         tokenizer_folder(text_ckpt, self.tokenizer)
         return found

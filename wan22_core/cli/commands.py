@@ -33,7 +33,7 @@ def run_here(args: argparse.Namespace, files: ModelFiles) -> dict:
     timings: dict[str, float] = {}
 
     with stage("text encoder", timings):
-        embeds = encode_prompt(files, args.prompt, args.negative_prompt)
+        embeds = encode_prompt(files, args.prompt, args.negative_prompt, flags.text_dtype(args))
     with stage("load experts", timings):
         experts, reports = load_experts(files.high_noise, files.low_noise, options, device,
                                         loras=(args.lora_high, args.lora_low),
@@ -69,8 +69,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    flags.outputs(args)  # --no-video without --save-latents: before reading any file
     files = flags.model_files(args)
-    files.check()  # every file in its slot, read from headers: fail in seconds, not after loading
+    files.check(vae=not args.no_video)  # every file in its slot, from headers: fail in seconds, not after loading
     if parallel_requested(args):
         run_on_ranks(args, files)
     else:

@@ -5,6 +5,8 @@ import argparse
 import os
 from pathlib import Path
 
+import torch
+
 from ..checkpoints import ModelFiles
 from ..config import FPS, FRAMES, HEIGHT, SOLVERS, WIDTH, DiTConfig, ExpertOptions, SamplerSettings
 from ..lora import LoraSpec
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                       default=Path(os.environ.get("WAN22_CACHE", Path.home() / ".cache" / "wan22-moe")))
     _add_sampling_flags(demo, steps=4, width=128, height=128, frames=17)
     _add_speed_flags(demo)
-    demo.set_defaults(device="cpu", lora_high=[], lora_low=[])
+    demo.set_defaults(device="cpu", lora_high=[], lora_low=[], no_video=False, text_dtype="auto")
 
     gen = sub.add_parser("generate", help="text -> video from checkpoint files")
     gen.add_argument("--model-dir", type=Path, help="an official Wan2.2-T2V-A14B folder, a diffusers "
@@ -113,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tokenizer", type=Path, help="folder with spiece.model (if the encoder file has none)")
     gen.add_argument("--vae", type=Path)
     gen.add_argument("--output", type=Path, default=Path("out/video.mp4"))
+    gen.add_argument("--no-video", action="store_true",
+                     help="stop after the sampling loop and write only --save-latents: no VAE (--vae not needed), "
+                          "no decode, no mp4")
+    gen.add_argument("--text-dtype", default="auto", choices=("auto", *DTYPES),
+                     help="the text encoder's compute dtype (it runs on the CPU). auto: the file's dtype (bf16 "
+                          "for the official .pth, fp16 for umt5_xxl_fp16, bf16 for fp8 files), unlike the text "
+                          "encoder node, whose auto is bf16 on a GPU and fp32 on the CPU. fp32 gives the official "
+                          "fp32 results (docs/fidelity.md) but holds the 5.7B-parameter encoder in 23 GB of RAM, "
+                          "twice the 11 GB of bf16/fp16")
     _add_sampling_flags(gen, steps=DEFAULTS.steps, width=WIDTH, height=HEIGHT, frames=FRAMES)
     _add_lora_flags(gen)
     _add_speed_flags(gen)
@@ -135,15 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_files(args: argparse.Namespace) -> ModelFiles:
-    """--model-dir, or the four file flags (all of them)."""
+    """--model-dir, or the four file flags (all of them; --vae not with --no-video)."""
     if args.model_dir is not None:
         return ModelFiles.from_model_dir(args.model_dir)
     parts = {"--high-noise": args.high_noise, "--low-noise": args.low_noise,
-             "--text-encoder": args.text_encoder, "--vae": args.vae}
+             "--text-encoder": args.text_encoder, **({} if args.no_video else {"--vae": args.vae})}
     missing = [flag for flag, value in parts.items() if value is None]
     if missing:
-        raise ValueError(f"give --model-dir, or all of --high-noise --low-noise --text-encoder --vae "
-                         f"(missing {' '.join(missing)})")
+        raise ValueError(f"give --model-dir, or all of {' '.join(parts)} (missing {' '.join(missing)})")
     return ModelFiles(high_noise=args.high_noise, low_noise=args.low_noise, text_encoder=args.text_encoder,
                       vae=args.vae, tokenizer=args.tokenizer)
 
@@ -158,8 +168,17 @@ def sampler_settings(args: argparse.Namespace) -> SamplerSettings:
 
 
 def outputs(args: argparse.Namespace) -> Outputs:
-    return Outputs(video=args.output, latents=args.save_latents, fps=args.fps, vae_tile=args.vae_tile,
-                   overwrite=args.overwrite)
+    """--output, --save-latents and how the video is written; with --no-video, the latents alone."""
+    if args.no_video and args.save_latents is None:
+        raise ValueError("--no-video writes only the latents, and no --save-latents was given: "
+                         "add --save-latents F.safetensors, or drop --no-video")
+    return Outputs(video=None if args.no_video else args.output, latents=args.save_latents, fps=args.fps,
+                   vae_tile=args.vae_tile, overwrite=args.overwrite)
+
+
+def text_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    """--text-dtype; None (auto) runs the encoder in its file's dtype."""
+    return None if args.text_dtype == "auto" else DTYPES[args.text_dtype]
 
 
 def expert_options(args: argparse.Namespace) -> ExpertOptions:

@@ -43,10 +43,12 @@ def check_model_options(attention: str, loras: Sequence[LoraSpec]) -> None:
             raise FileNotFoundError(f"LoRA file not found: {lora.path}")
 
 
-def encode_prompt(files: ModelFiles, prompt: str, negative_prompt: str | None) -> PromptEmbeds:
-    """The prompt and negative prompt through the text encoder, on the CPU (one process, or rank 0
-    under torchrun); the encoder (11 GB at full size) is dropped when this returns."""
-    encoder = load_text_encoder(files.text_encoder, files.tokenizer, device="cpu")
+def encode_prompt(files: ModelFiles, prompt: str, negative_prompt: str | None,
+                  dtype: torch.dtype | None = None) -> PromptEmbeds:
+    """The prompt and negative prompt through the text encoder in `dtype` (None: the file's), on
+    the CPU (one process, or rank 0 under torchrun); the encoder (11 GB at full size in bf16) is
+    dropped when this returns."""
+    encoder = load_text_encoder(files.text_encoder, files.tokenizer, device="cpu", dtype=dtype)
     return encoder.encode_prompt(prompt, negative_prompt)
 
 
@@ -71,7 +73,7 @@ def progress_bar(total: int) -> tqdm:
 class Outputs:
     """Where a run's results go: the mp4, optionally the latents, and how the video is written."""
 
-    video: Path
+    video: Path | None  # None: no VAE decode, no mp4 (--no-video; the latents are the result)
     latents: Path | None = None  # safetensors, key "latents", [16, T, H/8, W/8] float32
     fps: int = 16
     vae_tile: int | None = None  # latent pixels per VAE tile; None decodes whole frames
@@ -84,14 +86,18 @@ class Outputs:
                 raise FileExistsError(f"{path} exists; choose another name or pass --overwrite")
 
 
-def save_outputs(latent: torch.Tensor, vae_path: Path, device: torch.device, dtype: torch.dtype, outputs: Outputs,
-                 timings: dict) -> None:
-    """The latents (when asked), then VAE decode and the mp4 (rank 0 only under torchrun)."""
+def save_outputs(latent: torch.Tensor, vae_path: Path | None, device: torch.device, dtype: torch.dtype,
+                 outputs: Outputs, timings: dict) -> None:
+    """The latents (when asked), then VAE decode and the mp4 unless --no-video (rank 0 only under
+    torchrun)."""
     if outputs.latents is not None:
         outputs.latents.parent.mkdir(parents=True, exist_ok=True)
         tmp = outputs.latents.with_name(f".{outputs.latents.name}.partial")
         save_file({"latents": latent.float().cpu().contiguous()}, str(tmp))
         os.replace(tmp, outputs.latents)
+    if outputs.video is None:
+        print(f"wrote {outputs.latents} (latents {list(latent.shape)}; no video: --no-video)")
+        return
     with stage("vae decode", timings):
         vae = load_vae(vae_path, torch.float32 if device.type == "cpu" else dtype).to(device)
         frames = decode_to_video(vae, latent, tile_size=outputs.vae_tile)

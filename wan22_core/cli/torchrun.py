@@ -1,9 +1,10 @@
 """`generate` on P ranks: `torchrun --nproc_per_node P -m wan22_core generate --ulysses P --fsdp ...`.
 
 Every rank loads its shards and runs the same loop; rank 0 encodes the prompt on the CPU (as
-the one-process CLI does) and broadcasts the embeddings, and rank 0 alone decodes and writes
-the outputs. LoRAs are merged into each rank's shards while it reads them; --attention applies
-on every rank. The process group is `parallel.launch`'s; this module only reads the flags.
+the one-process CLI does, in --text-dtype) and broadcasts the embeddings, and rank 0 alone
+decodes and writes the outputs (only the latents with --no-video). LoRAs are merged into each
+rank's shards while it reads them; --attention applies on every rank. The process group is
+`parallel.launch`'s; this module only reads the flags.
 """
 from __future__ import annotations
 
@@ -36,13 +37,13 @@ def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
     plan = parallel_plan(args, torchrun_world_size(), expert_config(files.high_noise).num_heads)
     settings = flags.sampler_settings(args)
     device = local_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype, text_dtype = resolve_dtype(args.dtype, device), flags.text_dtype(args)
     with torchrun_group(plan, device) as groups:
         rank0 = groups.rank == 0
         timings: dict[str, float] = {}
         timed = stage if rank0 else (lambda name, timings: nullcontext())
         with timed("text encoder", timings):
-            embeds = from_rank0(lambda: encode_prompt(files, args.prompt, args.negative_prompt), groups)
+            embeds = from_rank0(lambda: encode_prompt(files, args.prompt, args.negative_prompt, text_dtype), groups)
         with timed("load experts", timings):
             experts = load_expert_pair(files.high_noise, files.low_noise, groups, device, dtype, args.lora_high,
                                        args.lora_low, attention=args.attention)  # LoRAs merged into the shards

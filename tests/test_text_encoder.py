@@ -164,11 +164,75 @@ def test_folder_without_spiece_model_names_folder_and_file(tmp_path):
         Tokenizer.from_folder(tmp_path)
 
 
-def test_clean_text_follows_official_whitespace_cleaning():
-    assert clean_text("  a &amp;amp; b\n\n c\t ") == "a & b c"
-    assert clean_text("x\x00y\x1bz\x7f") == "x y z"  # control characters become spaces
+# Prompts whose official cleaning (wan/modules/tokenizers.py: ftfy.fix_text, html.unescape twice,
+# strip, `regex` \s+ -> " ") changes what the tokenizer sees, and what it makes of them.
+OFFICIALLY_CLEANED = {
+    "  a &amp;amp; b\n\n c\t ": "a & b c",  # double-escaped entity (ftfy unescapes once more), whitespace
+    "x\x00y\x1bz\x7f": "xyz",  # control characters removed by ftfy, not turned into spaces
+    "\u201ccurly\u201d it\u2019s": '"curly" it\'s',  # curly quotes straightened
+    "caf\u00c3\u00a9 cr\u00c3\u00a8me": "caf\u00e9 cr\u00e8me",  # UTF-8 read as Latin-1 (mojibake) repaired
+    "\x1b[31mred\x1b[0m fox": "red fox",  # terminal colour codes removed
+    "\ufb01ne \uff26\uff4f\uff58": "fine Fox",  # ligature and full-width letters
+    "a\r\nb\u2028c\x85d": "a b c\u2026d",  # line breaks; C1 control \x85 read as windows-1252
+    "\ufeffbom": "bom",  # byte-order mark
+    "a<b &amp;amp; c": "a<b & c",  # with a "<" ftfy leaves entities alone: html.unescape twice only
+    "\ud83d\ude00 fox": "\U0001f600 fox",  # a surrogate pair is one character
+    "a\x1cb &#27;x&#28;y&#9;z": "ab xy z",  # separators: not whitespace to the official `regex` \s
+}
+
+
+def official_cleaning(text: str) -> str:
+    """wan/modules/tokenizers.py's whitespace_clean(basic_clean(text)), from its source."""
+    import html
+
+    import ftfy
+    import regex  # a dependency of transformers; the official module uses it for \s
+
+    return regex.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(text))).strip()).strip()
+
+
+@pytest.mark.parametrize("text", OFFICIALLY_CLEANED)
+def test_clean_text_is_the_official_cleaning(text):
+    assert clean_text(text) == official_cleaning(text) == OFFICIALLY_CLEANED[text]
+
+
+def test_clean_text_without_ftfy_refuses_instead_of_cleaning_differently(monkeypatch, tokenizer):
+    """Without ftfy, "caf\u00c3\u00a9" or curly quotes would reach the tokenizer unrepaired: different
+    tokens for the same prompt, so no fallback, one line naming the fix."""
+    from fakes import hide_package
+
+    hide_package(monkeypatch, "ftfy")
+    for call in (lambda: clean_text("a fox"), lambda: tokenizer(["a fox"])):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == ("cleaning a prompt as the official Wan2.2 code does needs the ftfy package, which "
+                                  "is not installed (No module named 'ftfy'); install it: pip install ftfy")
+    monkeypatch.undo()
+    assert clean_text("a fox") == "a fox"
+
+
+def test_clean_text_refuses_what_is_not_a_string():
     with pytest.raises(TypeError, match="text must be a str"):
         clean_text(None)
+
+
+def test_clean_text_equals_the_official_module_when_a_checkout_is_given():
+    """The same prompts through the official `HuggingfaceTokenizer._clean` of a Wan2.2 checkout."""
+    import importlib.util
+    import os
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    repo = os.environ.get("WAN22_OFFICIAL_REPO")
+    if not repo:
+        pytest.skip("WAN22_OFFICIAL_REPO is not set: no checkout of Wan-Video/Wan2.2 (the official recipe is "
+                    "re-derived in test_clean_text_is_the_official_cleaning)")
+    spec = importlib.util.spec_from_file_location("official_tokenizers", Path(repo) / "wan/modules/tokenizers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    official = SimpleNamespace(clean="whitespace")  # _clean reads only self.clean
+    for text, expected in OFFICIALLY_CLEANED.items():
+        assert clean_text(text) == module.HuggingfaceTokenizer._clean(official, text) == expected, repr(text)
 
 
 # 4. Truncation keeps EOS last and says how many tokens were dropped.

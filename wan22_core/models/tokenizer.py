@@ -9,6 +9,7 @@ safetensors also embed as a uint8 tensor named `spiece_model`).
 from __future__ import annotations
 
 import html
+import importlib
 import re
 import warnings
 from pathlib import Path
@@ -20,33 +21,38 @@ PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
 
-# C0 controls except \t \n \r, plus DEL. A NUL or escape code in a prompt (pasted from a terminal
-# or a binary file) would otherwise become UNK tokens; a space keeps word boundaries instead.
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_WHITESPACE_RUN = re.compile(r"\s+")
+# The official pattern is `regex`'s \s (Unicode White_Space), which unlike `re`'s \s leaves out the
+# separators \x1c-\x1f (ftfy removes them anyway; this keeps the rule exact without that argument).
+_WHITESPACE_RUN = re.compile(r"[^\S\x1c-\x1f]+")
 # Lone UTF-16 surrogates: what Python makes of bytes that are not UTF-8 (errors="surrogateescape"),
-# or a JSON "\udcff" escape. They are no characters, and SentencePiece cannot take them.
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
-
-try:  # The official cleaning starts with ftfy.fix_text; ftfy is optional here, not a dependency.
-    import ftfy
-except ImportError:
-    ftfy = None
+# or a JSON "\udcff" escape. They are no characters (ftfy would turn them into U+FFFD and the
+# official pipeline would encode that); a surrogate pair is one character, which ftfy joins.
+_LONE_SURROGATE = re.compile(r"[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]")
 
 
 def clean_text(text: str) -> str:
-    """Official 'whitespace' cleaning (ftfy if installed, html-unescape twice, collapse spaces)."""
+    """The official 'whitespace' cleaning (`wan/modules/tokenizers.py`): ftfy.fix_text, html-unescape
+    twice, strip, collapse whitespace runs into one space. Unlike the official code, a prompt with
+    lone surrogates (bytes that were not UTF-8) is refused instead of encoded as U+FFFD."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}: {text!r:.80}")
-    bad = _SURROGATE.search(text)
+    bad = _LONE_SURROGATE.search(text)
     if bad:
         raise ValueError(f"prompt {text[:60]!r} has {bad.group()!r} at character {bad.start()}, which is not text: "
                          "it was read from bytes that are not UTF-8; save the prompt as UTF-8 and enter it again")
-    if ftfy is not None:
-        text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text)).strip()
-    text = _CONTROL_CHARS.sub(" ", text)  # after unescape, which can produce control chars
+    text = html.unescape(html.unescape(_ftfy().fix_text(text))).strip()
     return _WHITESPACE_RUN.sub(" ", text).strip()
+
+
+def _ftfy():
+    """ftfy, a dependency: the official cleaning starts with ftfy.fix_text, which repairs mojibake
+    ("cafÃ©"), straightens curly quotes, removes control characters and terminal escapes, and more;
+    without it the same prompt would tokenize differently, so its absence is an error, not a fallback."""
+    try:
+        return importlib.import_module("ftfy")
+    except ImportError as err:
+        raise ValueError("cleaning a prompt as the official Wan2.2 code does needs the ftfy package, which is "
+                         f"not installed ({err}); install it: pip install ftfy") from err
 
 
 class Tokenizer:

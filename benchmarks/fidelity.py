@@ -11,7 +11,9 @@ CPU (default), fp32, like for like: a tiny random model set is written in the of
   their own sigma and timestep handling (`official_loop` follows `wan/text2video.py` line by line,
   minus offloading and the distributed wrappers), and the official VAE decode;
 - ours through the public API (`load_*`, `denoise`, `decode_to_video`; the worker group for the
-  multi-rank layouts);
+  multi-rank layouts), and through our CLI as a subprocess (`generate --dtype fp32 --text-dtype
+  fp32 --no-video --save-latents`; under torchrun on 2 ranks in the ranks case; and with the
+  default --text-dtype, whose bf16 text encoder is reported apart with its cause);
 - diffusers' `WanPipeline` over the official models' weights with the official sigma grid, as our
   tests drive it (`tests/reference.py`), fed the official embeddings (it has no text encoder here);
 - with `--comfyui PATH`, one forward per expert of ComfyUI's `comfy.ldm.wan.model.WanModel` on the
@@ -108,7 +110,8 @@ CASES = {
     "defaults": Case("defaults"),
     "dpm++": Case("dpm++", SamplerSettings(solver="dpm++")),
     "odd": Case("odd", SamplerSettings(shift=5.0, boundary=0.9), frames=13, height=48, width=80,
-                prompt="A cat &amp;amp; a dog &lt;3 play   in the\tsnow &quot;together&quot;", seed=7),
+                prompt="A cat &amp;amp; a dog &lt;3 play   in the\tsnow &quot;together&quot; by a \u201ccaf\u00c3\u00a9\u201d"
+                       "\x1b[0m", seed=7),  # entities, whitespace, curly quotes, mojibake, a terminal escape
     "lora": Case("lora", lora=True),
     "ranks": Case("ranks"),  # the defaults case on 2 and 4 gloo ranks
 }
@@ -119,6 +122,12 @@ RANK_LAYOUTS = (
     ("4 ranks: Ulysses 4 + FSDP", dict(gpus="cpu:4", ulysses_degree=4, fsdp=True)),
     ("4 ranks: CFG-parallel x Ulysses 2 + FSDP", dict(gpus="cpu:4", ulysses_degree=2, fsdp=True, cfg_parallel=True)),
 )
+# The CLI rows: `python -m wan22_core generate` in fp32 like for like, latents only (+ the case's
+# settings, LoRAs and model set); in the ranks case under torchrun --nproc_per_node 2 with these flags
+CLI_FP32 = ("generate", "--dtype", "fp32", "--text-dtype", "fp32", "--no-video", "--save-latents")
+CLI_TEXT_AUTO = ("generate", "--dtype", "fp32", "--no-video", "--save-latents")  # the default --text-dtype
+CLI_CASES = tuple(CASES)  # the cases with CLI rows (each run starts a process: seconds of imports)
+TORCHRUN_FLAGS = ("--ulysses", "2", "--fsdp")
 LORA_RANK, LORA_ALPHA, LORA_STRENGTHS = 4, 2.0, {"high": 0.8, "low": 0.6}
 
 
@@ -623,11 +632,14 @@ def run_case(case: Case, run: Run) -> list[Row]:
     ours_latents = ours.loop(positive, negative, noise, case.settings)
     rows.append(latent_row(case, run, reference, ref_pos, ref_neg, noise, ours_latents, diffusers))
     ref_latents = run.reference_latents[case.name][0]
+    if case.name in CLI_CASES:
+        rows.append(Row(case.name, f"final latents, CLI `{' '.join(CLI_FP32)}`", {"ours": compare(
+            cli_latents(case, run, CLI_FP32, lora_paths), ref_latents, rows[-1].cells["ours"].bound)}))
     if official:
         rows.append(Row(case.name, "decoded frames (each its own latents)", {"ours": compare(
             ours.decode(ours_latents), official.decode(ref_latents), BOUNDS[("ours", "frames")], frames=True)}))
     if official and case.name == "defaults":
-        rows += text_precision_rows(case, ours, official, noise, ref_latents)
+        rows += text_precision_rows(case, run, ours, official, ref_latents)
     if run.comfy is not None and case.name == "defaults":
         rows += comfy_rows(case, run.sets, run.comfy, run.mods, noise, ref_pos, run.device)
     return rows
@@ -653,21 +665,45 @@ def latent_row(case, run, reference, ref_pos, ref_neg, noise, ours_latents, diff
     return row
 
 
-def text_precision_rows(case, ours: Ours, official: Official, noise, ref_latents) -> list[Row]:
-    """Our default text-encoder precision (the file's bf16, what the CLI runs today) and what it costs."""
+def text_precision_rows(case, run: Run, ours: Ours, official: Official, ref_latents) -> list[Row]:
+    """The CLI's default text-encoder precision (--text-dtype auto: the file's bf16) and what it costs."""
     positive, negative = ours.encode(case.prompt, case.negative, None)  # None: the file's dtype
     both = torch.cat([positive, negative]).float()
     bf16_pos, bf16_neg = official.encode(case.prompt, case.negative, torch.bfloat16)
     fp32_pos, fp32_neg = official.encode(case.prompt, case.negative, torch.float32)
-    latents = ours.loop(positive.float(), negative.float(), noise, case.settings)
     return [
         Row(case.name, f"text embeddings, both in bf16 (file precision; ours {positive.dtype})",
             {"ours": compare(both, torch.cat([bf16_pos, bf16_neg]).float())}),
         Row(case.name, "text embeddings, ours bf16 vs official fp32",
             {"ours": compare(both, torch.cat([fp32_pos, fp32_neg]))}),
-        Row(case.name, "final latents, our text encoder in bf16 (today's CLI) vs official fp32",
-            {"ours": compare(latents, ref_latents)}),
+        Row(case.name, f"final latents, CLI `{' '.join(CLI_TEXT_AUTO)}` (--text-dtype auto: bf16) vs official fp32",
+            {"ours": compare(cli_latents(case, run, CLI_TEXT_AUTO), ref_latents)}),
     ]
+
+
+def cli_latents(case: Case, run: Run, command, lora_paths: dict | None = None, ranks: int = 1,
+                parallel: tuple[str, ...] = ()) -> torch.Tensor:
+    """The final latents of our CLI (`command`, ending in --save-latents) run as a subprocess on the
+    official-layout set with the case's settings; on `ranks` torchrun processes with `parallel` flags."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    out = run.workdir / f"cli_{len(list(run.workdir.glob('cli_*')))}.safetensors"
+    s = case.settings
+    args = [*command, str(out), "--model-dir", str(run.sets["official"]), "--prompt", case.prompt,
+            "--negative-prompt", case.negative, "--frames", str(case.frames), "--height", str(case.height),
+            "--width", str(case.width), "--seed", str(case.seed), "--steps", str(s.steps), "--shift", str(s.shift),
+            "--boundary", str(s.boundary), "--cfg-high", str(s.cfg_high), "--cfg-low", str(s.cfg_low),
+            "--solver", s.solver, "--device", run.device.type, "--quiet", *parallel]
+    for expert, path in (lora_paths or {}).items():
+        args += [f"--lora-{expert}", f"{path}:{LORA_STRENGTHS[expert]}"]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
+    found = subprocess.run([sys.executable, *launcher, "-m", "wan22_core", *args], capture_output=True, text=True,
+                           cwd=run.workdir)
+    if found.returncode != 0:
+        raise SystemExit(f"our CLI failed ({' '.join(command)} ...): {found.stderr.strip()[-2000:]}")
+    return load_file(str(out))["latents"]
 
 
 def rank_rows(case: Case, run: Run) -> list[Row]:
@@ -692,6 +728,10 @@ def rank_rows(case: Case, run: Run) -> list[Row]:
             group.shutdown()
         rows.append(Row(case.name, f"final latents, {label}",
                         {"ours": compare(latents, ref_latents, BOUNDS[("ours", "latents")])}))
+    if case.name in CLI_CASES:
+        cli = cli_latents(defaults, run, CLI_FP32, ranks=2, parallel=TORCHRUN_FLAGS)
+        rows.append(Row(case.name, f"final latents, CLI under torchrun, 2 ranks: `{' '.join(TORCHRUN_FLAGS)}`",
+                        {"ours": compare(cli, ref_latents, BOUNDS[("ours", "latents")])}))
     return rows
 
 

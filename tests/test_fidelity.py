@@ -18,8 +18,9 @@ def model_sets(tmp_path_factory):
 
 def test_machinery_against_diffusers(model_sets, tmp_path, monkeypatch):
     """Every case kind through the script's own functions, diffusers as the reference (no checkout in CI):
-    ours within the published bound, and the LoRA, the odd sizes and the ranks really in play."""
+    ours (API and CLI) within the published bound, and the LoRA, the odd sizes and the ranks really in play."""
     monkeypatch.setattr(fidelity, "RANK_LAYOUTS", fidelity.RANK_LAYOUTS[:1])  # one 2-rank group: seconds, not a minute
+    monkeypatch.setattr(fidelity, "CLI_CASES", ("lora", "ranks"))  # the CLI with LoRA flags, and under torchrun
     run = fidelity.Run(sets=model_sets, workdir=tmp_path, device=torch.device("cpu"))
     cases = [replace(fidelity.CASES[name], settings=replace(fidelity.CASES[name].settings, steps=4))
              for name in ("defaults", "odd", "lora", "ranks")]
@@ -34,6 +35,10 @@ def test_machinery_against_diffusers(model_sets, tmp_path, monkeypatch):
             assert cell.bound is not None and cell.rel <= cell.bound, (case, quantity, cell)
     ranks = by_name[("ranks", "final latents, 2 ranks: Ulysses 2 + FSDP")]
     assert ranks.rel <= fidelity.BOUNDS[("ours", "latents")]
+    # our CLI as a subprocess (`generate --dtype fp32 --text-dtype fp32 --no-video`), one process and torchrun
+    for key in [("lora", f"final latents, CLI `{' '.join(fidelity.CLI_FP32)}`"),
+                ("ranks", "final latents, CLI under torchrun, 2 ranks: `--ulysses 2 --fsdp`")]:
+        assert by_name[key].bound == fidelity.BOUNDS[("ours", "latents")] and by_name[key].rel <= by_name[key].bound, key
     latents = {name: ref for name, (ref, _) in run.reference_latents.items()}
     assert latents["odd"].shape == (16, 4, 6, 10)  # 13 frames of 80 x 48
     # the LoRA moved the result: both sides applied it (hand-merged for diffusers, apply_loras for ours)
@@ -43,6 +48,7 @@ def test_machinery_against_diffusers(model_sets, tmp_path, monkeypatch):
 
 def test_a_case_over_its_bound_exits_1(monkeypatch, capsys):
     monkeypatch.setitem(fidelity.BOUNDS, ("ours", "latents"), 1e-12)
+    monkeypatch.setattr(fidelity, "CLI_CASES", ())
     assert fidelity.main(["--cases", "defaults", "--steps", "2"]) == 1
     err = capsys.readouterr().err
     assert "over its bound: defaults / final latents (2 steps, unipc) / ours" in err

@@ -182,6 +182,8 @@ def test_dtype_and_format_choices_are_the_engines_names():
     for command in ("demo", "generate"):
         actions = {a.dest: a for a in subparsers[command]._actions}
         assert list(actions["dtype"].choices) == ["auto", *DTYPES], command
+    generate = {a.dest: a for a in subparsers["generate"]._actions}
+    assert list(generate["text_dtype"].choices) == ["auto", *DTYPES] and generate["text_dtype"].default == "auto"
     assert list({a.dest: a for a in subparsers["make-tiny"]._actions}["format"].choices) == list(FORMATS)
 
 

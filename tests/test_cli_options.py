@@ -6,6 +6,9 @@ the same thing. Offload and LoRA wiring must give identical latents (the same fl
 same order); sequential CFG reorders nothing either on CPU, but is held to 1e-5 relative as in
 test_pipeline.py.
 """
+import subprocess
+import sys
+
 import pytest
 import torch
 from fakes import fake_kernels, hide_package
@@ -278,16 +281,16 @@ def vae_never_loaded(monkeypatch):
 
 @pytest.fixture
 def encoded(monkeypatch):
-    """The PromptEmbeds each `generate` run encoded, one process or the torchrun path, in order."""
-    from wan22_core.cli import commands, torchrun
+    """The PromptEmbeds each one-process `generate` run encoded, in order."""
+    from wan22_core.cli import commands
 
     seen = []
-    for module in (commands, torchrun):
-        def recording(*args, real=module.encode_prompt):
-            seen.append(real(*args))
-            return seen[-1]
 
-        monkeypatch.setattr(module, "encode_prompt", recording)
+    def recording(*args, real=commands.encode_prompt):
+        seen.append(real(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(commands, "encode_prompt", recording)
     return seen
 
 
@@ -317,20 +320,17 @@ def test_no_video_takes_separate_files_without_a_vae(tiny_model_dir, default_lat
     from wan22_core.checkpoints import CheckpointError
 
     files = ModelFiles.from_model_dir(tiny_model_dir)
-    run = ["generate", "--high-noise", str(files.high_noise), "--low-noise", str(files.low_noise),
-           "--text-encoder", str(files.text_encoder), "--tokenizer", str(files.tokenizer),
-           "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--seed", str(SEED), "--steps", "4", "--quiet",
-           *[f"--{k}={v}" for k, v in SIZE.items()], "--save-latents", str(tmp_path / "lat.safetensors")]
+    run = without_vae(tiny_model_dir, tmp_path / "lat.safetensors")
     assert main([*run, "--no-video"]) == 0
     assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], default_latents)
     capsys.readouterr()
     assert main([*run, "--output", str(tmp_path / "v.mp4"), "--overwrite"]) == 2  # a video needs the VAE
     assert capsys.readouterr().err == ("error: give --model-dir, or all of --high-noise --low-noise --text-encoder "
                                        "--vae (missing --vae)\n")
-    without_vae = ModelFiles(files.high_noise, files.low_noise, files.text_encoder, None, files.tokenizer)
-    assert "high_noise" in without_vae.check(vae=False) and "vae" not in without_vae.check(vae=False)
+    no_vae = ModelFiles(files.high_noise, files.low_noise, files.text_encoder, None, files.tokenizer)
+    assert "high_noise" in no_vae.check(vae=False) and "vae" not in no_vae.check(vae=False)
     with pytest.raises(CheckpointError, match=r"no VAE given: pass --vae F \(only --no-video runs without one\)"):
-        without_vae.check()
+        no_vae.check()
 
 
 def test_text_dtype_fp32_embeds_as_load_text_encoder_fp32_and_auto_keeps_the_files_dtype(
@@ -349,21 +349,28 @@ def test_text_dtype_fp32_embeds_as_load_text_encoder_fp32_and_auto_keeps_the_fil
     assert rel_l2(latents, default_latents) > 1e-6
 
 
-def test_torchrun_path_encodes_in_text_dtype_and_writes_only_the_latents(generate, tmp_path, monkeypatch,
-                                                                          vae_never_loaded, encoded, capsys):
-    """`run_on_ranks` as torchrun starts it (its environment), on one gloo rank in this process."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    for name, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
-        monkeypatch.setenv(name, str(value))
-    code, ranks = generate("--fsdp", "--no-video", "--text-dtype", "fp32")
-    assert code == 0, capsys.readouterr().err
-    code, one = generate("--no-video", "--text-dtype", "fp32")  # one process: no parallel flag, world size 1
-    assert code == 0 and torch.equal(ranks, one)  # FSDP on one rank is the one-process computation
-    on_ranks, here = encoded
-    assert on_ranks.positive.dtype == torch.float32 and torch.equal(on_ranks.positive, here.positive)
+def test_torchrun_encodes_in_text_dtype_on_rank_0_and_writes_only_the_latents(tiny_model_dir, generate, tmp_path):
+    """`torchrun --nproc_per_node 1 ... --fsdp` (the ranks' path, run_on_ranks) from separate files
+    without a VAE, next to the one-process runs with and without --text-dtype fp32."""
+    ranks = tmp_path / "ranks.safetensors"
+    torchrun = subprocess.Popen(  # started first: it runs while this process makes the references
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "wan22_core",
+         *without_vae(tiny_model_dir, ranks), "--fsdp", "--no-video", "--text-dtype", "fp32"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    (code_fp32, fp32), (code_auto, auto) = generate("--no-video", "--text-dtype", "fp32"), generate("--no-video")
+    output = torchrun.communicate(timeout=300)[0]
+    assert torchrun.returncode == code_fp32 == code_auto == 0, output
+    latents = load_file(str(ranks))["latents"]
+    # FSDP on one CPU rank is the one-process computation, bit for bit; rank 0 encoded in fp32
+    assert torch.equal(latents, fp32) and not torch.equal(latents, auto)
+    assert output.count(f"wrote {ranks} (latents [16, 3, 6, 8]; no video: --no-video)") == 1
     assert not list(tmp_path.glob("*.mp4"))
-    assert capsys.readouterr().out.count("no video: --no-video") == 2
+
+
+def without_vae(model_dir, latents) -> list[str]:
+    """`generate` of the tiny set from separate files, without --vae, writing `latents`."""
+    files = ModelFiles.from_model_dir(model_dir)
+    return ["generate", "--high-noise", str(files.high_noise), "--low-noise", str(files.low_noise),
+            "--text-encoder", str(files.text_encoder), "--tokenizer", str(files.tokenizer),
+            "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--seed", str(SEED), "--steps", "4", "--quiet",
+            *[f"--{k}={v}" for k, v in SIZE.items()], "--save-latents", str(latents)]

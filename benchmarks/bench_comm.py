@@ -57,6 +57,33 @@ def cfg_bytes(latent_elems: int) -> int:
     return latent_elems * 4
 
 
+def vae_decode_bytes(vae_cfg, latent_frames: int, latent_height: int, latent_width: int, ranks: int, rank: int,
+                     batch: int = 1, elem: int = 2) -> int:
+    """Per rank per row-parallel VAE decode (parallel/vae_decode.py), with the layers and their halo
+    rows read from the decoder (`row_exchanges`); `elem` is the VAE's dtype size:
+    - each spatial convolution: its `rows` edge rows [B, C, frames, rows, w * scale] to each
+      neighbouring band (1 or 2), for every latent frame (the first is 1 frame at every layer,
+      the others `frames`);
+    - the attention: the rank's band, padded to the tallest band, to the P-1 others (all_gather);
+    - a rank other than 0: its band of the video [B, 3, F, 8 * rows, 8w] in fp32 to rank 0."""
+    from wan22_core.models.vae import WanVAE
+    from wan22_core.parallel.vae_decode import row_bands, row_exchanges
+
+    with torch.device("meta"):
+        decoder = WanVAE(vae_cfg).decoder
+    bands = row_bands(latent_height, ranks)
+    neighbours = (rank > 0) + (rank < ranks - 1)
+    total = 0
+    for e in row_exchanges(decoder):
+        row = batch * e.channels * (1 + (latent_frames - 1) * e.frames) * latent_width * e.scale * elem
+        total += neighbours * e.rows * row if e.kind == "halo" else (ranks - 1) * max(bands) * e.scale * row
+    if rank:
+        stride_t, stride_h, stride_w = vae_cfg.stride
+        frames = stride_t * (latent_frames - 1) + 1
+        total += batch * 3 * frames * bands[rank] * stride_h * latent_width * stride_w * 4
+    return total
+
+
 # --- measurement on CPU ranks ---------------------------------------------------------------------
 
 SCENARIOS = {  # name -> plan degrees as a function of P
@@ -82,6 +109,8 @@ def count_collectives(counts: dict) -> None:
     wrap("all_to_all_single", lambda a, p: a[1].nbytes * (p - 1) // p)
     wrap("all_gather", lambda a, p: a[1].nbytes * (p - 1))
     wrap("all_gather_single", lambda a, p: a[1].nbytes * (p - 1))
+    wrap("batch_isend_irecv", lambda a, p: sum(op.tensor.nbytes for op in a[0] if op.op is dist.isend))
+    wrap("send", lambda a, p: a[0].nbytes)
 
 
 def rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> None:

@@ -1,19 +1,15 @@
 """The memory model (wan22_core.memory) against what tiny models really hold on the CPU.
 
-Activations are checked by accounting: a TorchDispatchMode sees every aten op's outputs, counts
-each new storage once, and subtracts it when the storage is freed (weakref.finalize), so its
-peak is the most tensor bytes alive at once during the forward, as an allocator would see them
-(minus allocations hidden inside a kernel). Weights are checked against the parameters that
-each offload mode leaves on the compute device.
+Activations are checked by accounting (`live_bytes.LiveBytes`: the most tensor bytes alive at
+once during the forward, as an allocator would see them). Weights are checked against the
+parameters that each offload mode leaves on the compute device.
 """
-import weakref
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from live_bytes import LiveBytes
 
 from wan22_core.config import TINY, DiTConfig
 from wan22_core.memory import (GIB, block_activation_peak, estimate_peak_bytes, param_counts, video_tokens,
@@ -25,34 +21,6 @@ from wan22_core.sampling.moe import HIGH
 CFG = DiTConfig(dim=64, ffn_dim=176, num_heads=4, num_layers=2, text_dim=32, freq_dim=32)
 TEXT_TOKENS = 77  # a prompt of 77 tokens (the model keeps them plus one slot for the padding)
 ACTIVATION_TOLERANCE = 0.005  # relative; measured within 0.01% (fp32) and 0.3% (bf16: small temporaries)
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of storages created by ops inside the mode and still referenced."""
-
-    def __init__(self, preexisting):
-        super().__init__()
-        self.skip = {t.untyped_storage()._cdata for t in preexisting}
-        self.live: dict[int, int] = {}
-        self.current = self.peak = 0
-
-    def _release(self, key: int) -> None:
-        self.current -= self.live.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = storage._cdata  # views share it: counted once
-            if key in self.skip or key in self.live:
-                continue
-            self.live[key] = storage.nbytes()
-            self.current += storage.nbytes()
-            weakref.finalize(storage, self._release, key)
-        self.peak = max(self.peak, self.current)
-        return out
 
 
 def measured_activation_peak(model: WanModel, frames: int, height: int, width: int, batch: int) -> int:

@@ -1,7 +1,7 @@
 """The Wan2.1 video VAE (z_dim 16) that the A14B experts share (official `wan/modules/vae2_1.py`).
 
-Reading order: latent normalisation, causal convolution, norm / residual / attention / resample
-blocks, encoder and decoder, the `WanVAE` wrapper, tiled decode, `to_images`.
+Reading order: latent normalisation, the row seam and the convolutions, norm / residual /
+attention / resample blocks, encoder and decoder, the `WanVAE` wrapper, tiled decode, `to_images`.
 
 Module names are the official parameter names (`encoder.downsamples.N.residual.2.weight`,
 `decoder.upsamples.N.time_conv.weight`, `conv1`, `conv2`, `*.gamma`, `middle.1.to_qkv`, ...), so
@@ -13,6 +13,11 @@ chunks (encode: 1, 4, 4, ... frames; decode: one latent frame at a time) with a 
 call, so nothing leaks between calls. The official code keeps the same state in a list indexed
 by a call counter (`feat_cache`, `feat_idx`); a dict keyed by layer gives the same numbers
 without the counting.
+
+Rows: every layer that looks at other rows of a frame (the spatial convolutions, the mid-block
+attention) reaches them through a row seam, `WholeRows` here (zero padding, the whole frame).
+`wan22_core.parallel.vae_decode` swaps in one that exchanges halo rows with other ranks, so the
+decode can be split by rows across a process group; this file has no torch.distributed.
 
 Precision: everything runs in the parameter dtype except the 2x nearest upsampling, which the
 official code does in fp32. `encode` returns and `decode` takes/returns fp32 tensors.
@@ -60,25 +65,51 @@ def denormalize_latent(z: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Causal 3-D convolution
+# 2. The row seam and the convolutions
+
+
+class WholeRows:
+    """The row seam of one process, which holds every row of a frame.
+
+    A spatial convolution asks `pad` for the `rows` rows above and below its input that its
+    kernel reaches (zeros, as the convolution's own padding would give); the mid-block attention
+    asks `whole` for the frame it attends over. `wan22_core.parallel.vae_decode.RowBand` answers
+    the same two calls for one band of rows of a frame split across ranks.
+    """
+
+    def pad(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """x [..., H, W] with `rows` zero rows above and below."""
+        return F.pad(x, (0, 0, rows, rows))
+
+    def whole(self, x: torch.Tensor) -> tuple[torch.Tensor, slice]:
+        """(the frame [..., H, W] that x's rows belong to, x's rows in it)."""
+        return x, slice(None)
+
+
+WHOLE_ROWS = WholeRows()  # stateless, shared by every layer until a row-parallel decode swaps its own in
 
 
 class CausalConv3d(nn.Conv3d):
     """Conv3d padded symmetrically in space and only in front in time.
 
     With a cache, the front padding is the previous chunk's last frames instead of zeros, so
-    processing a video chunk by chunk gives the same result as processing it whole.
+    processing a video chunk by chunk gives the same result as processing it whole. Rows are
+    padded through the row seam (`self.rows`), columns by the convolution itself.
     """
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size, stride=1, padding=0):
         kernel_size = _triple(kernel_size)
         pad_t, pad_h, pad_w = _triple(padding)
-        super().__init__(in_dim, out_dim, kernel_size, stride, padding=(0, pad_h, pad_w))
+        super().__init__(in_dim, out_dim, kernel_size, stride, padding=(0, 0, pad_w))
         # Official pads 2 * pad_t frames in front and none behind (CACHE_T = 2 for every
         # temporal conv in this VAE, all of which have pad_t = 1).
         self.history = 2 * pad_t
+        self.halo_rows = pad_h
+        self.rows = WHOLE_ROWS
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        if self.halo_rows:  # before the time history, so the cache keeps the padded rows of past frames
+            x = self.rows.pad(x, self.halo_rows)
         if self.history:
             past = cache.get(self) if cache is not None else None
             if past is None:  # start of the video
@@ -147,13 +178,15 @@ class AttentionBlock(nn.Module):
         self.norm = RMSNorm(dim, spatial_dims=2)
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
+        self.rows = WHOLE_ROWS  # keys and values come from the whole frame, queries from x's rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, t, h, w = x.shape
-        frames = x.transpose(1, 2).reshape(b * t, c, h, w)  # [B*T, C, H, W]
-        qkv = self.to_qkv(self.norm(frames)).view(b * t, 3 * c, h * w).transpose(1, 2)
-        q, k, v = qkv.chunk(3, dim=-1)  # each [B*T, H*W, C]
-        out = F.scaled_dot_product_attention(q, k, v)
+        b, c, t, h, w = x.shape  # h: x's rows (a band of the frame in a row-parallel decode)
+        frame, mine = self.rows.whole(x)  # [B, C, T, H, W]
+        frames = frame.transpose(1, 2).reshape(b * t, c, frame.shape[-2], w)  # [B*T, C, H, W]
+        qkv = self.to_qkv(self.norm(frames))  # [B*T, 3C, H, W]
+        q, k, v = (part.flatten(2).transpose(1, 2) for part in (qkv[:, :c, mine], qkv[:, c:2 * c], qkv[:, 2 * c:]))
+        out = F.scaled_dot_product_attention(q, k, v)  # [B*T, h*W, C]
         out = self.proj(out.transpose(1, 2).reshape(b * t, c, h, w))
         return x + out.view(b, t, c, h, w).transpose(1, 2)
 
@@ -179,10 +212,12 @@ class Resample(nn.Module):
             raise ValueError(f"Resample mode must be one of {self.MODES}, got {mode!r}")
         self.mode = mode
         if mode.startswith("upsample"):
-            self.resample = nn.Sequential(
-                UpsampleFP32(scale_factor=(2.0, 2.0), mode="nearest-exact"),
-                nn.Conv2d(dim, dim // 2, 3, padding=1),
-            )
+            # The conv's rows are padded through the row seam before the upsampling (forward).
+            conv = nn.Conv2d(dim, dim // 2, 3, padding=(0, 1))
+            self.resample = nn.Sequential(UpsampleFP32(scale_factor=(2.0, 2.0), mode="nearest-exact"), conv)
+            # nearest 2x copies every row twice: ceil(reach / 2) rows here cover the conv's reach there
+            self.halo_rows = -(-(conv.kernel_size[0] // 2) // 2)
+            self.rows = WHOLE_ROWS
         else:
             # Pad right/bottom only, so a stride-2 conv maps 2N pixels to exactly N.
             self.resample = nn.Sequential(
@@ -197,11 +232,21 @@ class Resample(nn.Module):
         if self.mode == "upsample3d":
             x = self._double_frames(x, cache)
         b, c, t, h, w = x.shape
-        x = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))  # [B*T, C', H', W']
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        x = self._upsample(frames) if self.mode.startswith("upsample") else self.resample(frames)  # [B*T, C', H', W']
         x = x.view(b, t, *x.shape[1:]).transpose(1, 2)  # [B, C', T, H', W']
         if self.mode == "downsample3d":
             x = self._halve_frames(x, cache)
         return x
+
+    def _upsample(self, frames: torch.Tensor) -> torch.Tensor:
+        """2x nearest upsampling, then the conv. Its halo rows are added before the upsampling, so
+        the 4x larger upsampled frames are never copied just to pad them; rows the conv does not
+        reach are cropped (a view)."""
+        upsample, conv = self.resample
+        x = upsample(self.rows.pad(frames, self.halo_rows))  # [B*T, C, 2(H + 2 halo), 2W]
+        crop = 2 * self.halo_rows - conv.kernel_size[0] // 2
+        return conv(x[..., crop:x.shape[-2] - crop, :])
 
     def _double_frames(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         # The first chunk (latent frame 0) is passed through, so it becomes 1 video frame, not

@@ -14,12 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 from live_bytes import LiveBytes
 from procs import join_gloo_group, start_gloo_ranks, wait_ranks
 from reference import rel_l2
+from safetensors.torch import load_file
 
 from wan22_core.config import TINY
 from wan22_core.models.vae import WHOLE_ROWS, WanVAE
@@ -133,6 +135,29 @@ def test_uneven_bands_and_a_rank_without_rows_is_refused():
 def test_the_one_process_seam_is_left_in_place():
     seams = [m.rows for m in tiny_vae().decoder.modules() if hasattr(m, "rows")]
     assert seams and all(seam is WHOLE_ROWS for seam in seams)
+
+
+def test_torchrun_cli_decodes_on_every_rank_and_writes_the_one_process_video(tiny_model_dir, tmp_path):
+    """`generate` under torchrun: the ranks split the decode by rows (8 latent rows over 3 ranks:
+    3 + 3 + 2), rank 0 writes the mp4; its frames equal the one-process decode of the same latents,
+    written the same way. The prompt is encoded on rank 0 while the ranks load (said on stderr)."""
+    from test_video import read_rgb
+
+    from wan22_core.checkpoints import ModelFiles, load_vae
+    from wan22_core.pipeline import decode_to_video
+    from wan22_core.video import write_mp4
+
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "-m", "wan22_core",
+         "generate", "--model-dir", str(tiny_model_dir), "--frames", "9", "--height", "64", "--width", "48",
+         "--steps", "2", "--quiet", "--fsdp", "--output", str(tmp_path / "two.mp4"),
+         "--save-latents", str(tmp_path / "two.st")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "vae decode on 3 ranks" in run.stderr and "(rank 0's CPU, while loading)" in run.stderr, run.stderr
+    latent = load_file(tmp_path / "two.st")["latents"]
+    frames = decode_to_video(load_vae(ModelFiles.from_model_dir(tiny_model_dir).vae), latent)
+    write_mp4(frames, tmp_path / "one.mp4", fps=16)
+    assert np.array_equal(read_rgb(tmp_path / "two.mp4"), read_rgb(tmp_path / "one.mp4"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The stages of `generate` that one process and the torchrun ranks share, on plain values.
 
-Encode, denoise, then save: each takes what it needs, never the argparse namespace, so the
-torchrun path (`torchrun.py`) runs the same stages on each rank (rank 0 alone encodes and saves).
+Encode, denoise, decode, write: each takes what it needs, never the argparse namespace, so the
+torchrun path (`torchrun.py`) runs the same stages on each rank (rank 0 alone encodes and writes).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from ..config import SamplerSettings
 from ..lora import LoraSpec
 from ..models.attention import resolve_backend
 from ..models.text_encoder import PromptEmbeds
+from ..models.vae import WanVAE
 from ..pipeline import Experts, decode_to_video, denoise
 from ..video import write_mp4
 
@@ -86,10 +87,9 @@ class Outputs:
                 raise FileExistsError(f"{path} exists; choose another name or pass --overwrite")
 
 
-def save_outputs(latent: torch.Tensor, vae_path: Path | None, device: torch.device, dtype: torch.dtype,
-                 outputs: Outputs, timings: dict) -> None:
-    """The latents (when asked), then VAE decode and the mp4 unless --no-video (rank 0 only under
-    torchrun)."""
+def save_latents(latent: torch.Tensor, outputs: Outputs) -> None:
+    """--save-latents (key "latents", [16, T, H/8, W/8] float32, written atomically); with --no-video
+    says that the latents are the result."""
     if outputs.latents is not None:
         outputs.latents.parent.mkdir(parents=True, exist_ok=True)
         tmp = outputs.latents.with_name(f".{outputs.latents.name}.partial")
@@ -97,10 +97,25 @@ def save_outputs(latent: torch.Tensor, vae_path: Path | None, device: torch.devi
         os.replace(tmp, outputs.latents)
     if outputs.video is None:
         print(f"wrote {outputs.latents} (latents {list(latent.shape)}; no video: --no-video)")
-        return
-    with stage("vae decode", timings):
-        vae = load_vae(vae_path, torch.float32 if device.type == "cpu" else dtype).to(device)
-        frames = decode_to_video(vae, latent, tile_size=outputs.vae_tile)
+
+
+def load_decoder(vae_path: Path, device: torch.device, dtype: torch.dtype) -> WanVAE:
+    """The VAE on `device` for decoding: fp32 on the CPU, the run's dtype on a GPU."""
+    return load_vae(vae_path, torch.float32 if device.type == "cpu" else dtype).to(device)
+
+
+def write_video(frames: torch.Tensor, outputs: Outputs, timings: dict) -> None:
     with stage("write mp4", timings):
         out = write_mp4(frames, outputs.video, fps=outputs.fps, overwrite=outputs.overwrite)
     print(f"wrote {out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {outputs.fps} fps)")
+
+
+def save_outputs(latent: torch.Tensor, vae_path: Path | None, device: torch.device, dtype: torch.dtype,
+                 outputs: Outputs, timings: dict) -> None:
+    """One process: the latents (when asked), then the VAE decode and the mp4 unless --no-video."""
+    save_latents(latent, outputs)
+    if outputs.video is None:
+        return
+    with stage("vae decode", timings):
+        frames = decode_to_video(load_decoder(vae_path, device, dtype), latent, tile_size=outputs.vae_tile)
+    write_video(frames, outputs, timings)

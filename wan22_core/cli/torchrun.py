@@ -1,24 +1,34 @@
 """`generate` on P ranks: `torchrun --nproc_per_node P -m wan22_core generate --ulysses P --fsdp ...`.
 
-Every rank loads its shards and runs the same loop; rank 0 encodes the prompt on the CPU (as
-the one-process CLI does, in --text-dtype) and broadcasts the embeddings, and rank 0 alone
-decodes and writes the outputs (only the latents with --no-video). LoRAs are merged into each
-rank's shards while it reads them; --attention applies on every rank. The process group is
-`parallel.launch`'s; this module only reads the flags.
+Every rank loads its shards and runs the same loop. Rank 0 encodes the prompt on its CPU (in
+--text-dtype) in a thread while the ranks read their shards (the two overlap instead of adding
+up) and broadcasts the embeddings. Every rank then decodes a band of the video's rows
+(parallel.vae_decode; rank 0 alone with --vae-tile, or when the latent has fewer rows than there
+are ranks), and rank 0 writes the outputs (only the latents with --no-video). LoRAs are merged
+into each rank's shards while it reads them; --attention applies on every rank. The process
+group is `parallel.launch`'s; this module only reads the flags.
 """
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from contextlib import nullcontext
+from pathlib import Path
+
+import torch
 
 from ..checkpoints import ModelFiles, expert_config
-from ..parallel.launch import from_rank0, local_device, torchrun_group, torchrun_world_size, under_torchrun
+from ..models.vae import denormalize_latent, to_images
+from ..parallel.launch import Rank0Task, local_device, torchrun_group, torchrun_world_size, under_torchrun
 from ..parallel.loading import load_expert_pair
 from ..parallel.plan import ParallelPlan, check_parallel_options
-from ..pipeline import make_noise
+from ..parallel.vae_decode import can_split_rows, decode_on_ranks
+from ..pipeline import decode_to_video, make_noise
 from ..runtime import resolve_dtype
 from . import parser as flags
-from .stages import check_model_options, denoise_video, encode_prompt, save_outputs, stage
+from .stages import (check_model_options, denoise_video, encode_prompt, load_decoder, save_latents, stage,
+                     write_video)
 
 
 def parallel_plan(args: argparse.Namespace, world_size: int, num_heads: int) -> ParallelPlan:
@@ -38,20 +48,50 @@ def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
     settings = flags.sampler_settings(args)
     device = local_device(args.device)
     dtype, text_dtype = resolve_dtype(args.dtype, device), flags.text_dtype(args)
+    outputs = flags.outputs(args)
+    started = time.perf_counter()
     with torchrun_group(plan, device) as groups:
         rank0 = groups.rank == 0
         timings: dict[str, float] = {}
         timed = stage if rank0 else (lambda name, timings: nullcontext())
-        with timed("text encoder", timings):
-            embeds = from_rank0(lambda: encode_prompt(files, args.prompt, args.negative_prompt, text_dtype), groups)
+        encoding = Rank0Task(lambda: encode_prompt(files, args.prompt, args.negative_prompt, text_dtype), groups)
         with timed("load experts", timings):
             experts = load_expert_pair(files.high_noise, files.low_noise, groups, device, dtype, args.lora_high,
                                        args.lora_low, attention=args.attention)  # LoRAs merged into the shards
+        with timed("wait for text", timings):
+            embeds = encoding.result()
+        timings["text encoder"] = encoding.seconds
+        if rank0:
+            print(f"  {'text encoder':<14} {encoding.seconds:7.2f} s  (rank 0's CPU, while loading)", file=sys.stderr)
         with timed("denoise", timings):
             noise = make_noise(args.seed, args.frames, args.height, args.width)
             latent = denoise_video(experts, embeds.positive, embeds.negative, noise, settings,
                                    batch_cfg=args.batch_cfg, progress=rank0 and not args.quiet)
             del experts
         if rank0:
-            save_outputs(latent, files.vae, device, dtype, flags.outputs(args), timings)
+            save_latents(latent, outputs)
+        if outputs.video is not None:
+            with timed("vae decode", timings):
+                frames = decode_on_ranks_stage(latent, files.vae, device, dtype, outputs.vae_tile, rank0)
+            if rank0:
+                write_video(frames, outputs, timings)
+        if rank0:
+            print(f"  {'total':<14} {time.perf_counter() - started:7.2f} s  ({plan.world_size} ranks)", file=sys.stderr)
     return timings
+
+
+def decode_on_ranks_stage(latent: torch.Tensor, vae_path: Path, device: torch.device, dtype: torch.dtype,
+                          vae_tile: int | None, rank0: bool) -> torch.Tensor | None:
+    """Frames on rank 0 (None elsewhere): every rank decodes a band of the rows, or, with --vae-tile
+    (the user asked for rank 0's tiled decode) or a latent with fewer rows than ranks, rank 0 alone."""
+    ranks = torchrun_world_size()
+    vae = load_decoder(vae_path, device, dtype) if rank0 or vae_tile is None else None
+    if vae_tile is None and can_split_rows(vae, latent.shape[-2], ranks):
+        if rank0:
+            print(f"  vae decode on {ranks} ranks, a band of rows each", file=sys.stderr)
+        video = decode_on_ranks(vae, denormalize_latent(latent[None].float()))
+        return None if video is None else to_images(video)
+    if rank0 and vae_tile is None:
+        print(f"  (a latent {latent.shape[-2]} rows high does not split over {ranks} ranks: rank 0 decodes it)",
+              file=sys.stderr)
+    return decode_to_video(vae, latent, tile_size=vae_tile) if rank0 else None

@@ -7,8 +7,10 @@ composes these with its stages; nothing here knows about flags.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -60,3 +62,39 @@ def from_rank0(make: Callable[[], T], groups: ParallelGroups) -> T:
     payload = [make() if groups.rank == 0 else None]
     dist.broadcast_object_list(payload, src=0, device=groups.device)
     return payload[0]
+
+
+class Rank0Task(Generic[T]):
+    """`make()` started in a thread on rank 0 while every rank goes on (e.g. the text encoder on the
+    CPU while the ranks read their shards: the encode no longer waits for the load, nor the load
+    for the encode); `result()` waits for it and broadcasts the value to every rank.
+
+    The thread runs no collective (only `result` does, on the calling thread). It is a daemon: a
+    rank that fails while it runs exits without waiting for it.
+    """
+
+    def __init__(self, make: Callable[[], T], groups: ParallelGroups):
+        self.groups = groups
+        self.seconds = 0.0  # make()'s own duration, on rank 0
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._thread = None
+        if groups.rank == 0:
+            self._thread = threading.Thread(target=self._run, args=(make,), name="wan22-rank0-task", daemon=True)
+            self._thread.start()
+
+    def _run(self, make: Callable[[], T]) -> None:
+        start = time.perf_counter()
+        try:
+            self._value = make()
+        except BaseException as err:  # re-raised by result() on the main thread
+            self._error = err
+        self.seconds = time.perf_counter() - start
+
+    def result(self) -> T:
+        """The value on every rank (a collective: every rank calls it once)."""
+        if self._thread is not None:
+            self._thread.join()
+            if self._error is not None:
+                raise self._error
+        return from_rank0(lambda: self._value, self.groups)

@@ -1,11 +1,16 @@
-"""Wan22MultiGPUConfig and the sampler's multi-GPU path (wan22_core.parallel's worker group).
+"""Wan22MultiGPUConfig and the multi-GPU paths of the sampler and the VAE decode (wan22_core.parallel's
+worker group).
 
 The config node validates devices and degrees (`parallel_config`) when it runs, before any
 process starts. The sampler then runs each video on the persistent worker group: started on
 the first run, kept across prompts, rebuilt when the model spec or the config changes or after
-a fault. Each rank's status goes to the sampler's status line through the adapter.
+a fault. Each rank's status goes to the sampler's status line through the adapter. The VAE
+decode with the same config decodes on that group, each rank a band of the rows. The seconds of
+each stage (start, load, sampling, decode) go to the log.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -13,8 +18,11 @@ from ..wan22_core.config import A14B, SamplerSettings
 from ..wan22_core.lora import LoraReport
 from ..wan22_core.parallel import (Job, ModelSpec, ParallelConfig, WorkerGroup, check_parallel_options, parallel_config,
                                    valid_ulysses_degrees)
+from ..wan22_core.parallel.vae_decode import can_split_rows
 from . import comfy_adapter
 from .loaders import CATEGORY, EXPERT_NAMES, MoEModel, release_cached_experts
+
+log = logging.getLogger(__name__)
 
 
 class Wan22MultiGPUConfig:
@@ -83,7 +91,29 @@ def sample_on_group(config: ParallelConfig, model: MoEModel, embeds, jobs: list,
         outputs.append(group.run(job, on_step=progress.on_step, should_cancel=runtime.interrupted))
     reports = tuple((EXPERT_NAMES[expert], report) for expert in ("high", "low")
                     for report in group.lora_reports[expert])
+    log.info("wan22 worker group (%d ranks): %s", ranks, group.stage_line())
     return outputs, reports
+
+
+def decode_on_group(config: ParallelConfig, vae, raw: torch.Tensor) -> torch.Tensor | None:
+    """Frames [B*F, H, W, 3] decoded on the live worker group of `config`, each rank a band of the
+    rows; None when there is no such group (the sampler starts it) or the latent is shorter than
+    the rank count: then the caller decodes in this process, as without the input."""
+    group, ranks = WorkerGroup.current(), config.plan.world_size
+    if group is None or group.config != config or not group.alive:
+        log.info("Wan22VAEDecode: no worker group runs for this parallel input (the sampler starts it); "
+                 "decoding in this process")
+        return None
+    if not can_split_rows(vae, raw.shape[-2], ranks):
+        log.info("Wan22VAEDecode: a latent %d rows high does not split over %d ranks; decoding in this process",
+                 raw.shape[-2], ranks)
+        return None
+    runtime = comfy_adapter.runtime
+    bar = runtime.progress_bar(raw.shape[0] * raw.shape[2])
+    frames = group.decode(vae, raw, on_frame=lambda index, total: bar.update(index + 1),
+                          should_cancel=runtime.interrupted)
+    log.info("wan22 worker group (%d ranks): %s", ranks, group.stage_line())
+    return frames
 
 
 def release_gpu_group(device: torch.device) -> None:

@@ -6,17 +6,21 @@ import os
 import torch
 
 from ..wan22_core.config import FPS, VAE_TILE, Z_DIM
+from ..wan22_core.errors import Cancelled
+from ..wan22_core.parallel import ParallelConfig
 from ..wan22_core.pipeline import decode_raw_to_video
 from ..wan22_core.video import unique_path, write_mp4
 from . import comfy_adapter
 from .loaders import CATEGORY
+from .parallel import decode_on_group
 
 SAVE_ATTEMPTS = 3  # another saver may take our file name between choosing and writing it
 
 
 class Wan22VAEDecode:
     DESCRIPTION = ("Decodes a Wan2.1 video LATENT (ours or native, e.g. from KSampler) into frames. A batch of "
-                   "videos becomes one frame sequence, as with native VAEDecode.")
+                   "videos becomes one frame sequence, as with native VAEDecode. With the parallel input, the "
+                   "sampler's multi-GPU worker group decodes it.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("images",)
@@ -29,15 +33,27 @@ class Wan22VAEDecode:
             "vae": ("WAN22_VAE", {"tooltip": "From Wan22VAELoader."}),
             "samples": ("LATENT", {"tooltip": "A Wan2.1 video latent [batch, 16, T, height/8, width/8]."}),
             "tiled": ("BOOLEAN", {"default": False, "tooltip": "Decode in 512 px tiles: much less memory at "
-                                                                "720p, with blended seams."}),
+                                                                "720p, with blended seams (in this process)."}),
+        }, "optional": {
+            "parallel": ("WAN22_PARALLEL", {"tooltip": "Optional, the sampler's Wan22MultiGPUConfig: decode on its "
+                                                       "worker group, each GPU a band of the rows (exact, 1/N of the "
+                                                       "memory each)."}),
         }}
 
-    def decode(self, vae, samples: dict, tiled: bool):
+    def decode(self, vae, samples: dict, tiled: bool, parallel: ParallelConfig | None = None):
         raw = samples["samples"]
         if raw.ndim != 5 or raw.shape[1] != Z_DIM:
             raise ValueError(f"samples must be a Wan2.1 video latent [batch, 16, frames, height/8, width/8], got "
                              f"shape {list(raw.shape)}; image latents and 48-channel Wan2.2 5B latents do not fit")
         runtime = comfy_adapter.runtime
+        if parallel is not None:
+            try:
+                frames = decode_on_group(parallel, vae, raw)
+            except Cancelled:
+                runtime.raise_if_interrupted()  # inside ComfyUI: its "interrupted", not an error
+                raise
+            if frames is not None:
+                return (frames,)
         device = runtime.vae_device()
         runtime.free_memory()
         vae.to(device)

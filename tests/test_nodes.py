@@ -6,6 +6,7 @@ import builtins
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -56,7 +57,7 @@ CONTRACT = {
     "Wan22MultiGPUConfig": (["gpus", "ulysses_degree", "fsdp", "cfg_parallel"], []),
     "Wan22MoESampler": (["model", "embeds", "width", "height", "frames", "steps", "cfg_high", "cfg_low", "boundary",
                          "shift", "solver", "seed"], ["latent", "denoise", "parallel"]),
-    "Wan22VAEDecode": (["vae", "samples", "tiled"], []),
+    "Wan22VAEDecode": (["vae", "samples", "tiled"], ["parallel"]),
     "Wan22SaveVideo": (["images", "fps", "filename_prefix"], []),
 }
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
@@ -401,14 +402,14 @@ def test_every_ui_workflow_has_its_thumbnail(ui_path):
     assert thumbnail.is_file() and thumbnail.read_bytes()[:3] == b"\xff\xd8\xff", "the template needs its thumbnail"
 
 
-def test_multigpu_workflow_connects_the_config_to_the_sampler():
+def test_multigpu_workflow_connects_the_config_to_the_sampler_and_the_decode():
     workflow = json.loads((WORKFLOWS / "wan22_t2v_a14b_multigpu.json").read_text())
     by_type = {n["type"]: n for n in workflow["nodes"]}
-    config, sampler = by_type["Wan22MultiGPUConfig"], by_type["Wan22MoESampler"]
+    config, sampler, decode = by_type["Wan22MultiGPUConfig"], by_type["Wan22MoESampler"], by_type["Wan22VAEDecode"]
     assert config["widgets_values"] == ["all", 0, True, False]
-    (link,) = [link for link in workflow["links"] if link[1] == config["id"]]
-    slot = [i["name"] for i in sampler["inputs"]].index("parallel")
-    assert link[3:] == [sampler["id"], slot, "WAN22_PARALLEL"]
+    links = [link[3:] for link in workflow["links"] if link[1] == config["id"]]
+    slots = {node["id"]: [i["name"] for i in node["inputs"]].index("parallel") for node in (sampler, decode)}
+    assert links == [[node, slot, "WAN22_PARALLEL"] for node, slot in slots.items()]
     assert sampler["widgets_values"][:9] == [1280, 720, 81, 40, 4.0, 3.0, 0.875, 12.0, "unipc"]
     assert "cpu:2" in by_type["MarkdownNote"]["widgets_values"][0]
 
@@ -730,6 +731,23 @@ def test_sampler_on_the_worker_group_equals_in_process(fake):
     loads = CACHE.loads
     sample(model, embeds)
     assert CACHE.loads == loads + 2  # the group run released this process's copy of the experts
+
+
+def test_vae_decode_on_the_worker_group_equals_in_process_and_logs_the_stages(fake, caplog):
+    caplog.set_level(logging.INFO)
+    embeds, model, vae = load_all()
+    latent = sample(model, embeds, parallel=multigpu_config(), unique_id="5")
+    decode = MAPPINGS["Wan22VAEDecode"]().decode
+    (here,) = decode(vae, latent, False)
+    fake.updates, fake.totals = [], []
+    (there,) = decode(vae, latent, False, parallel=multigpu_config())
+    assert rel_l2(there, here) <= TOL
+    assert fake.totals == [2] and [value for value, _ in fake.updates] == [1, 2]  # one update per latent frame
+    assert ("5", 0, 2, "decoding 2/2") in fake.statuses  # on the sampler's status line
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wan22 worker group (2 ranks)")]
+    assert "sampling" in lines[0] and "decode" in lines[-1], lines
+    (elsewhere,) = decode(vae, latent, False, parallel=multigpu_config(fsdp=False))  # no group runs it: here
+    assert torch.equal(elsewhere, here) and "decoding in this process" in caplog.records[-1].getMessage()
 
 
 def test_the_group_stays_up_across_prompts_and_interrupts(fake):

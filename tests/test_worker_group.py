@@ -3,13 +3,15 @@
 Imported here the way ComfyUI imports the pack: under a mangled module name, so the workers
 must bootstrap `wan22_core` on their own. Covers: parity with one process (<= 1e-5 relative,
 fp32), progress and previews, reuse and rebuild, cancel at a common step, and faults (a rank
-killed, raising, hanging; the controller killed) with no process left behind.
+killed, raising, hanging; the controller killed) with no process left behind; the same for the
+VAE decode on the group (each rank a band of the rows), and the seconds of each stage.
 """
 import importlib.machinery
 import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,11 +27,11 @@ import torch
 from procs import assert_all_gone, children_of, process_alive
 from reference import rel_l2
 
-from wan22_core.checkpoints import load_dit
+from wan22_core.checkpoints import ModelFiles, load_dit, load_vae
 from wan22_core.config import TINY, SamplerSettings
 from wan22_core.lora import LoraSpec, apply_loras
 from wan22_core.models.transformer import WanModel
-from wan22_core.pipeline import denoise, make_noise
+from wan22_core.pipeline import decode_raw_to_video, denoise, make_noise
 from wan22_core.placement import ExpertPair
 from wan22_core.tiny import write_tiny_lora
 
@@ -89,7 +91,13 @@ def env(tmp_path_factory, tiny_model_dir):
     experts = ExpertPair(load_dit(model_dir / "high_noise_model"), load_dit(model_dir / "low_noise_model"),
                          torch.device("cpu"))
     parallel, errors = import_mangled()
+    vae_path = ModelFiles.from_model_dir(model_dir).vae
+    g = torch.Generator().manual_seed(4)
+    raw = torch.randn(2, 16, 3, 7, 5, generator=g)  # 2 videos of 9 frames; 7 latent rows: bands of 4 and 3
+    reference_vae = load_vae(vae_path)
     yield dict(parallel=parallel, errors=errors, fault_file=root / "fault.json",
+               vae=importlib.import_module(f"{MANGLED}.wan22_core.checkpoints").load_vae(vae_path), raw=raw,
+               frames=torch.cat([decode_raw_to_video(reference_vae, item) for item in raw]),
                spec=parallel.ModelSpec(model_dir / "high_noise_model", model_dir / "low_noise_model"),
                job=parallel.Job(positive, negative, noise, SETTINGS),
                reference=denoise(experts, positive, negative, noise, SETTINGS))
@@ -169,6 +177,31 @@ def test_cancel_stops_every_rank_at_the_same_step(env):
     assert rel_l2(group.run(env["job"]), env["reference"]) <= TOL  # the group survives a cancel
 
 
+def test_decode_on_the_group_equals_one_process_and_reports_each_stage(env):
+    group = env["parallel"].WorkerGroup.get_or_create(env["spec"], config(env))
+    group.run(env["job"])
+    seen = []
+    frames = group.decode(env["vae"], env["raw"], on_frame=lambda index, total: seen.append((index, total)))
+    assert frames.shape == env["frames"].shape and rel_l2(frames, env["frames"]) <= TOL  # measured 1.1e-7
+    assert seen == [(index, 6) for index in range(6)]  # 2 videos x 3 latent frames, from rank 0
+    assert set(group.stage_seconds) == {"start", "load", "sampling", "decode"}
+    assert all(seconds > 0 for seconds in group.stage_seconds.values())
+    assert re.fullmatch(r"start [\d.]+ s \(load [\d.]+ s\), sampling [\d.]+ s, decode [\d.]+ s", group.stage_line())
+
+
+def test_decode_cancel_stops_every_rank_before_the_same_frame_and_refusals_keep_the_group(env):
+    group = env["parallel"].WorkerGroup.get_or_create(env["spec"], config(env))
+    pids, seen = group.pids, []
+    with pytest.raises(env["errors"].Cancelled, match="before latent frame 3 of 6"):
+        group.decode(env["vae"], env["raw"], on_frame=lambda index, total: seen.append(index),
+                     should_cancel=lambda: len(seen) >= 2)
+    assert group.last_steps == {0: 2, 1: 2}
+    with pytest.raises(ValueError, match="a latent 1 rows high cannot be split over 2 ranks"):
+        group.decode(env["vae"], env["raw"][..., :1, :])  # refused before any rank is asked
+    assert rel_l2(group.decode(env["vae"], env["raw"]), env["frames"]) <= TOL
+    assert group.alive and group.pids == pids
+
+
 def test_sigkill_of_a_rank_mid_sampling_is_a_clear_error_and_tears_down(env):
     parallel = env["parallel"]
     group = parallel.WorkerGroup.get_or_create(env["spec"], config(env))
@@ -183,6 +216,22 @@ def test_sigkill_of_a_rank_mid_sampling_is_a_clear_error_and_tears_down(env):
         group.run(env["job"], on_step=kill_rank_1)
     assert time.monotonic() - start < HEARTBEAT_S  # noticed at once, not by the heartbeat bound
     assert err.value.rank == 1 and "next run starts a fresh one" in str(err.value)
+    assert not group.alive and parallel.WorkerGroup.current() is None
+    assert_all_gone(pids)
+
+
+def test_sigkill_of_a_rank_mid_decode_is_a_clear_error_and_tears_down(env):
+    parallel = env["parallel"]
+    group = parallel.WorkerGroup.get_or_create(env["spec"], config(env))  # fresh after the kill above
+    pids = group.pids
+
+    def kill_rank_1(index, total):
+        if index == 1:
+            os.kill(pids[1], signal.SIGKILL)
+
+    with pytest.raises(parallel.WorkerGroupError, match=r"failed while decoding: rank 1 died \(killed by signal "
+                                                        r"SIGKILL\)"):
+        group.decode(env["vae"], env["raw"], on_frame=kill_rank_1)
     assert not group.alive and parallel.WorkerGroup.current() is None
     assert_all_gone(pids)
 

@@ -5,9 +5,10 @@ sys.path and imports `wan22_core` as a top-level package, so it works however th
 imported us (ComfyUI loads the pack under a mangled module name the child could not import).
 
 Messages are plain pickled dicts of built-in types and tensors, never our own classes, for
-the same reason. Controller -> rank: job, update (new LoRAs / attention backend), proceed
-(rank 0, the cancel decision), shutdown. Rank -> controller: beat, ready (after start-up and
-after an update), boundary and step (rank 0), done, error.
+the same reason. Controller -> rank: job (sampling), decode (the VAE, a band of rows per rank),
+update (new LoRAs / attention backend), proceed (rank 0, the cancel decision), shutdown.
+Rank -> controller: beat, ready (after start-up and after an update), boundary, step and frame
+(rank 0), done (with the rank's seconds for the job), error.
 """
 from __future__ import annotations
 
@@ -24,16 +25,20 @@ from multiprocessing.connection import Connection
 import torch
 import torch.distributed as dist
 
+from ..checkpoints import load_vae
 from ..config import SamplerSettings
 from ..errors import Cancelled, NumericalError
+from ..lora import file_key
 from ..models.attention import set_attention_backend
 from ..models.transformer import WanBlock
+from ..models.vae import ResidualBlock, WanVAE, to_images
 from ..pipeline import denoise
 from ..runtime import resolve_dtype
 from .fsdp import forget_forward_records
 from .loading import load_expert_pair, local_parameter_bytes, set_expert_loras
 from .mesh import init_groups
 from .plan import ParallelPlan
+from .vae_decode import decode_on_ranks
 from .worker_group import ModelSpec, recv_message, send_message
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -125,6 +130,7 @@ class Worker:
                                 world_size=self.plan.world_size,
                                 device_id=self.device if self.device.type == "cuda" else None)
         groups = init_groups(self.plan, self.device)
+        started = time.perf_counter()
         spec = ModelSpec.from_message(self.setup["spec"])
         self.experts = load_expert_pair(spec.high_noise, spec.low_noise, groups, self.device,
                                         resolve_dtype(spec.dtype, self.device), spec.loras_high, spec.loras_low,
@@ -134,9 +140,10 @@ class Worker:
             for module in expert.modules():
                 if isinstance(module, WanBlock):  # a heartbeat per block forward while sampling
                     module.register_forward_pre_hook(lambda *_: self.channel.beat())
+        self.vae: tuple[tuple, WanVAE] | None = None  # (file key, model): loaded by the first decode
         self.channel.busy = False
         held = sum(local_parameter_bytes(expert) for expert in self.experts.experts.values())
-        self.channel.send(type="ready", parameter_bytes=held)
+        self.channel.send(type="ready", parameter_bytes=held, load_s=time.perf_counter() - started)
         self.channel.status = "ready"
 
     def serve(self) -> None:
@@ -149,6 +156,8 @@ class Worker:
                 self.update(ModelSpec.from_message(message["spec"]))
             elif message["type"] == "job":
                 self.run_job(message)
+            elif message["type"] == "decode":
+                self.run_decode(message)
             else:
                 raise RuntimeError(f"protocol error: got {message['type']!r} while idle")
 
@@ -168,6 +177,7 @@ class Worker:
     def run_job(self, job: dict) -> None:
         """The lockstep loop; ends with one "done" message per rank (rank 0's carries the latent)."""
         self.channel.busy = True
+        started = time.perf_counter()
         cancel = CollectiveCancel(self, job["id"])
         on_step = self._on_step_sender(job) if self.rank == 0 else (
             lambda info: self.channel.beat(f"step {info.index + 1}/{info.total}"))
@@ -180,9 +190,43 @@ class Worker:
         except (Cancelled, NumericalError) as err:  # raised by every rank at the same step: the group stays
             outcome = dict(status=type(err).__name__, message=str(err), steps=cancel.checks - 1)
         forget_forward_records(self.experts)  # else FSDP2's per-forward records grow every job
+        self._finish(job, outcome, started)
+
+    def _finish(self, job: dict, outcome: dict, started: float) -> None:
         self.channel.busy = False
         self.channel.status = "ready"
-        self.channel.send(type="done", id=job["id"], **outcome)
+        self.channel.send(type="done", id=job["id"], seconds=time.perf_counter() - started, **outcome)
+
+    def run_decode(self, job: dict) -> None:
+        """Every rank decodes a band of each video's rows (parallel.vae_decode); rank 0's "done"
+        carries the frames [B*F, H, W, 3]. Cancel and progress once per latent frame, in lockstep."""
+        self.channel.busy = True
+        started = time.perf_counter()
+        vae = self._load_vae(job["vae"])
+        raw = job["raw"]
+        frames = FrameProgress(self, job, total=raw.shape[0] * raw.shape[2])
+        hook = vae.decoder.register_forward_pre_hook(lambda *_: frames.next())  # one call per latent frame
+        try:
+            videos = [decode_on_ranks(vae, item[None]) for item in raw]
+            outcome = dict(status="ok", steps=frames.cancel.checks,
+                           frames=torch.cat([to_images(v) for v in videos]) if self.rank == 0 else None)
+        except Cancelled as err:  # raised by every rank before the same frame
+            outcome = dict(status="Cancelled", message=str(err), steps=frames.cancel.checks - 1)
+        finally:
+            hook.remove()
+        self._finish(job, outcome, started)
+
+    def _load_vae(self, path: str) -> WanVAE:
+        """This rank's VAE (about 250 MB in bf16), read once and kept while the file stays the same."""
+        key = file_key(path)
+        if self.vae is None or self.vae[0] != key:
+            self.channel.beat("loading the VAE")
+            vae = load_vae(path, resolve_dtype("auto", self.device), device=self.device)
+            for module in vae.decoder.modules():
+                if isinstance(module, ResidualBlock):  # heartbeats while decoding
+                    module.register_forward_pre_hook(lambda *_: self.channel.beat())
+            self.vae = (key, vae)
+        return self.vae[1]
 
     def _on_step_sender(self, job: dict):
         def send(info) -> None:
@@ -217,6 +261,24 @@ class CollectiveCancel:
         flag = torch.tensor([int(cancel)], device=self.worker.device)
         dist.broadcast(flag, src=0)
         return bool(flag.item())
+
+
+class FrameProgress:
+    """Before each latent frame a decode job decodes: the collective cancel check, then progress
+    (rank 0 tells the controller, the others beat)."""
+
+    def __init__(self, worker: Worker, job: dict, total: int):
+        self.worker, self.job, self.total = worker, job, total
+        self.cancel = CollectiveCancel(worker, job["id"])
+
+    def next(self) -> None:
+        if self.cancel():
+            raise Cancelled(f"decode cancelled before latent frame {self.cancel.checks} of {self.total}")
+        index, channel = self.cancel.checks - 1, self.worker.channel
+        if self.worker.rank == 0:
+            channel.send(type="frame", id=self.job["id"], index=index, total=self.total)
+        else:
+            channel.beat(f"decoding {index + 1}/{self.total}")
 
 
 def main(setup_json: str) -> None:

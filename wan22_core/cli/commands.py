@@ -18,7 +18,7 @@ from ..runtime import default_cuda_allocator, resolve_device, resolve_dtype
 from ..tiny import cached_tiny, make_tiny, tiny_config
 from . import parser as flags
 from .parser import build_parser
-from .stages import check_model_options, denoise_video, encode_prompt, save_outputs, stage
+from .stages import check_model_options, denoise_video, encode_prompt, print_peak_memory, save_outputs, stage
 from .torchrun import run_on_ranks
 
 
@@ -47,6 +47,7 @@ def run_here(args: argparse.Namespace, files: ModelFiles) -> dict:
                                progress=not args.quiet)
         del experts
     save_outputs(latent, files.vae, device, resolve_dtype(args.dtype, device), flags.outputs(args), timings)
+    print_peak_memory(device)
     return timings
 
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ..checkpoints import ModelFiles, load_text_encoder, load_vae
 from ..config import SamplerSettings
 from ..lora import LoraSpec
+from ..memory import GIB
 from ..models.attention import resolve_backend
 from ..models.text_encoder import PromptEmbeds
 from ..models.vae import WanVAE
@@ -34,6 +35,12 @@ def stage(name: str, timings: dict):
     yield
     timings[name] = time.perf_counter() - start
     print(f"  {name:<14} {timings[name]:7.2f} s", file=sys.stderr)
+
+
+def print_peak_memory(device: torch.device) -> None:
+    """The CUDA allocator's peak over the run (what the card had to hold), on a GPU."""
+    if device.type == "cuda":
+        print(f"  {'peak memory':<14} {torch.cuda.max_memory_allocated(device) / GIB:7.2f} GiB", file=sys.stderr)
 
 
 def check_model_options(attention: str, loras: Sequence[LoraSpec]) -> None:

@@ -20,15 +20,16 @@ import torch
 
 from ..checkpoints import ModelFiles, expert_config
 from ..models.vae import denormalize_latent, to_images
-from ..parallel.launch import Rank0Task, local_device, torchrun_group, torchrun_world_size, under_torchrun
+from ..parallel.launch import (Rank0Task, cpu_threads_per_rank, local_device, torchrun_group, torchrun_world_size,
+                               under_torchrun)
 from ..parallel.loading import load_expert_pair
 from ..parallel.plan import ParallelPlan, check_parallel_options
 from ..parallel.vae_decode import can_split_rows, decode_on_ranks
 from ..pipeline import decode_to_video, make_noise
 from ..runtime import resolve_dtype
 from . import parser as flags
-from .stages import (check_model_options, denoise_video, encode_prompt, load_decoder, save_latents, stage,
-                     write_video)
+from .stages import (check_model_options, denoise_video, encode_prompt, load_decoder, print_peak_memory,
+                     save_latents, stage, write_video)
 
 
 def parallel_plan(args: argparse.Namespace, world_size: int, num_heads: int) -> ParallelPlan:
@@ -54,7 +55,8 @@ def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
         rank0 = groups.rank == 0
         timings: dict[str, float] = {}
         timed = stage if rank0 else (lambda name, timings: nullcontext())
-        encoding = Rank0Task(lambda: encode_prompt(files, args.prompt, args.negative_prompt, text_dtype), groups)
+        encoding = Rank0Task(lambda: encode_on_rank0(files, args.prompt, args.negative_prompt, text_dtype, device),
+                             groups)
         with timed("load experts", timings):
             experts = load_expert_pair(files.high_noise, files.low_noise, groups, device, dtype, args.lora_high,
                                        args.lora_low, attention=args.attention)  # LoRAs merged into the shards
@@ -76,8 +78,19 @@ def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
             if rank0:
                 write_video(frames, outputs, timings)
         if rank0:
+            print_peak_memory(device)
             print(f"  {'total':<14} {time.perf_counter() - started:7.2f} s  ({plan.world_size} ranks)", file=sys.stderr)
     return timings
+
+
+def encode_on_rank0(files: ModelFiles, prompt: str, negative_prompt: str | None, dtype: torch.dtype | None,
+                    device: torch.device):
+    """The text encode on rank 0's CPU. With GPU ranks it gets the node's cores per rank instead of
+    torchrun's one thread (the other ranks meanwhile read shards, and their GPUs compute); CPU
+    ranks keep their share, they compute on the same cores."""
+    if device.type == "cuda":
+        torch.set_num_threads(cpu_threads_per_rank())  # this thread's OpenMP team: the encode's
+    return encode_prompt(files, prompt, negative_prompt, dtype)
 
 
 def decode_on_ranks_stage(latent: torch.Tensor, vae_path: Path, device: torch.device, dtype: torch.dtype,

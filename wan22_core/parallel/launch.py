@@ -56,6 +56,14 @@ def torchrun_group(plan: ParallelPlan, device: torch.device) -> Iterator[Paralle
         dist.destroy_process_group()
 
 
+def cpu_threads_per_rank() -> int:
+    """This node's CPU cores shared out among its ranks (LOCAL_WORLD_SIZE). torchrun starts every
+    rank with OMP_NUM_THREADS=1, right for ranks that keep a GPU busy but not for CPU work one of
+    them does while the others wait, like rank 0's text encode (UMT5-XXL, ~1e13 FLOP)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def from_rank0(make: Callable[[], T], groups: ParallelGroups) -> T:
     """`make()` on rank 0 alone (e.g. the text encoder: 11 GB, once, not once per rank), its
     value broadcast to every rank."""

@@ -195,7 +195,9 @@ class Worker:
     def _finish(self, job: dict, outcome: dict, started: float) -> None:
         self.channel.busy = False
         self.channel.status = "ready"
-        self.channel.send(type="done", id=job["id"], seconds=time.perf_counter() - started, **outcome)
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        self.channel.send(type="done", id=job["id"], seconds=time.perf_counter() - started, peak_bytes=peak,
+                          **outcome)
 
     def run_decode(self, job: dict) -> None:
         """Every rank decodes a band of each video's rows (parallel.vae_decode); rank 0's "done"

@@ -46,6 +46,7 @@ from ..checkpoints import check_expert_pair
 from ..config import DiTConfig, ExpertOptions, SamplerSettings
 from ..errors import Cancelled, NumericalError, Wan22Error
 from ..lora import LoraReport, LoraSpec, file_key, lora_deltas
+from ..memory import GIB
 from ..models.attention import resolve_backend
 from ..models.transformer import WanModel
 from ..models.vae import WanVAE
@@ -277,6 +278,7 @@ class WorkerGroup:
         # seconds of each stage: start (processes to ready, this controller's clock), load (the
         # slowest rank's own), then the last sampling and decode jobs (rank 0's own)
         self.stage_seconds: dict[str, float] = {}
+        self.peak_bytes: dict[int, int] = {}  # CUDA ranks: the allocator's peak so far (since the start)
         started = time.perf_counter()
         sweep_stale_rendezvous()
         self._rendezvous_dir = tempfile.mkdtemp(prefix=f"{RENDEZVOUS_PREFIX}{os.getpid()}-")  # 0700: ours alone
@@ -347,10 +349,14 @@ class WorkerGroup:
         return self._run_job(message, progress, should_cancel, "decode", "frames")
 
     def stage_line(self) -> str:
-        """The seconds of each stage so far, for the log: "start 14.0 s (load 12.1 s), sampling 45.2 s"."""
+        """The seconds of each stage so far, for the log: "start 14.0 s (load 12.1 s), sampling 45.2 s", and on
+        GPUs the allocator peak of the fullest one."""
         s = self.stage_seconds
         parts = [f"start {s['start']:.1f} s (load {s['load']:.1f} s)"] if "start" in s else []
-        return ", ".join(parts + [f"{name} {s[name]:.1f} s" for name in ("sampling", "decode") if name in s])
+        parts += [f"{name} {s[name]:.1f} s" for name in ("sampling", "decode") if name in s]
+        if self.peak_bytes:  # CUDA ranks
+            parts.append(f"peak {max(self.peak_bytes.values()) / GIB:.1f} GiB on the fullest GPU")
+        return ", ".join(parts)
 
     def _run_job(self, message: dict, progress: Callable[[dict], None], should_cancel, stage: str, result: str):
         """Send one job to every rank and pump its messages until every rank is done; returns rank 0's
@@ -363,6 +369,7 @@ class WorkerGroup:
             raise job_run.error
         value = self._job_result(done, result)
         self.stage_seconds[stage] = done[0]["seconds"]
+        self.peak_bytes = {rank: m["peak_bytes"] for rank, m in sorted(done.items()) if m["peak_bytes"] is not None}
         return value
 
     def _update(self, spec: ModelSpec, lora_reports: dict[str, tuple[LoraReport, ...]]) -> None:

@@ -3,13 +3,14 @@
     python benchmarks/bench_stages.py                    # 2 ranks, 3 rounds of each order
     python benchmarks/bench_stages.py --append-results   # also append the table to benchmarks/RESULTS.md
 
-What the torchrun CLI does (rank 0 encodes the prompt in a thread while every rank reads its
-shards: `parallel.launch.Rank0Task`) against the order before it (rank 0 encodes and broadcasts,
-then every rank loads), with the CLI's own stage functions, in the same rank processes,
-alternating, after one warm-up round (imports, page cache). A mid-size random model set
-(`make_tiny` at larger sizes) makes both stages take about a second on a CPU. The saving is at
-most min(encode, load); on CPU ranks the two stages compete for the same cores, so it is less
-here than on GPU ranks, whose load is disk reads and host-to-device copies.
+Rank 0 encodes the prompt in a thread while every rank reads its shards (`parallel.launch.Rank0Task`
+in the background, what the torchrun CLI does on GPU ranks) against the serial order (rank 0
+encodes and broadcasts, then every rank loads: what it does on CPU ranks), with the CLI's own
+stage functions, in the same rank processes, alternating, after one warm-up round (imports,
+page cache). A mid-size random model set (`make_tiny` at larger sizes) makes both stages take
+about a second on a CPU. The saving is at most min(encode, load), and only where the two do not
+compete for the same cores: on CPU ranks they do, which is why the CLI overlaps on GPU ranks
+only (whose load is disk reads and host-to-device copies).
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def rank_main(rank: int, world: int, port: int, model_dir: str, rounds: int, out
 
     def overlapped() -> tuple:
         start = time.perf_counter()
-        task = Rank0Task(encode, groups)
+        task = Rank0Task(encode, groups, background=True)
         load()
         loaded = time.perf_counter()
         embeds = task.result()

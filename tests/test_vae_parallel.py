@@ -12,6 +12,7 @@ tracker and a collective counter, and rank 0 assembles the frames. The test proc
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,14 @@ def test_bytes_each_rank_sends_match_the_closed_form(runs, world):
             assert results[name]["sent"] == want, (rank, name)
 
 
+def test_rank0_task_runs_during_the_load_in_the_background_and_before_it_otherwise(runs):
+    """parallel.launch.Rank0Task, as the torchrun CLI uses it for the text encode: every rank gets
+    rank 0's value; in the background make() runs while the caller goes on (it sees the event the
+    caller sets afterwards), else it runs first."""
+    for world in WORLDS:
+        assert [results["rank0_task"] for results in runs[world]] == [{True: (True, False), False: (False, True)}] * world
+
+
 def test_halo_rows_are_read_from_the_layers():
     """The Wan2.1 decoder: every 3x3 convolution exchanges one row each way at the resolution it
     runs at, except the convolutions after an upsampling, whose row is exchanged before it (one
@@ -153,7 +162,7 @@ def test_torchrun_cli_decodes_on_every_rank_and_writes_the_one_process_video(tin
          "--steps", "2", "--quiet", "--fsdp", "--output", str(tmp_path / "two.mp4"),
          "--save-latents", str(tmp_path / "two.st")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "vae decode on 3 ranks" in run.stderr and "(rank 0's CPU, while loading)" in run.stderr, run.stderr
+    assert "vae decode on 3 ranks" in run.stderr and "(rank 0's CPU, before loading)" in run.stderr, run.stderr
     latent = load_file(tmp_path / "two.st")["latents"]
     frames = decode_to_video(load_vae(ModelFiles.from_model_dir(tiny_model_dir).vae), latent)
     write_mp4(frames, tmp_path / "one.mp4", fps=16)
@@ -162,6 +171,29 @@ def test_torchrun_cli_decodes_on_every_rank_and_writes_the_one_process_video(tin
 
 # ---------------------------------------------------------------------------------------------
 # What each rank process runs (this file executed as a script)
+
+
+def rank0_task_overlaps(rank):
+    """{background: (what make() saw, whether it ran on the main thread)}, as every rank got it. make()
+    waits for an event that the caller sets right after starting the task (its "load"): it sees it
+    set only if it ran meanwhile in another thread; run first, it sees it unset."""
+    import threading
+
+    from wan22_core.parallel.launch import Rank0Task
+
+    groups = types.SimpleNamespace(rank=rank, device=torch.device("cpu"))
+    seen = {}
+    for background in (True, False):
+        loading = threading.Event()
+
+        def make():
+            saw = loading.wait(timeout=60) if background else loading.is_set()
+            return saw, threading.current_thread() is threading.main_thread()
+
+        task = Rank0Task(make, groups, background=background)
+        loading.set()
+        seen[background] = task.result()
+    return seen
 
 
 def rank_main(rank, world, port, out_dir):
@@ -180,6 +212,7 @@ def rank_main(rank, world, port, out_dir):
         results[name] = dict(peak=peak, video=gather_bands(band, bands))
         results[name]["sent"] = sum(counts.values())
     assert all(m.rows is WHOLE_ROWS for m in vae.decoder.modules() if hasattr(m, "rows"))  # restored
+    results["rank0_task"] = rank0_task_overlaps(rank)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

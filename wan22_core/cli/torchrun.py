@@ -1,12 +1,12 @@
 """`generate` on P ranks: `torchrun --nproc_per_node P -m wan22_core generate --ulysses P --fsdp ...`.
 
 Every rank loads its shards and runs the same loop. Rank 0 encodes the prompt on its CPU (in
---text-dtype) in a thread while the ranks read their shards (the two overlap instead of adding
-up) and broadcasts the embeddings. Every rank then decodes a band of the video's rows
-(parallel.vae_decode; rank 0 alone with --vae-tile, or when the latent has fewer rows than there
-are ranks), and rank 0 writes the outputs (only the latents with --no-video). LoRAs are merged
-into each rank's shards while it reads them; --attention applies on every rank. The process
-group is `parallel.launch`'s; this module only reads the flags.
+--text-dtype) and broadcasts the embeddings; with GPU ranks it does so in a thread while the
+ranks read their shards (the two overlap instead of adding up). Every rank then decodes a band
+of the video's rows (parallel.vae_decode; rank 0 alone with --vae-tile, or when the latent has
+fewer rows than there are ranks), and rank 0 writes the outputs (only the latents with
+--no-video). LoRAs are merged into each rank's shards while it reads them; --attention applies
+on every rank. The process group is `parallel.launch`'s; this module only reads the flags.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
         timings: dict[str, float] = {}
         timed = stage if rank0 else (lambda name, timings: nullcontext())
         encoding = Rank0Task(lambda: encode_on_rank0(files, args.prompt, args.negative_prompt, text_dtype, device),
-                             groups)
+                             groups, background=device.type == "cuda")
         with timed("load experts", timings):
             experts = load_expert_pair(files.high_noise, files.low_noise, groups, device, dtype, args.lora_high,
                                        args.lora_low, attention=args.attention)  # LoRAs merged into the shards
@@ -64,7 +64,8 @@ def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
             embeds = encoding.result()
         timings["text encoder"] = encoding.seconds
         if rank0:
-            print(f"  {'text encoder':<14} {encoding.seconds:7.2f} s  (rank 0's CPU, while loading)", file=sys.stderr)
+            when = "while loading" if encoding.background else "before loading"
+            print(f"  {'text encoder':<14} {encoding.seconds:7.2f} s  (rank 0's CPU, {when})", file=sys.stderr)
         with timed("denoise", timings):
             noise = make_noise(args.seed, args.frames, args.height, args.width)
             latent = denoise_video(experts, embeds.positive, embeds.negative, noise, settings,

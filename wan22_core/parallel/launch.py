@@ -73,29 +73,34 @@ def from_rank0(make: Callable[[], T], groups: ParallelGroups) -> T:
 
 
 class Rank0Task(Generic[T]):
-    """`make()` started in a thread on rank 0 while every rank goes on (e.g. the text encoder on the
-    CPU while the ranks read their shards: the encode no longer waits for the load, nor the load
-    for the encode); `result()` waits for it and broadcasts the value to every rank.
+    """`make()` on rank 0 while every rank goes on, its value broadcast to every rank by `result()`.
 
-    The thread runs no collective (only `result` does, on the calling thread). It is a daemon: a
-    rank that fails while it runs exits without waiting for it.
+    In the background (a thread) when `background`: e.g. the text encode on rank 0's CPU while GPU
+    ranks read their shards, which is disk reads and host-to-device copies, so the two overlap
+    instead of adding up. Else at once, before the caller goes on: CPU ranks, whose load competes
+    for the same cores (benchmarks/bench_stages.py: no gain there). The thread runs no collective
+    (only `result` does, on the calling thread); it is a daemon, so a rank that fails meanwhile
+    exits without waiting for it.
     """
 
-    def __init__(self, make: Callable[[], T], groups: ParallelGroups):
+    def __init__(self, make: Callable[[], T], groups: ParallelGroups, background: bool):
         self.groups = groups
+        self.background = background
         self.seconds = 0.0  # make()'s own duration, on rank 0
         self._value: T | None = None
         self._error: BaseException | None = None
         self._thread = None
-        if groups.rank == 0:
+        if groups.rank == 0 and background:
             self._thread = threading.Thread(target=self._run, args=(make,), name="wan22-rank0-task", daemon=True)
             self._thread.start()
+        elif groups.rank == 0:
+            self._run(make)
 
     def _run(self, make: Callable[[], T]) -> None:
         start = time.perf_counter()
         try:
             self._value = make()
-        except BaseException as err:  # re-raised by result() on the main thread
+        except BaseException as err:  # re-raised by result() on the calling thread
             self._error = err
         self.seconds = time.perf_counter() - start
 
@@ -103,6 +108,6 @@ class Rank0Task(Generic[T]):
         """The value on every rank (a collective: every rank calls it once)."""
         if self._thread is not None:
             self._thread.join()
-            if self._error is not None:
-                raise self._error
+        if self._error is not None:
+            raise self._error
         return from_rank0(lambda: self._value, self.groups)

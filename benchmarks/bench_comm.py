@@ -8,7 +8,9 @@
    parallel code issues is counted per rank (all_to_all_single: the (P-1)/P of the input that
    leaves the rank; all_gather / all_gather_single: (P-1) copies of the local input) over the
    steady-state steps, and compared with the closed form of docs/multigpu.md. They must agree
-   to the byte.
+   to the byte. The same for the row-parallel VAE decode (parallel/vae_decode.py): halo rows,
+   the attention's frame and the bands sent to rank 0, every rank's count against
+   `vae_decode_bytes`.
 2. Projected (A14B, 1280x720, 81 frames): the same formula at full size, communication time at
    NVLink-class (450 GB/s per direction per GPU) and PCIe-class (25 GB/s) bandwidth, next to the
    compute time from the FLOP count of design.md §5 at 790 TFLOP/s bf16 peak and an assumed MFU.
@@ -135,9 +137,30 @@ def rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> Non
         denoise(experts, positive, negative, make_noise(0, FRAMES, HEIGHT, WIDTH), settings,
                 on_step=lambda info: counts.clear() if info.index == 0 else None)
         results[name] = {k: v // (settings.steps - 1) for k, v in counts.items()}
+    results["vae decode"] = vae_decode_counts(counts, world)
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     dist.destroy_process_group()
+
+
+VAE_LATENT = (3, 7, 5)  # latent frames, rows, columns: 9 frames of 40x56 px; 7 rows split unevenly
+
+
+def vae_decode_counts(counts: dict, world: int) -> dict:
+    """{rank: bytes it sent} in one row-parallel decode of the tiny VAE (fp32), every rank's count."""
+    from wan22_core.config import TINY
+    from wan22_core.models.vae import WanVAE
+    from wan22_core.parallel.vae_decode import decode_band, gather_bands
+
+    vae = WanVAE(TINY.vae).eval()
+    raw = torch.randn(1, 16, *VAE_LATENT, generator=torch.Generator().manual_seed(0))
+    counts.clear()
+    with torch.no_grad():
+        gather_bands(*decode_band(vae, raw))
+    mine = sum(counts.values())
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return dict(enumerate(everyone))
 
 
 def measure(world: int, model_dir: Path, workdir: Path) -> dict:
@@ -286,11 +309,14 @@ def report(measured: dict, cfg) -> str:
              "| ranks | plan | collective | measured | formula | match |", "|---|---|---|---|---|---|"]
     for world, per_scenario in measured.items():
         for name, counts in per_scenario.items():
+            if name == "vae decode":
+                continue
             want = expected(name, world, cfg)
             for kind in sorted(set(counts) | set(want)):
                 got, formula = counts.get(kind, 0), want.get(kind, 0)
                 match = "yes" if got == formula else "NO"
                 lines.append(f"| {world} | {name} | {kind} | {got:,} | {formula:,} | {match} |")
+    lines += vae_report(measured)
     lines += ["", "### Projected: A14B, 1280x720x81 (75,600 tokens), bf16, 40 steps x (cond + uncond)", "",
               f"Compute from the FLOP count at {PEAK_FLOPS / 1e12:.0f} TFLOP/s x MFU {MFU}; Ulysses traffic on the "
               "critical path; FSDP all-gathers (reshard after forward) overlapped with compute, only the "
@@ -303,6 +329,20 @@ def report(measured: dict, cfg) -> str:
         lines.append(f"| {r['gpus']} | {r['layout']} | {r['sp_gb']:.1f} | {r['fsdp_gb']:.1f} | "
                      f"{r['compute_s']:.2f} | {cells} |")
     return "\n".join(lines)
+
+
+def vae_report(measured: dict) -> list[str]:
+    """The row-parallel VAE decode's measured bytes per rank against `vae_decode_bytes`."""
+    from wan22_core.config import TINY
+
+    lines = ["", f"### Row-parallel VAE decode, measured vs the formula, bytes each rank sends per decode (fp32, tiny "
+             f"VAE, latent {VAE_LATENT[0]} frames x {VAE_LATENT[1]} x {VAE_LATENT[2]})", "",
+             "| ranks | rank | measured | formula | match |", "|---|---|---|---|---|"]
+    for world, per_scenario in measured.items():
+        for rank, got in sorted(per_scenario["vae decode"].items(), key=lambda item: int(item[0])):
+            want = vae_decode_bytes(TINY.vae, *VAE_LATENT, world, int(rank), batch=1, elem=4)
+            lines.append(f"| {world} | {rank} | {got:,} | {want:,} | {'yes' if got == want else 'NO'} |")
+    return lines
 
 
 def main() -> None:

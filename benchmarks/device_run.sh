@@ -6,6 +6,7 @@
 #   OUT=/tmp/out bash benchmarks/device_run.sh card                  # ~4 min
 #   OUT=/tmp/out bash benchmarks/device_run.sh blocks [DIR ...]      # ~6 min
 #   OUT=/tmp/out bash benchmarks/device_run.sh all [DIR ...]
+#   OUT=/tmp/out bash benchmarks/device_run.sh group                 # ~7 min, its own call (not in all)
 #
 # card:   720p on a 24 GB card: the real sampler under a 24 GiB allocator cap, and the time of a
 #         whole-expert move, pageable vs pinned (bench_small_card.py).
@@ -52,4 +53,7 @@ if [ "$phase" = blocks ] || [ "$phase" = all ]; then
         2>&1 | tee -a "$OUT/install.log"
     timeout 400 python3 benchmarks/bench_gpu.py --only ours,attention,compile,overhead,vae --budget-s 300 \
         --json "$OUT/gpu.json" --chart "$OUT/gpu.png" 2>&1 | tee "$OUT/gpu.log"
+fi
+if [ "$phase" = group ]; then
+    timeout 590 python3 benchmarks/bench_group.py --json "$OUT/group.json" 2>&1 | tee "$OUT/group.log"
 fi

@@ -109,6 +109,8 @@ def decode_on_group(config: ParallelConfig, vae, raw: torch.Tensor) -> torch.Ten
                  raw.shape[-2], ranks)
         return None
     runtime = comfy_adapter.runtime
+    if config.backend == "nccl":
+        runtime.free_memory()  # rank 0 decodes on a GPU where ComfyUI may hold models
     bar = runtime.progress_bar(raw.shape[0] * raw.shape[2])
     frames = group.decode(vae, raw, on_frame=lambda index, total: bar.update(index + 1),
                           should_cancel=runtime.interrupted)

@@ -95,7 +95,7 @@ def env(tmp_path_factory, tiny_model_dir):
     g = torch.Generator().manual_seed(4)
     raw = torch.randn(2, 16, 3, 7, 5, generator=g)  # 2 videos of 9 frames; 7 latent rows: bands of 4 and 3
     reference_vae = load_vae(vae_path)
-    yield dict(parallel=parallel, errors=errors, fault_file=root / "fault.json",
+    yield dict(parallel=parallel, errors=errors, fault_file=root / "fault.json", model_dir=model_dir,
                vae=importlib.import_module(f"{MANGLED}.wan22_core.checkpoints").load_vae(vae_path), raw=raw,
                frames=torch.cat([decode_raw_to_video(reference_vae, item) for item in raw]),
                spec=parallel.ModelSpec(model_dir / "high_noise_model", model_dir / "low_noise_model"),
@@ -199,6 +199,20 @@ def test_decode_cancel_stops_every_rank_before_the_same_frame_and_refusals_keep_
     with pytest.raises(ValueError, match="a latent 1 rows high cannot be split over 2 ranks"):
         group.decode(env["vae"], env["raw"][..., :1, :])  # refused before any rank is asked
     assert rel_l2(group.decode(env["vae"], env["raw"]), env["frames"]) <= TOL
+    assert group.alive and group.pids == pids
+
+
+def test_a_job_on_one_expert_only_keeps_the_group(env):
+    """boundary 0: every step on the high-noise expert, the low-noise one never runs a forward (as
+    with few steps, or a start latent at low denoise). Clearing FSDP2's records after the job used
+    to fail on the unused expert and end the group."""
+    group = env["parallel"].WorkerGroup.get_or_create(env["spec"], config(env))
+    pids, settings = group.pids, SamplerSettings(steps=2, boundary=0.0)
+    job = replace(env["job"], settings=settings)
+    experts = ExpertPair(load_dit(env["model_dir"] / "high_noise_model"), load_dit(env["model_dir"] / "low_noise_model"),
+                         torch.device("cpu"))
+    expected = denoise(experts, job.positive, job.negative, job.noise, settings)
+    assert rel_l2(group.run(job), expected) <= TOL
     assert group.alive and group.pids == pids
 
 

@@ -80,7 +80,8 @@ def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
                 write_video(frames, outputs, timings)
         if rank0:
             print_peak_memory(device)
-            print(f"  {'total':<14} {time.perf_counter() - started:7.2f} s  ({plan.world_size} ranks)", file=sys.stderr)
+            print(f"  {'total':<14} {time.perf_counter() - started:7.2f} s  ({plan.world_size} rank"
+                  f"{'s' if plan.world_size > 1 else ''})", file=sys.stderr)
     return timings
 
 
@@ -101,7 +102,7 @@ def decode_on_ranks_stage(latent: torch.Tensor, vae_path: Path, device: torch.de
     ranks = torchrun_world_size()
     vae = load_decoder(vae_path, device, dtype) if rank0 or vae_tile is None else None
     if vae_tile is None and can_split_rows(vae, latent.shape[-2], ranks):
-        if rank0:
+        if rank0 and ranks > 1:
             print(f"  vae decode on {ranks} ranks, a band of rows each", file=sys.stderr)
         video = decode_on_ranks(vae, denormalize_latent(latent[None].float()))
         return None if video is None else to_images(video)

@@ -70,6 +70,8 @@ def forget_forward_records(experts: ShardedExperts | ExpertPair) -> None:
     """
     sharded = [root for root in map(fsdp_root, experts.experts.values()) if root is not None]
     for expert in sharded:
+        if expert._get_fsdp_state()._is_root is None:  # never ran a forward (e.g. a job on one expert only):
+            continue  # nothing recorded, and reset_iter_state would fail on its uninitialised state
         if hasattr(expert, "reset_iter_state"):  # torch >= 2.12
             expert.reset_iter_state()
         else:

@@ -47,7 +47,9 @@ import bench_comm  # noqa: E402
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from wan22_core.config import A14B, FRAMES  # noqa: E402
 from wan22_core.memory import video_tokens  # noqa: E402
+from wan22_core.models.vae import WanVAE  # noqa: E402
 from wan22_core.parallel.plan import valid_ulysses_degrees  # noqa: E402
+from wan22_core.parallel.vae_decode import row_exchanges  # noqa: E402
 from wan22_core.pipeline import latent_shape  # noqa: E402
 
 STEPS = 40
@@ -68,7 +70,7 @@ DECODE_720P_S = 4.1  # one H100, bf16, untiled (benchmarks/RESULTS.md, bench_gpu
 # 978 s at 720p and 262 s at 480p (benchmarks/RESULTS.md, run 5; compiled with FlashAttention 4:
 # 803 and 212 s). Per step:
 STEP_1GPU_S = {"480p": 262 / 40, "720p": 978 / 40}
-LATENCY_S = 20e-6  # assumed per exchange (the decode makes ~550 small ones per video)
+LATENCY_S = 20e-6  # assumed per exchange (the decode makes 34 per latent frame, 714 per video)
 # Between the two nodes, per GPU: NVLink-class clusters have a 400 Gb/s NIC per GPU; a PCIe-class
 # pair of nodes one 100 Gb/s NIC per node shared by its 8 GPUs (assumed).
 INTER_NODE_BPS = {"NVLink 450 GB/s": 50e9, "PCIe 25 GB/s": 12.5e9 / GPUS_PER_NODE}
@@ -133,7 +135,8 @@ def decode_seconds(height: int, width: int, gpus: int, link: str) -> float:
         return one_gpu
     bandwidth = INTER_NODE_BPS[link] if gpus > GPUS_PER_NODE else LINKS[link]
     sent = max(vae_decode_bytes(A14B.vae, frames, latent_h, latent_w, gpus, rank) for rank in range(gpus))
-    exchanges = 27 * frames  # 26 halo exchanges and one gather per latent frame (row_exchanges)
+    with torch.device("meta"):
+        exchanges = len(row_exchanges(WanVAE(A14B.vae).decoder)) * frames  # 33 halo + 1 gather per latent frame
     return one_gpu / gpus + sent / bandwidth + exchanges * LATENCY_S
 
 

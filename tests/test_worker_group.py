@@ -196,7 +196,7 @@ def test_decode_cancel_stops_every_rank_before_the_same_frame_and_refusals_keep_
         group.decode(env["vae"], env["raw"], on_frame=lambda index, total: seen.append(index),
                      should_cancel=lambda: len(seen) >= 2)
     assert group.last_steps == {0: 2, 1: 2}
-    with pytest.raises(ValueError, match="a latent 1 rows high cannot be split over 2 ranks"):
+    with pytest.raises(ValueError, match="a latent 1 row high cannot be split over 2 ranks"):
         group.decode(env["vae"], env["raw"][..., :1, :])  # refused before any rank is asked
     assert rel_l2(group.decode(env["vae"], env["raw"]), env["frames"]) <= TOL
     assert group.alive and group.pids == pids

@@ -97,11 +97,12 @@ def check_bands(decoder: nn.Module, height: int, ranks: int) -> list[int]:
     """row_bands, or a ValueError when a rank would get too few rows for some layer's halo (at least
     one latent row each: the Wan2.1 decoder's convolutions reach one row)."""
     bands = row_bands(height, ranks)
-    reach = max((math.ceil(e.rows / e.scale) for e in row_exchanges(decoder)), default=0)
-    if min(bands) < max(1, reach):
-        raise ValueError(f"a latent {height} rows high cannot be split over {ranks} ranks: each rank needs at least "
-                         f"{max(1, reach)} latent row(s) ({8 * max(1, reach)} px); decode on at most "
-                         f"{height // max(1, reach)} ranks, or on one")
+    need = max([1] + [math.ceil(e.rows / e.scale) for e in row_exchanges(decoder)])  # latent rows per rank
+    if min(bands) < need:
+        most = height // need
+        raise ValueError(f"a latent {height} row{'s' if height != 1 else ''} high cannot be split over {ranks} ranks: "
+                         f"each rank needs at least {need} latent row(s) ({8 * need} px); decode on at most "
+                         f"{most} rank{'s' if most != 1 else ''}, or on one")
     return bands
 
 

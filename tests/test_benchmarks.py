@@ -66,16 +66,18 @@ def test_bench_small_card_adds_two_blocks_when_the_cap_is_hit(monkeypatch, tmp_p
 
 def test_bench_group_dry_run_compares_the_worker_group_with_both_clis(tmp_path):
     """The device script of issue 16 (device_run.sh group) on one CPU rank: model set, text encode,
-    the group (start, steps, decode), the one-process CLI and the torchrun CLI, their stage times."""
-    out = run("bench_group.py", "--steps", "2", "--workdir", str(tmp_path / "models"), "--json",
+    the group (start, steps, decode), the one-process CLI and their stage times. The torchrun
+    phase (the same `run_cli` with torchrun in front) is left to the time budget here: the torchrun
+    CLI itself is test_vae_parallel's."""
+    out = run("bench_group.py", "--steps", "2", "--budget-s", "0", "--workdir", str(tmp_path / "models"), "--json",
               str(tmp_path / "group.json"), cwd=tmp_path)
     data = json.loads((tmp_path / "group.json").read_text())
-    group, cli, torchrun = data["group"], data["cli"], data["torchrun"]
-    assert "dry run: OK" in out and data["dry_run"] and data["skipped"] == [] and data["text_encode_s"] > 0
+    group, cli = data["group"], data["cli"]
+    assert "dry run: OK" in out and data["dry_run"] and data["text_encode_s"] > 0
+    assert data["skipped"] == ["torchrun (time budget)"] and "torchrun" not in data
     assert group["ranks"] == 1 and group["finite"] and group["frames"] == [5, 32, 48, 3]
     assert set(group["stages"]) == {"start", "load", "sampling", "decode"} and len(group["step_wall_s"]) == 2
     assert {"text encoder", "load experts", "denoise", "vae decode", "write mp4"} <= set(cli["stages"])
-    assert {"text encoder", "load experts", "wait for text", "denoise", "total"} <= set(torchrun["stages"])
     comparison = data["comparison"]
     assert comparison["group_rank_s_per_step"] == pytest.approx(group["stages"]["sampling"] / 2)
     assert comparison["cli_s_per_step"] == pytest.approx(cli["stages"]["denoise"] / 2)

@@ -32,9 +32,9 @@ from wan22_core.tiny import seeded
 TOL = 1e-5
 WORLDS = (2, 3)
 # name -> latent (T, h, w): heights 6 (divides 2 and 3) and 7 (neither); 2 and 3 latent frames
-# (5 and 9 video frames); the tall one is for the memory ratio (activations dominate there).
-LATENTS = {"6 rows x 2 frames": (2, 6, 5), "7 rows x 3 frames": (3, 7, 4), "tall": (2, 24, 4)}
-MEMORY_CASE = "tall"
+# (5 and 9 video frames). The memory ratio is measured on the first (even bands).
+LATENTS = {"6 rows x 2 frames": (2, 6, 5), "7 rows x 3 frames": (3, 7, 4)}
+MEMORY_CASE = "6 rows x 2 frames"
 
 
 def tiny_vae() -> WanVAE:
@@ -53,11 +53,20 @@ def decode_peak(vae: WanVAE, decode, raw: torch.Tensor):
     return out, tracker.peak
 
 
+def decode(vae: WanVAE, decode, name: str):
+    """(decode(raw), peak activation bytes, only for MEMORY_CASE: the tracker slows a decode down)."""
+    raw = raw_latent(name)
+    if name == MEMORY_CASE:
+        return decode_peak(vae, decode, raw)
+    with torch.no_grad():
+        return decode(raw), None
+
+
 @pytest.fixture(scope="module")
 def reference():
     """{latent name: (one-process video, its peak activation bytes)}."""
     vae = tiny_vae()
-    return {name: decode_peak(vae, vae.decode_raw, raw_latent(name)) for name in LATENTS}
+    return {name: decode(vae, vae.decode_raw, name) for name in LATENTS}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +99,7 @@ def test_row_parallel_decode_equals_one_process(runs, reference, world, name):
 def test_each_rank_holds_about_a_share_of_the_activations(runs, reference, world):
     """Peak tensor bytes alive during the decode (LiveBytes) on each rank vs one process: about
     1/P, plus the halo rows, the gathered low-resolution frame of the attention and the causal
-    cache's extra rows. Measured on the tall latent: see the report in the module docstring."""
+    cache's extra rows. Measured: 0.519 on 2 ranks, 0.358 on 3 (a 24-row latent: 0.505, 0.340)."""
     _, single = reference[MEMORY_CASE]
     ratios = [results[MEMORY_CASE]["peak"] / single for results in runs[world]]
     assert max(ratios) <= 1.25 / world, ratios
@@ -147,8 +156,8 @@ def test_the_one_process_seam_is_left_in_place():
 
 
 def test_torchrun_cli_decodes_on_every_rank_and_writes_the_one_process_video(tiny_model_dir, tmp_path):
-    """`generate` under torchrun: the ranks split the decode by rows (8 latent rows over 3 ranks:
-    3 + 3 + 2), rank 0 writes the mp4; its frames equal the one-process decode of the same latents,
+    """`generate` under torchrun: the 2 ranks split the decode by rows (3 latent rows each; uneven
+    bands are test_row_parallel_decode_equals_one_process's), rank 0 writes the mp4; its frames equal the one-process decode of the same latents,
     written the same way. The prompt is encoded on rank 0 while the ranks load (said on stderr)."""
     from test_video import read_rgb
 
@@ -157,12 +166,12 @@ def test_torchrun_cli_decodes_on_every_rank_and_writes_the_one_process_video(tin
     from wan22_core.video import write_mp4
 
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "-m", "wan22_core",
-         "generate", "--model-dir", str(tiny_model_dir), "--frames", "9", "--height", "64", "--width", "48",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "wan22_core",
+         "generate", "--model-dir", str(tiny_model_dir), "--frames", "9", "--height", "48", "--width", "48",
          "--steps", "2", "--quiet", "--fsdp", "--output", str(tmp_path / "two.mp4"),
          "--save-latents", str(tmp_path / "two.st")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "vae decode on 3 ranks" in run.stderr and "(rank 0's CPU, before loading)" in run.stderr, run.stderr
+    assert "vae decode on 2 ranks" in run.stderr and "(rank 0's CPU, before loading)" in run.stderr, run.stderr
     latent = load_file(tmp_path / "two.st")["latents"]
     frames = decode_to_video(load_vae(ModelFiles.from_model_dir(tiny_model_dir).vae), latent)
     write_mp4(frames, tmp_path / "one.mp4", fps=16)
@@ -207,8 +216,7 @@ def rank_main(rank, world, port, out_dir):
     count_collectives(counts)
     for name in LATENTS:
         counts.clear()
-        raw = raw_latent(name)
-        (band, bands), peak = decode_peak(vae, lambda r: decode_band(vae, r), raw)
+        (band, bands), peak = decode(vae, lambda raw: decode_band(vae, raw), name)
         results[name] = dict(peak=peak, video=gather_bands(band, bands))
         results[name]["sent"] = sum(counts.values())
     assert all(m.rows is WHOLE_ROWS for m in vae.decoder.modules() if hasattr(m, "rows"))  # restored

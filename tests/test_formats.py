@@ -123,7 +123,7 @@ def fp8_set(sets):
 
 def weight_error(fp8_model, full_model) -> float:
     """Largest relative (Frobenius) error of a dequantised fp8 weight against the fp32 original."""
-    errors = [rel_l2(dequantize_fp8(m.weight, m.scale_weight, torch.float32), full_model.get_submodule(n).weight)
+    errors = [rel_l2(dequantize_fp8(m.fp8_weight, m.scale_weight, torch.float32), full_model.get_submodule(n).weight)
               for n, m in fp8_model.named_modules() if isinstance(m, FP8Linear)]
     return max(errors)
 
@@ -176,7 +176,9 @@ def test_fp8_weights_take_half_the_bytes_of_bf16(sets):
         return sum(t.numel() * t.element_size() for name, t in [*model.named_parameters(), *model.named_buffers()]
                    if name.startswith("blocks.") and ".norm" not in name and "modulation" not in name)
 
-    assert all(p.dtype == FP8 for n, p in fp8.named_parameters() if n.endswith(("attn.q.weight", "ffn.0.weight")))
+    # held as fp8 bytes (FP8Linear's uint8 parameter); state dicts give them as fp8, as the file does
+    assert all(p.dtype == torch.uint8 for n, p in fp8.named_parameters() if n.endswith(("attn.q.weight", "ffn.0.weight")))
+    assert all(t.dtype == FP8 for n, t in fp8.state_dict().items() if n.endswith(("attn.q.weight", "ffn.0.weight")))
     # weights halve; the biases stay bf16 and each layer adds a 4-byte scale
     assert block_linear_bytes(fp8) / block_linear_bytes(bf16) == pytest.approx(0.5, abs=0.05)
     # at A14B sizes blocks are >99% of the expert, so the whole expert halves too (tiny: head and
@@ -243,7 +245,7 @@ def test_scaled_mm_path_computes_what_it_should():
     layer = FP8Linear(64, 32, bias=True)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        layer.weight.copy_(torch.randn(32, 64, generator=g).clamp(-40, 40).to(FP8))
+        layer.fp8_weight.copy_(torch.randn(32, 64, generator=g).clamp(-40, 40).to(FP8))
         layer.scale_weight.fill_(0.01)
         layer.bias.copy_(torch.randn(32, generator=g))
     x = torch.randn(3, 5, 64, generator=g).to(torch.bfloat16)
@@ -251,11 +253,11 @@ def test_scaled_mm_path_computes_what_it_should():
     out = layer(x)
     scale_in = x.float().abs().max() / 448
     x8 = (x / scale_in.to(x.dtype)).clamp(-448, 448).to(FP8)  # the per-tensor activation quantisation
-    expected = (x8.float() * scale_in) @ (layer.weight.float() * 0.01).T + layer.bias.float()
+    expected = (x8.float() * scale_in) @ (layer.fp8_weight.float() * 0.01).T + layer.bias.float()
     assert out.shape == (3, 5, 32) and out.dtype == torch.bfloat16
     assert rel_l2(out, expected) < 4e-3  # bf16 output rounding: 2^-9 relative per element
     layer.compute = "dequant"  # no activation rounding: fp32 math on the bf16 input and dequantised weight
-    exact = x.float() @ (layer.weight.float() * 0.01).T + layer.bias.float()
+    exact = x.float() @ (layer.fp8_weight.float() * 0.01).T + layer.bias.float()
     assert rel_l2(layer(x), exact) < 4e-3
     with pytest.raises(ValueError, match="fp8 compute mode must be one of"):
         set_fp8_compute(layer, "fast")

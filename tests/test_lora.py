@@ -243,7 +243,7 @@ def test_fp8_merge_is_within_fp8_rounding_of_the_bf16_merge(base, base_file, tmp
     fp8 = load_dit(base_file, torch.bfloat16, weight_dtype=FP8)
     bf16 = load_dit(base_file, torch.bfloat16)
     layers = {n: m for n, m in fp8.named_modules() if isinstance(m, FP8Linear)}
-    before = {n: (m.weight.float() * m.scale_weight, m.scale_weight.clone(), m.weight.clone()) for n, m in layers.items()}
+    before = {n: (m.fp8_weight.float() * m.scale_weight, m.scale_weight.clone(), m.fp8_weight.clone()) for n, m in layers.items()}
     with torch.no_grad():
         gap_base = rel_l2(fp8(*inputs()), bf16(*inputs()))
     apply_loras(fp8, [LoraSpec(lora, 1.0)])
@@ -253,8 +253,8 @@ def test_fp8_merge_is_within_fp8_rounding_of_the_bf16_merge(base, base_file, tmp
     for name, layer in layers.items():
         old_value, old_scale, _ = before[name]
         scale = layer.scale_weight
-        assert layer.weight.dtype == FP8
-        value, ref = layer.weight.float() * scale, bf16.get_submodule(name).weight.float()
+        assert layer.weight.dtype == torch.uint8  # still held as fp8 bytes
+        value, ref = layer.fp8_weight.float() * scale, bf16.get_submodule(name).weight.float()
         tol = (fp8_ulp(old_value / old_scale) * old_scale / 2 + fp8_ulp(torch.maximum(ref.abs(), value.abs()) / scale)
                * scale / 2 + 2.0**-8 * (ref.abs() + old_value.abs()))
         assert ((value - ref).abs() <= tol).all(), name
@@ -267,13 +267,13 @@ def test_fp8_merge_is_within_fp8_rounding_of_the_bf16_merge(base, base_file, tmp
     # removing the LoRA gives back the stored fp8 bits wherever the layer kept its scale
     apply_loras(fp8, [LoraSpec(lora, 0.4)])
     apply_loras(fp8, [])
-    same = sum((layers[n].weight.view(torch.uint8) == before[n][2].view(torch.uint8)).float().mean().item() for n in kept)
+    same = sum((layers[n].fp8_weight.view(torch.uint8) == before[n][2].view(torch.uint8)).float().mean().item() for n in kept)
     assert same / len(kept) >= 0.98
 
     # unmerged on fp8: the fp8 weights stay as they are, the output is as close to bf16 as merged
-    stored = {n: m.weight.clone() for n, m in layers.items()}
+    stored = {n: m.fp8_weight.clone() for n, m in layers.items()}
     apply_loras(fp8, [LoraSpec(lora, 1.0)], mode="unmerged")
-    assert all(torch.equal(m.weight.view(torch.uint8), stored[n].view(torch.uint8)) for n, m in layers.items())
+    assert all(torch.equal(m.fp8_weight.view(torch.uint8), stored[n].view(torch.uint8)) for n, m in layers.items())
     with torch.no_grad():
         assert rel_l2(fp8(*inputs()), bf16(*inputs())) <= 1.5 * gap_base
 
@@ -291,7 +291,7 @@ def test_fp8_scale_grows_instead_of_clipping(base, base_file, tmp_path):
     layer, ref = fp8.get_submodule(q), bf16.get_submodule(q).weight.float()
     assert ref.abs().max() > 1.1 * 448 * old_scale  # the old scale could not hold the merged range
     assert layer.scale_weight > old_scale
-    value = layer.weight.float() * layer.scale_weight
+    value = layer.fp8_weight.float() * layer.scale_weight
     assert ((value - ref).abs() <= fp8_ulp(ref.abs().max() / layer.scale_weight) * layer.scale_weight).all()
 
 

@@ -672,7 +672,7 @@ def test_fp8_weight_dtypes_store_fp8_and_pick_the_matmul(runtime):
     for choice, matmul in (("fp8_e4m3fn", "dequant"), ("fp8_e4m3fn_fast", "auto")):
         (model,) = MAPPINGS["Wan22MoEModelLoader"]().load(HIGH, LOW, choice, "auto", "swap_experts")
         layers = [m for m in model.experts(CPU)[0].get("high").modules() if isinstance(m, fp8.FP8Linear)]
-        assert layers and {(m.weight.dtype, m.compute) for m in layers} == {(torch.float8_e4m3fn, matmul)}
+        assert layers and {(m.stored_weight().dtype, m.compute) for m in layers} == {(torch.float8_e4m3fn, matmul)}
     assert torch.isfinite(sample(model, embeds)["samples"]).all()
 
 
@@ -681,7 +681,7 @@ def test_fp8_scaled_files_stay_fp8_with_auto(tmp_path, monkeypatch):
     monkeypatch.setattr(ADAPTER, "runtime", ADAPTER.StandaloneRuntime(fp8_dir, tmp_path / "out"))
     high, low = (f"wan2.2_t2v_{n}_noise_14B_fp8_scaled.safetensors" for n in ("high", "low"))
     (model,) = MAPPINGS["Wan22MoEModelLoader"]().load(high, low, "auto", "auto", "auto")
-    weights = {p.dtype for p in model.experts(CPU)[0].get("low").parameters()}
+    weights = {t.dtype for t in model.experts(CPU)[0].get("low").state_dict().values()}
     assert torch.float8_e4m3fn in weights
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .quant.linear import QuantizedLinear, swap_linears
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448: the largest finite e4m3fn value
@@ -68,7 +69,10 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     """fp8 weight * scale in `dtype`: fp8 -> dtype is exact, the multiply rounds once.
 
     FP8Linear does exactly this per forward, so dequantising at load gives the same numbers.
+    Raw bytes (FP8Linear's uint8 parameter) are refused: `.to` would read them as integers.
     """
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"dequantize_fp8 takes fp8 values, got {weight.dtype} (FP8Linear.fp8_weight views the bytes)")
     return weight.to(dtype).mul_(scale.to(dtype))
 
 
@@ -77,21 +81,18 @@ def _has_fp8_tensor_cores(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-class FP8Linear(nn.Module):
+class FP8Linear(QuantizedLinear):
     """A Linear whose weight is stored as scaled fp8; drop-in for `nn.Linear` in the blocks.
 
-    State-dict names are ComfyUI's: `weight` (fp8), `bias`, `scale_weight` and, when the file
-    has one, `scale_input`.
+    The dequantisation rule of `quant.QuantizedLinear` for e4m3 bytes: the parameter `weight`
+    holds the fp8 bytes as uint8 [out, in] (`fp8_weight` is the same storage viewed as fp8), and
+    the real weight is `fp8_weight * scale_weight`. State-dict names and dtypes are ComfyUI's:
+    `weight` (fp8), `bias`, `scale_weight` and, when the file has one, `scale_input`.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, scale_input: bool = False,
                  device=None, bias_dtype: torch.dtype = torch.bfloat16):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8, device=device),
-                                   requires_grad=False)
-        self.bias = (nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False)
-                     if bias else None)
+        super().__init__(in_features, out_features, in_features, bias, device, bias_dtype)
         self.register_buffer("scale_weight", torch.ones((), dtype=torch.float32, device=device))
         self.register_buffer("scale_input",
                              torch.ones((), dtype=torch.float32, device=device) if scale_input else None)
@@ -100,11 +101,27 @@ class FP8Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.compute}"
 
+    @property
+    def fp8_weight(self) -> torch.Tensor:
+        """The held rows as float8_e4m3fn (a view: writing to it writes the parameter)."""
+        return self.weight.view(FP8)
+
+    def stored_weight(self) -> torch.Tensor:
+        return self.fp8_weight
+
+    @staticmethod
+    def byte_rows(stored: torch.Tensor) -> torch.Tensor:
+        if stored.dtype != FP8:
+            raise TypeError(f"FP8Linear takes a float8_e4m3fn weight, got {stored.dtype}")
+        return stored.view(torch.uint8)
+
+    def dequantize_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_fp8(self.fp8_weight, self.scale_weight, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_scaled_mm(x):
             return self._fp8_matmul(x)
-        weight = dequantize_fp8(self.weight, self.scale_weight, x.dtype)  # just this layer, freed after
-        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        return super().forward(x)
 
     def _use_scaled_mm(self, x: torch.Tensor) -> bool:
         if self.compute == "dequant":
@@ -124,17 +141,17 @@ class FP8Linear(nn.Module):
             scale_in = fp8_scale(rows.abs().max().float())
         rows8 = to_fp8(rows, scale_in)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        out = torch._scaled_mm(rows8, self.weight.t(), scale_a=scale_in, scale_b=self.scale_weight.float(),
+        out = torch._scaled_mm(rows8, self.fp8_weight.t(), scale_a=scale_in, scale_b=self.scale_weight.float(),
                                bias=bias, out_dtype=x.dtype)  # weight.t(): column-major, as required
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
 def block_linears(model: nn.Module, under: str = "blocks.") -> dict[str, nn.Module]:
-    """{qualified name: layer} for the Linears inside `under` (`nn.Linear`, or `FP8Linear` once
-    swapped): the ones Comfy-Org's files store as fp8 (a DiT's `blocks.`, UMT5's `encoder.block.`),
-    and the ones a DiT's blocks call through `forward`."""
+    """{qualified name: layer} for the Linears inside `under` (`nn.Linear`, or a `QuantizedLinear`
+    such as FP8Linear once swapped): the ones Comfy-Org's files store as fp8 (a DiT's `blocks.`,
+    UMT5's `encoder.block.`), and the ones a DiT's blocks call through `forward`."""
     return {name: module for name, module in model.named_modules()
-            if name.startswith(under) and isinstance(module, (nn.Linear, FP8Linear))}
+            if name.startswith(under) and isinstance(module, (nn.Linear, QuantizedLinear))}
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
@@ -145,15 +162,9 @@ def block_linear_names(model: nn.Module) -> list[str]:
 def swap_to_fp8(model: nn.Module, names: list[str], with_scale_input: set[str] = frozenset(),
                 bias_dtype: torch.dtype = torch.bfloat16) -> None:
     """Replace the named `nn.Linear`s by empty `FP8Linear`s on the same device (meta before loading)."""
-    for name in names:
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear; only Linears can hold fp8")
-        parent_name, _, child = name.rpartition(".")
-        replacement = FP8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                scale_input=name in with_scale_input, device=linear.weight.device,
-                                bias_dtype=bias_dtype)
-        setattr(model.get_submodule(parent_name), child, replacement)
+    swap_linears(model, names, lambda name, linear: FP8Linear(
+        linear.in_features, linear.out_features, bias=linear.bias is not None, scale_input=name in with_scale_input,
+        device=linear.weight.device, bias_dtype=bias_dtype))
 
 
 def quantize_block_linears(model: nn.Module) -> None:
@@ -163,7 +174,8 @@ def quantize_block_linears(model: nn.Module) -> None:
     swap_to_fp8(model, list(dense))
     for name, linear in dense.items():
         layer = model.get_submodule(name)
-        layer.weight.data, scale = quantize_fp8(linear.weight.data)
+        weight, scale = quantize_fp8(linear.weight.data)
+        layer.fp8_weight.copy_(weight)
         layer.scale_weight.copy_(scale)
         layer.bias.data.copy_(linear.bias.data)
 

@@ -552,8 +552,10 @@ def apply_loras(model: nn.Module, specs: Sequence[LoraSpec], mode: str = "merge"
 
 def _remerge_parameter(model: nn.Module, param: nn.Parameter, name: str, old: LoraDeltas, new: LoraDeltas) -> None:
     layer = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    scale = layer.scale_weight if isinstance(layer, FP8Linear) and name.endswith(".weight") else None
-    weight, new_scale = remerge(param.data, name, old, new, scale)
-    param.data.copy_(weight)
+    fp8 = isinstance(layer, FP8Linear) and name.endswith(".weight")
+    stored = layer.fp8_weight if fp8 else param.data  # FP8Linear holds its fp8 bytes as uint8
+    scale = layer.scale_weight if fp8 else None
+    weight, new_scale = remerge(stored, name, old, new, scale)
+    stored.copy_(weight)
     if scale is not None:
         scale.copy_(new_scale)

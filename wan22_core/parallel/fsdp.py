@@ -1,7 +1,9 @@
 """FSDP2 weight sharding for the experts: `fully_shard` per block, then the head, then the root.
 
-Each rank stores 1/P of every parameter (rows of dim 0) in the compute dtype, so the gathered
-weights are exactly what a single GPU would hold and the numerics match a one-GPU run.
+Each rank stores 1/P of every parameter (rows of dim 0) as the one process holds it: 16/32-bit
+parameters in the compute dtype, quantised Linears (`quant.QuantizedLinear`: fp8, GGUF) as
+uint8 bytes by rows with their per-tensor scales replicated as buffers. So the gathered weights
+are exactly what a single GPU would hold and the numerics match a one-GPU run.
 """
 from __future__ import annotations
 
@@ -13,24 +15,28 @@ from ..placement import ExpertPair
 from ..sampling.moe import HIGH, LOW
 
 
-def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
-    """The one policy every FSDP unit uses.
+def mixed_precision() -> MixedPrecisionPolicy:
+    """The one policy every FSDP unit uses: gather what is stored, cast nothing.
 
-    param_dtype is the storage (= compute) dtype, so gathering never rounds. Forward inputs are
-    not cast: blocks take the fp32 residual stream and fp32 modulation on purpose (casting them
-    to bf16, FSDP's default, would change the numerics against a single GPU).
+    No param_dtype: parameters are stored in the compute dtype already, except quantised
+    Linears' rows, and those must arrive as stored. They are uint8 (torch 2.13 leaves
+    non-float parameters uncast under any param_dtype; an fp8-typed parameter would be cast to
+    it as numbers, without its scale). A unit with mixed dtypes is gathered as one uint8 buffer
+    and each parameter handed back in its own dtype, so fp8 rows travel as bytes. Forward inputs are not
+    cast: blocks take the fp32 residual stream and fp32 modulation on purpose (casting them to
+    bf16, FSDP's default, would change the numerics against a single GPU).
     """
-    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
-def apply_fsdp(model: nn.Module, mesh, dtype: torch.dtype, reshard_after_forward: bool = True) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True) -> nn.Module:
     """Shard a WanModel over `mesh` (in place): one unit per block, the head, and the root.
 
     Per-block units bound the gathered memory to about one block at a time. The head is tiny
     (dim x 64) and runs once per forward at the very end, so it stays gathered and saves an
     all-gather per forward. The root unit holds the embeddings and the time projection.
     """
-    policy = mixed_precision(dtype)
+    policy = mixed_precision()
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model.head, mesh=mesh, mp_policy=policy, reshard_after_forward=False)

@@ -78,7 +78,7 @@ def load_expert(path: str | Path, groups: ParallelGroups, device: torch.device, 
             model = WanModel(reader.cfg).requires_grad_(False).to(dtype)
         reader.check_names(name for name, _ in model.named_parameters())
         deltas, _ = lora_deltas(loras, {name: p.shape for name, p in model.named_parameters()})
-        runnable = parallelize(model, groups, dtype)
+        runnable = parallelize(model, groups)
         model.to_empty(device=device)
         with torch.no_grad():
             for name, param in model.named_parameters():

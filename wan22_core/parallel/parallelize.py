@@ -1,13 +1,12 @@
-"""`parallelize(model, groups, dtype)`: apply a plan's parallelisms to one expert, in a fixed order."""
+"""`parallelize(model, groups)`: apply a plan's parallelisms to one expert, in a fixed order."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .mesh import ParallelGroups
 
 
-def parallelize(model: nn.Module, groups: ParallelGroups, dtype: torch.dtype) -> nn.Module:
+def parallelize(model: nn.Module, groups: ParallelGroups) -> nn.Module:
     """Ulysses, then FSDP, then the CFG split; returns the module the sampling loop calls.
 
     Ulysses first: it only swaps parameter-free seam modules, so FSDP then wraps blocks that
@@ -24,7 +23,7 @@ def parallelize(model: nn.Module, groups: ParallelGroups, dtype: torch.dtype) ->
     if plan.fsdp:
         from .fsdp import apply_fsdp
 
-        apply_fsdp(model, groups.fsdp_mesh, dtype, plan.reshard_after_forward)
+        apply_fsdp(model, groups.fsdp_mesh, plan.reshard_after_forward)
     if plan.cfg_parallel_enabled:
         from .cfg_parallel import CfgParallel
 

@@ -1,9 +1,10 @@
 """GGUF weights kept quantised in memory: a tensor holder and the Linear that dequantises per forward.
 
 `GGUFWeight` is one tensor as a GGUF file stores it (raw block bytes, ggml type, real shape).
-`GGUFLinear` is the block-Linear seam, the GGUF twin of `fp8.FP8Linear`: its `weight` parameter
-holds the quantised bytes as uint8 [out_features, bytes per row], and each forward dequantises
-just that layer to the input's dtype, runs `F.linear` and lets the dense weight go. Held bytes
+`GGUFLinear` is the ggml rule of the quantised-Linear seam (`linear.QuantizedLinear`, whose fp8
+rule is `fp8.FP8Linear`): its `weight` parameter holds the quantised bytes as uint8
+[out_features, bytes per row], and each forward dequantises just that layer to the input's
+dtype, runs `F.linear` and lets the dense weight go. Held bytes
 are the file's bytes (a Q4_K expert is about 0.28 of its bf16 size); moving a layer between
 devices (expert offload, block swap) moves those bytes.
 
@@ -18,10 +19,10 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .gguf_dequant import QuantType, dequantize, quant_type
+from .linear import QuantizedLinear, swap_linears
 
 
 @dataclass(frozen=True)
@@ -64,41 +65,32 @@ class GGUFWeight:
         return GGUFWeight(self.by_rows()[start:stop], self.qtype, (stop - start, *self.shape[1:]))
 
 
-class GGUFLinear(nn.Module):
+class GGUFLinear(QuantizedLinear):
     """A Linear whose weight stays in a GGUF block type; drop-in for `nn.Linear` in the blocks.
 
-    State-dict names are nn.Linear's: `weight` (uint8 [out_features, bytes per row]) and `bias`.
-    The ggml type is a constructor argument, not state: a file may mix types layer by layer
-    (Q4_K_M holds some Linears in Q6_K), so the loader builds each layer with its own.
+    The dequantisation rule of `QuantizedLinear` for ggml blocks. State-dict names are
+    nn.Linear's: `weight` (uint8 [out_features, bytes per row]) and `bias`. The ggml type is a
+    constructor argument, not state: a file may mix types layer by layer (Q4_K_M holds some
+    Linears in Q6_K), so the loader builds each layer with its own.
     """
 
     def __init__(self, in_features: int, out_features: int, qtype: QuantType | int | str, bias: bool = True,
                  device=None, bias_dtype: torch.dtype = torch.bfloat16):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.qtype = quant_type(qtype)
-        self.weight = nn.Parameter(torch.empty(out_features, self.qtype.nbytes(in_features), dtype=torch.uint8,
-                                               device=device), requires_grad=False)
-        self.bias = (nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False)
-                     if bias else None)
+        kind = quant_type(qtype)
+        super().__init__(in_features, out_features, kind.nbytes(in_features), bias, device, bias_dtype)
+        self.qtype = kind
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = dequantize(self.weight, self.qtype, (self.out_features, self.in_features), x.dtype)  # this layer only
-        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+    def dequantize_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(self.weight, self.qtype, (self.out_features, self.in_features), dtype)
 
 
 def swap_to_gguf(model: nn.Module, qtypes: Mapping[str, QuantType | int | str],
                  bias_dtype: torch.dtype = torch.bfloat16) -> None:
     """Replace each named `nn.Linear` by an empty `GGUFLinear` of its type, on the same device
     (meta before loading); the caller loads the bytes (`GGUFWeight.by_rows()`) into `weight`."""
-    for name, qtype in qtypes.items():
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear; only Linears can hold GGUF blocks")
-        parent_name, _, child = name.rpartition(".")
-        replacement = GGUFLinear(linear.in_features, linear.out_features, qtype, bias=linear.bias is not None,
-                                 device=linear.weight.device, bias_dtype=bias_dtype)
-        setattr(model.get_submodule(parent_name), child, replacement)
+    swap_linears(model, qtypes, lambda name, linear: GGUFLinear(
+        linear.in_features, linear.out_features, qtypes[name], bias=linear.bias is not None,
+        device=linear.weight.device, bias_dtype=bias_dtype))

@@ -144,8 +144,9 @@ class Wan22MoEModelLoader:
                                                              "e.g. wan2.2_t2v_low_noise_14B_fp16."),
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "auto", "tooltip":
                              "auto: the file's own weights (fp8_scaled files stay fp8), computed in bf16 on a "
-                             "GPU, fp32 on the CPU. bf16/fp16: convert. fp8_e4m3fn: store the block weights in "
-                             "fp8 (half the memory); _fast also multiplies in fp8 on cards that can (Ada, Hopper)."}),
+                             "GPU, fp32 on the CPU. bf16/fp16/fp32: convert. fp8_e4m3fn: store the block weights "
+                             "in fp8 (half the memory, on every GPU of the multi-GPU node too); _fast also "
+                             "multiplies in fp8 on cards that can (Ada, Hopper)."}),
             "attention": (list(BACKENDS), {"default": "auto", "tooltip":
                           "Attention kernel. auto: the fastest exact one installed (Hopper: FlashAttention 3, "
                           "then 4; Blackwell: FlashAttention 4; Ampere/Ada: FlashAttention 2), else PyTorch SDPA. "
@@ -165,8 +166,9 @@ class Wan22MoEModelLoader:
                             "32 GB card."}),
             "compile": ("BOOLEAN", {"default": False, "tooltip":
                         "torch.compile the transformer block (one compile reused by all blocks): faster steps "
-                        "after a first slow one, same results. Needs triton on a GPU; without it this warns and "
-                        "runs uncompiled. Changing it reloads the experts. Not with offload = block_swap."}),
+                        "after a first slow one, same results; with the multi-GPU node, on every GPU. Needs "
+                        "triton on a GPU; without it this warns and runs uncompiled. Changing it reloads the "
+                        "experts. Not with offload = block_swap."}),
         }}
 
     def load(self, high_noise_model: str, low_noise_model: str, weight_dtype: str, attention: str, offload: str,

@@ -141,7 +141,9 @@ def test_missing_attention_package_exits_2_with_the_engines_message(generate, mo
     # the torchrun path checks the model options too (here it stops before asking for torchrun)
     (("--ulysses", "2", "--lora-low", "missing.safetensors"), "LoRA file not found: missing.safetensors"),
     # the multi-GPU path refuses with the rule the worker group uses (plan.check_parallel_options)
-    (("--compile", "--ulysses", "2"), "not on the multi-GPU path: compile=True (not on the ranks yet"),
+    (("--weight-dtype", "bf16", "--dtype", "fp16"), "weight_dtype 'bf16' computes in bf16; it does not combine "
+                                                      "with dtype 'fp16'"),
+    (("--weight-dtype", "fp32", "--dtype", "bf16", "--ulysses", "2"), "weight_dtype 'fp32' computes in fp32"),
     (("--fsdp", "--offload", "none", "--swap-blocks", "1"), "not on the multi-GPU path: offload='none' (the ranks "
                                                              "place the experts themselves"),
     (("--fsdp", "--swap-blocks", "1"), "not on the multi-GPU path: swap_blocks=1 (block swap is for one process"),
@@ -178,6 +180,7 @@ def test_help_lists_the_model_sizes():
 
 
 def test_dtype_and_format_choices_are_the_engines_names():
+    from wan22_core.config import WEIGHT_DTYPES
     from wan22_core.runtime import DTYPES
     from wan22_core.tiny import FORMATS
 
@@ -185,6 +188,9 @@ def test_dtype_and_format_choices_are_the_engines_names():
     for command in ("demo", "generate"):
         actions = {a.dest: a for a in subparsers[command]._actions}
         assert list(actions["dtype"].choices) == ["auto", *DTYPES], command
+        # the loader node's weight_dtype choices are the same tuple (nodes/loaders.py)
+        assert list(actions["weight_dtype"].choices) == list(WEIGHT_DTYPES) == [
+            "auto", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e4m3fn_fast"], command
     generate = {a.dest: a for a in subparsers["generate"]._actions}
     assert list(generate["text_dtype"].choices) == ["auto", *DTYPES] and generate["text_dtype"].default == "auto"
     assert list({a.dest: a for a in subparsers["make-tiny"]._actions}["format"].choices) == list(FORMATS)

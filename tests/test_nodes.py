@@ -785,13 +785,17 @@ def test_invalid_multigpu_settings_fail_before_any_process_starts(fake, monkeypa
     with pytest.raises(ValueError, match="ulysses degree 8 does not divide the 4 attention heads"):
         sample(model, embeds, parallel=eight)
     loader = MAPPINGS["Wan22MoEModelLoader"]()
-    refused = {("fp8_e4m3fn", "auto", False): "weight_dtype='fp8_e4m3fn' (the ranks hold 16-bit shards",
-               ("auto", "swap_experts", False): "offload='swap_experts' (the ranks place the experts themselves",
-               ("auto", "auto", True): "compile=True (not on the ranks yet"}
-    for (weight_dtype, offload, compile), message in refused.items():  # the torchrun CLI's rule, nothing ignored
-        (model_with,) = loader.load(HIGH, LOW, weight_dtype, "auto", offload, 20, compile)
-        with pytest.raises(ValueError, match=re.escape(f"not on the multi-GPU path: {message}")):
-            sample(model_with, embeds, parallel=multigpu_config())
+    (model_with,) = loader.load(HIGH, LOW, "auto", "auto", "swap_experts", 20, False)
+    with pytest.raises(ValueError, match=re.escape("not on the multi-GPU path: offload='swap_experts' (the ranks "
+                                                   "place the experts themselves")):  # the torchrun CLI's rule
+        sample(model_with, embeds, parallel=multigpu_config())
+    # fp8 weights and compile go to the ranks as they are (nothing ignored; the group runs them:
+    # test_fp8_shards.py); compile without a toolchain warns and runs eager, as on one GPU
+    for weight_dtype, compile in (("fp8_e4m3fn", True), ("fp8_e4m3fn_fast", False)):
+        (model_with,) = loader.load(HIGH, LOW, weight_dtype, "auto", "auto", 20, compile)
+        spec = sys.modules[PACK.__name__ + ".nodes.parallel"].model_spec(model_with, multigpu_config())
+        toolchain = engine("optimize").compile_toolchain_problem(CPU) is None
+        assert (spec.weight_dtype, spec.compile) == (weight_dtype, compile and toolchain)
     assert children_of(os.getpid()) == before
 
 

@@ -111,30 +111,45 @@ rank, world = args["rank"], args["world"]
 join_gloo_group(rank, world, args["port"])
 cpu, shards = torch.device("cpu"), {}
 groups = init_groups(ParallelPlan(world_size=world, num_heads=TINY.dit.num_heads, fsdp=True), cpu)
-for dtype in (torch.bfloat16, torch.float16):
-    model = load_expert(args["path"], groups, cpu, dtype)
-    shards[str(dtype)] = {n: p.to_local().clone() for n, p in model.named_parameters() if isinstance(p, DTensor)}
+for case, (path, dtype, weight_dtype) in args["cases"].items():
+    dtype, weight_dtype = getattr(torch, dtype), weight_dtype and getattr(torch, weight_dtype)
+    model = load_expert(path, groups, cpu, dtype, weight_dtype=weight_dtype)
+    shards[case] = {n: p.to_local().clone() for n, p in model.named_parameters() if isinstance(p, DTensor)}
+    shards[case].update({n: b.clone() for n, b in model.named_buffers()})
 torch.save(shards, f"{args['out']}/rank{rank}.pt")
 dist.destroy_process_group()
 """
+CASES = {  # name: (layout, compute dtype, weight_dtype): what load_dit holds for these arguments
+    "fp8 file dequantised to bf16": ("comfy-fp8", "bfloat16", "bfloat16"),
+    "fp8 file dequantised to fp16": ("comfy-fp8", "float16", "float16"),
+    "fp8 file kept fp8": ("comfy-fp8", "bfloat16", None),
+    "fp16 file quantised to fp8": ("comfy", "float32", "float8_e4m3fn"),
+}
 
 
-def test_fsdp_ranks_load_a_scaled_fp8_expert_as_one_process_does(experts, tmp_path):
-    """Two gloo ranks load the comfy-fp8 expert with FSDP (`load_expert`); their shards, put
-    together, are `load_dit(..., weight_dtype=dtype)`'s weights bit for bit, in bf16 and fp16."""
+def test_fsdp_ranks_hold_what_one_process_holds_for_each_weight_dtype(experts, tmp_path):
+    """Two gloo ranks load with FSDP (`load_expert`); their shards, put together, are `load_dit`'s
+    parameters bit for bit, and every rank's buffers (fp8 scales) equal its: an fp8 file
+    dequantised into bf16 / fp16, an fp8 file kept fp8 (its bytes as stored: uint8 rows and the
+    file's scales), and an fp16 file quantised to fp8 per rank (the scale of the whole tensor,
+    from one all-reduce of the rows' amax)."""
     import subprocess
 
-    world, path = 2, experts["comfy-fp8"]
-    store, procs = start_gloo_ranks(["-c", RANK_SCRIPT], world, dict(path=str(path), out=str(tmp_path)),
+    world = 2
+    cases = {case: (str(experts[layout]), dtype, weight_dtype) for case, (layout, dtype, weight_dtype) in CASES.items()}
+    store, procs = start_gloo_ranks(["-c", RANK_SCRIPT], world, dict(cases=cases, out=str(tmp_path)),
                                     cwd=Path(__file__).parent,  # `-c` puts the working folder on sys.path: procs
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     failures = wait_ranks(procs, timeout=240)
     assert not failures, "\n".join(failures)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    for dtype in (torch.bfloat16, torch.float16):
-        expected = load_dit(path, dtype, weight_dtype=dtype).state_dict()
-        shards = [ranks[str(dtype)] for ranks in per_rank]
-        assert set(shards[0]) == {n for n, _ in WanModel(TINY.dit).to("meta").named_parameters()}
-        for name, value in expected.items():
-            got = torch.cat([s[name] for s in shards])
-            assert got.dtype == dtype and torch.equal(got, value), f"{name} in {dtype}"
+    for case, (path, dtype, weight_dtype) in cases.items():
+        expected = load_dit(path, getattr(torch, dtype), weight_dtype=weight_dtype and getattr(torch, weight_dtype))
+        fp8_layers = 0
+        for name, value in expected.named_parameters():
+            got = torch.cat([ranks[case][name] for ranks in per_rank])
+            assert got.dtype == value.dtype and torch.equal(got, value), f"{case}: {name}"
+            fp8_layers += value.dtype == torch.uint8
+        for name, value in expected.named_buffers():
+            assert all(torch.equal(ranks[case][name], value) for ranks in per_rank), f"{case}: {name}"
+        assert fp8_layers == (0 if weight_dtype in ("bfloat16", "float16") else 10 * TINY.dit.num_layers), case

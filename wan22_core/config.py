@@ -139,7 +139,7 @@ class SamplerSettings:
 DEFAULT_SWAP_BLOCKS = 20
 
 # How the loader node's weight_dtype (and ExpertOptions.weight_dtype) holds the expert weights.
-WEIGHT_DTYPES = ("auto", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast")
+WEIGHT_DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e4m3fn_fast")
 
 
 @dataclass(frozen=True)
@@ -152,8 +152,8 @@ class ExpertOptions:
     """
 
     dtype: str = "auto"  # compute dtype: auto (bf16 on a GPU, fp32 on the CPU), bf16, fp16, fp32
-    # auto: as the file stores them (scaled-fp8 Linears stay fp8); bf16/fp16: converted, and computed
-    # in that dtype; fp8_e4m3fn: block Linears quantised at load (_fast also multiplies in fp8)
+    # auto: as the file stores them (scaled-fp8 Linears stay fp8); bf16/fp16/fp32: converted, and
+    # computed in that dtype; fp8_e4m3fn: block Linears quantised at load (_fast also multiplies in fp8)
     weight_dtype: str = "auto"
     attention: str = "auto"  # one of models.attention.BACKENDS
     offload: str = "auto"  # one of offload.OFFLOAD_CHOICES

@@ -15,6 +15,7 @@ rounding, so it can be switched off per model (`set_fp8_compute(model, "dequant"
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable
 
 import torch
 from torch import nn
@@ -39,17 +40,29 @@ def to_fp8(values: torch.Tensor, scale: torch.Tensor, inplace: bool = False) -> 
     return (values.div_(scale) if inplace else values / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
 
 
-def quantize_fp8(weight: torch.Tensor, work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def abs_max(values: torch.Tensor) -> torch.Tensor:
+    """The largest |value| as an fp32 scalar (0 for an empty tensor, e.g. a rank's empty shard)."""
+    if values.numel() == 0:
+        return torch.zeros((), device=values.device)
+    low, high = torch.aminmax(values)
+    return torch.maximum(-low, high).float()
+
+
+def quantize_fp8(weight: torch.Tensor, work: torch.Tensor | None = None,
+                 whole_amax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor scaled fp8: (fp8 weight, fp32 scalar scale) with weight ~= fp8 * scale.
 
     The scale maps the largest |w| to 448 (what Comfy-Org's files hold). The division runs in
     fp32 in chunks through `work` (fp32, any size; pass one buffer when quantising many
     tensors): a fresh temporary per tensor fragments the heap (+50% peak RSS, measured).
+    whole_amax: for a row range of a tensor (an FSDP shard), maps the range's amax to the whole
+    tensor's (an all-reduce; every rank calls it, with an empty range too), so every rank gets
+    the scale one process would compute; each element then quantises alone, exactly as there.
     """
+    amax = abs_max(weight)
+    scale = fp8_scale(amax if whole_amax is None else whole_amax(amax))
     if weight.numel() == 0:
-        return torch.empty(weight.shape, dtype=FP8, device=weight.device), torch.ones((), device=weight.device)
-    low, high = torch.aminmax(weight)
-    scale = fp8_scale(torch.maximum(-low, high).float())
+        return torch.empty(weight.shape, dtype=FP8, device=weight.device), scale
     if work is None:
         work = torch.empty(min(_CHUNK, weight.numel()), dtype=torch.float32, device=weight.device)
     out = torch.empty(weight.shape, dtype=FP8, device=weight.device)
@@ -106,8 +119,9 @@ class FP8Linear(QuantizedLinear):
         """The held rows as float8_e4m3fn (a view: writing to it writes the parameter)."""
         return self.weight.view(FP8)
 
-    def stored_weight(self) -> torch.Tensor:
-        return self.fp8_weight
+    @staticmethod
+    def as_stored(rows: torch.Tensor) -> torch.Tensor:
+        return rows.view(FP8)
 
     @staticmethod
     def byte_rows(stored: torch.Tensor) -> torch.Tensor:

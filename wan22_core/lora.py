@@ -36,7 +36,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ from torch import nn
 from .checkpoints import Checkpoint, identify
 from .checkpoints.keymaps import dit_official_to_diffusers
 from .errors import Wan22Error
-from .fp8 import FP8, FP8Linear, block_linears, dequantize_fp8, fp8_scale, to_fp8
+from .fp8 import FP8, FP8Linear, abs_max, block_linears, dequantize_fp8, fp8_scale, to_fp8
 
 log = logging.getLogger(__name__)
 
@@ -409,12 +409,14 @@ def _round(values: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None)
 
 
 def remerge(stored: torch.Tensor, name: str, old: LoraDeltas | None, new: LoraDeltas | None,
-            scale: torch.Tensor | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+            scale: torch.Tensor | None = None, start: int = 0,
+            whole_amax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, fp8 scale) after replacing the merged delta `old` by `new` (None: nothing).
 
-    stored: the parameter as held, fp8 with its `scale` or any float dtype; 16/32-bit weights
-    may also be a row range from `start` (an FSDP shard; fp8 needs the whole tensor, since its
-    scale is per tensor). fp32 math, one rounding per step: with `old`, the delta is subtracted
+    stored: the parameter as held, fp8 with its `scale` or any float dtype, or a row range of it
+    from `start` (an FSDP shard). The fp8 scale is per tensor: for a row range, `whole_amax`
+    maps its amax to the whole tensor's (see `fp8.quantize_fp8`; called once when `new` has
+    terms for `name`, on every rank). fp32 math, one rounding per step: with `old`, the delta is subtracted
     and the result rounded to the stored grid first, which recovers the base weight exactly
     except where the merge crossed a power of two (there within one unit of the last place).
     """
@@ -430,7 +432,7 @@ def remerge(stored: torch.Tensor, name: str, old: LoraDeltas | None, new: LoraDe
         return stored, scale
     new.add_to(values, name, start)
     if stored.dtype == FP8:
-        amax = values.abs().max()
+        amax = abs_max(values) if whole_amax is None else whole_amax(abs_max(values))
         if amax > _FP8_CLIP_LIMIT * scale:  # clipping would exceed fp8 rounding: widen this layer's range
             scale = fp8_scale(amax).to(scale.dtype).reshape(scale.shape)
     return _round(values, stored.dtype, scale), scale

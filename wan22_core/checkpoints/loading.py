@@ -6,7 +6,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -74,20 +74,26 @@ def _check_missing(what: str, path: Path, expected, provided) -> None:
 # 2. DiT experts
 
 
-def _fp8_modules(model: WanModel, found: Identity, ckpt: Checkpoint, dtype: torch.dtype,
-                 weight_dtype: torch.dtype | None) -> list[str]:
-    """Which block Linears to hold in fp8: as stored (None), all (fp8), or none (`dtype`)."""
+def _swap_fp8_layers(model: WanModel, found: Identity, ckpt: Checkpoint, dtype: torch.dtype,
+                     weight_dtype: torch.dtype | None) -> set[str]:
+    """Swap the block Linears to hold in fp8 for FP8Linears (in place, on meta) and return their
+    names: as stored (None), all (fp8), or none (`dtype`). Layers whose file has a `scale_input`
+    get that buffer."""
     blocks = block_linear_names(model)
     if weight_dtype is None:
         stored = {official for stored_name, official in found.names.items()
                   if ckpt.entries[stored_name].dtype in FP8_DTYPES}
-        return [name for name in blocks if f"{name}.weight" in stored]
-    if weight_dtype == FP8:
-        return blocks
-    if weight_dtype == dtype:
-        return []
-    raise ValueError(f"weight_dtype must be None (as stored), torch.float8_e4m3fn or the compute dtype "
-                     f"{dtype}; got {weight_dtype}")
+        names = [name for name in blocks if f"{name}.weight" in stored]
+    elif weight_dtype == FP8:
+        names = blocks
+    elif weight_dtype == dtype:
+        names = []
+    else:
+        raise ValueError(f"weight_dtype must be None (as stored), torch.float8_e4m3fn or the compute dtype "
+                         f"{dtype}; got {weight_dtype}")
+    with_scale_input = {m for m in names if f"{m}.scale_input" in found.names.values()}
+    swap_to_fp8(model, names, with_scale_input, bias_dtype=dtype)
+    return set(names)
 
 
 def _read_weight_scales(ckpt: Checkpoint, names: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -98,8 +104,10 @@ def _read_weight_scales(ckpt: Checkpoint, names: dict[str, str]) -> dict[str, to
 
 
 def _convert_dit_tensor(name: str, tensor: torch.Tensor, fp8_modules: set[str], scales: dict[str, torch.Tensor],
-                        dtype: torch.dtype, work: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One stored tensor (official name, already cast unless it becomes fp8) -> our state-dict entries."""
+                        dtype: torch.dtype, work: torch.Tensor | None,
+                        whole_amax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """One stored tensor (official name, already cast unless it becomes fp8), or a row range of it
+    (`whole_amax`: see `fp8.quantize_fp8`), -> our state-dict entries."""
     module, _, leaf = name.rpartition(".")
     keep_fp8 = module in fp8_modules and leaf == "weight"
     if tensor.dtype in FP8_DTYPES:  # stored value * scale is the real weight (scale 1 for unscaled fp8)
@@ -109,7 +117,7 @@ def _convert_dit_tensor(name: str, tensor: torch.Tensor, fp8_modules: set[str], 
         # dequantise as FP8Linear would (fp8 not wanted here), or to fp32 to re-quantise e5m2
         tensor = dequantize_fp8(tensor, scale, torch.float32 if keep_fp8 else dtype)
     if keep_fp8:
-        weight, scale = quantize_fp8(tensor, work)
+        weight, scale = quantize_fp8(tensor, work, whole_amax)
         return {name: weight, f"{module}.scale_weight": scale}
     if leaf == "scale_input":
         return {name: tensor.float().reshape(())}
@@ -127,10 +135,7 @@ def load_dit(path: str | Path, dtype: torch.dtype = torch.float32, *, weight_dty
     ckpt, found = check_slot(path, DIT)
     with torch.device("meta"):
         model = WanModel(found.dit)
-    fp8_modules = _fp8_modules(model, found, ckpt, dtype, weight_dtype)
-    with_scale_input = {m for m in fp8_modules if f"{m}.scale_input" in found.names.values()}
-    swap_to_fp8(model, fp8_modules, with_scale_input, bias_dtype=dtype)
-    fp8_modules = set(fp8_modules)
+    fp8_modules = _swap_fp8_layers(model, found, ckpt, dtype, weight_dtype)
     expected = set(model.state_dict())
 
     scales = _read_weight_scales(ckpt, found.names)
@@ -161,22 +166,24 @@ def load_dit(path: str | Path, dtype: torch.dtype = torch.float32, *, weight_dty
 class DitRowReader:
     """Row ranges of one expert checkpoint's parameters, by our (official) parameter name.
 
-    For processes that hold only some rows of each parameter (an FSDP shard: `parallel/loading.py`):
+    For processes that hold only some rows of each parameter (an FSDP shard: `parallel/loading.py`).
     `rows` reads just those rows' bytes (`Checkpoint.read_rows`) and converts them with the
     function `load_dit` converts whole tensors with, so they equal the same rows of
-    `load_dit(path, dtype, weight_dtype=dtype)` bit for bit (fp8 rows times their scale). Any
-    layout `check_slot` recognises works. A reader that keeps rows in their stored form (fp8
-    with its scale, or another quantised format) fits behind the same members: `cfg`,
-    `check_names`, `entry` (how a parameter is stored) and `rows`.
+    `load_dit(path, dtype, weight_dtype=dtype)` bit for bit (fp8 rows times their scale).
+    `swap_quantized` builds the quantised layers `load_dit` would hold for a `weight_dtype`, and
+    `quantized_rows` hands out their rows as held: uint8 bytes by rows (`quant.QuantizedLinear`),
+    fp8 bytes as stored (never dequantised on the way), a 16-bit file quantised with the whole
+    tensor's scale. Any layout `check_slot` recognises works. Another quantised format fits
+    behind the same members: `cfg`, `check_names`, `entry`, `rows`, `swap_quantized`, `quantized_rows`.
     """
 
     def __init__(self, path: str | Path):
-        self.ckpt, found = check_slot(path, DIT)
-        self.cfg: DiTConfig = found.dit
-        self._stored = {official: stored for stored, official in found.names.items()}
-        self._scales = _read_weight_scales(self.ckpt, found.names)  # as load_dit reads them
+        self.ckpt, self._found = check_slot(path, DIT)
+        self.cfg: DiTConfig = self._found.dit
+        self._stored = {official: stored for stored, official in self._found.names.items()}
+        self._scales = _read_weight_scales(self.ckpt, self._found.names)  # as load_dit reads them
         self._handles: dict[Path, object] = {}
-        self._no_work = torch.empty(0)  # _convert_dit_tensor's quantising buffer: nothing is kept in fp8 here
+        self._fp8_modules: set[str] = set()
 
     def __enter__(self) -> "DitRowReader":
         return self
@@ -196,7 +203,28 @@ class DitRowReader:
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows [start, stop) of parameter `name` in `dtype` (fp8 rows times their scale)."""
         tensor = self.ckpt.read_rows(self._stored[name], start, stop, self._handles, label=name)
-        return _convert_dit_tensor(name, tensor, set(), self._scales, dtype, self._no_work)[name]
+        return _convert_dit_tensor(name, tensor, set(), self._scales, dtype, None)[name]
+
+    def swap_quantized(self, model: WanModel, dtype: torch.dtype, weight_dtype: torch.dtype | None) -> None:
+        """Swap `model`'s block Linears (on meta) for the quantised layers `load_dit(path, dtype,
+        weight_dtype=weight_dtype)` holds: FP8Linears for scaled fp8."""
+        self._fp8_modules = _swap_fp8_layers(model, self._found, self.ckpt, dtype, weight_dtype)
+
+    def quantized_rows(self, layer: str, start: int, stop: int,
+                       whole_amax: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(rows [start, stop) of quantised `layer`'s weight as the uint8 bytes it holds, its
+        per-tensor buffers by name). fp8: the file's e4m3 bytes and scale when it stores them, else
+        the rows quantised with the scale of the whole tensor's amax (`whole_amax` maps this range's
+        amax to it, as `fp8.quantize_fp8` says; called on every rank)."""
+        name = f"{layer}.weight"
+        tensor = self.ckpt.read_rows(self._stored[name], start, stop, self._handles, label=name)
+        converted = _convert_dit_tensor(name, tensor, self._fp8_modules, self._scales, torch.float32, None,
+                                        whole_amax)
+        buffers = {"scale_weight": converted[f"{layer}.scale_weight"]}
+        if f"{layer}.scale_input" in self._stored:
+            (_, scale_input), = self.ckpt.read([self._stored[f"{layer}.scale_input"]])
+            buffers["scale_input"] = scale_input.float().reshape(())
+        return converted[name].view(torch.uint8), buffers
 
 
 # ---------------------------------------------------------------------------------------------

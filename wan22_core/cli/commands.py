@@ -10,7 +10,7 @@ import sys
 
 from ..checkpoints import ModelFiles, expert_config
 from ..errors import Wan22Error
-from ..experts import load_experts
+from ..experts import expert_dtypes, load_experts
 from ..offload import expert_pair_options
 from ..parallel.launch import torchrun_world_size
 from ..pipeline import make_noise
@@ -28,6 +28,7 @@ def run_here(args: argparse.Namespace, files: ModelFiles) -> dict:
     device = resolve_device(args.device)
     options = flags.expert_options(args)
     check_model_options(args.attention, [*args.lora_high, *args.lora_low])
+    expert_dtypes(options, device)  # --weight-dtype with --dtype
     expert_pair_options(options.offload, options.swap_blocks, options.compile,
                         expert_config(files.high_noise).num_layers)  # headers only: fail before any work
     timings: dict[str, float] = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import ModelFiles
-from ..config import FPS, FRAMES, HEIGHT, SOLVERS, WIDTH, DiTConfig, ExpertOptions, SamplerSettings
+from ..config import FPS, FRAMES, HEIGHT, SOLVERS, WEIGHT_DTYPES, WIDTH, DiTConfig, ExpertOptions, SamplerSettings
 from ..lora import LoraSpec
 from ..models.attention import BACKENDS
 from ..offload import OFFLOAD_CHOICES
@@ -78,9 +78,13 @@ def _add_speed_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speed and memory")
     g.add_argument("--attention", choices=BACKENDS, default="auto",
                    help="attention kernel; auto: the fastest installed exact one (sage is not exact)")
+    g.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default="auto",
+                   help="how the experts' weights are held: auto as the file stores them (fp8_scaled files stay "
+                        "fp8); bf16/fp16/fp32 converted and computed in that dtype; fp8_e4m3fn block Linears in fp8 "
+                        "(half the memory; on the ranks too), _fast also multiplies in fp8 on Ada/Hopper")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile each transformer block (one process; eager with a warning if the "
-                        "toolchain is missing)")
+                   help="torch.compile each transformer block (one process or every rank; eager with a warning if "
+                        "the toolchain is missing)")
     g.add_argument("--offload", choices=OFFLOAD_CHOICES, default="auto",
                    help="one process: none keeps both experts on the GPU, swap_experts only the active one, "
                         "block_swap also streams --swap-blocks of its blocks from CPU memory; auto: from the card's memory")
@@ -182,7 +186,6 @@ def text_dtype(args: argparse.Namespace) -> torch.dtype | None:
 
 
 def expert_options(args: argparse.Namespace) -> ExpertOptions:
-    """--dtype (compute; the weights stay as the file stores them), --attention, --offload,
-    --swap-blocks, --compile; LoRAs are merged."""
-    return ExpertOptions(dtype=args.dtype, attention=args.attention, offload=args.offload,
-                         swap_blocks=args.swap_blocks, compile=args.compile)
+    """--dtype (compute), --weight-dtype, --attention, --offload, --swap-blocks, --compile; LoRAs are merged."""
+    return ExpertOptions(dtype=args.dtype, weight_dtype=args.weight_dtype, attention=args.attention,
+                         offload=args.offload, swap_blocks=args.swap_blocks, compile=args.compile)

@@ -5,8 +5,9 @@ Every rank loads its shards and runs the same loop. Rank 0 encodes the prompt on
 ranks read their shards (the two overlap instead of adding up). Every rank then decodes a band
 of the video's rows (parallel.vae_decode; rank 0 alone with --vae-tile, or when the latent has
 fewer rows than there are ranks), and rank 0 writes the outputs (only the latents with
---no-video). LoRAs are merged into each rank's shards while it reads them; --attention applies
-on every rank. The process group is `parallel.launch`'s; this module only reads the flags.
+--no-video). LoRAs are merged into each rank's shards while it reads them; --attention,
+--weight-dtype (fp8 shards stay fp8) and --compile apply on every rank. The process group is
+`parallel.launch`'s; this module only reads the flags.
 """
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import ModelFiles, expert_config
+from ..experts import expert_dtypes
 from ..models.vae import denormalize_latent, to_images
+from ..optimize import compile_toolchain_problem
 from ..parallel.launch import (Rank0Task, cpu_threads_per_rank, local_device, torchrun_group, torchrun_world_size,
                                under_torchrun)
 from ..parallel.loading import load_expert_pair
 from ..parallel.plan import ParallelPlan, check_parallel_options
 from ..parallel.vae_decode import can_split_rows, decode_on_ranks
 from ..pipeline import decode_to_video, make_noise
-from ..runtime import resolve_dtype
 from . import parser as flags
 from .stages import (check_model_options, denoise_video, encode_prompt, load_decoder, print_peak_memory,
                      save_latents, stage, write_video)
@@ -40,26 +42,33 @@ def parallel_plan(args: argparse.Namespace, world_size: int, num_heads: int) -> 
 
 def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
     """This rank's part of `generate`; returns the stage timings (printed on rank 0 only)."""
-    check_parallel_options(flags.expert_options(args), cfg_parallel=args.cfg_parallel, batch_cfg=args.batch_cfg)
+    options = flags.expert_options(args)
+    check_parallel_options(options, cfg_parallel=args.cfg_parallel, batch_cfg=args.batch_cfg)
     check_model_options(args.attention, [*args.lora_high, *args.lora_low])  # once, not on every rank after loading
+    device = local_device(args.device)
+    dtype, weight_dtype, fp8_matmul = expert_dtypes(options, device)
     if not under_torchrun():
         raise ValueError("--ulysses, --fsdp and --cfg-parallel run under torchrun: "
                          "torchrun --nproc_per_node N -m wan22_core generate ... (see docs/multigpu.md)")
     plan = parallel_plan(args, torchrun_world_size(), expert_config(files.high_noise).num_heads)
     settings = flags.sampler_settings(args)
-    device = local_device(args.device)
-    dtype, text_dtype = resolve_dtype(args.dtype, device), flags.text_dtype(args)
+    text_dtype = flags.text_dtype(args)
+    problem = compile_toolchain_problem(device) if options.compile else None
     outputs = flags.outputs(args)
     started = time.perf_counter()
     with torchrun_group(plan, device) as groups:
         rank0 = groups.rank == 0
         timings: dict[str, float] = {}
         timed = stage if rank0 else (lambda name, timings: nullcontext())
+        if problem is not None and rank0:
+            print(f"warning: compile ignored: {problem}; running eager (same results, slower)", file=sys.stderr)
         encoding = Rank0Task(lambda: encode_on_rank0(files, args.prompt, args.negative_prompt, text_dtype, device),
                              groups, background=device.type == "cuda")
         with timed("load experts", timings):
             experts = load_expert_pair(files.high_noise, files.low_noise, groups, device, dtype, args.lora_high,
-                                       args.lora_low, attention=args.attention)  # LoRAs merged into the shards
+                                       args.lora_low, attention=args.attention,  # LoRAs merged into the shards
+                                       weight_dtype=weight_dtype, fp8_matmul=fp8_matmul,
+                                       compile=options.compile and problem is None)
         with timed("wait for text", timings):
             embeds = encoding.result()
         timings["text encoder"] = encoding.seconds

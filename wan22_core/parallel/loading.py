@@ -8,14 +8,18 @@ just its rows (`checkpoints.DitRowReader`), about 1/P of the expert, and never h
 tensor. Without FSDP every rank reads whole tensors.
 
 Every layout `checkpoints.check_slot` recognises works (official, ComfyUI with or without the
-prefix, diffusers names, scaled fp8). fp8 rows are dequantised into the compute dtype, since
-the shards are what the ranks compute with, by the converter `load_dit` uses: the ranks' rows
-are the single-process weights bit for bit.
+prefix, diffusers names, scaled fp8). Weights are held as one process holds them for the same
+`weight_dtype` (`load_dit`): 16/32-bit rows in the compute dtype (fp8 rows dequantised into
+it by the converter `load_dit` uses), and quantised Linears (`quant.QuantizedLinear`, the
+reader's `swap_quantized`) as their uint8 bytes by rows: an fp8 file's e4m3 bytes as stored,
+a 16-bit file quantised per rank with the scale of the whole tensor (one all-reduce of the
+rows' amax per tensor). So the ranks' rows are the single-process weights bit for bit.
 
 LoRAs are merged into the rows as they are read (`lora.lora_deltas` builds just the delta rows
 of this rank's shard), so every shard is merged when it lands and FSDP never gathers unmerged
-weights. Each expert keeps the parsed LoRA factors (about the LoRA file's size), so
-`set_expert_loras` re-merges a live expert's shards in place without reading the checkpoint.
+weights. An fp8 layer's scale is per tensor, so its merge takes the whole tensor's amax too.
+Each expert keeps the parsed LoRA factors (about the LoRA file's size), so `set_expert_loras`
+re-merges a live expert's shards in place without reading the checkpoint.
 
 torch.distributed.tensor and this package's fsdp module are imported where they are used, as in
 parallelize.py: they add 0.6 to 1.2 s to every start of the CLI and the nodes.
@@ -27,13 +31,16 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..checkpoints import DitRowReader
+from ..fp8 import set_fp8_compute
 from ..lora import LoraDeltas, LoraSpec, lora_deltas, remerge
 from ..models.attention import set_attention_backend
 from ..models.transformer import WanModel
 from ..placement import ExpertPair
+from ..quant import QuantizedLinear
 from .mesh import ParallelGroups
 from .parallelize import parallelize
 
@@ -46,43 +53,91 @@ def _local_rows(param: nn.Parameter, name: str) -> tuple[torch.Tensor, int]:
         return param.data, 0
     local = param.to_local()
     per_rank = math.ceil(param.shape[0] / param.device_mesh.size())
-    start = param.device_mesh.get_coordinate()[0] * per_rank
-    if local.shape[1:] != param.shape[1:] or (local.shape[0] and start + local.shape[0] > param.shape[0]):
+    start = min(param.device_mesh.get_coordinate()[0] * per_rank, param.shape[0])  # trailing ranks: none
+    if local.shape[1:] != param.shape[1:] or start + local.shape[0] > param.shape[0]:
         raise RuntimeError(f"{name}: unexpected FSDP shard {tuple(local.shape)} of {tuple(param.shape)} at row "
                            f"{start}; this torch version shards differently from torch.chunk")
     return local, start
 
 
-def _fill(param: nn.Parameter, reader: DitRowReader, name: str, dtype: torch.dtype, loras: LoraDeltas) -> None:
+def _whole_amax(param: nn.Parameter) -> Callable[[torch.Tensor], torch.Tensor]:
+    """For `fp8.quantize_fp8` / `lora.remerge`: this rank's rows' amax -> the whole tensor's (the
+    max over the FSDP mesh; every rank calls it for the same parameters in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return lambda amax: amax  # the whole tensor is here
+
+    def whole(amax: torch.Tensor) -> torch.Tensor:
+        total = amax.to(param.device, copy=True)
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=param.device_mesh.get_group())
+        return total.to(amax.device)
+    return whole
+
+
+def _merge_quantized(layer: QuantizedLinear, rows: torch.Tensor, name: str, old: LoraDeltas | None,
+                     new: LoraDeltas, start: int, whole_amax) -> torch.Tensor:
+    """`lora.remerge` on a quantised layer's byte rows (fp8: its per-tensor scale updated in place;
+    formats with no merge rule are refused there with the layer named)."""
+    scale = getattr(layer, "scale_weight", None)
+    stored, new_scale = remerge(layer.as_stored(rows), name, old, new, scale, start, whole_amax)
+    if scale is not None:
+        scale.copy_(new_scale)
+    return layer.byte_rows(stored)
+
+
+def _fill(model: nn.Module, param: nn.Parameter, reader: DitRowReader, name: str, dtype: torch.dtype,
+          loras: LoraDeltas) -> None:
     """Copy this rank's rows of `name` into `param`, with the LoRA delta rows merged in.
 
-    The merge is `lora.remerge` on the rows as stored in `dtype`, exactly what `apply_loras`
-    does to a whole tensor on one GPU, so every rank's shard equals the same rows there.
+    The merge is `lora.remerge` on the rows as stored, exactly what `apply_loras` does to a whole
+    tensor on one GPU, so every rank's shard equals the same rows there. A quantised weight is
+    read on every rank, an empty shard too: its scale may need the whole tensor's amax.
     """
     local, start = _local_rows(param, name)
-    if local.shape[0]:
+    layer_name, _, leaf = name.rpartition(".")
+    layer = model.get_submodule(layer_name)
+    if isinstance(layer, QuantizedLinear) and leaf == "weight":
+        whole_amax = _whole_amax(param)
+        rows, buffers = reader.quantized_rows(layer_name, start, start + local.shape[0], whole_amax)
+        for buffer, value in buffers.items():
+            getattr(layer, buffer).copy_(value)
+        if name in loras.terms:
+            rows = _merge_quantized(layer, rows, name, None, loras, start, whole_amax)
+    elif local.shape[0]:
         rows = reader.rows(name, start, start + local.shape[0], dtype)
         if name in loras.terms:
             rows = remerge(rows, name, None, loras, start=start)[0]
-        local.copy_(rows)
+    else:
+        return
+    local.copy_(rows)
 
 
 def load_expert(path: str | Path, groups: ParallelGroups, device: torch.device, dtype: torch.dtype,
-                loras: Sequence[LoraSpec] = (), on_tensor: Callable[[], None] | None = None) -> nn.Module:
+                loras: Sequence[LoraSpec] = (), on_tensor: Callable[[], None] | None = None, *,
+                weight_dtype: torch.dtype | None = None, fp8_matmul: str | None = None,
+                compile: bool = False) -> nn.Module:
     """One parallelized expert with this rank's weights (`loras` merged in), ready for `denoise`.
 
-    on_tensor is called after each parameter is read (the worker's heartbeat while loading).
+    dtype, weight_dtype: as `load_dit` takes them (the compute dtype; None keeps the file's fp8
+    layers, torch.float8_e4m3fn quantises the block Linears, `dtype` dequantises). fp8_matmul:
+    `fp8.set_fp8_compute`'s mode, or None. compile: each block compiled before FSDP wraps it
+    (`parallelize`). on_tensor is called after each parameter is read (the worker's heartbeat).
     """
     with DitRowReader(path) as reader:
         with torch.device("meta"):  # parameters in `dtype`, as load_dit holds them (the shards are stored so)
             model = WanModel(reader.cfg).requires_grad_(False).to(dtype)
-        reader.check_names(name for name, _ in model.named_parameters())
-        deltas, _ = lora_deltas(loras, {name: p.shape for name, p in model.named_parameters()})
-        runnable = parallelize(model, groups)
+        shapes = {name: p.shape for name, p in model.named_parameters()}  # dense: what LoRAs must fit
+        reader.check_names(shapes)
+        deltas, _ = lora_deltas(loras, shapes)
+        reader.swap_quantized(model, dtype, weight_dtype)
+        if fp8_matmul is not None:
+            set_fp8_compute(model, fp8_matmul)
+        runnable = parallelize(model, groups, compile=compile)
         model.to_empty(device=device)
         with torch.no_grad():
             for name, param in model.named_parameters():
-                _fill(param, reader, name, dtype, deltas)
+                _fill(model, param, reader, name, dtype, deltas)
                 if on_tensor is not None:
                     on_tensor()
         model.merged_loras = deltas  # the factors stay: a LoRA change re-merges without the checkpoint
@@ -107,7 +162,11 @@ def set_expert_loras(expert: nn.Module, loras: Sequence[LoraSpec], on_tensor: Ca
             if old.terms.get(name) == new.terms.get(name):
                 continue
             local, start = _local_rows(param, name)
-            if local.shape[0]:
+            layer_name, _, leaf = name.rpartition(".")
+            layer = model.get_submodule(layer_name)
+            if isinstance(layer, QuantizedLinear) and leaf == "weight":  # every rank: the scale is per tensor
+                local.copy_(_merge_quantized(layer, local, name, old, new, start, _whole_amax(param)))
+            elif local.shape[0]:
                 local.copy_(remerge(local, name, old, new, start=start)[0])
             if on_tensor is not None:
                 on_tensor()
@@ -123,16 +182,19 @@ def local_parameter_bytes(model: nn.Module) -> int:
 
 def load_expert_pair(high_noise: str | Path, low_noise: str | Path, groups: ParallelGroups, device: torch.device,
                      dtype: torch.dtype, loras_high: Sequence[LoraSpec] = (), loras_low: Sequence[LoraSpec] = (),
-                     on_tensor: Callable[[str], None] | None = None, attention: str | None = None):
+                     on_tensor: Callable[[str], None] | None = None, attention: str | None = None, *,
+                     weight_dtype: torch.dtype | None = None, fp8_matmul: str | None = None, compile: bool = False):
     """Both experts for this rank (each with its LoRAs merged and, unless `attention` is None, that
-    attention backend set), in the holder the sampling loop takes.
+    attention backend set), in the holder the sampling loop takes. weight_dtype, fp8_matmul and
+    compile as `load_expert` takes them (`experts.expert_dtypes` gives the first two).
 
     With FSDP both stay sharded on `device` for the whole run (ShardedExperts). Without it
     every rank holds full experts: they load to host memory and ExpertPair places them as on
     one GPU (both on the device when they fit, else one at a time).
     """
     where = device if groups.plan.fsdp else torch.device("cpu")
-    experts = [load_expert(path, groups, where, dtype, loras, on_tensor and (lambda n=name: on_tensor(n)))
+    experts = [load_expert(path, groups, where, dtype, loras, on_tensor and (lambda n=name: on_tensor(n)),
+                           weight_dtype=weight_dtype, fp8_matmul=fp8_matmul, compile=compile)
                for name, path, loras in (("high", high_noise, loras_high), ("low", low_noise, loras_low))]
     if attention is not None:
         for expert in experts:

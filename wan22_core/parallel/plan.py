@@ -180,16 +180,12 @@ def parallel_config(gpus: str = "all", ulysses_degree: int = 0, fsdp: bool = Tru
 def parallel_refusals(options: ExpertOptions, *, cfg_parallel: bool, batch_cfg: bool = True) -> list[str]:
     """Why each of `options` cannot run on the ranks of a multi-GPU run, with the fix ([]: all can).
 
-    Accepted as they are: dtype, weight_dtype auto/bf16/fp16 (fp8 files are dequantised into
-    it), attention (set on every rank), and lora_mode: the ranks always merge LoRAs into their
-    shards, and a strength change re-merges from the factors they keep (the LoRA node says so).
+    Accepted as they are: dtype, weight_dtype (fp8 shards stay fp8: FSDP moves their bytes),
+    compile (each block on every rank), attention (set on every rank), and lora_mode: the ranks
+    always merge LoRAs into their shards, and a strength change re-merges from the factors they
+    keep (the LoRA node says so).
     """
     refused = []
-    if options.weight_dtype.startswith("fp8"):
-        refused.append(f"weight_dtype={options.weight_dtype!r} (the ranks hold 16-bit shards, and sharding already "
-                       "divides the memory: use auto, bf16 or fp16)")
-    if options.compile:
-        refused.append("compile=True (not on the ranks yet: turn it off)")
     if options.offload != "auto":
         refused.append(f"offload={options.offload!r} (the ranks place the experts themselves: FSDP spreads both over "
                        "the GPUs, and without FSDP each rank keeps both when they fit: use auto)")

@@ -28,10 +28,12 @@ import torch.distributed as dist
 from ..checkpoints import load_vae
 from ..config import SamplerSettings
 from ..errors import Cancelled, NumericalError
+from ..experts import expert_dtypes
 from ..lora import file_key
 from ..models.attention import set_attention_backend
 from ..models.transformer import WanBlock
 from ..models.vae import ResidualBlock, WanVAE, to_images
+from ..optimize import compile_toolchain_problem
 from ..pipeline import denoise
 from ..runtime import resolve_dtype
 from .fsdp import forget_forward_records
@@ -132,10 +134,12 @@ class Worker:
         groups = init_groups(self.plan, self.device)
         started = time.perf_counter()
         spec = ModelSpec.from_message(self.setup["spec"])
-        self.experts = load_expert_pair(spec.high_noise, spec.low_noise, groups, self.device,
-                                        resolve_dtype(spec.dtype, self.device), spec.loras_high, spec.loras_low,
+        dtype, weight_dtype, fp8_matmul = expert_dtypes(spec.options, self.device)
+        self.experts = load_expert_pair(spec.high_noise, spec.low_noise, groups, self.device, dtype,
+                                        spec.loras_high, spec.loras_low,
                                         on_tensor=lambda name: self.channel.beat(f"loading {name}-noise expert"),
-                                        attention=spec.attention)
+                                        attention=spec.attention, weight_dtype=weight_dtype, fp8_matmul=fp8_matmul,
+                                        compile=spec.compile and compile_toolchain_problem(self.device) is None)
         for expert in self.experts.experts.values():
             for module in expert.modules():
                 if isinstance(module, WanBlock):  # a heartbeat per block forward while sampling

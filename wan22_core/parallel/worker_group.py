@@ -45,6 +45,7 @@ import torch
 from ..checkpoints import check_expert_pair
 from ..config import DiTConfig, ExpertOptions, SamplerSettings
 from ..errors import Cancelled, NumericalError, Wan22Error
+from ..experts import expert_dtypes
 from ..lora import LoraReport, LoraSpec, file_key, lora_deltas
 from ..memory import GIB
 from ..models.attention import resolve_backend
@@ -128,8 +129,8 @@ class WorkerGroupError(Wan22Error):
 @dataclass(frozen=True)
 class ModelSpec:
     """What every rank loads: the two expert checkpoints (any layout `checkpoints.check_slot`
-    recognises), the compute dtype, the LoRAs merged into each expert's shards, and the
-    attention backend.
+    recognises), the compute and weight dtypes, whether blocks are compiled, the LoRAs merged
+    into each expert's shards, and the attention backend.
 
     Hashable. A live group whose spec differs only in `loras_*` or `attention` is updated in
     place (each rank re-merges its shards from the LoRA factors it keeps; the base checkpoints
@@ -142,6 +143,8 @@ class ModelSpec:
     loras_high: tuple[LoraSpec, ...] = ()  # merged in this order, each with its own strength
     loras_low: tuple[LoraSpec, ...] = ()
     attention: str = "auto"  # one of models.attention.BACKENDS, resolved on each rank's device
+    weight_dtype: str = "auto"  # one of config.WEIGHT_DTYPES, as ExpertOptions.weight_dtype (fp8 shards stay fp8)
+    compile: bool = False  # regional torch.compile of every block on every rank
 
     def __post_init__(self):  # paths travel to the ranks as JSON strings
         object.__setattr__(self, "high_noise", str(self.high_noise))
@@ -155,9 +158,15 @@ class ModelSpec:
             object.__setattr__(self, field, loras)
 
     @property
-    def weights(self) -> tuple[str, str, str]:
+    def weights(self) -> tuple:
         """The part of the spec that needs a fresh load (and so a new group) when it changes."""
-        return self.high_noise, self.low_noise, self.dtype
+        return self.high_noise, self.low_noise, self.dtype, self.weight_dtype, self.compile
+
+    @property
+    def options(self) -> ExpertOptions:
+        """The one-process options the ranks implement (`experts.expert_dtypes` reads the dtypes)."""
+        return ExpertOptions(dtype=self.dtype, weight_dtype=self.weight_dtype, attention=self.attention,
+                             compile=self.compile)
 
     def loras(self, expert: str) -> tuple[LoraSpec, ...]:
         return self.loras_high if expert == "high" else self.loras_low
@@ -173,10 +182,10 @@ class ModelSpec:
     def from_options(cls, high_noise: str | Path, low_noise: str | Path, options: ExpertOptions,
                      loras_high: Sequence[LoraSpec] = (), loras_low: Sequence[LoraSpec] = ()) -> "ModelSpec":
         """What the ranks load for a one-process model spec; `options` are checked first
-        (`plan.check_parallel_options`). weight_dtype bf16/fp16 is the ranks' compute dtype."""
-        dtype = options.weight_dtype if options.weight_dtype in DTYPES else options.dtype
-        return cls(high_noise, low_noise, dtype=dtype, loras_high=tuple(loras_high), loras_low=tuple(loras_low),
-                   attention=options.attention)
+        (`plan.check_parallel_options`)."""
+        return cls(high_noise, low_noise, dtype=options.dtype, loras_high=tuple(loras_high),
+                   loras_low=tuple(loras_low), attention=options.attention, weight_dtype=options.weight_dtype,
+                   compile=options.compile)
 
     @classmethod
     def from_message(cls, message: dict) -> "ModelSpec":
@@ -197,16 +206,17 @@ class Job:
     denoise_strength: float = 1.0
 
 
-def validate_spec(spec: ModelSpec, plan: ParallelPlan) -> tuple[ParallelPlan, dict[str, tuple[LoraReport, ...]]]:
-    """Check the files, the LoRAs and the plan against the model's real head count, before any
+def validate_spec(spec: ModelSpec, config: ParallelConfig) -> tuple[ParallelPlan, dict[str, tuple[LoraReport, ...]]]:
+    """Check the dtypes, files, LoRAs and the plan against the model's real head count, before any
     process starts; returns the plan with that head count and what each LoRA patches."""
     if spec.dtype != "auto" and spec.dtype not in DTYPES:
         raise ValueError(f"multi-GPU compute dtype must be auto, {', '.join(DTYPES)}; got {spec.dtype!r} "
-                         "(fp8 checkpoint files are fine: their shards are dequantised into this dtype)")
+                         "(for fp8 shards set weight_dtype)")
+    expert_dtypes(spec.options, torch.device(config.devices[0]))  # weight_dtype and its dtype combination
     resolve_backend(spec.attention)  # unknown names and missing packages fail here, not on every rank
     high, _ = check_expert_pair(spec.high_noise, spec.low_noise)  # headers only: one model's two experts
     reports = check_loras(spec, high.dit)
-    return replace(plan, num_heads=high.dit.num_heads), reports  # replace re-runs the plan's checks
+    return replace(config.plan, num_heads=high.dit.num_heads), reports  # replace re-runs the plan's checks
 
 
 # (expert config, LoRA file key) -> report at strength 1: a file is read here once while unchanged
@@ -249,7 +259,7 @@ class WorkerGroup:
         attention backend changed, its ranks re-merge their shards in place (seconds, no
         checkpoint read) instead of a rebuild.
         """
-        checked = validate_spec(spec, config.plan)  # a bad request must not cost the working group
+        checked = validate_spec(spec, config)  # a bad request must not cost the working group
         with cls._lock:
             current = cls._current
             if (current is not None and current.spec.weights == spec.weights and current.config == config

@@ -39,14 +39,19 @@ class QuantizedLinear(nn.Module):
         """The held rows as a dense [rows, in_features] weight in `dtype` (a fresh tensor)."""
         raise NotImplementedError
 
-    def stored_weight(self) -> torch.Tensor:
-        """The weight as files and state dicts hold it (default: the bytes themselves)."""
-        return self.weight
+    @staticmethod
+    def as_stored(rows: torch.Tensor) -> torch.Tensor:
+        """uint8 rows of this layer's weight as files and state dicts hold them (default: the bytes)."""
+        return rows
 
     @staticmethod
     def byte_rows(stored: torch.Tensor) -> torch.Tensor:
-        """A stored weight (as `stored_weight` gives it) as this layer's uint8 rows."""
+        """The inverse of `as_stored`: a stored weight (or rows of it) as this layer's uint8 rows."""
         return stored
+
+    def stored_weight(self) -> torch.Tensor:
+        """The held weight as files and state dicts hold it (a view of the parameter)."""
+        return self.as_stored(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.dequantize_weight(x.dtype)  # just this layer, freed after the matmul

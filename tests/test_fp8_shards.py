@@ -1,0 +1,222 @@
+"""fp8 shards on 2 and 4 CPU ranks (gloo) against the one-process fp8 run, and compile on the ranks.
+
+Each rank holds its rows of every block Linear as fp8 bytes (`quant.QuantizedLinear`), FSDP2
+gathers them as uint8, and each forward dequantises as the one-process `FP8Linear` does, so in
+fp32 compute the latents equal `denoise` on `load_dit(..., weight_dtype=fp8)` experts up to the
+reordered float sums of the parallel paths (<= 1e-5 relative; measured in the test names'
+scenarios: see TOL). Three sources of fp8 rows: a full-precision file quantised per rank (the
+whole tensor's scale), an fp8_scaled file kept as stored, and LoRAs merged into fp8 rows.
+
+The rank processes are this file executed as a script (see the bottom), as in test_parallel.py.
+The compiled scenario, the worker group and torchrun run the same plan and shapes, so the
+inductor cache compiles the block graph once per session.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from procs import join_gloo_group, start_gloo_ranks, wait_ranks
+from reference import rel_l2
+from safetensors.torch import load_file
+
+from wan22_core.checkpoints import load_dit
+from wan22_core.config import TINY, SamplerSettings
+from wan22_core.lora import LoraSpec, apply_loras
+from wan22_core.models.transformer import WanModel
+from wan22_core.optimize import compile_toolchain_problem
+from wan22_core.parallel import ParallelPlan
+from wan22_core.pipeline import denoise, make_noise
+from wan22_core.placement import ExpertPair
+from wan22_core.tiny import COMFY_FILES, make_tiny, write_tiny_lora
+
+# Measured (fp32): 0 on the FSDP-only paths, <= 4e-7 with CFG-parallel (batch 1 vs 2 kernels),
+# compiled vs eager 3e-7 (inductor reorders sums); the bound leaves > 20x margin.
+TOL = 1e-5
+HEADS = TINY.dit.num_heads
+SETTINGS = SamplerSettings(steps=4, shift=5.0)  # 2 high-noise + 2 low-noise steps
+SHAPE = (9, 48, 48)  # 27 tokens: padded on 2 and 4 ranks
+COMPILES = compile_toolchain_problem(torch.device("cpu")) is None
+SCENARIOS = {  # degrees, plus: source (the fp8 rows' origin), compile
+    2: {"ulysses+fsdp": dict(ulysses=2, fsdp=True),
+        "cfg+fsdp": dict(cfg_parallel=2, fsdp=True),
+        "ulysses+fsdp, fp8 file": dict(ulysses=2, fsdp=True, source="fp8 file"),
+        "ulysses+fsdp, loras": dict(ulysses=2, fsdp=True, source="loras"),
+        **({"ulysses+fsdp, compiled": dict(ulysses=2, fsdp=True, compile=True)} if COMPILES else {})},
+    4: {"ulysses+fsdp": dict(ulysses=4, fsdp=True),
+        "cfg+ulysses+fsdp": dict(cfg_parallel=2, ulysses=2, fsdp=True)},
+}
+
+
+def job_inputs():
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(7, TINY.dit.text_dim, generator=g), torch.randn(3, TINY.dit.text_dim, generator=g), \
+        make_noise(5, *SHAPE)
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_model_dir, tmp_path_factory):
+    """{source: (high, low, weight_dtype, {expert: [(lora file, strength)]})}: the official fp32 set
+    quantised at load (with and without LoRAs), and Comfy-Org's fp8_scaled files kept as stored."""
+    root = tmp_path_factory.mktemp("fp8")
+    comfy = make_tiny(root / "comfy-fp8", "comfy-fp8", TINY) / "diffusion_models"
+    lora = write_tiny_lora(root / "lora.safetensors", WanModel(TINY.dit), "lightx2v", seed=2).path
+    official = (str(tiny_model_dir / "high_noise_model"), str(tiny_model_dir / "low_noise_model"))
+    return {"quantised at load": (*official, "float8_e4m3fn", {}),
+            "fp8 file": (*(str(comfy / name) for name in COMFY_FILES["comfy-fp8"][:2]), None, {}),
+            "loras": (*official, "float8_e4m3fn", {"high": [(str(lora), 0.8)], "low": [(str(lora), -1.5)]})}
+
+
+def one_process_experts(high, low, weight_dtype, loras):
+    """The one-process fp8 pair: what `load_experts` holds for weight_dtype fp8_e4m3fn (or auto on an fp8 file)."""
+    experts = [load_dit(path, torch.float32, weight_dtype=weight_dtype and getattr(torch, weight_dtype))
+               for path in (high, low)]
+    for expert, name in zip(experts, ("high", "low")):
+        apply_loras(expert, [LoraSpec(path, strength) for path, strength in loras.get(name, [])])
+    return experts
+
+
+@pytest.fixture(scope="module")
+def reference(sources):
+    """{source: (latent, [fp8 high expert, fp8 low expert])} from one process."""
+    out = {}
+    for source, spec in sources.items():
+        experts = one_process_experts(*spec)
+        out[source] = (denoise(ExpertPair(*experts, torch.device("cpu")), *job_inputs(), SETTINGS), experts)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(sources, tmp_path_factory):
+    """{world size: [per-rank results]}: one launch per world size, run side by side."""
+    out = {world: tmp_path_factory.mktemp(f"fp8ranks{world}") for world in SCENARIOS}
+    started = {world: start_gloo_ranks([__file__], world, dict(sources=sources, out=str(out[world])),
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for world in SCENARIOS}
+    results = {}
+    for world, (_, procs) in started.items():
+        failures = wait_ranks(procs, timeout=400)
+        assert not failures, "\n".join(failures)
+        results[world] = [torch.load(out[world] / f"rank{rank}.pt") for rank in range(world)]
+    return results
+
+
+CASES = [(world, scenario) for world in SCENARIOS for scenario in SCENARIOS[world]]
+
+
+@pytest.mark.parametrize("world,scenario", CASES, ids=[f"{w}ranks-{s}".replace(" ", "") for w, s in CASES])
+def test_fp8_shards_give_the_one_process_fp8_latents(runs, reference, world, scenario):
+    per_rank = [results[scenario]["latent"] for results in runs[world]]
+    expected, _ = reference[SCENARIOS[world][scenario].get("source", "quantised at load")]
+    assert rel_l2(per_rank[0], expected) <= TOL
+    for rank, latent in enumerate(per_rank[1:], start=1):
+        assert torch.equal(latent, per_rank[0]), f"rank {rank} differs from rank 0"
+
+
+@pytest.mark.skipif(not COMPILES, reason="no C++ compiler for inductor on this machine")
+def test_compiled_ranks_equal_eager_ranks(runs):
+    for results in runs[2]:
+        assert rel_l2(results["ulysses+fsdp, compiled"]["latent"], results["ulysses+fsdp"]["latent"]) <= TOL
+        assert results["ulysses+fsdp, compiled"]["compiled_blocks"] == 2 * TINY.dit.num_layers
+
+
+@pytest.mark.parametrize("world", sorted(SCENARIOS))
+def test_each_rank_holds_its_rows_of_the_fp8_parameters(runs, reference, world):
+    """Counted on the ranks' parameters: exactly the torch.chunk rows of every parameter of the
+    one-process fp8 experts (block Linears as 1-byte fp8, the rest fp32), so the ranks together
+    hold the fp8 bytes once, each about 1/P of them."""
+    _, experts = reference["quantised at load"]
+    fp8_total = sum(p.nbytes for expert in experts for p in expert.parameters())
+    held = []
+    for rank, results in enumerate(runs[world]):
+        expected = sum(p.chunk(world)[rank].nbytes if rank < len(p.chunk(world)) else 0
+                       for expert in experts for p in expert.parameters())
+        assert results["ulysses+fsdp"]["parameter_bytes"] == expected
+        assert results["ulysses+fsdp"]["fp8_layer_dtypes"] == ["torch.uint8"]
+        held.append(expected)
+    assert sum(held) == fp8_total and max(held) <= fp8_total / world * 1.1
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker group and torchrun take fp8 and compile
+
+
+def test_worker_group_runs_fp8_shards_compiled_as_one_process_does(sources, reference):
+    from wan22_core.parallel import Job, ModelSpec, WorkerGroup, parallel_config
+
+    high, low, _, _ = sources["quantised at load"]
+    spec = ModelSpec(high, low, weight_dtype="fp8_e4m3fn", compile=COMPILES)
+    config = parallel_config("cpu:2", ulysses_degree=2, fsdp=True, num_heads=HEADS)
+    group = WorkerGroup.get_or_create(spec, config)
+    try:
+        latent = group.run(Job(*job_inputs(), SETTINGS))
+        _, experts = reference["quantised at load"]
+        fp8_total = sum(p.nbytes for expert in experts for p in expert.parameters())
+        assert sum(group.parameter_bytes.values()) == fp8_total
+    finally:
+        group.shutdown()
+    assert rel_l2(latent, reference["quantised at load"][0]) <= TOL
+
+
+def test_torchrun_and_one_process_take_weight_dtype_fp8_and_compile(tiny_model_dir, tmp_path):
+    """`--weight-dtype fp8_e4m3fn --compile` on 2 torchrun ranks (Ulysses + FSDP) against the same
+    flag in one process, eager: the same latents; without the flag one process computes others."""
+    from wan22_core.cli import main
+
+    common = ["generate", "--model-dir", str(tiny_model_dir), "--frames", "9", "--height", "48", "--width", "48",
+              "--steps", "4", "--shift", "5", "--quiet"]
+    fp8 = ["--weight-dtype", "fp8_e4m3fn"]
+    torchrun = subprocess.Popen(  # started first: it runs while this process makes the references
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "wan22_core", *common, *fp8, "--ulysses", "2", "--fsdp", *(["--compile"] if COMPILES else []),
+         "--output", str(tmp_path / "two.mp4"), "--save-latents", str(tmp_path / "two.st")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    for name, flags in (("one", fp8), ("dense", [])):
+        assert main([*common, *flags, "--output", str(tmp_path / f"{name}.mp4"),
+                     "--save-latents", str(tmp_path / f"{name}.st")]) == 0
+    output = torchrun.communicate(timeout=400)[0]
+    assert torchrun.returncode == 0, output
+    assert "compile ignored" not in output
+    two, one, dense = (load_file(tmp_path / f"{name}.st")["latents"] for name in ("two", "one", "dense"))
+    assert rel_l2(two, one) <= TOL
+    assert rel_l2(one, dense) > 1e-3  # the control: fp8 weights really were used (measured ~1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# What each rank process runs (this file executed as a script)
+
+
+def rank_main(rank, world, port, sources, out):
+    from torch.distributed.tensor import DTensor
+
+    from wan22_core.fp8 import FP8Linear
+    from wan22_core.parallel.loading import load_expert_pair, local_parameter_bytes
+    from wan22_core.parallel.mesh import init_groups
+
+    join_gloo_group(rank, world, port)
+    cpu, results = torch.device("cpu"), {}
+    for scenario, degrees in SCENARIOS[world].items():
+        degrees = dict(degrees)
+        high, low, weight_dtype, loras = sources[degrees.pop("source", "quantised at load")]
+        compile = degrees.pop("compile", False)
+        groups = init_groups(ParallelPlan(world_size=world, num_heads=HEADS, **degrees), cpu)
+        experts = load_expert_pair(high, low, groups, cpu, torch.float32,
+                                   *([LoraSpec(p, s) for p, s in loras.get(name, [])] for name in ("high", "low")),
+                                   weight_dtype=weight_dtype and getattr(torch, weight_dtype), compile=compile)
+        layers = [m for e in experts.experts.values() for m in e.modules() if isinstance(m, FP8Linear)]
+        results[scenario] = dict(  # bytes before sampling: FSDP keeps the head gathered once it ran
+            parameter_bytes=sum(local_parameter_bytes(e) for e in experts.experts.values()),
+            latent=denoise(experts, *job_inputs(), SETTINGS),
+            fp8_layer_dtypes=sorted({str(m.weight.to_local().dtype if isinstance(m.weight, DTensor) else m.weight.dtype)
+                                     for m in layers}),
+            compiled_blocks=sum(getattr(b, "_compiled_call_impl", None) is not None
+                                for e in experts.experts.values() for b in e.modules() if type(b).__name__.endswith("WanBlock")))
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    rank_main(**json.loads(sys.argv[1]))

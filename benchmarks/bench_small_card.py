@@ -111,17 +111,33 @@ def switch_timing(expert: torch.nn.Module, device: torch.device) -> dict:
     return out
 
 
+def cap_allocator(usable: int, device: torch.device) -> None:
+    """Cap the CUDA caching allocator at `usable` bytes (the emulated card minus what it needs
+    outside the allocator) and reset the peak; no cap when the GPU is not bigger."""
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    if usable < total:
+        torch.cuda.set_per_process_memory_fraction(usable / total, device)
+    torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
 
 
+def sizes(args, tiny_layers: int, tiny_video: tuple[int, int, int]) -> tuple[torch.device, DiTConfig, tuple]:
+    """(device, model config, (frames, height, width)): A14B and the flags' video on the GPU, or
+    with --dry-run the tiny model with `tiny_layers` blocks and `tiny_video` on the CPU."""
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU here: run with --dry-run to check the code path on the CPU")
+    if args.dry_run:
+        return torch.device("cpu"), replace(TINY.dit, num_layers=tiny_layers), tiny_video
+    return torch.device("cuda"), DiTConfig(), (args.frames, args.height, args.width)
+
+
 def run(args) -> dict:
     cuda = not args.dry_run
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU here: run with --dry-run to check the code path on the CPU")
-    device = torch.device("cuda" if cuda else "cpu")
-    cfg = DiTConfig() if cuda else replace(TINY.dit, num_layers=4)
-    frames, height, width = (args.frames, args.height, args.width) if cuda else (9, 128, 192)
+    device, cfg, (frames, height, width) = sizes(args, 4, (9, 128, 192))
     card = int(args.card_gib * GIB)
     swap = args.swap if args.swap is not None else (min_swap_blocks(cfg, frames, height, width, card) if cuda else 2)
     if swap is None:
@@ -150,11 +166,7 @@ def run(args) -> dict:
             raise SystemExit(f"--compile: {problem}")
     result["compile"] = args.compile
     if cuda:
-        torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(0).total_memory
-        if card - CUDA_OVERHEAD < total:  # else: no cap, the whole card
-            torch.cuda.set_per_process_memory_fraction((card - CUDA_OVERHEAD) / total)
-        torch.cuda.reset_peak_memory_stats(device)
+        cap_allocator(card - CUDA_OVERHEAD, device)
 
     g = torch.Generator().manual_seed(0)
     positive = torch.randn(args.text_tokens, cfg.text_dim, generator=g).to(DTYPE)
@@ -239,11 +251,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main() -> None:
-    args = parser().parse_args()
-    result = run(args)
+def run_cli(make_parser, bench) -> None:
+    """Parse the flags, run, write --json: this script's main and bench_rank.py's."""
+    args = make_parser().parse_args()
+    result = bench(args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+def main() -> None:
+    run_cli(parser, run)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from ..wan22_core.optimize import compile_toolchain_problem
 from ..wan22_core.parallel import (Job, ModelSpec, ParallelConfig, WorkerGroup, check_parallel_options, parallel_config,
                                    valid_ulysses_degrees)
 from ..wan22_core.parallel.vae_decode import can_split_rows
+from ..wan22_core.parallel.plan import memory_lines
+from ..wan22_core.pipeline import video_size
 from . import comfy_adapter
 from .loaders import CATEGORY, EXPERT_NAMES, MoEModel, release_cached_experts
 
@@ -31,7 +33,8 @@ log = logging.getLogger(__name__)
 class Wan22MultiGPUConfig:
     DESCRIPTION = ("Runs Wan22MoESampler on several GPUs (connect to its parallel input): each GPU holds 1/N of "
                    "both experts (FSDP) and 1/N of the video tokens (Ulysses). The worker processes start on the "
-                   "first run and stay up between prompts; a changed setting or model restarts them.")
+                   "first run and stay up between prompts; a changed setting or model restarts them. After a run "
+                   "the node shows what one GPU needs at 720p and 480p in bf16 and fp8.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("WAN22_PARALLEL",)
     RETURN_NAMES = ("parallel",)
@@ -54,10 +57,16 @@ class Wan22MultiGPUConfig:
             "cfg_parallel": ("BOOLEAN", {"default": False, "tooltip":
                              "Run the positive and the negative pass on two halves of the GPUs (an even GPU "
                              "count; no gain when cfg is 1)."}),
+        }, "optional": {  # optional, so API prompts written before it existed stay valid
+            "batch_cfg": ("BOOLEAN", {"default": True, "tooltip":
+                          "Run the positive and the negative pass as one batch (faster). Off: one after the "
+                          "other, half the activation memory per GPU (e.g. 720p in fp8 on two 24 GB cards). "
+                          "Not with cfg_parallel, which splits that batch."}),
         }}
 
-    def configure(self, gpus: str, ulysses_degree: int, fsdp: bool, cfg_parallel: bool):
-        return (parallel_config(gpus, ulysses_degree, fsdp, cfg_parallel),)
+    def configure(self, gpus: str, ulysses_degree: int, fsdp: bool, cfg_parallel: bool, batch_cfg: bool = True):
+        config = parallel_config(gpus, ulysses_degree, fsdp, cfg_parallel, batch_cfg=batch_cfg)
+        return {"ui": {"memory": memory_lines(config)}, "result": (config,)}  # what one GPU needs, shown on the node
 
 
 def model_spec(model: MoEModel, config: ParallelConfig) -> ModelSpec:
@@ -89,7 +98,8 @@ def sample_on_group(config: ParallelConfig, model: MoEModel, embeds, jobs: list,
 
     if config.backend == "nccl":
         runtime.free_memory()  # the workers allocate on GPUs where ComfyUI may hold models
-    group = WorkerGroup.get_or_create(spec, config, on_status)  # validates the spec before spawning
+    # validates the spec, and that the ranks can hold this video on these GPUs, before spawning
+    group = WorkerGroup.get_or_create(spec, config, on_status, video=video_size(tuple(jobs[0][0].shape)))
     release_cached_experts()  # the workers hold the model now; an in-process copy would only take memory
     for rank in range(ranks):  # a kept group says nothing until it works: refresh the status line
         on_status(rank, "ready")

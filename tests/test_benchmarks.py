@@ -43,6 +43,17 @@ def test_bench_small_card_dry_run_samples_with_block_swap_and_decodes(tmp_path):
     assert "dry run: OK" in out and data["switch"]["gb"] > 0
 
 
+def test_bench_rank_dry_run_builds_one_rank_of_a_two_gpu_fp8_plan_and_times_its_steps(tmp_path):
+    """Rank 0 of 2 (Ulysses + FSDP, fp8) through the ranks' own loader, the other rank a fake
+    process group. Eager only here: compiling the tiny block costs a minute of CI, and the
+    compiled rank path is checked on real ranks (test_fp8_shards.py); the GPU run compiles."""
+    out = run("bench_rank.py", "--no-compile", "--steps", "2", "--json", str(tmp_path / "rank.json"), cwd=tmp_path)
+    data = json.loads((tmp_path / "rank.json").read_text())
+    assert data["plan"] == {"gpus": 2, "ulysses": 2, "cfg_parallel": 1, "fsdp": True} and data["weights"] == "fp8"
+    assert len(data["eager_step_s"]) == 2 and not data["out_of_memory"] and data["predicted_gib"] > 0
+    assert "compiled_step_s" not in data and "rank 0 of 2" in out
+
+
 def test_bench_small_card_adds_two_blocks_when_the_cap_is_hit(monkeypatch, tmp_path):
     """An out-of-memory error under the cap costs one retry with 2 more swapped blocks, not the run."""
     import torch

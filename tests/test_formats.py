@@ -177,8 +177,9 @@ def test_fp8_weights_take_half_the_bytes_of_bf16(sets):
                    if name.startswith("blocks.") and ".norm" not in name and "modulation" not in name)
 
     # held as fp8 bytes (FP8Linear's uint8 parameter); state dicts give them as fp8, as the file does
-    assert all(p.dtype == torch.uint8 for n, p in fp8.named_parameters() if n.endswith(("attn.q.weight", "ffn.0.weight")))
-    assert all(t.dtype == FP8 for n, t in fp8.state_dict().items() if n.endswith(("attn.q.weight", "ffn.0.weight")))
+    linears = ("attn.q.weight", "ffn.0.weight")
+    assert all(p.dtype == torch.uint8 for n, p in fp8.named_parameters() if n.endswith(linears))
+    assert all(t.dtype == FP8 for n, t in fp8.state_dict().items() if n.endswith(linears))
     # weights halve; the biases stay bf16 and each layer adds a 4-byte scale
     assert block_linear_bytes(fp8) / block_linear_bytes(bf16) == pytest.approx(0.5, abs=0.05)
     # at A14B sizes blocks are >99% of the expert, so the whole expert halves too (tiny: head and

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from wan22_core.checkpoints import load_dit
 from wan22_core.config import TINY, SamplerSettings
 from wan22_core.lora import LoraSpec, apply_loras
-from wan22_core.models.transformer import WanModel
+from wan22_core.models.transformer import WanBlock, WanModel
 from wan22_core.optimize import compile_toolchain_problem
 from wan22_core.parallel import ParallelPlan
 from wan22_core.pipeline import denoise, make_noise
@@ -212,8 +212,9 @@ def rank_main(rank, world, port, sources, out):
             latent=denoise(experts, *job_inputs(), SETTINGS),
             fp8_layer_dtypes=sorted({str(m.weight.to_local().dtype if isinstance(m.weight, DTensor) else m.weight.dtype)
                                      for m in layers}),
-            compiled_blocks=sum(getattr(b, "_compiled_call_impl", None) is not None
-                                for e in experts.experts.values() for b in e.modules() if type(b).__name__.endswith("WanBlock")))
+            compiled_blocks=sum(getattr(block, "_compiled_call_impl", None) is not None
+                                for e in experts.experts.values() for block in e.modules()
+                                if isinstance(block, WanBlock)))
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

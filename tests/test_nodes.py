@@ -54,7 +54,7 @@ CONTRACT = {
                             ["swap_blocks", "compile"]),
     "Wan22LoRA": (["model", "lora_high", "lora_low", "strength_high", "strength_low", "lora_mode"], []),
     "Wan22VAELoader": (["vae_name"], []),
-    "Wan22MultiGPUConfig": (["gpus", "ulysses_degree", "fsdp", "cfg_parallel"], []),
+    "Wan22MultiGPUConfig": (["gpus", "ulysses_degree", "fsdp", "cfg_parallel"], ["batch_cfg"]),
     "Wan22MoESampler": (["model", "embeds", "width", "height", "frames", "steps", "cfg_high", "cfg_low", "boundary",
                          "shift", "solver", "seed"], ["latent", "denoise", "parallel"]),
     "Wan22VAEDecode": (["vae", "samples", "tiled"], ["parallel"]),
@@ -406,7 +406,7 @@ def test_multigpu_workflow_connects_the_config_to_the_sampler_and_the_decode():
     workflow = json.loads((WORKFLOWS / "wan22_t2v_a14b_multigpu.json").read_text())
     by_type = {n["type"]: n for n in workflow["nodes"]}
     config, sampler, decode = by_type["Wan22MultiGPUConfig"], by_type["Wan22MoESampler"], by_type["Wan22VAEDecode"]
-    assert config["widgets_values"] == ["all", 0, True, False]
+    assert config["widgets_values"] == ["all", 0, True, False, True]
     links = [link[3:] for link in workflow["links"] if link[1] == config["id"]]
     slots = {node["id"]: [i["name"] for i in node["inputs"]].index("parallel") for node in (sampler, decode)}
     assert links == [[node, slot, "WAN22_PARALLEL"] for node, slot in slots.items()]
@@ -702,8 +702,19 @@ def test_save_video_never_overwrites_and_reports_the_file(runtime):
 
 
 def multigpu_config(gpus="cpu:2", ulysses_degree=0, fsdp=True, cfg_parallel=False):
-    (config,) = MAPPINGS["Wan22MultiGPUConfig"]().configure(gpus, ulysses_degree, fsdp, cfg_parallel)
+    (config,) = MAPPINGS["Wan22MultiGPUConfig"]().configure(gpus, ulysses_degree, fsdp, cfg_parallel)["result"]
     return config
+
+
+def test_the_multigpu_node_shows_what_one_gpu_of_its_plan_needs():
+    """The node's `ui` memory line: memory.rank_peak_bytes for A14B per GPU (the web extension
+    shows it); the batch_cfg input halves the activations."""
+    node = MAPPINGS["Wan22MultiGPUConfig"]()
+    batched, unbatched = (node.configure("cpu:2", 0, True, False, batch_cfg)["ui"]["memory"]
+                          for batch_cfg in (True, False))
+    assert batched == ["720p x 81 per GPU: bf16 39.1 GiB, fp8 25.3 GiB",
+                       "480p x 81 per GPU: bf16 34.1 GiB, fp8 20.4 GiB"]
+    assert unbatched[0] == "720p x 81 per GPU: bf16 34.7 GiB, fp8 21.0 GiB"  # docs/multigpu.md's table, 2 GPUs
 
 
 def current_group():

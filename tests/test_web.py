@@ -86,6 +86,8 @@ def test_the_status_event_and_the_lora_report_key_match_the_nodes():
     assert js_event == python_constant(ROOT / "nodes/comfy_adapter.py", "WORKER_STATUS_EVENT")
     sampler, extension = (ROOT / "nodes/sampler.py").read_text(), (ROOT / "web/js/wan22_moe.js").read_text()
     assert '{"ui": {"lora_report": ' in sampler and "output?.lora_report" in extension
+    config = (ROOT / "nodes/parallel.py").read_text()  # the multi-GPU node's memory line
+    assert '{"ui": {"memory": ' in config and "output?.memory" in extension
 
 
 def test_the_oldest_tested_frontend_is_the_pinned_floor_and_the_readme_names_both():

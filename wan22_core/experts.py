@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checkpoints import load_dit
+from .checkpoints import load_dit, stores_fp8
 from .config import WEIGHT_DTYPES, ExpertOptions
 from .fp8 import FP8, set_fp8_compute
 from .lora import LoraReport, LoraSpec, apply_loras
@@ -48,6 +48,15 @@ def expert_dtypes(options: ExpertOptions, device: torch.device) -> tuple[torch.d
     if weight == "auto":
         return compute, None, None
     return compute, FP8, "auto" if weight.endswith("_fast") else "dequant"
+
+
+def weight_bytes_per_param(options: ExpertOptions, device: torch.device, expert_file: Path) -> int:
+    """Bytes per block-Linear weight the experts will hold (memory.weight_bytes' unit): 1 for fp8
+    (asked for, or an fp8_scaled file kept as stored), else the compute dtype's."""
+    compute, stored, _ = expert_dtypes(options, device)
+    if stored == FP8 or (stored is None and stores_fp8(expert_file)):
+        return 1
+    return compute.itemsize
 
 
 def load_expert(path: Path, options: ExpertOptions, device: torch.device) -> WanModel:

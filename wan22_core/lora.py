@@ -410,7 +410,8 @@ def _round(values: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None)
 
 def remerge(stored: torch.Tensor, name: str, old: LoraDeltas | None, new: LoraDeltas | None,
             scale: torch.Tensor | None = None, start: int = 0,
-            whole_amax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            whole_amax: Callable[[torch.Tensor], torch.Tensor] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, fp8 scale) after replacing the merged delta `old` by `new` (None: nothing).
 
     stored: the parameter as held, fp8 with its `scale` or any float dtype, or a row range of it

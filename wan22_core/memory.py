@@ -1,6 +1,8 @@
 """Peak GPU memory of one Wan2.2 expert forward, predicted from shapes alone.
 
     python -m wan22_core.memory          # the 720p table for every offload mode
+    python -m wan22_core.memory --gpus 2 --weights fp8 --no-batch-cfg   # one rank of a multi-GPU plan
+    python -m wan22_core.memory --multigpu-table                         # docs/multigpu.md's table
 
 The prediction is the peak of `torch.cuda.max_memory_allocated` during denoising:
 
@@ -164,9 +166,29 @@ def _rope(led: _Ledger, out: str, src: str, elems: int, c: int) -> None:
     led.free(out + ".prod")
 
 
+def _ulysses_kernel(led: _Ledger, name: str, q_elems: int, lse: int, c: int) -> None:
+    """parallel/ulysses.py's UlyssesAttention around the kernel, as it allocates (q, k and v stay
+    alive in the caller): the send and receive buffers of all three (3 x q each; the result is
+    laid out in the spent send buffer), the kernel over all tokens and this rank's heads (as many
+    elements as q), then, with the whole-sequence q, k, v gone, the output's send and receive
+    buffers. Leaves `{name}.sdpa`, the kernel's result back on this rank's tokens, as without it.
+    Buffers a backend keeps a moment after a collective returns are not counted."""
+    qkv = 3 * q_elems * c
+    led.new(f"{name}.send", qkv)  # heads_to_sequence; the send buffer becomes the result
+    led.new(f"{name}.recv", qkv)
+    led.free(f"{name}.recv")
+    led.new(f"{name}.attn", q_elems * c)  # [B, L, H/P, D]
+    led.new(f"{name}.lse", lse)
+    led.free(f"{name}.lse", f"{name}.send")
+    led.new(f"{name}.sdpa", q_elems * c)  # sequence_to_heads: its send buffer becomes the result
+    led.new(f"{name}.out_recv", q_elems * c)
+    led.free(f"{name}.out_recv", f"{name}.attn")
+
+
 def _attention(led: _Ledger, name: str, q_elems: int, kv_elems: int, rows: int, lse: int, d: int, c: int,
-               fp8: str | None, rope: bool) -> str:
-    """SelfAttention / CrossAttention.forward (k, v from the tokens or the text context).
+               fp8: str | None, rope: bool, ulysses: bool = False) -> str:
+    """SelfAttention / CrossAttention.forward (k, v from the tokens or the text context); with
+    `ulysses`, the self-attention kernel is Ulysses' wrapper (`_ulysses_kernel`).
 
     Returns the name of its output; the caller frees its input after the call.
     """
@@ -183,17 +205,20 @@ def _attention(led: _Ledger, name: str, q_elems: int, kv_elems: int, rows: int, 
     if rope:
         q, k = f"{q}_rot", f"{k}_rot"
     _linear(led, f"{name}.v", kv_elems, kv_elems, d * d, c, fp8)
-    led.new(f"{name}.sdpa", q_elems * c)  # [B, L, H, D]
-    led.new(f"{name}.lse", lse)  # flash/cuDNN log-sum-exp, fp32 per (batch, head, token)
-    led.free(f"{name}.lse")
+    if ulysses:
+        _ulysses_kernel(led, name, q_elems, lse, c)
+    else:
+        led.new(f"{name}.sdpa", q_elems * c)  # [B, L, H, D]
+        led.new(f"{name}.lse", lse)  # flash/cuDNN log-sum-exp, fp32 per (batch, head, token)
+        led.free(f"{name}.lse")
     _linear(led, f"{name}.o", q_elems, q_elems, d * d, c, fp8)
     led.free(f"{name}.sdpa", q, k, f"{name}.v")
     return f"{name}.o"
 
 
 def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes: int = 2,
-                          fp8_compute: str | None = None,
-                          text_tokens: int | None = None) -> tuple[int, str, dict[str, int]]:
+                          fp8_compute: str | None = None, text_tokens: int | None = None,
+                          ulysses: bool = False) -> tuple[int, str, dict[str, int]]:
     """Most bytes live at once while one eager `WanBlock.forward` runs under torch.no_grad.
 
     Counts the block's fp32 input (the caller's loop variable holds it until the block returns)
@@ -201,7 +226,8 @@ def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes
     the weights, the text context or the RoPE tables. Returns (bytes, the tensor whose
     allocation reached the peak, bytes by tensor live at the peak).
     compute_bytes: 2 for bf16/fp16 weights, 4 for fp32. fp8_compute: None for 16/32-bit
-    Linears, "scaled_mm" or "dequant" for FP8Linear's compute modes.
+    Linears, "scaled_mm" or "dequant" for FP8Linear's compute modes. ulysses: `tokens` is one
+    rank's share and the self-attention goes through Ulysses' all-to-alls.
     """
     b, n, d, c = batch, tokens, cfg.dim, compute_bytes
     s = b * n * d  # elements of one token activation [B, L, dim]
@@ -219,7 +245,7 @@ def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes
     led.free("norm1")
     led.cast("h.c", "h", c != FP32, s * c)
     led.free("h")  # unnamed in the forward: only its compute-dtype copy (or itself, in fp32) lives on
-    out = _attention(led, "self_attn", s, s, rows, lse, d, c, fp8_compute, rope=True)
+    out = _attention(led, "self_attn", s, s, rows, lse, d, c, fp8_compute, rope=True, ulysses=ulysses)
     led.free("h.c")
     led.new("x1", s * FP32)  # addcmul(x, out, gate): compute dtype * fp32 gate -> fp32
     led.free(out)
@@ -345,5 +371,151 @@ def table_720p(cfg: DiTConfig = DiTConfig(), card_gib: int = 24) -> str:
     return "\n".join(lines) + note + "\n".join(verdicts)
 
 
+# ---------------------------------------------------------------------------------------------
+# 4. One rank of a multi-GPU plan
+
+
+def embedding_peak(cfg: DiTConfig, tokens: int, local: int, batch: int, compute_bytes: int) -> int:
+    """WanModel.forward before the blocks (every rank embeds the whole video). One process: the
+    patch embedding [B, dim, L] in the compute dtype, its fp32 copy (none in fp32) and the
+    contiguous [B, L, dim] fp32 stream, alive at once. Split over ranks (`local` < `tokens`): the
+    patch embedding and this rank's share of it in the compute dtype (its fp32 copy comes after
+    the whole is freed)."""
+    s = batch * tokens * cfg.dim
+    if local < tokens:
+        return s * compute_bytes + batch * local * cfg.dim * compute_bytes
+    return s * compute_bytes + (s * FP32 if compute_bytes != FP32 else 0) + s * FP32
+
+
+def rank_peak_bytes(cfg: DiTConfig, frames: int, height: int, width: int, *, world: int, ulysses: int = 1,
+                    ring: int = 1, cfg_parallel: int = 1, fsdp: bool = True, reshard_after_forward: bool = True,
+                    weight_bytes_per_param: int = 2, batch_cfg: bool = True, fp8_compute: str = "dequant",
+                    text_tokens: int | None = None) -> dict:
+    """Predicted peak device bytes (allocator view) of one rank of a multi-GPU plan, denoising a
+    `frames` x `height` x `width` video; a plan's ranks all hold the same (up to one row of padding).
+
+    - weights: with fsdp 1/world of both experts (parallel.fsdp.ShardedExperts); without, one
+      whole expert (the rank's ExpertPair keeps both only when both fit, else swaps them).
+    - gathered (fsdp): the root unit (embeddings, time projection) and the head for the whole
+      forward, plus two blocks: the one running and the next one, whose all-gather is in
+      flight on a GPU (FSDP2's implicit prefetch); reshard_after_forward=False keeps one whole
+      expert gathered instead.
+    - activations: the larger of the forward's two phases: embedding the whole video and taking
+      this rank's share (`embedding_peak`), and one block on ceil(L / (ulysses * ring)) tokens
+      (Ulysses' all-to-all buffers when ulysses > 1), each plus what lives through the forward
+      (the RoPE tables for the first). The batch is 1 per rank with
+      cfg_parallel 2 or without batch_cfg, else 2. ring only divides the tokens here: ring
+      attention's own K/V buffers are not modelled yet.
+    Not included: CUDA_OVERHEAD and NCCL_OVERHEAD (see `rank_budget_need`).
+    """
+    _check(weight_bytes_per_param, "none", 0, 1, fp8_compute, cfg.num_layers)
+    for name, value in (("world", world), ("ulysses", ulysses), ("ring", ring)):
+        if not (is_integer(value) and value >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if cfg_parallel not in (1, 2):
+        raise ValueError(f"cfg_parallel must be 1 or 2, got {cfg_parallel!r}")
+    block, expert = weight_bytes(cfg, weight_bytes_per_param)
+    rest = expert - cfg.num_layers * block  # the root unit and the head
+    weights = -(-2 * expert // world) if fsdp else expert
+    gathered = (rest + 2 * block if reshard_after_forward else expert) if fsdp else 0
+    tokens = video_tokens(cfg, frames, height, width)
+    split = ulysses * ring
+    local = -(-tokens // split)
+    batch = 1 if cfg_parallel == 2 or not batch_cfg else 2
+    c = FP32 if weight_bytes_per_param == 4 else 2
+    fp8 = fp8_compute if weight_bytes_per_param == 1 else None
+    persistent = forward_persistent_bytes(cfg, tokens, batch, c, text_tokens)
+    if split > 1:
+        persistent += 2 * local * (cfg.head_dim // 2) * FP32  # this rank's RoPE rows (a copy)
+    in_block, block_peak_at, _ = block_activation_peak(cfg, local, batch, c, fp8, text_tokens, ulysses=ulysses > 1)
+    rope_tables = persistent - forward_persistent_bytes(cfg, 0, batch, c, text_tokens)
+    phases = {"embedding": embedding_peak(cfg, tokens, local, batch, c) + rope_tables,
+              block_peak_at: in_block + persistent}
+    peak_at = max(phases, key=phases.get)
+    return {"tokens": tokens, "local_tokens": local, "batch": batch, "weights": weights, "gathered": gathered,
+            "activations": phases[peak_at], "total": weights + gathered + phases[peak_at], "peak_at": peak_at}
+
+
+NCCL_OVERHEAD = int(0.5 * GIB)  # NCCL's buffers and communicators, outside the caching allocator (not measured here)
+
+
+def rank_budget_need(estimate: dict, world: int) -> int:
+    """What a GPU must have for a rank with `estimate` (rank_peak_bytes): its peak, the CUDA
+    context and, with more than one rank, NCCL's buffers."""
+    return estimate["total"] + CUDA_OVERHEAD + (NCCL_OVERHEAD if world > 1 else 0)
+
+
+CARDS_GIB = (12, 16, 24, 32)  # consumer cards: 3060/4070, 4060 Ti/4080, 3090/4090, 5090
+WEIGHT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
+
+
+def cards_that_fit(need: int) -> str:
+    """Which of CARDS_GIB hold `need` bytes, e.g. "24, 32 GB" (a "24 GB" card has 24 GiB)."""
+    fitting = [str(gib) for gib in CARDS_GIB if need <= gib * GIB]
+    return f"{', '.join(fitting)} GB" if fitting else "none"
+
+
+def multigpu_table(cfg: DiTConfig = DiTConfig(), frames: int = FRAMES) -> str:
+    """Markdown table for docs/multigpu.md: per-GPU need of P-way Ulysses + FSDP at 480p and
+    720p, bf16 and fp8, batched and unbatched CFG, and the consumer cards each fits."""
+    lines = ["| GPUs | weights | CFG | 480p per GPU | fits | 720p per GPU | fits |", "|---|---|---|---|---|---|---|"]
+    for world in (2, 4, 8):
+        for weights in ("bf16", "fp8"):
+            for batch_cfg in (True, False):
+                cells = []
+                for height, width in ((480, 832), (HEIGHT, WIDTH)):
+                    est = rank_peak_bytes(cfg, frames, height, width, world=world, ulysses=world,
+                                          weight_bytes_per_param=WEIGHT_BYTES[weights], batch_cfg=batch_cfg)
+                    need = rank_budget_need(est, world)
+                    cells += [f"{need / GIB:.1f} GiB", cards_that_fit(need)]
+                cfg_label = "batched" if batch_cfg else "unbatched"
+                lines.append(f"| {world} | {weights} | {cfg_label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def describe_rank(cfg: DiTConfig, frames: int, height: int, width: int, world: int, **plan) -> str:
+    """One rank's estimate, part by part, and the consumer cards it fits (the CLI's --gpus output)."""
+    est = rank_peak_bytes(cfg, frames, height, width, world=world, **plan)
+    need = rank_budget_need(est, world)
+    return (f"{width}x{height}x{frames} on {world} GPUs ({', '.join(f'{k} {v}' for k, v in plan.items())}): "
+            f"{est['tokens']} tokens, {est['local_tokens']} per rank, batch {est['batch']}\n"
+            f"  weights {est['weights'] / GIB:.2f} GiB, gathered {est['gathered'] / GIB:.2f} GiB, activations "
+            f"{est['activations'] / GIB:.2f} GiB (peak at {est['peak_at']}): total {est['total'] / GIB:.2f} GiB\n"
+            f"  a GPU needs {need / GIB:.2f} GiB with CUDA context and NCCL buffers; fits: {cards_that_fit(need)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m wan22_core.memory",
+                                description="Predicted GPU memory of Wan2.2 A14B: one process by offload mode "
+                                            "(default), one rank of a multi-GPU plan (--gpus), or docs/multigpu.md's "
+                                            "table (--multigpu-table).")
+    p.add_argument("--gpus", type=int, help="ranks of a multi-GPU plan: print one rank's estimate")
+    p.add_argument("--ulysses", type=int, default=0, help="Ulysses degree (0: all ranks of a CFG half)")
+    p.add_argument("--ring", type=int, default=1, help="ring degree")
+    p.add_argument("--cfg-parallel", action="store_true")
+    p.add_argument("--no-fsdp", dest="fsdp", action="store_false")
+    p.add_argument("--keep-gathered", action="store_true")
+    p.add_argument("--weights", choices=WEIGHT_BYTES, default="bf16", help="how the experts' weights are held")
+    p.add_argument("--no-batch-cfg", dest="batch_cfg", action="store_false")
+    p.add_argument("--width", type=int, default=WIDTH)
+    p.add_argument("--height", type=int, default=HEIGHT)
+    p.add_argument("--frames", type=int, default=FRAMES)
+    p.add_argument("--multigpu-table", action="store_true")
+    args = p.parse_args(argv)
+    cfg = DiTConfig()
+    if args.multigpu_table:
+        print(multigpu_table(cfg))
+    elif args.gpus:
+        cfg_parallel = 2 if args.cfg_parallel else 1
+        ulysses = args.ulysses or args.gpus // (cfg_parallel * args.ring)
+        print(describe_rank(cfg, args.frames, args.height, args.width, args.gpus, ulysses=ulysses, ring=args.ring,
+                            cfg_parallel=cfg_parallel, fsdp=args.fsdp, reshard_after_forward=not args.keep_gathered,
+                            weight_bytes_per_param=WEIGHT_BYTES[args.weights], batch_cfg=args.batch_cfg))
+    else:
+        print(table_720p())
+
+
 if __name__ == "__main__":
-    print(table_720p())
+    main()

@@ -48,6 +48,12 @@ def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, i
     return (Z_DIM, (frames - 1) // _STRIDE_T + 1, height // _STRIDE_S, width // _STRIDE_S)
 
 
+def video_size(latent: tuple[int, ...]) -> tuple[int, int, int]:
+    """(frames, height, width) of the video a latent [..., T, H/8, W/8] decodes to (latent_shape's inverse)."""
+    t, h, w = latent[-3:]
+    return (t - 1) * _STRIDE_T + 1, h * _STRIDE_S, w * _STRIDE_S
+
+
 def latent_tokens(shape: tuple[int, ...], patch_size: tuple[int, int, int]) -> int:
     """Tokens the DiT makes of a latent [..., T, h, w]: one per (t, h, w) `patch_size` patch."""
     t, h, w = shape[-3:]

@@ -51,6 +51,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def device_memory(device: torch.device | str) -> int | None:
+    """Bytes of memory a CUDA device has (what the multi-GPU memory check budgets against);
+    None for the CPU, whose ranks share host memory that no plan check budgets."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
 def check_backend(backend: str) -> None:
     """Fail before any process starts when this torch build cannot run `backend` ("nccl" or "gloo").
 

@@ -210,8 +210,8 @@ class DitRowReader:
         weight_dtype=weight_dtype)` holds: FP8Linears for scaled fp8."""
         self._fp8_modules = _swap_fp8_layers(model, self._found, self.ckpt, dtype, weight_dtype)
 
-    def quantized_rows(self, layer: str, start: int, stop: int,
-                       whole_amax: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def quantized_rows(self, layer: str, start: int, stop: int, whole_amax: Callable[[torch.Tensor], torch.Tensor]
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(rows [start, stop) of quantised `layer`'s weight as the uint8 bytes it holds, its
         per-tensor buffers by name). fp8: the file's e4m3 bytes and scale when it stores them, else
         the rows quantised with the scale of the whole tensor's amax (`whole_amax` maps this range's

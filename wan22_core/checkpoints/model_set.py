@@ -8,7 +8,7 @@ from ..config import DiTConfig
 from .identify import DIT, TEXT_ENCODER, VAE, Identity, check_slot, identify, tokenizer_folder
 from .layouts import (COMFY_DIRS, DIFFUSERS_DIRS, HIGH_NOISE_DIR, LOW_NOISE_DIR, T5_FILE, T5_TOKENIZER_DIR,
                       VAE_FILE)
-from .reading import Checkpoint, CheckpointError
+from .reading import FP8_DTYPES, Checkpoint, CheckpointError
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,14 @@ def check_expert_pair(high_noise: str | Path, low_noise: str | Path) -> tuple[Id
             f"low-noise {Path(low_noise).name} is {sizes(low.dit)}: choose the high- and low-noise experts of "
             "one model (wan2.2_t2v_*_noise_14B)")
     return high, low
+
+
+def stores_fp8(path: str | Path) -> bool:
+    """Whether an expert file holds its block Linear weights in fp8 (Comfy-Org's fp8_scaled files),
+    which `load_dit` keeps in fp8 unless told otherwise; from the header alone."""
+    ckpt, found = check_slot(path, DIT)
+    return any(ckpt.entries[stored].dtype in FP8_DTYPES for stored, name in found.names.items()
+               if name.startswith("blocks.") and name.endswith(".weight"))
 
 
 def expert_config(path: str | Path) -> DiTConfig:

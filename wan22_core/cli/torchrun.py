@@ -6,8 +6,9 @@ ranks read their shards (the two overlap instead of adding up). Every rank then 
 of the video's rows (parallel.vae_decode; rank 0 alone with --vae-tile, or when the latent has
 fewer rows than there are ranks), and rank 0 writes the outputs (only the latents with
 --no-video). LoRAs are merged into each rank's shards while it reads them; --attention,
---weight-dtype (fp8 shards stay fp8) and --compile apply on every rank. The process group is
-`parallel.launch`'s; this module only reads the flags.
+--weight-dtype (fp8 shards stay fp8) and --compile apply on every rank. A plan whose ranks cannot
+hold the video on the smallest GPU stops before any work (`plan.check_plan_fits`). The process
+group is `parallel.launch`'s; this module only reads the flags.
 """
 from __future__ import annotations
 
@@ -19,14 +20,17 @@ from pathlib import Path
 
 import torch
 
+import torch
+
 from ..checkpoints import ModelFiles, expert_config
-from ..experts import expert_dtypes
+from ..config import ExpertOptions
+from ..experts import expert_dtypes, weight_bytes_per_param
 from ..models.vae import denormalize_latent, to_images
 from ..optimize import compile_toolchain_problem
-from ..parallel.launch import (Rank0Task, cpu_threads_per_rank, local_device, torchrun_group, torchrun_world_size,
-                               under_torchrun)
+from ..parallel.launch import (Rank0Task, cpu_threads_per_rank, local_device, smallest_device_memory,
+                               torchrun_group, torchrun_world_size, under_torchrun)
 from ..parallel.loading import load_expert_pair
-from ..parallel.plan import ParallelPlan, check_parallel_options
+from ..parallel.plan import ParallelPlan, RankLoad, check_parallel_options, check_plan_fits
 from ..parallel.vae_decode import can_split_rows, decode_on_ranks
 from ..pipeline import decode_to_video, make_noise
 from . import parser as flags
@@ -38,6 +42,12 @@ def parallel_plan(args: argparse.Namespace, world_size: int, num_heads: int) -> 
     """--ulysses / --cfg-parallel / --fsdp / --keep-gathered on `world_size` ranks."""
     return ParallelPlan(world_size=world_size, ulysses=args.ulysses, cfg_parallel=2 if args.cfg_parallel else 1,
                         fsdp=args.fsdp, reshard_after_forward=not args.keep_gathered, num_heads=num_heads)
+
+
+def rank_load(args: argparse.Namespace, files: ModelFiles, options: ExpertOptions, device: torch.device) -> RankLoad:
+    """What each rank is asked to hold: the model, --width/--height/--frames, --weight-dtype, --batch-cfg."""
+    return RankLoad.of(expert_config(files.high_noise), (args.frames, args.height, args.width), options,
+                       weight_bytes_per_param(options, device, files.high_noise), args.batch_cfg)
 
 
 def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
@@ -58,6 +68,8 @@ def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
     started = time.perf_counter()
     with torchrun_group(plan, device) as groups:
         rank0 = groups.rank == 0
+        # before any work: every rank checks against the smallest GPU of all
+        check_plan_fits(plan, rank_load(args, files, options, device), smallest_device_memory(groups))
         timings: dict[str, float] = {}
         timed = stage if rank0 else (lambda name, timings: nullcontext())
         if problem is not None and rank0:

@@ -307,15 +307,16 @@ class WanModel(nn.Module):
         # 1. Patch, time, text and position embeddings
         tokens = self.patch_embedding(x.to(self.dtype))  # [B, dim, f, h, w]
         grid = tuple(tokens.shape[2:])
-        # [B, L, dim] fp32 residual stream, made contiguous once (a transposed stream would make
-        # every LayerNorm copy it and every elementwise op mix layouts)
-        tokens = tokens.flatten(2).transpose(1, 2).float().contiguous()
         e, e0 = self.embed_time(t)
         context, pad_bias = self.embed_text(context)
         rope = self.rope(grid, x.device)
 
-        # 2. Blocks (on this rank's share of the tokens under sequence parallelism)
-        tokens, rope = self.sequence_shard.split(tokens, rope)
+        # 2. Blocks (on this rank's share of the tokens under sequence parallelism). The share is
+        # taken in the compute dtype, so a rank never holds the whole video's fp32 stream; the
+        # [B, L, dim] fp32 residual stream is then made contiguous once (a transposed stream
+        # would make every LayerNorm copy it and every elementwise op mix layouts).
+        tokens, rope = self.sequence_shard.split(tokens.flatten(2).transpose(1, 2), rope)
+        tokens = tokens.float().contiguous()
         for block in self.blocks:
             tokens = block(tokens, e0, context, rope, pad_bias)
 

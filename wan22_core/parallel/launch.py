@@ -15,7 +15,7 @@ from typing import Callable, Generic, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..runtime import check_backend, resolve_device
+from ..runtime import check_backend, device_memory, resolve_device
 from .mesh import ParallelGroups, init_groups
 from .plan import ParallelPlan, backend_for
 
@@ -111,3 +111,13 @@ class Rank0Task(Generic[T]):
         if self._error is not None:
             raise self._error
         return from_rank0(lambda: self._value, self.groups)
+
+
+def smallest_device_memory(groups: ParallelGroups) -> int | None:
+    """The least memory of any rank's device (one MIN all-reduce), or None on CPU ranks (no budget)."""
+    own = device_memory(groups.device)
+    if own is None:
+        return None
+    least = torch.tensor([own], dtype=torch.int64, device=groups.device)
+    dist.all_reduce(least, op=dist.ReduceOp.MIN)
+    return int(least.item())

@@ -117,30 +117,41 @@ def load_expert(path: str | Path, groups: ParallelGroups, device: torch.device, 
                 loras: Sequence[LoraSpec] = (), on_tensor: Callable[[], None] | None = None, *,
                 weight_dtype: torch.dtype | None = None, fp8_matmul: str | None = None,
                 compile: bool = False) -> nn.Module:
-    """One parallelized expert with this rank's weights (`loras` merged in), ready for `denoise`.
+    """One parallelized expert with this rank's rows of checkpoint `path` (`loras` merged in),
+    ready for `denoise`; see `build_expert`."""
+    with DitRowReader(path) as reader:
+        return build_expert(reader, groups, device, dtype, loras, on_tensor, weight_dtype=weight_dtype,
+                            fp8_matmul=fp8_matmul, compile=compile)
+
+
+def build_expert(reader: DitRowReader, groups: ParallelGroups, device: torch.device, dtype: torch.dtype,
+                 loras: Sequence[LoraSpec] = (), on_tensor: Callable[[], None] | None = None, *,
+                 weight_dtype: torch.dtype | None = None, fp8_matmul: str | None = None,
+                 compile: bool = False) -> nn.Module:
+    """One parallelized expert with this rank's rows from `reader` (a `DitRowReader`, or anything
+    with its members: benchmarks/bench_rank.py reads random rows), `loras` merged in.
 
     dtype, weight_dtype: as `load_dit` takes them (the compute dtype; None keeps the file's fp8
     layers, torch.float8_e4m3fn quantises the block Linears, `dtype` dequantises). fp8_matmul:
     `fp8.set_fp8_compute`'s mode, or None. compile: each block compiled before FSDP wraps it
     (`parallelize`). on_tensor is called after each parameter is read (the worker's heartbeat).
     """
-    with DitRowReader(path) as reader:
-        with torch.device("meta"):  # parameters in `dtype`, as load_dit holds them (the shards are stored so)
-            model = WanModel(reader.cfg).requires_grad_(False).to(dtype)
-        shapes = {name: p.shape for name, p in model.named_parameters()}  # dense: what LoRAs must fit
-        reader.check_names(shapes)
-        deltas, _ = lora_deltas(loras, shapes)
-        reader.swap_quantized(model, dtype, weight_dtype)
-        if fp8_matmul is not None:
-            set_fp8_compute(model, fp8_matmul)
-        runnable = parallelize(model, groups, compile=compile)
-        model.to_empty(device=device)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                _fill(model, param, reader, name, dtype, deltas)
-                if on_tensor is not None:
-                    on_tensor()
-        model.merged_loras = deltas  # the factors stay: a LoRA change re-merges without the checkpoint
+    with torch.device("meta"):  # parameters in `dtype`, as load_dit holds them (the shards are stored so)
+        model = WanModel(reader.cfg).requires_grad_(False).to(dtype)
+    shapes = {name: p.shape for name, p in model.named_parameters()}  # dense: what LoRAs must fit
+    reader.check_names(shapes)
+    deltas, _ = lora_deltas(loras, shapes)
+    reader.swap_quantized(model, dtype, weight_dtype)
+    if fp8_matmul is not None:
+        set_fp8_compute(model, fp8_matmul)
+    runnable = parallelize(model, groups, compile=compile)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            _fill(model, param, reader, name, dtype, deltas)
+            if on_tensor is not None:
+                on_tensor()
+    model.merged_loras = deltas  # the factors stay: a LoRA change re-merges without the checkpoint
     return runnable.eval()
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import A14B, ExpertOptions, is_finite_real, is_integer, is_real
-from ..runtime import check_backend
+from ..config import A14B, FRAMES, HEIGHT, WIDTH, DiTConfig, ExpertOptions, is_finite_real, is_integer, is_real
+from ..memory import GIB, rank_budget_need, rank_peak_bytes
+from ..runtime import check_backend, device_memory
 
 A14B_HEADS = A14B.dit.num_heads
 HEARTBEAT_S = 60.0  # seconds of silence from a rank before it counts as hung
@@ -137,15 +138,26 @@ def parse_gpus(gpus: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Everything a worker group is built from besides the model: devices, plan, fault bound."""
+    """Everything a worker group is built from besides the model: devices, plan, whether each
+    forward batches cond and uncond (two forwards of batch 1 halve the activations), fault bound."""
 
     devices: tuple[str, ...]
     plan: ParallelPlan
     heartbeat_timeout: float = HEARTBEAT_S
+    batch_cfg: bool = True
 
     @property
     def backend(self) -> str:
         return backend_for(self.devices)
+
+
+def device_budget(devices: Sequence[str]) -> tuple[int, str] | None:
+    """(bytes, name) of the smallest GPU in `devices`, or None for CPU ranks (no budget)."""
+    sizes = [(device_memory(device), device) for device in devices]
+    if any(size is None for size, _ in sizes):
+        return None
+    size, device = min(sizes)
+    return size, f"{device} ({torch.cuda.get_device_name(device)})"
 
 
 def backend_for(devices: Sequence[str]) -> str:
@@ -155,8 +167,11 @@ def backend_for(devices: Sequence[str]) -> str:
 
 def parallel_config(gpus: str = "all", ulysses_degree: int = 0, fsdp: bool = True, cfg_parallel: bool = False,
                     *, num_heads: int = A14B_HEADS, reshard_after_forward: bool = True,
-                    heartbeat_timeout: float = HEARTBEAT_S) -> ParallelConfig:
+                    heartbeat_timeout: float = HEARTBEAT_S, batch_cfg: bool = True) -> ParallelConfig:
     """The multi-GPU node's inputs -> a validated ParallelConfig (ulysses_degree 0: all ranks of a CFG half)."""
+    if cfg_parallel and not batch_cfg:
+        raise ValueError("batch_cfg off with cfg_parallel: CFG-parallel splits the batched cond/uncond pair over "
+                         "two halves of the ranks; turn one of them off")
     devices = parse_gpus(gpus)
     check_backend(backend_for(devices))  # e.g. a torch build without NCCL
     cfg = 2 if cfg_parallel else 1
@@ -170,7 +185,8 @@ def parallel_config(gpus: str = "all", ulysses_degree: int = 0, fsdp: bool = Tru
         raise ValueError(f"heartbeat_timeout must be a number of seconds > 0, got {heartbeat_timeout!r}")
     plan = ParallelPlan(world_size=len(devices), ulysses=ulysses, cfg_parallel=cfg, fsdp=fsdp,
                         reshard_after_forward=reshard_after_forward, num_heads=num_heads)
-    return ParallelConfig(devices=devices, plan=plan, heartbeat_timeout=float(heartbeat_timeout))
+    return ParallelConfig(devices=devices, plan=plan, heartbeat_timeout=float(heartbeat_timeout),
+                          batch_cfg=bool(batch_cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,3 +219,127 @@ def check_parallel_options(options: ExpertOptions, *, cfg_parallel: bool, batch_
     if refused:
         raise ValueError(f"not on the multi-GPU path: {'; '.join(refused)}")
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: does a plan fit the smallest GPU it was given (memory.rank_peak_bytes)
+
+
+@dataclass(frozen=True)
+class RankLoad:
+    """What one rank of a plan is asked to hold, besides the plan: the model, the video, how the
+    weights are held and whether cond and uncond are batched."""
+
+    cfg: DiTConfig
+    video: tuple[int, int, int]  # frames, height, width
+    weight_bytes: int  # per block-Linear weight: 1 (fp8), 2 or 4 (memory.weight_bytes)
+    batch_cfg: bool = True
+    fp8_compute: str = "dequant"  # or "scaled_mm" (weight_dtype fp8_e4m3fn_fast on fp8 tensor cores)
+    text_tokens: int | None = None
+
+    @classmethod
+    def of(cls, cfg: DiTConfig, video: tuple[int, int, int], options: ExpertOptions, weight_bytes: int,
+           batch_cfg: bool) -> "RankLoad":
+        """The load of the experts `options` ask for (weight_bytes: experts.weight_bytes_per_param)."""
+        fp8_compute = "scaled_mm" if options.weight_dtype.endswith("_fast") else "dequant"
+        return cls(cfg, tuple(video), weight_bytes, batch_cfg, fp8_compute)
+
+    def estimate(self, plan: ParallelPlan) -> dict:
+        return rank_peak_bytes(self.cfg, *self.video, world=plan.world_size, ulysses=plan.ulysses,
+                               cfg_parallel=plan.cfg_parallel, fsdp=plan.fsdp,
+                               reshard_after_forward=plan.reshard_after_forward,
+                               weight_bytes_per_param=self.weight_bytes, batch_cfg=self.batch_cfg,
+                               fp8_compute=self.fp8_compute, text_tokens=self.text_tokens)
+
+    def need(self, plan: ParallelPlan) -> int:
+        """Bytes a GPU must have for one rank (peak, CUDA context, NCCL buffers)."""
+        return rank_budget_need(self.estimate(plan), plan.world_size)
+
+
+MAX_SUGGESTED_RANKS = 64  # how far "more GPUs" looks
+
+
+def _more_gpus(plan: ParallelPlan, load: RankLoad, budget: int) -> str | None:
+    """The fewest GPUs (more than now) whose plan of the same kind (all of a CFG half in Ulysses,
+    weights sharded) fits, e.g. "4 GPUs (ulysses 4, fsdp)"."""
+    for world in range(plan.world_size + 1, MAX_SUGGESTED_RANKS + 1):
+        ulysses = world // plan.cfg_parallel
+        if world % plan.cfg_parallel or plan.num_heads % ulysses:
+            continue
+        bigger = ParallelPlan(world, ulysses, plan.cfg_parallel, fsdp=True, num_heads=plan.num_heads)
+        if load.need(bigger) <= budget:
+            return f"{world} GPUs ({describe_plan(bigger)})"
+    return None
+
+
+def _smaller_video(plan: ParallelPlan, load: RankLoad, budget: int) -> str | None:
+    """The largest size of the same aspect ratio and frame count that fits (multiples of 16 px)."""
+    frames, height, width = load.video
+    for h in range(height - 16, 15, -16):
+        w = max(16, round(width * h / height / 16) * 16)
+        if replace(load, video=(frames, h, w)).need(plan) <= budget:
+            return f"{w}x{h} (same {frames} frames)"
+    return None
+
+
+def fitting_changes(plan: ParallelPlan, load: RankLoad, budget: int, can_unbatch: bool = True) -> list[str]:
+    """Single changes that make `plan` fit `budget` bytes per GPU, cheapest first: unbatched CFG
+    (same video, two forwards per step), fp8 weights (half their bytes, within fp8 rounding),
+    both, more GPUs, a smaller video."""
+    tries = []
+    unbatch = can_unbatch and load.batch_cfg and not plan.cfg_parallel_enabled
+    if unbatch:
+        tries.append(("unbatched CFG (batch_cfg off, --no-batch-cfg)", replace(load, batch_cfg=False)))
+    if load.weight_bytes > 1:
+        tries.append(("fp8 weights (weight_dtype fp8_e4m3fn)", replace(load, weight_bytes=1)))
+        if unbatch:
+            tries.append(("fp8 weights and unbatched CFG", replace(load, weight_bytes=1, batch_cfg=False)))
+    found = [f"{what} ({size(load_.need(plan))})" for what, load_ in tries if load_.need(plan) <= budget]
+    found += [change for change in (_more_gpus(plan, load, budget), _smaller_video(plan, load, budget)) if change]
+    return found
+
+
+def size(nbytes: int) -> str:
+    """Bytes for a message: GiB with one decimal, MiB below a tenth of a GiB."""
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def describe_plan(plan: ParallelPlan) -> str:
+    parts = [f"ulysses {plan.ulysses}"] + (["cfg_parallel"] if plan.cfg_parallel_enabled else [])
+    parts += (["fsdp"] if plan.fsdp else []) + ([] if plan.reshard_after_forward else ["kept gathered"])
+    return ", ".join(parts)
+
+
+def check_plan_fits(plan: ParallelPlan, load: RankLoad, budget: int | None, where: str = "the smallest GPU",
+                    can_unbatch: bool = True) -> dict:
+    """memory.rank_peak_bytes for one rank of `plan`; ValueError naming the cheapest change that
+    fits when the GPU (`budget` bytes; None: no budget, e.g. CPU ranks) cannot hold it."""
+    estimate = load.estimate(plan)
+    need = rank_budget_need(estimate, plan.world_size)
+    if budget is None or need <= budget:
+        return estimate
+    frames, height, width = load.video
+    weights = {1: "fp8", 2: "16-bit", 4: "fp32"}[load.weight_bytes]
+    changes = fitting_changes(plan, load, budget, can_unbatch)
+    advice = (f"cheapest change that fits: {changes[0]}" + (f"; also: {'; '.join(changes[1:])}" if changes[1:] else "")
+              if changes else
+              f"nothing tried fits (fp8, unbatched CFG, up to {MAX_SUGGESTED_RANKS} GPUs, a smaller size)")
+    raise ValueError(
+        f"{plan.world_size} GPUs ({describe_plan(plan)}) cannot hold {width}x{height}x{frames} with {weights} weights"
+        f"{' and batched CFG' if estimate['batch'] == 2 else ''}: each needs about {size(need)} "
+        f"({size(estimate['weights'])} weights, {size(estimate['gathered'])} gathered, "
+        f"{size(estimate['activations'])} activations at {estimate['peak_at']}, "
+        f"{size(need - estimate['total'])} CUDA/NCCL), {where} has {size(budget)}; {advice}")
+
+
+def memory_lines(config: ParallelConfig, cfg: DiTConfig = A14B.dit, frames: int = FRAMES) -> list[str]:
+    """What one GPU of `config`'s plan needs for the model at 720p and 480p, with bf16 and fp8
+    weights (`RankLoad.need`), and the smallest GPU given: the multi-GPU node's memory line."""
+    lines = []
+    for label, (height, width) in (("720p", (HEIGHT, WIDTH)), ("480p", (480, 832))):
+        loads = {name: RankLoad(cfg, (frames, height, width), weight_bytes, config.batch_cfg)
+                 for name, weight_bytes in (("bf16", 2), ("fp8", 1))}
+        needs = [f"{name} {size(load.need(config.plan))}" for name, load in loads.items()]
+        lines.append(f"{label} x {frames} per GPU: {', '.join(needs)}")
+    budget = device_budget(config.devices)
+    return lines + ([f"smallest GPU: {size(budget[0])}, {budget[1]}"] if budget else [])

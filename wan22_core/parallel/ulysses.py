@@ -16,7 +16,6 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 Rope = torch.Tensor  # [L, 1, head_dim/2] complex rotations (models/transformer.py)
@@ -35,22 +34,49 @@ def shard_tokens(tokens: torch.Tensor, rope: Rope, index: int, degree: int) -> t
     Pad tokens are zeros and get the identity rotation (1 + 0i), as the official code pads its
     frequencies with ones; their keys are never attended to, their outputs are dropped.
     """
-    length = tokens.shape[1]
-    per_rank = math.ceil(length / degree)
-    pad = per_rank * degree - length
-    tokens = F.pad(tokens, (0, 0, 0, pad))  # [B, P*ceil(L/P), dim]
-    rope = torch.cat([rope, rope.new_ones(pad, *rope.shape[1:])])
+    per_rank = math.ceil(tokens.shape[1] / degree)
     rows = slice(index * per_rank, (index + 1) * per_rank)
-    return tokens[:, rows], rope[rows]
+    # Slice, then pad just this slice into a fresh tensor: no padded copy of the whole sequence,
+    # and nothing here keeps the caller's full [B, L, dim] stream alive (it is freed as soon as
+    # the caller rebinds it, before the first block; memory.rank_peak_bytes counts it so).
+    mine, mine_rope = tokens[:, rows], rope[rows]
+    pad = per_rank - mine.shape[1]
+    return (torch.cat([mine, mine.new_zeros(mine.shape[0], pad, mine.shape[2])], dim=1),  # [B, ceil(L/P), dim]
+            torch.cat([mine_rope, mine_rope.new_ones(pad, *mine_rope.shape[1:])]))
 
 
-def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup) -> torch.Tensor:
-    """Send chunk i of `scatter_dim` to rank i; concatenate what arrives along `gather_dim`."""
+def heads_to_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """q, k, v [B, L/P, H, D] -> [3, B, L, H/P, D]: this rank's heads of the whole sequence.
+
+    One all-to-all for all three (the same bytes as three, a third of the calls). Block i of the
+    send buffer (head group i) goes to rank i; block j of the receive buffer is rank j's tokens.
+    Besides q, k and v (held by the caller) two 3 x q buffers are alive: the result is laid out
+    in the spent send buffer (memory.rank_peak_bytes replays this).
+    """
     world = dist.get_world_size(group)
-    send = torch.stack(x.chunk(world, dim=scatter_dim))  # [P, ...]: block i goes to rank i
+    b, n, h, d = q.shape
+    send = q.new_empty(world, 3, b, n, h // world, d)
+    for i, t in enumerate((q, k, v)):
+        send[:, i].copy_(t.view(b, n, world, h // world, d).permute(2, 0, 1, 3, 4))
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    return torch.cat(recv.unbind(0), dim=gather_dim)  # block j came from rank j
+    qkv = send.view(3, b, world, n, h // world, d)
+    qkv.copy_(recv.permute(1, 2, 0, 3, 4, 5))
+    return qkv.view(3, b, world * n, h // world, d)
+
+
+def sequence_to_heads(out: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """[B, L, H/P, D] -> [B, L/P, H, D]: the attention output back to this rank's tokens, all heads
+    (laid out in the spent send buffer, as `heads_to_sequence`)."""
+    world = dist.get_world_size(group)
+    b, length, heads, d = out.shape
+    n = length // world
+    send = out.view(b, world, n, heads, d).transpose(0, 1).contiguous()  # block i: rank i's tokens
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    mine = send.view(b, n, world, heads, d)
+    mine.copy_(recv.permute(1, 2, 0, 3, 4))  # block j: head group j
+    return mine.view(b, n, world * heads, d)
 
 
 class UlyssesAttention(nn.Module):
@@ -63,12 +89,11 @@ class UlyssesAttention(nn.Module):
         self.layout = layout
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # One all-to-all for q, k and v together: same bytes as three, a third of the calls.
-        qkv = all_to_all(torch.stack([q, k, v]), scatter_dim=3, gather_dim=2, group=self.group)
-        q, k, v = qkv.unbind(0)  # each [B, P*L/P, H/P, D]
+        q, k, v = heads_to_sequence(q, k, v, self.group).unbind(0)  # each [B, P*L/P, H/P, D]
         n = self.layout.valid_len  # leaving the padded keys out is the official key mask
         out = self.inner(q, k[:, :n], v[:, :n])
-        return all_to_all(out, scatter_dim=1, gather_dim=2, group=self.group)  # [B, L/P, H, D]
+        del q, k, v  # the whole sequence's q, k, v: gone before the exchange back
+        return sequence_to_heads(out, self.group)  # [B, L/P, H, D]
 
 
 class UlyssesShard(nn.Module):

@@ -188,7 +188,7 @@ class Worker:
         try:
             latent = denoise(self.experts, job["positive"], job["negative"], job["noise"],
                              SamplerSettings(**job["settings"]), latent=job["latent"],
-                             denoise_strength=job["denoise_strength"], batch_cfg=True,
+                             denoise_strength=job["denoise_strength"], batch_cfg=job["batch_cfg"],
                              on_step=on_step, should_cancel=cancel)
             outcome = dict(status="ok", steps=cancel.checks, latent=latent.cpu() if self.rank == 0 else None)
         except (Cancelled, NumericalError) as err:  # raised by every rank at the same step: the group stays

@@ -42,18 +42,18 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..checkpoints import check_expert_pair
+from ..checkpoints import check_expert_pair, expert_config
 from ..config import DiTConfig, ExpertOptions, SamplerSettings
 from ..errors import Cancelled, NumericalError, Wan22Error
-from ..experts import expert_dtypes
+from ..experts import expert_dtypes, weight_bytes_per_param
 from ..lora import LoraReport, LoraSpec, file_key, lora_deltas
 from ..memory import GIB
 from ..models.attention import resolve_backend
 from ..models.transformer import WanModel
 from ..models.vae import WanVAE
-from ..pipeline import StepInfo
+from ..pipeline import StepInfo, video_size
 from ..runtime import DTYPES, default_cuda_allocator
-from .plan import ParallelConfig, ParallelPlan
+from .plan import ParallelConfig, ParallelPlan, RankLoad, check_plan_fits, device_budget
 from .vae_decode import check_bands
 
 PACK_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the wan22_core package
@@ -205,6 +205,11 @@ class Job:
     latent: torch.Tensor | None = None  # optional start latent (normalised space)
     denoise_strength: float = 1.0
 
+    @property
+    def video(self) -> tuple[int, int, int]:
+        """(frames, height, width) of the video the noise makes."""
+        return video_size(tuple(self.noise.shape))
+
 
 def validate_spec(spec: ModelSpec, config: ParallelConfig) -> tuple[ParallelPlan, dict[str, tuple[LoraReport, ...]]]:
     """Check the dtypes, files, LoRAs and the plan against the model's real head count, before any
@@ -217,6 +222,17 @@ def validate_spec(spec: ModelSpec, config: ParallelConfig) -> tuple[ParallelPlan
     high, _ = check_expert_pair(spec.high_noise, spec.low_noise)  # headers only: one model's two experts
     reports = check_loras(spec, high.dit)
     return replace(config.plan, num_heads=high.dit.num_heads), reports  # replace re-runs the plan's checks
+
+
+def check_memory(spec: ModelSpec, config: ParallelConfig, video: tuple[int, int, int]) -> None:
+    """ValueError, naming the cheapest change that fits, when a rank of `config`'s plan cannot
+    hold `video` on the smallest of its GPUs (memory.rank_peak_bytes; plan.check_plan_fits)."""
+    budget = device_budget(config.devices)
+    if budget is None:
+        return
+    weight_bytes = weight_bytes_per_param(spec.options, torch.device(config.devices[0]), Path(spec.high_noise))
+    load = RankLoad.of(expert_config(spec.high_noise), video, spec.options, weight_bytes, config.batch_cfg)
+    check_plan_fits(config.plan, load, *budget)
 
 
 # (expert config, LoRA file key) -> report at strength 1: a file is read here once while unchanged
@@ -252,14 +268,18 @@ class WorkerGroup:
 
     @classmethod
     def get_or_create(cls, spec: ModelSpec, config: ParallelConfig,
-                      on_status: Callable[[int, str], None] | None = None) -> "WorkerGroup":
+                      on_status: Callable[[int, str], None] | None = None,
+                      video: tuple[int, int, int] | None = None) -> "WorkerGroup":
         """The live group for (spec, config); replaces a group built for anything else or broken.
 
         A live group for the same files, dtype and config is kept: if only the LoRAs or the
         attention backend changed, its ranks re-merge their shards in place (seconds, no
-        checkpoint read) instead of a rebuild.
+        checkpoint read) instead of a rebuild. With `video` (frames, height, width), a plan whose
+        ranks cannot hold it on the smallest of the GPUs is refused first (`check_memory`).
         """
         checked = validate_spec(spec, config)  # a bad request must not cost the working group
+        if video is not None:
+            check_memory(spec, replace(config, plan=checked[0]), video)
         with cls._lock:
             current = cls._current
             if (current is not None and current.spec.weights == spec.weights and current.config == config
@@ -276,7 +296,7 @@ class WorkerGroup:
     def __init__(self, spec: ModelSpec, config: ParallelConfig, on_status: Callable[[int, str], None] | None,
                  plan: ParallelPlan, lora_reports: dict[str, tuple[LoraReport, ...]]):
         """Start the ranks; `plan` and `lora_reports` are validate_spec's result (get_or_create)."""
-        self.spec, self.config, self.on_status = spec, config, on_status
+        self.spec, self.config, self.on_status, self.plan = spec, config, on_status, plan
         self.lora_reports = lora_reports  # for the caller to show
         self._procs: dict[int, subprocess.Popen] = {}
         self._conns: dict[int, Connection] = {}
@@ -323,11 +343,12 @@ class WorkerGroup:
         if self._closed:
             raise WorkerGroupError("this worker group was shut down; call WorkerGroup.get_or_create again")
         job.settings.validate()
+        check_memory(self.spec, replace(self.config, plan=self.plan), job.video)  # before the ranks see it
         self._job_id += 1
         message = dict(type="job", id=self._job_id, positive=job.positive.cpu(), negative=job.negative.cpu(),
                        noise=job.noise.cpu(), latent=None if job.latent is None else job.latent.cpu(),
                        denoise_strength=job.denoise_strength, settings=asdict(job.settings),
-                       stream=on_step is not None)
+                       batch_cfg=self.config.batch_cfg, stream=on_step is not None)
 
         def progress(step: dict) -> None:
             if on_step is not None:

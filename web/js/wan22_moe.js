@@ -1,4 +1,4 @@
-// ComfyUI frontend extension: read-only lines on Wan22MoESampler.
+// ComfyUI frontend extension: read-only lines on Wan22MoESampler and Wan22MultiGPUConfig.
 //
 // - expert_split: which steps each expert runs, e.g. "high-noise steps 1-26 | low-noise 27-40",
 //   recomputed from the node's own widgets every time the node is drawn, so it follows
@@ -6,6 +6,8 @@
 // - worker_status: with the `parallel` input connected, what each multi-GPU worker rank is doing
 //   (from the server's wan22moe.worker_status events).
 // - lora_report: after a run with LoRAs, what each LoRA patched (the sampler's `ui` output).
+// - memory (on Wan22MultiGPUConfig): after a run, what one GPU of the plan needs for A14B at
+//   720p and 480p in bf16 and fp8, and the smallest GPU's memory (the config node's `ui` output).
 // All are display-only (text_lines.js). Every extra runs behind a guard (guard.js): a failure is
 // reported once in the console and the sampler and its widgets keep working without the line.
 // Only interfaces both supported frontends offer are used (1.27.10 and 1.5x: see README).
@@ -17,6 +19,7 @@ import { makeLinesWidget, showText } from "./text_lines.js";
 import { EVENT, applyStatus, describeRanks } from "./worker_status.js";
 
 const NODE_TYPE = "Wan22MoESampler";
+const CONFIG_TYPE = "Wan22MultiGPUConfig";
 const SETTINGS = ["steps", "shift", "boundary", "solver", "denoise"];
 const report = makeReporter();
 
@@ -49,9 +52,15 @@ const LINES = {
   },
 };
 
-function addLines(node) {
-  for (const [name, lines] of Object.entries(LINES)) {
-    guarded(report, `adding the ${name} line to ${NODE_TYPE}`, () => {
+const CONFIG_LINES = {
+  memory(node) {
+    return node.wan22Memory ?? [];
+  },
+};
+
+function addLines(node, table = LINES) {
+  for (const [name, lines] of Object.entries(table)) {
+    guarded(report, `adding the ${name} line to ${node.type}`, () => {
       const widget = node.addCustomWidget(makeLinesWidget(node, name, lines, report));
       showText(widget, lines(node));
     })();
@@ -61,10 +70,10 @@ function addLines(node) {
 }
 
 // New text in each line, redrawn wherever the node is rendered.
-function showLines(node) {
+function showLines(node, table = LINES) {
   for (const widget of node.widgets ?? []) {
-    if (widget.type !== "wan22_text" || !(widget.name in LINES)) continue;
-    showText(widget, LINES[widget.name](node));
+    if (widget.type !== "wan22_text" || !(widget.name in table)) continue;
+    showText(widget, table[widget.name](node));
     redrawHosted(widget);
   }
 }
@@ -78,8 +87,8 @@ function redrawHosted(widget) {
 }
 
 // After an event changed what the lines say: new text, and room for it.
-function refresh(node) {
-  showLines(node);
+function refresh(node, table = LINES) {
+  showLines(node, table);
   const [, height] = node.computeSize();
   if (height > node.size[1]) node.setSize([node.size[0], height]);
   node.setDirtyCanvas(true, true);
@@ -125,6 +134,21 @@ app.registerExtension({
     chain(proto, "onExecuted", "showing the LoRA report", function (output) {
       this.wan22Lora = output?.lora_report ?? [];
       refresh(this);
+    });
+  },
+});
+
+app.registerExtension({
+  name: "wan22moe.MultiGPUMemory",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== CONFIG_TYPE) return;
+    const proto = nodeType.prototype;
+    chain(proto, "onNodeCreated", `adding the memory line to ${CONFIG_TYPE}`, function () {
+      addLines(this, CONFIG_LINES);
+    });
+    chain(proto, "onExecuted", "showing what one GPU needs", function (output) {
+      this.wan22Memory = output?.memory ?? [];
+      refresh(this, CONFIG_LINES);
     });
   },
 });

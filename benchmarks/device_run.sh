@@ -5,11 +5,15 @@
 #
 #   OUT=/tmp/out bash benchmarks/device_run.sh card                  # ~4 min
 #   OUT=/tmp/out bash benchmarks/device_run.sh blocks [DIR ...]      # ~6 min
+#   OUT=/tmp/out bash benchmarks/device_run.sh rank                  # ~5 min
 #   OUT=/tmp/out bash benchmarks/device_run.sh all [DIR ...]
 #   OUT=/tmp/out bash benchmarks/device_run.sh group                 # ~7 min, its own call (not in all)
 #
 # card:   720p on a 24 GB card: the real sampler under a 24 GiB allocator cap, and the time of a
 #         whole-expert move, pageable vs pinned (bench_small_card.py).
+# rank:   rank 0 of a 2-GPU fp8 plan at 720p under a 24 GiB cap (bench_rank.py): unbatched CFG
+#         (predicted to fit: peak vs prediction, eager vs compiled step), then batched CFG eager
+#         (predicted not to fit: the cap should stop it).
 # blocks: first installs the optional packages found in DIR ... (default .whl): every *.whl with
 #         pip (no index, no deps), and split archives NAME.tar.xz.partNN (a package too large to
 #         carry in one call, e.g. FlashAttention 4's CuTe DSL compiler; the parts may arrive in
@@ -46,6 +50,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$
 if [ "$phase" = card ] || [ "$phase" = all ]; then
     timeout 280 python3 benchmarks/bench_small_card.py --switch-timing --steps 2 --json "$OUT/small_card.json" \
         2>&1 | tee "$OUT/small_card.log"
+fi
+if [ "$phase" = rank ] || [ "$phase" = all ]; then
+    timeout 280 python3 benchmarks/bench_rank.py --no-batch-cfg --steps 2 --json "$OUT/rank_unbatched.json" \
+        2>&1 | tee "$OUT/rank_unbatched.log"
+    timeout 150 python3 benchmarks/bench_rank.py --no-compile --steps 1 --json "$OUT/rank_batched.json" \
+        2>&1 | tee "$OUT/rank_batched.log"
 fi
 if [ "$phase" = blocks ] || [ "$phase" = all ]; then
     install_packages 2>&1 | tee "$OUT/install.log"

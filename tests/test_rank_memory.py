@@ -99,8 +99,9 @@ def test_two_24gb_cards_hold_720p_in_fp8_with_unbatched_cfg_only():
     assert "cuda:1 (RTX 4090) has 24.0 GiB; cheapest change that fits: unbatched CFG" in str(batched.value)
     with pytest.raises(ValueError, match="cheapest change that fits: fp8 weights and unbatched CFG .*; also: 4 GPUs"):
         check_plan_fits(plan, RankLoad(A14B, video, 2), 24 * GIB)
-    with pytest.raises(ValueError, match="cheapest change that fits: 4 GPUs .*; also: 1168x656"):
-        check_plan_fits(plan, RankLoad(A14B, video, 1), 24 * GIB, can_unbatch=False)  # e.g. with cfg_parallel
+    cfg_parallel = ParallelPlan(2, 1, 2, fsdp=True)  # its batch is split already: no unbatched CFG to suggest
+    with pytest.raises(ValueError, match=r"cheapest change that fits: 4 GPUs \(ulysses 2, cfg_parallel, fsdp\); also"):
+        check_plan_fits(cfg_parallel, RankLoad(A14B, video, 1), 22 * GIB)
     with pytest.raises(ValueError, match="nothing tried fits"):
         check_plan_fits(plan, RankLoad(A14B, video, 2), 2 * GIB)
     assert check_plan_fits(plan, RankLoad(A14B, video, 2), None)["total"] > 24 * GIB  # CPU ranks: no budget

@@ -220,7 +220,6 @@ def check_parallel_options(options: ExpertOptions, *, cfg_parallel: bool, batch_
         raise ValueError(f"not on the multi-GPU path: {'; '.join(refused)}")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Memory: does a plan fit the smallest GPU it was given (memory.rank_peak_bytes)
 
@@ -282,19 +281,19 @@ def _smaller_video(plan: ParallelPlan, load: RankLoad, budget: int) -> str | Non
     return None
 
 
-def fitting_changes(plan: ParallelPlan, load: RankLoad, budget: int, can_unbatch: bool = True) -> list[str]:
+def fitting_changes(plan: ParallelPlan, load: RankLoad, budget: int) -> list[str]:
     """Single changes that make `plan` fit `budget` bytes per GPU, cheapest first: unbatched CFG
-    (same video, two forwards per step), fp8 weights (half their bytes, within fp8 rounding),
-    both, more GPUs, a smaller video."""
+    (same video, two forwards per step; not with CFG-parallel), fp8 weights (half their bytes,
+    within fp8 rounding), both, more GPUs, a smaller video."""
     tries = []
-    unbatch = can_unbatch and load.batch_cfg and not plan.cfg_parallel_enabled
+    unbatch = load.batch_cfg and not plan.cfg_parallel_enabled
     if unbatch:
         tries.append(("unbatched CFG (batch_cfg off, --no-batch-cfg)", replace(load, batch_cfg=False)))
     if load.weight_bytes > 1:
         tries.append(("fp8 weights (weight_dtype fp8_e4m3fn)", replace(load, weight_bytes=1)))
         if unbatch:
             tries.append(("fp8 weights and unbatched CFG", replace(load, weight_bytes=1, batch_cfg=False)))
-    found = [f"{what} ({size(load_.need(plan))})" for what, load_ in tries if load_.need(plan) <= budget]
+    found = [f"{what} ({size(changed.need(plan))})" for what, changed in tries if changed.need(plan) <= budget]
     found += [change for change in (_more_gpus(plan, load, budget), _smaller_video(plan, load, budget)) if change]
     return found
 
@@ -310,8 +309,7 @@ def describe_plan(plan: ParallelPlan) -> str:
     return ", ".join(parts)
 
 
-def check_plan_fits(plan: ParallelPlan, load: RankLoad, budget: int | None, where: str = "the smallest GPU",
-                    can_unbatch: bool = True) -> dict:
+def check_plan_fits(plan: ParallelPlan, load: RankLoad, budget: int | None, where: str = "the smallest GPU") -> dict:
     """memory.rank_peak_bytes for one rank of `plan`; ValueError naming the cheapest change that
     fits when the GPU (`budget` bytes; None: no budget, e.g. CPU ranks) cannot hold it."""
     estimate = load.estimate(plan)
@@ -320,7 +318,7 @@ def check_plan_fits(plan: ParallelPlan, load: RankLoad, budget: int | None, wher
         return estimate
     frames, height, width = load.video
     weights = {1: "fp8", 2: "16-bit", 4: "fp32"}[load.weight_bytes]
-    changes = fitting_changes(plan, load, budget, can_unbatch)
+    changes = fitting_changes(plan, load, budget)
     advice = (f"cheapest change that fits: {changes[0]}" + (f"; also: {'; '.join(changes[1:])}" if changes[1:] else "")
               if changes else
               f"nothing tried fits (fp8, unbatched CFG, up to {MAX_SUGGESTED_RANKS} GPUs, a smaller size)")

@@ -36,6 +36,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser, steps: int, width: int, heig
     p.add_argument("--cfg-low", type=float, default=DEFAULTS.cfg_low)
     p.add_argument("--solver", choices=SOLVERS, default=DEFAULTS.solver)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--videos", type=int, default=1, metavar="N",
+                   help="N videos with seeds seed, seed+1, ...: out.mp4 becomes out_00001.mp4, ... (and the "
+                        "latents likewise); one after another on one GPU, side by side on replicas under torchrun")
     p.add_argument("--fps", type=int, default=FPS)
     p.add_argument("--save-latents", type=Path, default=None,
                    help="also write the final latents (safetensors, key 'latents', [16,T,H/8,W/8] float32)")
@@ -50,11 +53,19 @@ def _add_sampling_flags(p: argparse.ArgumentParser, steps: int, width: int, heig
 
 def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("multi-GPU (under torchrun --nproc_per_node N; see docs/multigpu.md)")
-    g.add_argument("--ulysses", type=int, default=1, metavar="N",
-                   help=f"sequence-parallel degree; divides the {A14B_HEADS} heads: "
+    g.add_argument("--sp", choices=("auto", "off"), default="auto",
+                   help="sequence parallelism: auto (default) splits each video over every rank that --ulysses, "
+                        "--ring and CFG-parallel leave (Ulysses first, the ring takes the rest); off: none, "
+                        "every rank left over samples other --videos side by side")
+    g.add_argument("--ulysses", type=int, default=None, metavar="U",
+                   help=f"Ulysses degree (default: auto); divides the {A14B_HEADS} heads: "
                         f"{', '.join(map(str, valid_ulysses_degrees()))}")
+    g.add_argument("--ring", type=int, default=None, metavar="R",
+                   help="ring-attention degree (default: auto, the ranks Ulysses leaves); any count")
     g.add_argument("--fsdp", action="store_true", help="shard both experts' weights across all ranks")
-    g.add_argument("--cfg-parallel", action="store_true", help="cond and uncond passes on two halves of the ranks")
+    g.add_argument("--cfg-parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help="cond and uncond passes on two halves of the ranks (default: when the rank count is even "
+                        "and both guidance scales are not 1)")
     g.add_argument("--keep-gathered", action="store_true",
                    help="with --fsdp: keep gathered weights between steps (faster; one full expert per GPU)")
 
@@ -173,7 +184,7 @@ def outputs(args: argparse.Namespace) -> Outputs:
         raise ValueError("--no-video writes only the latents, and no --save-latents was given: "
                          "add --save-latents F.safetensors, or drop --no-video")
     return Outputs(video=None if args.no_video else args.output, latents=args.save_latents, fps=args.fps,
-                   vae_tile=args.vae_tile, overwrite=args.overwrite)
+                   vae_tile=args.vae_tile, overwrite=args.overwrite, videos=args.videos)
 
 
 def text_dtype(args: argparse.Namespace) -> torch.dtype | None:

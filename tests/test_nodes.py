@@ -43,7 +43,6 @@ STYLE_LORA = "style_lora.safetensors"
 # Tiny sizes for the tiny models: 32x32 px = 2x2 tokens, 5 frames = 2 latent frames.
 TINY_SIZE = {"width": 32, "height": 32, "frames": 5}
 TINY_SETTINGS = {**TINY_SIZE, "steps": 3}
-CPU2 = ("cpu:2", 0, True, False)  # Wan22MultiGPUConfig inputs: 2 CPU ranks, 2-way Ulysses, FSDP
 TOL = 1e-5  # relative L2, fp32: the worker group and LoRA modes against the in-process sampler
 
 # The issue's node table: class -> (required inputs, optional inputs), in INPUT_TYPES order.
@@ -54,11 +53,11 @@ CONTRACT = {
                             ["swap_blocks", "compile"]),
     "Wan22LoRA": (["model", "lora_high", "lora_low", "strength_high", "strength_low", "lora_mode"], []),
     "Wan22VAELoader": (["vae_name"], []),
-    "Wan22MultiGPUConfig": (["gpus", "ulysses_degree", "fsdp", "cfg_parallel"], []),
+    "Wan22MultiGPUConfig": (["gpus", "ulysses_degree", "ring_degree", "fsdp", "cfg_parallel"], []),
     "Wan22MoESampler": (["model", "embeds", "width", "height", "frames", "steps", "cfg_high", "cfg_low", "boundary",
-                         "shift", "solver", "seed"], ["latent", "denoise", "parallel"]),
+                         "shift", "solver", "seed"], ["latent", "denoise", "parallel", "videos"]),
     "Wan22VAEDecode": (["vae", "samples", "tiled"], ["parallel"]),
-    "Wan22SaveVideo": (["images", "fps", "filename_prefix"], []),
+    "Wan22SaveVideo": (["images", "fps", "filename_prefix"], ["videos"]),
 }
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 VIRTUAL_NODES = ("Note", "MarkdownNote", "Reroute")
@@ -406,12 +405,14 @@ def test_multigpu_workflow_connects_the_config_to_the_sampler_and_the_decode():
     workflow = json.loads((WORKFLOWS / "wan22_t2v_a14b_multigpu.json").read_text())
     by_type = {n["type"]: n for n in workflow["nodes"]}
     config, sampler, decode = by_type["Wan22MultiGPUConfig"], by_type["Wan22MoESampler"], by_type["Wan22VAEDecode"]
-    assert config["widgets_values"] == ["all", 0, True, False]
+    assert config["widgets_values"] == ["all", 0, 0, True, False]  # gpus, ulysses and ring auto, fsdp, no CFG split
     links = [link[3:] for link in workflow["links"] if link[1] == config["id"]]
     slots = {node["id"]: [i["name"] for i in node["inputs"]].index("parallel") for node in (sampler, decode)}
     assert links == [[node, slot, "WAN22_PARALLEL"] for node, slot in slots.items()]
     assert sampler["widgets_values"][:9] == [1280, 720, 81, 40, 4.0, 3.0, 0.875, 12.0, "unipc"]
-    assert "cpu:2" in by_type["MarkdownNote"]["widgets_values"][0]
+    note = by_type["MarkdownNote"]["widgets_values"][0]
+    assert "cpu:3" in note and "`ring_degree`" in note and "`6 GPUs: CFG 1 x Ulysses 2 x Ring 3`" in note
+    assert engine("parallel").parallel_config("cpu:6", num_heads=40).plan.describe("GPU") in note  # the split it names
 
 
 def test_4step_workflow_uses_the_lightx2v_loras_and_the_distilled_settings():
@@ -701,8 +702,8 @@ def test_save_video_never_overwrites_and_reports_the_file(runtime):
 # Multi-GPU: the sampler's parallel input drives the worker group (2 CPU ranks on gloo)
 
 
-def multigpu_config(gpus="cpu:2", ulysses_degree=0, fsdp=True, cfg_parallel=False):
-    (config,) = MAPPINGS["Wan22MultiGPUConfig"]().configure(gpus, ulysses_degree, fsdp, cfg_parallel)
+def multigpu_config(gpus="cpu:2", ulysses_degree=0, fsdp=True, cfg_parallel=False, ring_degree=0):
+    (config,) = MAPPINGS["Wan22MultiGPUConfig"]().configure(gpus, ulysses_degree, ring_degree, fsdp, cfg_parallel)
     return config
 
 
@@ -775,11 +776,14 @@ def test_invalid_multigpu_settings_fail_before_any_process_starts(fake, monkeypa
     config_node, before = MAPPINGS["Wan22MultiGPUConfig"](), children_of(os.getpid())
     with pytest.raises(ValueError, match=r"ulysses degree 3 does not divide the 40 attention heads; "
                                          r"valid degrees: 1, 2, 4, 5, 8, 10, 20, 40"):
-        config_node.configure("cpu:3", 3, True, False)
+        config_node.configure("cpu:3", 3, 0, True, False)
     with pytest.raises(ValueError, match="cfg_parallel needs an even number of ranks"):
-        config_node.configure("cpu:3", 0, True, True)
+        config_node.configure("cpu:3", 0, 0, True, True)
     with pytest.raises(ValueError, match="is not 'all', a list of GPU indices"):
-        config_node.configure("gpu0", 0, True, False)
+        config_node.configure("gpu0", 0, 0, True, False)
+    with pytest.raises(ValueError, match=r"3 ranks cannot be split into cfg_parallel 1 x ulysses 1 x ring 2 = 2; "
+                                         r"valid ring degrees with ulysses 1: 1, 3"):
+        config_node.configure("cpu:3", 0, 2, True, False)
     embeds, model, _ = load_all()
     eight = multigpu_config("cpu:8", 8)  # fine for A14B's 40 heads, not for the tiny model's 4
     with pytest.raises(ValueError, match="ulysses degree 8 does not divide the 4 attention heads"):
@@ -792,6 +796,8 @@ def test_invalid_multigpu_settings_fail_before_any_process_starts(fake, monkeypa
         (model_with,) = loader.load(HIGH, LOW, weight_dtype, "auto", offload, 20, compile)
         with pytest.raises(ValueError, match=re.escape(f"not on the multi-GPU path: {message}")):
             sample(model_with, embeds, parallel=multigpu_config())
+    with pytest.raises(ValueError, match=r"ulysses 2 x ring 1 = 2 sequence ranks but the video has only 1 tokens"):
+        sample(model, embeds, frames=1, width=16, height=16, parallel=multigpu_config())
     assert children_of(os.getpid()) == before
 
 
@@ -903,7 +909,7 @@ def test_loras_on_the_worker_group_equal_in_process(fake):
     here = run_sampler(with_lora, embeds)
     there = run_sampler(with_lora, embeds, parallel=multigpu_config())
     assert rel_l2(there["result"][0]["samples"], here["result"][0]["samples"]) <= TOL
-    assert there["ui"] == here["ui"]  # the same reports from the ranks' merge
+    assert there["ui"]["lora_report"] == here["ui"]["lora_report"]  # the same reports from the ranks' merge
 
 
 # ---------------------------------------------------------------------------------------------
@@ -965,3 +971,40 @@ def test_compile_runs_once_per_loaded_expert_and_changing_it_reloads(runtime, mo
     assert CACHE.loads == loads + 2 and len(compiled) == 2
     with pytest.raises(ValueError, match="compile and offload='block_swap' do not combine"):
         loader.load(HIGH, LOW, "auto", "auto", "block_swap", 1, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-GPU with any rank count: ring attention and replicas (3 CPU ranks; last, as they rebuild the group)
+
+
+def test_three_ranks_run_ring_attention_and_the_sampler_reports_the_split(fake):
+    """gpus cpu:3 with both degrees auto: 3 does not divide the heads, so the ring takes all three;
+    8 tokens do not divide by 3 either (the padded keys stay masked)."""
+    embeds, model, _ = load_all()
+    here = sample(model, embeds)["samples"]
+    there = run_sampler(model, embeds, parallel=multigpu_config("cpu:3"))
+    assert rel_l2(there["result"][0]["samples"], here) <= TOL
+    assert there["ui"]["parallel_split"] == ["3 CPU ranks: CFG 1 x Ulysses 1 x Ring 3"]
+    assert (current_group().plan.ulysses, current_group().plan.ring) == (1, 3)
+
+
+def test_a_batch_runs_side_by_side_on_replicas_and_is_saved_as_one_mp4_each(fake):
+    """ulysses 1 x ring 1 on 3 ranks: 3 replicas (FSDP over all three) for 2 videos, so the third
+    replica repeats one and drops it; the same two videos as one after another in this process."""
+    embeds, model, vae = load_all()
+    here = sample(model, embeds, videos=2)["samples"]
+    assert torch.equal(here[1], sample(model, embeds, seed=8)["samples"][0])  # the second video is seed + 1
+    fake.updates.clear()
+    there = run_sampler(model, embeds, videos=2, parallel=multigpu_config("cpu:3", ulysses_degree=1, ring_degree=1))
+    assert rel_l2(there["result"][0]["samples"], here) <= TOL and not torch.equal(here[0], here[1])
+    assert there["ui"]["parallel_split"] == ["3 CPU ranks: CFG 1 x Ulysses 1 x Ring 1 x 3 replicas, one video each"]
+    assert [value for value, _ in fake.updates] == [1, 2, 3]  # one round: both videos at once
+    (frames,) = MAPPINGS["Wan22VAEDecode"]().decode(vae, there["result"][0], False)
+    saved = MAPPINGS["Wan22SaveVideo"]().save(frames, 16.0, "wan22/batch", videos=2)["ui"]["images"]
+    assert [image["filename"] for image in saved] == ["batch_00001.mp4", "batch_00002.mp4"]
+    for image in saved:
+        assert read_mp4_info(fake.output_dir / "wan22" / image["filename"])["frames"] == TINY_SIZE["frames"]
+    with pytest.raises(ValueError, match="10 frames do not split into videos=3 videos"):
+        MAPPINGS["Wan22SaveVideo"]().save(frames, 16.0, "wan22/batch", videos=3)
+    with pytest.raises(ValueError, match="with a latent connected its batch decides"):
+        sample(model, embeds, videos=2, latent=there["result"][0])

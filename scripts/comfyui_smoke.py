@@ -10,8 +10,9 @@ custom_nodes/wan22-moe; tiny checkpoints under the Comfy-Org file names and tiny
 lightx2v 4-step names in a temporary models folder given by --extra-model-paths-config;
 `main.py --cpu --listen 127.0.0.1 --port <free>`; check /object_info lists our nodes; POST each
 API example workflow with tiny sizes as a websocket client (one progress message and a live
-preview per step; the multi-GPU one with gpus = cpu:2, whose worker ranks report their status
-over the websocket; the 4-step one reports what its LoRAs patched); check the mp4s that /history
+preview per step; the multi-GPU one with gpus = cpu:3 (three ranks: the automatic split is ring
+attention over all three), whose worker ranks report their status over the websocket and whose
+sampler reports the split in its ui output; the 4-step one reports what its LoRAs patched); check the mp4s that /history
 names; interrupt long runs through POST /interrupt, in this process and on the worker group (both
 must stop within a step); shut the server down and check its worker processes are gone too.
 
@@ -57,6 +58,8 @@ NODES = ("Wan22TextEncoderLoader", "Wan22TextEncode", "Wan22MoEModelLoader", "Wa
          "Wan22MultiGPUConfig", "Wan22MoESampler", "Wan22VAEDecode", "Wan22SaveVideo")
 TINY_SIZE = {"width": 32, "height": 32, "frames": 5}
 TINY_STEPS = 4  # at most: a few steps show progress, previews and the expert switch
+CPU_RANKS = 3  # the multi-GPU example's ranks: a count Ulysses cannot split (40 heads), so the ring runs
+SPLIT = "3 CPU ranks: CFG 1 x Ulysses 1 x Ring 3"  # what the sampler reports for it (parallel_split)
 LORAS = ("wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
          "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors")
 WORKER_STATUS_EVENT = "wan22moe.worker_status"
@@ -174,13 +177,13 @@ def check_object_info(url: str) -> None:
 
 
 def tiny_prompt(name: str, steps: int | None = None) -> dict:
-    """An API example at tiny sizes and steps with gpus = cpu:2 for the multi-GPU config."""
+    """An API example at tiny sizes and steps with gpus = cpu:3 for the multi-GPU config."""
     prompt = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
     for node in prompt.values():
         if node["class_type"] == "Wan22MoESampler":
             node["inputs"].update(TINY_SIZE, steps=steps or min(node["inputs"]["steps"], TINY_STEPS))
         if node["class_type"] == "Wan22MultiGPUConfig":
-            node["inputs"]["gpus"] = "cpu:2"
+            node["inputs"]["gpus"] = f"cpu:{CPU_RANKS}"
     return prompt
 
 
@@ -261,15 +264,20 @@ async def run_workflow(url: str, output_dir: Path, name: str) -> dict:
 
 
 async def run_multigpu_workflow(url: str, output_dir: Path) -> None:
-    """The multi-GPU example on 2 CPU ranks: each rank reports loading/ready/steps to the sampler."""
+    """The multi-GPU example on 3 CPU ranks: each rank reports loading/ready/steps to the sampler,
+    which reports the split it ran."""
     run = await run_workflow(url, output_dir, MULTIGPU)
     sampler, inputs = sampler_of(tiny_prompt(MULTIGPU))
-    statuses = [(s["rank"], s["status"]) for s in run["statuses"] if s["node"] == sampler and s["ranks"] == 2]
+    statuses = [(s["rank"], s["status"]) for s in run["statuses"]
+                if s["node"] == sampler and s["ranks"] == CPU_RANKS]
     steps = inputs["steps"]
-    wanted = {(0, "ready"), (1, "ready"), (0, f"step {steps}/{steps}")}
+    wanted = {*((rank, "ready") for rank in range(CPU_RANKS)), (0, f"step {steps}/{steps}")}
     if not wanted <= set(statuses):
         raise RuntimeError(f"worker status events {statuses} lack {sorted(wanted - set(statuses))}")
-    log(f"{MULTIGPU}: {len(statuses)} worker status events, e.g. {statuses[:3]} ... {statuses[-2:]}")
+    split = run["executed"].get(sampler, {}).get("parallel_split")
+    if split != [SPLIT]:
+        raise RuntimeError(f"{MULTIGPU}: the sampler reported the split {split}, expected [{SPLIT!r}]")
+    log(f"{MULTIGPU}: {split[0]}; {len(statuses)} worker status events, e.g. {statuses[:3]} ... {statuses[-2:]}")
 
 
 async def run_lora_workflow(url: str, output_dir: Path) -> None:
@@ -491,8 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(asyncio.wait_for(run_multigpu_workflow(url, output), args.timeout))
         asyncio.run(asyncio.wait_for(interrupt_workflow(url, MULTIGPU), args.timeout))
         workers = worker_pids(server.pid)
-        if len(workers) != 2:
-            raise RuntimeError(f"expected the 2 worker ranks to stay up between prompts, found {workers}")
+        if len(workers) != CPU_RANKS:
+            raise RuntimeError(f"expected the {CPU_RANKS} worker ranks to stay up between prompts, found {workers}")
         if args.screenshot is not None:
             check_in_browser(url, args.screenshot.resolve())
         stop(server, "ComfyUI")

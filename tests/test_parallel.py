@@ -352,6 +352,26 @@ def test_replicas_sample_other_videos_side_by_side(runs, reference):
     assert not torch.equal(reference["videos"][0], reference["videos"][1])  # the seeds differ
 
 
+RING_CASES = [(world, scenario) for world in SCENARIOS for scenario, degrees in SCENARIOS[world].items()
+              if degrees.get("ring", 1) > 1 and "dtype" not in degrees]
+
+
+@pytest.mark.parametrize("world,scenario", RING_CASES, ids=[f"{w}ranks-{s}".replace(" ", "") for w, s in RING_CASES])
+def test_ring_bytes_are_what_the_communication_model_says(runs, world, scenario):
+    """Bytes each rank's ring sends while sampling both shapes (4 steps, cond + uncond batched) equal
+    benchmarks/bench_comm.py's ring_bytes, which projects them to A14B."""
+    from bench_comm import ring_bytes
+
+    from wan22_core.memory import video_tokens
+
+    degrees = SCENARIOS[world][scenario]
+    u, r, c = (degrees.get(name, 1) for name in ("ulysses", "ring", "cfg_parallel"))
+    per_step = sum(ring_bytes(video_tokens(TINY.dit, *SHAPES[shape]), TINY.dit.dim, TINY.dit.num_layers, 2 // c, 4,
+                              u, r) for shape in SHAPES)
+    for results in runs[world]:
+        assert results[scenario]["sent"]["batch_isend_irecv"] == SETTINGS.steps * per_step
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_fsdp_gathers_the_next_block_before_the_current_one_runs(runs, world):
     """Explicit forward prefetch: in a steady-state forward, the root gathers its own weights and
@@ -547,7 +567,7 @@ def forward_order(experts):
     return order
 
 
-def run_scenario(world, scenario, degrees, model_dir, loras):
+def run_scenario(world, scenario, degrees, model_dir, loras, sent):
     from wan22_core.parallel.fsdp import forget_by_hand, forget_forward_records, fsdp_root
     from wan22_core.parallel.loading import load_expert_pair, local_parameter_bytes
     from wan22_core.parallel.mesh import init_groups
@@ -564,8 +584,10 @@ def run_scenario(world, scenario, degrees, model_dir, loras):
     if videos:  # the replicas' batch alone
         return dict(videos=sample_videos(
             lambda video, _round: denoise(experts, *job_inputs(REPLICA_SHAPE, SEED + video), SETTINGS), groups, videos))
+    sent.clear()
     result = dict(param_bytes=sum(local_parameter_bytes(e) for e in experts.experts.values()),
-                  latents={name: denoise(experts, *job_inputs(name), SETTINGS) for name in SHAPES})
+                  latents={name: denoise(experts, *job_inputs(name), SETTINGS) for name in SHAPES},
+                  sent=dict(sent))  # bytes this rank sent, per kind of collective
     if groups.plan.sequence_enabled and not degrees.get("fsdp"):
         result["attention"] = {length: sequence_attention(groups, length) for length in ATTENTION_LENGTHS}
     if scenario == "ulysses+fsdp":
@@ -584,11 +606,16 @@ def run_scenario(world, scenario, degrees, model_dir, loras):
 
 
 def rank_main(rank, world, port, model_dir, out_dir, loras):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_comm import count_collectives  # the communication model's own counter
+
     join_gloo_group(rank, world, port)
+    sent = {}
+    count_collectives(sent)
     scenarios = dict(SCENARIOS[world])
     if world == 4:
         scenarios["replicas"] = dict(ulysses=2, fsdp=True, videos=REPLICA_VIDEOS)
-    results = {scenario: run_scenario(world, scenario, degrees, Path(model_dir), loras)
+    results = {scenario: run_scenario(world, scenario, degrees, Path(model_dir), loras, sent)
                for scenario, degrees in scenarios.items()}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()

@@ -42,8 +42,8 @@ def parallel_plan(args: argparse.Namespace, world_size: int, num_heads: int,
                   ranks_per_node: int | None = None) -> ParallelPlan:
     """--sp / --ulysses / --ring / --cfg-parallel / --fsdp / --keep-gathered on `world_size` ranks."""
     if args.sp == "off" and (args.ulysses or 1) * (args.ring or 1) > 1:
-        raise ValueError(f"--sp off splits no sequence but --ulysses {args.ulysses} --ring {args.ring} ask for one; "
-                         "drop one or the other")
+        raise ValueError(f"--sp off splits no sequence but --ulysses {args.ulysses or 1} --ring {args.ring or 1} "
+                         "ask for one; drop one or the other")
     ulysses, ring = (1, 1) if args.sp == "off" else (args.ulysses or 0, args.ring or 0)
     guidance_batched = args.batch_cfg and args.cfg_high != 1.0 and args.cfg_low != 1.0
     cfg, ulysses, ring = choose_split(world_size, num_heads, ulysses=ulysses, ring=ring,

@@ -37,6 +37,10 @@ TOL = 1e-5
 # sequence split may round an element differently, by one bf16 ulp (2^-8) where they do.
 # Measured: 1.6e-7 on 4 ranks; rounding the fp32 stream to bf16 anywhere would be ~1e-3.
 BF16_TOL = 1e-5
+# bf16 with a ring: each block's attention output comes back rounded to bf16 before the fp32 merge,
+# one more rounding than one kernel over all keys. Measured 1.0e-3 (Ulysses 2 x Ring 2, 4 steps),
+# while the one-process bf16 run is itself 1.6e-3 from fp32: below bf16's own noise.
+BF16_RING_TOL = 3e-3
 HEADS = TINY.dit.num_heads  # 4: allows 2- and 4-way Ulysses
 SETTINGS = SamplerSettings(steps=4, shift=5.0)  # timesteps 999, 937 (high) | 833, 624 (low): both experts
 # (frames, height, width); 16 tokens divide by 2 and 4, not by 3 or 6; 27 by 3, not by 2, 4 or 6
@@ -53,7 +57,8 @@ SCENARIOS = {
         "cfg+ulysses+fsdp, kept gathered": dict(cfg_parallel=2, ulysses=2, fsdp=True, reshard_after_forward=False),
         "cfg+ulysses+fsdp bf16": dict(cfg_parallel=2, ulysses=2, fsdp=True, dtype=torch.bfloat16),
         "ring": dict(ring=4), "ring+fsdp": dict(ring=4, fsdp=True),
-        "ulysses x ring": dict(ulysses=2, ring=2), "ulysses x ring+fsdp": dict(ulysses=2, ring=2, fsdp=True)},
+        "ulysses x ring": dict(ulysses=2, ring=2), "ulysses x ring+fsdp": dict(ulysses=2, ring=2, fsdp=True),
+        "ulysses x ring+fsdp bf16": dict(ulysses=2, ring=2, fsdp=True, dtype=torch.bfloat16)},
     6: {"ulysses x ring": dict(ulysses=2, ring=3), "ulysses x ring+fsdp": dict(ulysses=2, ring=3, fsdp=True),
         "cfg x ring": dict(cfg_parallel=2, ring=3), "cfg x ring+fsdp": dict(cfg_parallel=2, ring=3, fsdp=True)},
 }
@@ -291,9 +296,19 @@ def test_parallel_latents_equal_single_process(runs, reference, world, scenario,
     degrees = SCENARIOS[world][scenario]
     dtype = degrees.get("dtype", torch.float32)
     expected = reference["loras" if degrees.get("loras") else dtype][shape]
-    assert rel_l2(per_rank[0], expected) <= (TOL if dtype == torch.float32 else BF16_TOL)
+    bf16_tol = BF16_RING_TOL if degrees.get("ring", 1) > 1 else BF16_TOL
+    assert rel_l2(per_rank[0], expected) <= (TOL if dtype == torch.float32 else bf16_tol)
     for rank, latent in enumerate(per_rank[1:], start=1):  # every rank ends with the same latent
         assert torch.equal(latent, per_rank[0]), f"rank {rank} differs from rank 0"
+
+
+def test_a_ring_in_bf16_stays_as_close_to_fp32_as_one_process_in_bf16(runs, reference):
+    """The ring's extra bf16 rounding is noise, not drift: its distance to the fp32 result is about
+    the one-process bf16 run's (measured 1.56e-3 and 1.70e-3 against 1.59e-3 and 1.68e-3)."""
+    for shape in SHAPES:
+        ring = runs[4][0]["ulysses x ring+fsdp bf16"]["latents"][shape]
+        one = reference[torch.bfloat16][shape]
+        assert rel_l2(ring, reference[torch.float32][shape]) <= 1.5 * rel_l2(one, reference[torch.float32][shape])
 
 
 @pytest.mark.parametrize("world", [2, 4])

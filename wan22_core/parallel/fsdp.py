@@ -44,11 +44,11 @@ def apply_fsdp(model: nn.Module, mesh, dtype: torch.dtype, reshard_after_forward
 def prefetch_next_blocks(model: nn.Module) -> None:
     """Issue each block's all-gather when the unit before it starts, not when the block itself does.
 
-    Left alone, FSDP2 issues a unit's all-gather in that unit's pre-forward; it overlaps the
-    previous block only while the CPU runs ahead of the GPU, and any wait on the CPU (a gloo
-    collective, a ring transfer's wait, a heartbeat) serialises gather and compute. Explicitly,
-    the root starts block 0's gather before the embeddings and block i starts block i + 1's:
-    at most two blocks are gathered at once, as with the implicit prefetch.
+    Left alone, FSDP2 issues a unit's all-gather in that unit's own pre-forward: it overlaps the
+    previous block only while the CPU runs ahead of the GPU, so anything that makes the CPU wait
+    (a host sync, a CPU collective such as gloo's) issues it late. Explicitly, the root starts
+    block 0's gather before the embeddings and block i starts block i + 1's: at most two blocks
+    are gathered at once, as with the implicit prefetch.
     """
     blocks = list(model.blocks)
     model.set_modules_to_forward_prefetch(blocks[:1])

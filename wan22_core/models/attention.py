@@ -171,13 +171,15 @@ def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
     """SDPA's own kernels on [B, L, heads, head_dim], with the log-sum-exp [B, heads, Lq] fp32.
 
     The public SDPA drops the log-sum-exp, so this calls the kernels it dispatches to: flash
-    for CPU (any float dtype), flash on CUDA for fp16/bf16, memory-efficient on CUDA otherwise
-    (whose log-sum-exp is padded to a multiple of 32 queries).
+    for CPU (any float dtype); on CUDA flash for fp16/bf16 on Ampere and Hopper (the GPUs torch's
+    FlashAttention-2 build is documented for), memory-efficient otherwise (its log-sum-exp is
+    padded to a multiple of 32 queries). Not run on a GPU here yet (no CUDA machine in CI).
     """
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, L, head_dim] views
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)
-    elif q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+    elif (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+          and torch.cuda.get_device_capability(q.device)[0] in (8, 9)):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
     else:
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]

@@ -115,7 +115,8 @@ def count_collectives(counts: dict) -> None:
         original = getattr(dist, name)
 
         def counted(*args, **kwargs):
-            counts[name] = counts.get(name, 0) + sent(args, kwargs.get("group"))
+            group = kwargs.get("group")
+            counts[name] = counts.get(name, 0) + sent(args, dist.get_world_size(group))
             return original(*args, **kwargs)
         setattr(dist, name, counted)
 

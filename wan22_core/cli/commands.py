@@ -85,8 +85,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     cfg = tiny_config(dim=args.dim, layers=args.layers, heads=args.heads, ffn_dim=args.ffn_dim,
                       text_layers=args.text_layers)
-    out = make_tiny(args.dir, args.format, cfg, args.seed)
-    print(f"wrote a tiny {args.format} model set to {out}")
+    out = make_tiny(args.dir, args.format, cfg, args.seed, quant=args.quant)
+    print(f"wrote a tiny {args.format}{f' {args.quant}' if args.quant else ''} model set to {out}")
     return 0
 
 

@@ -15,7 +15,7 @@ from ..offload import OFFLOAD_CHOICES
 from ..parallel.plan import A14B_HEADS, valid_ulysses_degrees
 from ..pipeline import check_video_size
 from ..runtime import DTYPES
-from ..tiny import FORMATS
+from ..tiny import DEFAULT_GGUF_QUANT, FORMATS, GGUF_QUANTS
 from .stages import Outputs
 
 DEFAULTS = SamplerSettings()
@@ -118,11 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="text -> video from checkpoint files")
     gen.add_argument("--model-dir", type=Path, help="an official Wan2.2-T2V-A14B folder, a diffusers "
-                     "Wan2.2-T2V-A14B-Diffusers folder, or a ComfyUI models folder (diffusion_models/ "
-                     "with one *high* and one *low* file, text_encoders/, vae/)")
-    gen.add_argument("--high-noise", type=Path)
+                     "Wan2.2-T2V-A14B-Diffusers folder, or a ComfyUI models folder (diffusion_models/ or unet/ "
+                     "with one *high* and one *low* file, text_encoders/ or clip/, vae/; safetensors or GGUF)")
+    gen.add_argument("--high-noise", type=Path, help="expert file or folder: safetensors, .pth, or GGUF (.gguf)")
     gen.add_argument("--low-noise", type=Path)
-    gen.add_argument("--text-encoder", type=Path)
+    gen.add_argument("--text-encoder", type=Path, help="UMT5 file or folder: safetensors, .pth, or GGUF (.gguf)")
     gen.add_argument("--tokenizer", type=Path, help="folder with spiece.model (if the encoder file has none)")
     gen.add_argument("--vae", type=Path)
     gen.add_argument("--output", type=Path, default=Path("out/video.mp4"))
@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny", help="write a tiny random model set in a real checkpoint layout")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--format", default="official", choices=FORMATS)
+    tiny.add_argument("--quant", choices=GGUF_QUANTS,
+                      help=f"with --format gguf: the GGUF type of the quantised tensors (default {DEFAULT_GGUF_QUANT}; "
+                           "K-quants need --dim and --ffn-dim multiples of 256)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--dim", type=int)
     tiny.add_argument("--layers", type=int)

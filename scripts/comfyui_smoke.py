@@ -6,9 +6,11 @@
 Run it with a Python that can run ComfyUI (its requirements + ours installed); `--python` picks
 another one for the server. Steps: a temporary base folder (so the checkout's own custom_nodes,
 models, user settings and output are untouched) with this repository linked in as
-custom_nodes/wan22-moe; tiny checkpoints under the Comfy-Org file names and tiny LoRAs under the
-lightx2v 4-step names in a temporary models folder given by --extra-model-paths-config;
-`main.py --cpu --listen 127.0.0.1 --port <free>`; check /object_info lists our nodes; POST each
+custom_nodes/wan22-moe; tiny checkpoints under the Comfy-Org file names, the same model as GGUF
+files under QuantStack's and city96's names (in diffusion_models/, unet/ and clip/) and tiny LoRAs
+under the lightx2v 4-step names in a temporary models folder given by --extra-model-paths-config;
+`main.py --cpu --listen 127.0.0.1 --port <free>`; check /object_info lists our nodes and the loaders
+list the .gguf files from every expert and text-encoder folder; POST each
 API example workflow with tiny sizes as a websocket client (one progress message and a live
 preview per step; the multi-GPU one with gpus = cpu:3 (three ranks: the automatic split is ring
 attention over all three), whose worker ranks report their status over the websocket and whose
@@ -54,6 +56,10 @@ import frontend as fe  # noqa: E402  (standard library only)
 PACK_NAME = "wan22-moe"
 WORKFLOWS = REPO / "example_workflows"
 BASE, MULTIGPU, FOUR_STEP = "wan22_t2v_a14b", "wan22_t2v_a14b_multigpu", "wan22_t2v_a14b_4step_lora"
+GGUF = "wan22_t2v_a14b_gguf"  # API only: GGUF Q8_0 experts and encoder
+# where prepare() puts the tiny GGUF files: ComfyUI reads unet/ as diffusion_models and clip/ as text_encoders
+GGUF_FILES = {"Wan2.2-T2V-A14B-HighNoise-Q8_0.gguf": "diffusion_models", "Wan2.2-T2V-A14B-LowNoise-Q8_0.gguf": "unet",
+              "umt5-xxl-encoder-Q8_0.gguf": "clip"}
 NODES = ("Wan22TextEncoderLoader", "Wan22TextEncode", "Wan22MoEModelLoader", "Wan22LoRA", "Wan22VAELoader",
          "Wan22MultiGPUConfig", "Wan22MoESampler", "Wan22VAEDecode", "Wan22SaveVideo")
 TINY_SIZE = {"width": 32, "height": 32, "frames": 5}
@@ -132,6 +138,10 @@ def prepare(work: Path) -> tuple[Path, Path]:
     (base / "custom_nodes").mkdir(parents=True)
     (base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
     models = make_tiny(work / "models", "comfy")
+    gguf = make_tiny(work / "gguf", "gguf", quant="Q8_0")
+    for name, folder in GGUF_FILES.items():
+        (models / folder).mkdir(exist_ok=True)
+        shutil.move(next(gguf.rglob(name)), models / folder / name)
     (models / "loras").mkdir()
     with torch.device("meta"):
         dit = WanModel(TINY.dit)
@@ -139,8 +149,9 @@ def prepare(work: Path) -> tuple[Path, Path]:
         write_tiny_lora(models / "loras" / name, dit, "lightx2v", seed=seed)
     config = work / "extra_model_paths.yaml"
     config.write_text(f"wan22_smoke:\n    base_path: {models}\n    diffusion_models: diffusion_models\n"
-                      f"    text_encoders: text_encoders\n    vae: vae\n    loras: loras\n")
-    log(f"tiny models: {sorted(str(p.relative_to(models)) for p in models.rglob('*.safetensors'))}")
+                      f"    unet: unet\n    text_encoders: text_encoders\n    clip: clip\n    vae: vae\n"
+                      f"    loras: loras\n")
+    log(f"tiny models: {sorted(str(p.relative_to(models)) for p in models.rglob('*.*') if p.suffix != '.json')}")
     return base, config
 
 
@@ -170,6 +181,15 @@ def check_object_info(url: str) -> None:
     assert sampler["python_module"] == f"custom_nodes.{PACK_NAME}", sampler["python_module"]
     assert sampler["category"] == "Wan2.2 MoE" and sampler["output"] == ["LATENT"]
     log(f"/object_info lists all {len(NODES)} nodes; sampler inputs: {sampler['input_order']}")
+    loaders = {"Wan22MoEModelLoader": "high_noise_model", "Wan22TextEncoderLoader": "text_encoder"}
+    specs = {name: info[name]["input"]["required"][widget] for name, widget in loaders.items()}
+    options = {name: spec[0] if isinstance(spec[0], list) else spec[1].get("options", [])  # newer: "COMBO"
+               for name, spec in specs.items()}
+    experts = [n for n, folder in GGUF_FILES.items() if folder != "clip"]
+    if not set(experts) <= set(options["Wan22MoEModelLoader"]) or "umt5-xxl-encoder-Q8_0.gguf" not in \
+            options["Wan22TextEncoderLoader"]:
+        raise RuntimeError(f"the loaders do not list the .gguf files from diffusion_models/, unet/ and clip/: {options}")
+    log(f"the loaders list the GGUF files: {options}")
     extensions = http_json(f"{url}/extensions")
     ours = [e for e in extensions if e.startswith(f"/extensions/{PACK_NAME}/")]
     assert f"/extensions/{PACK_NAME}/wan22_moe.js" in ours, extensions
@@ -494,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         check_object_info(url)
         output = base / "output"
         asyncio.run(asyncio.wait_for(run_workflow(url, output, BASE), args.timeout))
+        asyncio.run(asyncio.wait_for(run_workflow(url, output, GGUF), args.timeout))
         asyncio.run(asyncio.wait_for(interrupt_workflow(url, BASE), args.timeout))
         asyncio.run(asyncio.wait_for(run_lora_workflow(url, output), args.timeout))
         asyncio.run(asyncio.wait_for(run_multigpu_workflow(url, output), args.timeout))

@@ -27,7 +27,7 @@ from reference import rel_l2
 
 from wan22_core.config import TINY
 from wan22_core.models.transformer import WanModel
-from wan22_core.tiny import make_tiny, write_tiny_lora
+from wan22_core.tiny import GGUF_FILES, make_tiny, write_tiny_lora
 from wan22_core.video import read_mp4_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +36,7 @@ API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.json"))
 UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
 HIGH, LOW = "wan2.2_t2v_high_noise_14B_fp16.safetensors", "wan2.2_t2v_low_noise_14B_fp16.safetensors"
 TEXT_ENCODER, VAE = "umt5_xxl_fp16.safetensors", "wan_2.1_vae.safetensors"
+GGUF_NAMES = [name.format(quant="Q8_0") for name in GGUF_FILES]  # high, low, text encoder
 # ComfyUI's own Wan2.2 T2V template names for the lightx2v 4-step LoRAs.
 LORA_HIGH = "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors"
 LORA_LOW = "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors"
@@ -103,8 +104,14 @@ def write_tiny_loras(models: Path) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
-    """Tiny checkpoints in ComfyUI's model-folder layout, under the Comfy-Org file names, and tiny LoRAs."""
-    models = make_tiny(tmp_path_factory.mktemp("comfy") / "models", "comfy")
+    """Tiny checkpoints in ComfyUI's model-folder layout, under the Comfy-Org file names, the same
+    model as GGUF Q8_0 experts and encoder beside them (QuantStack's and city96's names), and tiny LoRAs."""
+    root = tmp_path_factory.mktemp("comfy")
+    models = make_tiny(root / "models", "comfy")
+    gguf = make_tiny(root / "gguf", "gguf", quant="Q8_0")
+    for name in GGUF_NAMES:
+        folder = "text_encoders" if name.startswith("umt5") else "diffusion_models"
+        shutil.copy(gguf / folder / name, models / folder / name)
     write_tiny_loras(models)
     return models
 
@@ -393,6 +400,11 @@ def test_swap_block_advice_is_the_memory_models():
     assert f"`swap_blocks` {need[24]} (720p, bf16; {need[32]} on a 32 GB card)" in note
     tooltip = input_spec(MAPPINGS["Wan22MoEModelLoader"])["swap_blocks"][1]["tooltip"]
     assert f"about {need[24]} on a 24 GB card and {need[32]} on a 32 GB card" in tooltip
+    gguf = {(gib, video, quant): min_swap_blocks(A14B.dit, FRAMES, *size, gib * GIB, gguf=quant)
+            for gib, video, size in ((24, "720p", (HEIGHT, WIDTH)), (16, "480p", (480, 832)))
+            for quant in ("Q8_0", "Q4_K_M")}
+    assert (f"on 24 GB at 720p Q8_0 {gguf[24, '720p', 'Q8_0']} and Q4_K_M {gguf[24, '720p', 'Q4_K_M']}, on 16 GB "
+            f"at 480p Q8_0 {gguf[16, '480p', 'Q8_0']} and Q4_K_M {gguf[16, '480p', 'Q4_K_M']}") in tooltip
 
 
 @pytest.mark.parametrize("ui_path", UI_WORKFLOWS, ids=lambda p: p.name)
@@ -548,10 +560,16 @@ def fake_comfyui(models_dir, tmp_path, monkeypatch):
         if interrupted():
             raise FakeInterrupt()
 
+    registry = {folder: ([str(models_dir / folder)], {".safetensors"}) for folder in ("diffusion_models", "vae",
+                                                                                     "text_encoders", "loras")}
+
+    def files(folder):
+        paths, extensions = registry[folder]
+        return {p.name: p for path in paths for p in Path(path).iterdir() if p.suffix in extensions}
+
     folder_paths = types.SimpleNamespace(
-        get_filename_list=lambda folder: sorted(p.name for p in (models_dir / folder).iterdir()),
-        get_full_path=lambda folder, name: str(models_dir / folder / name) if (models_dir / folder / name).is_file()
-        else None,
+        folder_names_and_paths=registry, get_filename_list=lambda folder: sorted(files(folder)),
+        get_full_path=lambda folder, name: str(files(folder)[name]) if name in files(folder) else None,
         get_output_directory=lambda: str(tmp_path / "comfy_output"))
     cpu = torch.device("cpu")
     model_management = types.SimpleNamespace(
@@ -675,6 +693,53 @@ def test_fp8_weight_dtypes_store_fp8_and_pick_the_matmul(runtime):
         layers = [m for m in model.experts(CPU)[0].get("high").modules() if isinstance(m, fp8.FP8Linear)]
         assert layers and {(m.weight.dtype, m.compute) for m in layers} == {(torch.float8_e4m3fn, matmul)}
     assert torch.isfinite(sample(model, embeds)["samples"]).all()
+
+
+def test_gguf_files_are_listed_and_their_experts_stay_quantised(runtime):
+    quant = engine("quant")
+    spec = input_spec(MAPPINGS["Wan22MoEModelLoader"])
+    assert set(GGUF_NAMES[:2]) <= set(spec["high_noise_model"][0]) and HIGH in spec["high_noise_model"][0]
+    assert GGUF_NAMES[2] in input_spec(MAPPINGS["Wan22TextEncoderLoader"])["text_encoder"][0]
+    (model,) = MAPPINGS["Wan22MoEModelLoader"]().load(*GGUF_NAMES[:2], "auto", "auto", "auto")
+    layers = [m for m in model.experts(CPU)[0].get("low").modules() if isinstance(m, quant.GGUFLinear)]
+    assert layers and {(m.weight.dtype, m.qtype.name) for m in layers} == {(torch.uint8, "Q8_0")}
+    with pytest.raises(ValueError, match="is a GGUF expert: .*weight_dtype fp8 does not apply, choose auto"):
+        MAPPINGS["Wan22MoEModelLoader"]().load(*GGUF_NAMES[:2], "fp8_e4m3fn", "auto", "auto")[0].experts(CPU)
+    (encoder,) = MAPPINGS["Wan22TextEncoderLoader"]().load(GGUF_NAMES[2], "cpu", "auto")
+    assert encoder.encoder.load_report.layout == "gguf"
+
+
+def test_inside_comfyui_gguf_files_are_listed_from_every_expert_and_encoder_folder(models_dir, tmp_path, monkeypatch):
+    """ComfyUI's folder lists filter by its extensions (no .gguf); the runtime's GGUF twins share
+    each folder's path list: models/unet and models/clip included, and paths added later too."""
+    root = tmp_path / "models"
+    for sub in ("diffusion_models", "unet", "text_encoders", "clip"):
+        (root / sub).mkdir(parents=True)
+    shutil.copy(models_dir / "diffusion_models" / HIGH, root / "diffusion_models")
+    shutil.copy(models_dir / "diffusion_models" / GGUF_NAMES[0], root / "diffusion_models")
+    shutil.copy(models_dir / "diffusion_models" / GGUF_NAMES[1], root / "unet")
+    shutil.copy(models_dir / "text_encoders" / GGUF_NAMES[2], root / "clip")
+    extensions = {".safetensors", ".pth"}  # ComfyUI's supported_pt_extensions, in short
+    registry = {"diffusion_models": ([str(root / "unet"), str(root / "diffusion_models")], extensions),
+                "text_encoders": ([str(root / "text_encoders")], extensions)}
+
+    def listed(folder):
+        paths, allowed = registry[folder]
+        return sorted(p.name for path in paths for p in Path(path).iterdir() if not allowed or p.suffix in allowed)
+
+    def full_path(folder, name):
+        return next((str(Path(p) / name) for p in registry[folder][0] if name in listed(folder) and
+                     (Path(p) / name).is_file()), None)
+
+    fake = types.SimpleNamespace(folder_names_and_paths=registry, get_filename_list=listed, get_full_path=full_path)
+    monkeypatch.setattr(ADAPTER, "folder_paths", fake)
+    monkeypatch.setattr(ADAPTER, "runtime", ADAPTER.ComfyRuntime())
+    registry["text_encoders"][0].append(str(root / "clip"))  # as extra_model_paths.yaml adds a path later
+    assert input_spec(MAPPINGS["Wan22MoEModelLoader"])["low_noise_model"][0] == sorted([HIGH, *GGUF_NAMES[:2]])
+    assert input_spec(MAPPINGS["Wan22TextEncoderLoader"])["text_encoder"][0] == [GGUF_NAMES[2]]
+    assert listed("diffusion_models") == [HIGH]  # ComfyUI's own list is unchanged
+    (model,) = MAPPINGS["Wan22MoEModelLoader"]().load(*GGUF_NAMES[:2], "auto", "auto", "auto")
+    assert model.low_noise == root / "unet" / GGUF_NAMES[1]
 
 
 def test_fp8_scaled_files_stay_fp8_with_auto(tmp_path, monkeypatch):

@@ -22,11 +22,12 @@ _GGUF_PACKAGE_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "BF16")  # gguf.q
 
 
 def quantize(values: torch.Tensor, qtype: QuantType | int | str) -> torch.Tensor:
-    """A float tensor [rows, cols] -> its GGUF bytes, uint8 [rows, bytes per row] (cols whole blocks)."""
+    """A float tensor [rows, cols] -> its GGUF bytes, uint8 [rows, bytes per row] (cols whole blocks),
+    on the tensor's device (the gguf package's types are encoded by numpy, on the CPU)."""
     kind = quant_type(qtype)
     rows, cols = values.shape
     kind.nbytes(cols)  # each row must be whole blocks: the error names the type and the count
-    values = values.detach().to("cpu", torch.float32).contiguous()
+    values = values.detach().to(torch.float32).contiguous()
     if kind.name == "F32":
         return values.view(torch.uint8)
     if kind.name == "F16":
@@ -35,7 +36,8 @@ def quantize(values: torch.Tensor, qtype: QuantType | int | str) -> torch.Tensor
         from gguf import GGMLQuantizationType
         from gguf.quants import quantize as gguf_quantize
 
-        return torch.from_numpy(np.ascontiguousarray(gguf_quantize(values.numpy(), GGMLQuantizationType[kind.name])))
+        encoded = gguf_quantize(values.cpu().numpy(), GGMLQuantizationType[kind.name])
+        return torch.from_numpy(np.ascontiguousarray(encoded)).to(values.device)
     blocks = values.reshape(-1, QK_K)
     return _ENCODE[kind.name](blocks).reshape(rows, -1)
 
@@ -56,7 +58,7 @@ def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 def _pack_bits(fields: torch.Tensor, width: int = 1) -> torch.Tensor:
     """[..., count, m] fields of `width` bits -> [..., m] bytes: field k at bits [k*width, (k+1)*width)."""
-    shifts = torch.arange(0, fields.shape[-2] * width, width, dtype=torch.uint8).unsqueeze(-1)
+    shifts = torch.arange(0, fields.shape[-2] * width, width, dtype=torch.uint8, device=fields.device).unsqueeze(-1)
     return (fields << shifts).sum(dim=-2, dtype=torch.uint8)
 
 

@@ -343,3 +343,30 @@ def test_the_small_card_table_is_the_memory_models():
     row = next(line for line in table.splitlines() if line.startswith("| 16 GB | 720p | --no-batch-cfg |"))
     assert row.split(" | ")[6] == f"block_swap {need}" and 0 < need < cfg.num_layers
     assert "| (one expert) | | | 15.4 GB | 12.0 GB | 10.8 GB | 9.6 GB | 7.2 GB | 5.3 GB |" in table
+
+
+def test_the_readmes_small_card_recipe_is_the_memory_models():
+    """README "Small cards: which GGUF file": every cell is what small_card_advice says."""
+    import re
+    from pathlib import Path
+
+    from wan22_core.memory import SMALL_CARD_QUANTS, small_card_advice
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Small cards: which GGUF file")[1].split("\n\n", 3)[2]
+    rows = [line for line in section.splitlines() if re.match(r"\| \d+ GB \|", line)]
+    assert len(rows) == 4
+    columns = [("480p", 2), ("480p", 1), ("720p", 2), ("720p", 1)]
+    for row in rows:
+        card, *cells = [c.strip() for c in row.strip("|").split("|")]
+        gib = int(card.split()[0])
+        for (video, batch), cell in zip(columns, cells):
+            advice = lambda quant: small_card_advice(DiTConfig(), gib, video, batch, quant)  # noqa: E731
+            if cell == "does not fit":
+                assert all(advice(q) == "no" for q in SMALL_CARD_QUANTS), (gib, video, batch)
+            elif cell == "every file with swap":
+                assert all(advice(q) == "swap_experts" for q in SMALL_CARD_QUANTS), (gib, video, batch)
+            else:
+                for quant, how in re.findall(r"(Q\w+) (swap|bs \d+)", cell):
+                    assert advice(quant) == ("swap_experts" if how == "swap" else f"block_swap {how[3:]}"), \
+                        (gib, video, batch, quant)

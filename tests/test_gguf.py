@@ -3,6 +3,8 @@ one line, weights held quantised, latents against the fp32 model and the dequant
 swap, LoRA, compile, the tokenizer rebuilt from the metadata, make-tiny and generate."""
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -399,3 +401,27 @@ def test_make_tiny_refuses_quants_that_cannot_be_written(tmp_path, capsys, args,
     err = capsys.readouterr().err
     assert re.search(message, err) and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun: 2 gloo ranks with GGUF experts
+
+
+def test_torchrun_with_gguf_experts_matches_single_process(sets, tmp_path):
+    """`generate --model-dir <GGUF ComfyUI folder>` under torchrun (2 ranks, Ulysses 2, FSDP) against
+    the one-process CLI on the same files; tolerance as for every parallel path (1e-5 rel. L2, fp32)."""
+    from safetensors.torch import load_file
+
+    root = sets["Q8_0"].high_noise.parents[1]
+    common = ["generate", "--model-dir", str(root), "--frames", "9", "--height", "48", "--width", "48",
+              "--steps", "4", "--shift", "5", "--quiet", "--device", "cpu"]
+    torchrun = subprocess.Popen(  # started first: it runs while this process makes the reference
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "wan22_core", *common, "--ulysses", "2", "--fsdp",
+         "--output", str(tmp_path / "two.mp4"), "--save-latents", str(tmp_path / "two.st")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    assert main(common + ["--output", str(tmp_path / "one.mp4"), "--save-latents", str(tmp_path / "one.st")]) == 0
+    output = torchrun.communicate(timeout=300)[0]
+    assert torchrun.returncode == 0, output
+    two, one = load_file(tmp_path / "two.st")["latents"], load_file(tmp_path / "one.st")["latents"]
+    assert rel_l2(two, one) <= 1e-5

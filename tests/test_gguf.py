@@ -3,8 +3,6 @@ one line, weights held quantised, latents against the fp32 model and the dequant
 swap, LoRA, compile, the tokenizer rebuilt from the metadata, make-tiny and generate."""
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -12,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from fakes import dit_tensors, rewrite_gguf
+from procs import start_torchrun_generate
 from gguf import GGUFValueType
 from reference import rel_l2
 from safetensors.torch import save_file
@@ -415,11 +414,8 @@ def test_torchrun_with_gguf_experts_matches_single_process(sets, tmp_path):
     root = sets["Q8_0"].high_noise.parents[1]
     common = ["generate", "--model-dir", str(root), "--frames", "9", "--height", "48", "--width", "48",
               "--steps", "4", "--shift", "5", "--quiet", "--device", "cpu"]
-    torchrun = subprocess.Popen(  # started first: it runs while this process makes the reference
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "wan22_core", *common, "--ulysses", "2", "--fsdp",
-         "--output", str(tmp_path / "two.mp4"), "--save-latents", str(tmp_path / "two.st")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    torchrun = start_torchrun_generate([*common, "--ulysses", "2", "--fsdp", "--output", str(tmp_path / "two.mp4"),
+                                        "--save-latents", str(tmp_path / "two.st")], cwd=tmp_path)
     assert main(common + ["--output", str(tmp_path / "one.mp4"), "--save-latents", str(tmp_path / "one.st")]) == 0
     output = torchrun.communicate(timeout=300)[0]
     assert torchrun.returncode == 0, output

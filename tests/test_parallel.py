@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from procs import join_gloo_group, start_gloo_ranks, wait_ranks
+from procs import join_gloo_group, start_gloo_ranks, start_torchrun_generate, wait_ranks
 from reference import rel_l2
 from safetensors.torch import load_file
 
@@ -470,11 +470,8 @@ def test_torchrun_cli_with_loras_matches_single_process(tiny_model_dir, loras, t
                   for arg in (f"--lora-{expert}", f"{path}:{strength}")]
     common = ["generate", "--model-dir", str(tiny_model_dir), "--frames", "9", "--height", "48", "--width", "48",
               "--steps", "4", "--shift", "5", "--quiet", *lora_flags]
-    torchrun = subprocess.Popen(  # started first: it runs while this process makes the reference
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "wan22_core", *common, "--ulysses", "2", "--fsdp",
-         "--output", str(tmp_path / "two.mp4"), "--save-latents", str(tmp_path / "two.st")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    torchrun = start_torchrun_generate([*common, "--ulysses", "2", "--fsdp", "--output", str(tmp_path / "two.mp4"),
+                                        "--save-latents", str(tmp_path / "two.st")], cwd=tmp_path)
     assert main(common + ["--output", str(tmp_path / "one.mp4"), "--save-latents", str(tmp_path / "one.st")]) == 0
     output = torchrun.communicate(timeout=300)[0]
     assert torchrun.returncode == 0, output

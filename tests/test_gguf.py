@@ -274,15 +274,18 @@ def test_q8_0_latents_are_within_one_q8_0_rounding_of_the_fp32_models(sets, embe
 
 def test_the_gguf_text_encoder_tokenises_identically_and_embeds_within_q8_0(sets, embeds):
     """The SentencePiece model rebuilt from tokenizer.ggml.* (precompiled_charsmap included) gives
-    the spiece.model's ids on plain, full-width, ligature and Chinese text and extra spaces; the Q8_0
-    encoder's embeddings are within its rounding of the bf16 file's (measured rel. L2 ~4e-3)."""
+    the spiece.model's ids on plain, full-width, ligature and Chinese text and extra spaces. The Q8_0
+    encoder (every 2-D weight, the embedding table too, in rows of one 32-weight block) embeds
+    within 0.05 rel. L2 of the bf16 file's: measured 0.012 (positive) and 0.016 (negative) on the
+    2-layer tiny encoder; a wrong name map or dequantisation is O(1)."""
     original = Tokenizer.from_folder(sets["official"].tokenizer)
     encoder = load_text_encoder(sets["Q8_0"].text_encoder, dtype=torch.float32)
     for text in (PROMPT, "Ｆｕｌｌ－ｗｉｄｔｈ ＦＯＸ ①②", "a ﬁne ﬂuffy cat", "色调艳丽，过曝", "  two   spaces\tand tab "):
         assert encoder.tokenizer.ids(text) == original.ids(text), text
     assert original.ids("Ｆｕｌｌ") == original.ids("Full")  # the charsmap matters: it folds full-width forms
     gguf_embeds = encoder.encode_prompt(PROMPT, NEGATIVE)
-    assert rel_l2(gguf_embeds.positive, embeds.positive) < 0.02
+    assert rel_l2(gguf_embeds.positive, embeds.positive) < 0.05
+    assert rel_l2(gguf_embeds.negative, embeds.negative) < 0.05
     report = encoder.load_report
     assert (report.layout, report.file_dtypes) == ("gguf", "Q8_0/F32") and "with tokenizer" not in report.path
 

@@ -148,6 +148,8 @@ def test_missing_attention_package_exits_2_with_the_engines_message(generate, mo
                                                              "place the experts themselves"),
     (("--fsdp", "--swap-blocks", "1"), "not on the multi-GPU path: swap_blocks=1 (block swap is for one process"),
     (("--cfg-parallel", "--no-batch-cfg"), "not on the multi-GPU path: batch_cfg=False with cfg_parallel"),
+    (("--ring", "3", "--attention", "sage"), "not on the multi-GPU path: attention='sage' with ring 3"),
+    (("--videos", "0"), "--videos must be a whole number >= 1, got 0"),
 ])
 def test_option_errors_are_one_line_before_any_work(generate, flags, message, capsys, monkeypatch):
     from wan22_core.cli import stages

@@ -1,11 +1,13 @@
-"""fp8 shards on 2 and 4 CPU ranks (gloo) against the one-process fp8 run, and compile on the ranks.
+"""Quantised shards (fp8, GGUF) on 2 and 4 CPU ranks (gloo) against the one-process run, and compile on the ranks.
 
 Each rank holds its rows of every block Linear as fp8 bytes (`quant.QuantizedLinear`), FSDP2
 gathers them as uint8, and each forward dequantises as the one-process `FP8Linear` does, so in
 fp32 compute the latents equal `denoise` on `load_dit(..., weight_dtype=fp8)` experts up to the
 reordered float sums of the parallel paths (<= 1e-5 relative; measured in the test names'
 scenarios: see TOL). Three sources of fp8 rows: a full-precision file quantised per rank (the
-whole tensor's scale), an fp8_scaled file kept as stored, and LoRAs merged into fp8 rows.
+whole tensor's scale), an fp8_scaled file kept as stored, and LoRAs merged into fp8 rows. GGUF
+experts (Q8_0, and Q4_K on a model whose rows are 256 weights) go through the same seam: each
+rank holds its rows as the file's block bytes and FSDP2 gathers those bytes.
 
 The rank processes are this file executed as a script (see the bottom), as in test_parallel.py.
 The compiled scenario, the worker group and torchrun run the same plan and shapes, so the
@@ -31,7 +33,8 @@ from wan22_core.optimize import compile_toolchain_problem
 from wan22_core.parallel import ParallelPlan
 from wan22_core.pipeline import denoise, make_noise
 from wan22_core.placement import ExpertPair
-from wan22_core.tiny import COMFY_FILES, make_tiny, write_tiny_lora
+from wan22_core.quant import QuantizedLinear
+from wan22_core.tiny import COMFY_FILES, GGUF_FILES, make_tiny, tiny_config, write_tiny_lora
 
 # Measured (fp32): 0 on the FSDP-only paths, <= 4e-7 with CFG-parallel (batch 1 vs 2 kernels),
 # compiled vs eager 3e-7 (inductor reorders sums); the bound leaves > 20x margin.
@@ -39,12 +42,15 @@ TOL = 1e-5
 HEADS = TINY.dit.num_heads
 SETTINGS = SamplerSettings(steps=4, shift=5.0)  # 2 high-noise + 2 low-noise steps
 SHAPE = (9, 48, 48)  # 27 tokens: padded on 2 and 4 ranks
+K_QUANT = tiny_config(dim=256, ffn_dim=256)  # K-quant rows are whole 256-weight blocks
 COMPILES = compile_toolchain_problem(torch.device("cpu")) is None
 SCENARIOS = {  # degrees, plus: source (the fp8 rows' origin), compile
     2: {"ulysses+fsdp": dict(ulysses=2, fsdp=True),
         "cfg+fsdp": dict(cfg_parallel=2, fsdp=True),
         "ulysses+fsdp, fp8 file": dict(ulysses=2, fsdp=True, source="fp8 file"),
         "ulysses+fsdp, loras": dict(ulysses=2, fsdp=True, source="loras"),
+        "ulysses+fsdp, gguf Q8_0": dict(ulysses=2, fsdp=True, source="gguf Q8_0"),
+        "cfg+fsdp, gguf Q4_K": dict(cfg_parallel=2, fsdp=True, source="gguf Q4_K"),
         **({"ulysses+fsdp, compiled": dict(ulysses=2, fsdp=True, compile=True)} if COMPILES else {})},
     4: {"ulysses+fsdp": dict(ulysses=4, fsdp=True),
         "cfg+ulysses+fsdp": dict(cfg_parallel=2, ulysses=2, fsdp=True)},
@@ -60,14 +66,19 @@ def job_inputs():
 @pytest.fixture(scope="module")
 def sources(tiny_model_dir, tmp_path_factory):
     """{source: (high, low, weight_dtype, {expert: [(lora file, strength)]})}: the official fp32 set
-    quantised at load (with and without LoRAs), and Comfy-Org's fp8_scaled files kept as stored."""
+    quantised at load (with and without LoRAs), Comfy-Org's fp8_scaled files kept as stored, and
+    GGUF files kept in their types."""
     root = tmp_path_factory.mktemp("fp8")
     comfy = make_tiny(root / "comfy-fp8", "comfy-fp8", TINY) / "diffusion_models"
     lora = write_tiny_lora(root / "lora.safetensors", WanModel(TINY.dit), "lightx2v", seed=2).path
     official = (str(tiny_model_dir / "high_noise_model"), str(tiny_model_dir / "low_noise_model"))
+    gguf = {quant: make_tiny(root / quant, "gguf", cfg, quant=quant) / "diffusion_models"
+            for quant, cfg in (("Q8_0", TINY), ("Q4_K", K_QUANT))}
     return {"quantised at load": (*official, "float8_e4m3fn", {}),
             "fp8 file": (*(str(comfy / name) for name in COMFY_FILES["comfy-fp8"][:2]), None, {}),
-            "loras": (*official, "float8_e4m3fn", {"high": [(str(lora), 0.8)], "low": [(str(lora), -1.5)]})}
+            "loras": (*official, "float8_e4m3fn", {"high": [(str(lora), 0.8)], "low": [(str(lora), -1.5)]}),
+            **{f"gguf {quant}": (*(str(folder / name.format(quant=quant)) for name in GGUF_FILES[:2]), None, {})
+               for quant, folder in gguf.items()}}
 
 
 def one_process_experts(high, low, weight_dtype, loras):
@@ -123,21 +134,26 @@ def test_compiled_ranks_equal_eager_ranks(runs):
         assert results["ulysses+fsdp, compiled"]["compiled_blocks"] == 2 * TINY.dit.num_layers
 
 
-@pytest.mark.parametrize("world", sorted(SCENARIOS))
-def test_each_rank_holds_its_rows_of_the_fp8_parameters(runs, reference, world):
+HELD = [(world, scenario) for world, scenario in CASES
+        if scenario == "ulysses+fsdp" or "gguf" in scenario]
+
+
+@pytest.mark.parametrize("world,scenario", HELD, ids=[f"{w}ranks-{s}".replace(" ", "") for w, s in HELD])
+def test_each_rank_holds_its_rows_of_the_quantised_parameters(runs, reference, world, scenario):
     """Counted on the ranks' parameters: exactly the torch.chunk rows of every parameter of the
-    one-process fp8 experts (block Linears as 1-byte fp8, the rest fp32), so the ranks together
-    hold the fp8 bytes once, each about 1/P of them."""
-    _, experts = reference["quantised at load"]
-    fp8_total = sum(p.nbytes for expert in experts for p in expert.parameters())
+    one-process experts (block Linears as their bytes: 1-byte fp8 or the GGUF blocks, as uint8
+    rows; the rest fp32), so the ranks together hold the quantised bytes once, each about 1/P."""
+    _, experts = reference[SCENARIOS[world][scenario].get("source", "quantised at load")]
+    total = sum(p.nbytes for expert in experts for p in expert.parameters())
     held = []
     for rank, results in enumerate(runs[world]):
         expected = sum(p.chunk(world)[rank].nbytes if rank < len(p.chunk(world)) else 0
                        for expert in experts for p in expert.parameters())
-        assert results["ulysses+fsdp"]["parameter_bytes"] == expected
-        assert results["ulysses+fsdp"]["fp8_layer_dtypes"] == ["torch.uint8"]
+        assert results[scenario]["parameter_bytes"] == expected
+        assert results[scenario]["quantised_layers"] == [["torch.uint8", sum(
+            isinstance(m, QuantizedLinear) for e in experts for m in e.modules())]]
         held.append(expected)
-    assert sum(held) == fp8_total and max(held) <= fp8_total / world * 1.1
+    assert sum(held) == total and max(held) <= total / world * 1.1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +208,6 @@ def test_torchrun_and_one_process_take_weight_dtype_fp8_and_compile(tiny_model_d
 def rank_main(rank, world, port, sources, out):
     from torch.distributed.tensor import DTensor
 
-    from wan22_core.fp8 import FP8Linear
     from wan22_core.parallel.loading import load_expert_pair, local_parameter_bytes
     from wan22_core.parallel.mesh import init_groups
 
@@ -206,12 +221,12 @@ def rank_main(rank, world, port, sources, out):
         experts = load_expert_pair(high, low, groups, cpu, torch.float32,
                                    *([LoraSpec(p, s) for p, s in loras.get(name, [])] for name in ("high", "low")),
                                    weight_dtype=weight_dtype and getattr(torch, weight_dtype), compile=compile)
-        layers = [m for e in experts.experts.values() for m in e.modules() if isinstance(m, FP8Linear)]
+        layers = [m for e in experts.experts.values() for m in e.modules() if isinstance(m, QuantizedLinear)]
         results[scenario] = dict(  # bytes before sampling: FSDP keeps the head gathered once it ran
             parameter_bytes=sum(local_parameter_bytes(e) for e in experts.experts.values()),
             latent=denoise(experts, *job_inputs(), SETTINGS),
-            fp8_layer_dtypes=sorted({str(m.weight.to_local().dtype if isinstance(m.weight, DTensor) else m.weight.dtype)
-                                     for m in layers}),
+            quantised_layers=[[dtype, len(layers)] for dtype in sorted(
+                {str(m.weight.to_local().dtype if isinstance(m.weight, DTensor) else m.weight.dtype) for m in layers})],
             compiled_blocks=sum(getattr(block, "_compiled_call_impl", None) is not None
                                 for e in experts.experts.values() for block in e.modules()
                                 if isinstance(block, WanBlock)))

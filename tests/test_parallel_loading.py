@@ -153,3 +153,19 @@ def test_fsdp_ranks_hold_what_one_process_holds_for_each_weight_dtype(experts, t
         for name, value in expected.named_buffers():
             assert all(torch.equal(ranks[case][name], value) for ranks in per_rank), f"{case}: {name}"
         assert fp8_layers == (0 if weight_dtype in ("bfloat16", "float16") else 10 * TINY.dit.num_layers), case
+
+
+def test_a_lora_on_gguf_blocks_is_refused_on_the_ranks_in_one_line_with_the_fixes():
+    """The ranks merge LoRAs into their shards; GGUF blocks take no merge (one process runs their
+    low-rank terms on the fly instead, test_gguf.py), so a LoRA term for such a layer is refused."""
+    from wan22_core.lora import LoraError
+    from wan22_core.parallel.loading import _merge_quantized
+    from wan22_core.quant import GGUFLinear
+
+    layer = GGUFLinear(64, 4, "Q8_0")
+    with pytest.raises(LoraError) as refused:
+        _merge_quantized(layer, layer.weight.data, "blocks.0.ffn.0.weight", None, None, 0, None)
+    assert str(refused.value) == (
+        "blocks.0.ffn.0.weight is held as GGUF Q8_0 blocks on the multi-GPU ranks, which merge LoRAs into their "
+        "shards and cannot merge into GGUF blocks: load the experts dequantised (weight_dtype bf16, "
+        "--weight-dtype bf16), use safetensors experts, or run on one GPU")

@@ -25,10 +25,14 @@ from wan22_core.memory import GIB, main as memory_main, multigpu_table, rank_pea
 from wan22_core.parallel.plan import ParallelPlan, RankLoad, check_plan_fits
 
 ACTIVATION_TOLERANCE = 0.005  # relative, as one process (test_memory.py); measured within 0.3% (see CASES)
-CASES = {  # name: (plan degrees, dtype, (frames, height, width)); measured - model: 0.005%, 0.014%, 0.3%
+CASES = {  # name: (plan degrees, dtype, (frames, height, width)); |measured - model|: 0.005%, 0.014%, 0.3%,
+    # ring 0.003%, 0.011%, Ulysses 2 x Ring 2 (rank 0 of 4) 0.005%
     "ulysses bf16": (dict(ulysses=2), torch.bfloat16, (17, 256, 384)),
     "ulysses fp32": (dict(ulysses=2), torch.float32, (9, 256, 256)),
     "cfg-parallel bf16": (dict(cfg_parallel=2), torch.bfloat16, (17, 256, 384)),
+    "ring bf16": (dict(ring=2), torch.bfloat16, (17, 256, 384)),
+    "ring fp32": (dict(ring=2), torch.float32, (9, 256, 256)),
+    "ulysses x ring bf16": (dict(ulysses=2, ring=2), torch.bfloat16, (17, 256, 384)),
 }
 A14B = DiTConfig()
 
@@ -48,13 +52,18 @@ def measured(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES)
 def test_rank_activations_match_accounting(measured, case):
     degrees, dtype, video = CASES[case]
-    est = rank_peak_bytes(CFG, *video, world=2, fsdp=False, weight_bytes_per_param=4 if dtype == torch.float32 else 2,
+    est = rank_peak_bytes(CFG, *video, world=world_of(degrees), fsdp=False, weight_bytes_per_param=4 if dtype == torch.float32 else 2,
                           text_tokens=TEXT_TOKENS, **degrees)
     assert est["activations"] == pytest.approx(measured[case], rel=ACTIVATION_TOLERANCE), (est, measured[case])
 
 
+def world_of(degrees: dict) -> int:
+    return degrees.get("ulysses", 1) * degrees.get("ring", 1) * degrees.get("cfg_parallel", 1)
+
+
 def rank_main(out: str) -> None:
-    """Rank 0 of 2 (fake process group): the activation peak of one forward of each case."""
+    """Rank 0 of each case's ranks (fake process group): the activation peak of one forward."""
+    import torch.distributed as dist
     from bench_rank import fake_ranks
 
     from wan22_core.models.transformer import WanModel
@@ -62,11 +71,14 @@ def rank_main(out: str) -> None:
     from wan22_core.parallel.parallelize import parallelize
 
     torch.set_num_threads(1)
-    fake_ranks(2)
     peaks = {}
     for case, (degrees, dtype, video) in CASES.items():
+        if dist.is_initialized() and dist.get_world_size() != world_of(degrees):
+            dist.destroy_process_group()
+        if not dist.is_initialized():
+            fake_ranks(world_of(degrees))
         torch.manual_seed(0)
-        plan = ParallelPlan(world_size=2, num_heads=CFG.num_heads, **degrees)
+        plan = ParallelPlan(world_size=world_of(degrees), num_heads=CFG.num_heads, **degrees)
         runnable = parallelize(WanModel(CFG).eval().to(dtype), init_groups(plan, torch.device("cpu")))
         runnable.cfg = CFG  # what measured_activation_peak reads (CfgParallel wraps the model)
         peaks[case] = measured_activation_peak(runnable, *video, batch=2)  # CFG-parallel runs one row here
@@ -99,7 +111,7 @@ def test_two_24gb_cards_hold_720p_in_fp8_with_unbatched_cfg_only():
     assert "cuda:1 (RTX 4090) has 24.0 GiB; cheapest change that fits: unbatched CFG" in str(batched.value)
     with pytest.raises(ValueError, match="cheapest change that fits: fp8 weights and unbatched CFG .*; also: 4 GPUs"):
         check_plan_fits(plan, RankLoad(A14B, video, 2), 24 * GIB)
-    cfg_parallel = ParallelPlan(2, 1, 2, fsdp=True)  # its batch is split already: no unbatched CFG to suggest
+    cfg_parallel = ParallelPlan(2, 1, cfg_parallel=2, fsdp=True)  # its batch is split already: no unbatched CFG to suggest
     with pytest.raises(ValueError, match=r"cheapest change that fits: 4 GPUs \(ulysses 2, cfg_parallel, fsdp\); also"):
         check_plan_fits(cfg_parallel, RankLoad(A14B, video, 1), 22 * GIB)
     with pytest.raises(ValueError, match="nothing tried fits"):

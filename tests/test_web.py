@@ -81,11 +81,12 @@ def test_the_label_refuses_what_the_engine_refuses():
     assert float(re.search(r"export const MIN_SHIFT = ([\d.]+);", js).group(1)) == MIN_SHIFT
 
 
-def test_the_status_event_and_the_lora_report_key_match_the_nodes():
+def test_the_status_event_and_the_ui_keys_match_the_nodes():
     js_event = re.search(r'export const EVENT = "([^"]+)"', (ROOT / "web/js/worker_status.js").read_text()).group(1)
     assert js_event == python_constant(ROOT / "nodes/comfy_adapter.py", "WORKER_STATUS_EVENT")
     sampler, extension = (ROOT / "nodes/sampler.py").read_text(), (ROOT / "web/js/wan22_moe.js").read_text()
-    assert '{"ui": {"lora_report": ' in sampler and "output?.lora_report" in extension
+    assert 'ui = {"lora_report": ' in sampler and "output?.lora_report" in extension
+    assert 'ui["parallel_split"] = ' in sampler and "output?.parallel_split" in extension
     config = (ROOT / "nodes/parallel.py").read_text()  # the multi-GPU node's memory line
     assert '{"ui": {"memory": ' in config and "output?.memory" in extension
 

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checkpoints import load_dit, stores_fp8
+from .checkpoints import load_dit, stored_gguf_types, stores_fp8
 from .config import WEIGHT_DTYPES, ExpertOptions
 from .fp8 import FP8, set_fp8_compute
 from .lora import LoraReport, LoraSpec, apply_loras
@@ -57,6 +57,13 @@ def weight_bytes_per_param(options: ExpertOptions, device: torch.device, expert_
     if stored == FP8 or (stored is None and stores_fp8(expert_file)):
         return 1
     return compute.itemsize
+
+
+def gguf_block_types(options: ExpertOptions, device: torch.device, expert_file: Path) -> dict[str, str] | None:
+    """The block Linears' GGUF types the experts will hold (memory.gguf_linear_types' form): a GGUF
+    file's own with weight_dtype auto, else None (nothing held in GGUF blocks)."""
+    _, stored, _ = expert_dtypes(options, device)
+    return stored_gguf_types(expert_file) if stored is None else None
 
 
 def load_expert(path: Path, options: ExpertOptions, device: torch.device) -> WanModel:

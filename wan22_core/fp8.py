@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .quant.linear import QuantizedLinear, swap_linears
+from .quant.linear import QuantizedLinear
+from .quant.swap import replace_linears
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448: the largest finite e4m3fn value
@@ -161,9 +162,9 @@ class FP8Linear(QuantizedLinear):
 
 
 def block_linears(model: nn.Module, under: str = "blocks.") -> dict[str, nn.Module]:
-    """{qualified name: layer} for the Linears inside `under` (`nn.Linear`, or a `QuantizedLinear`
-    such as FP8Linear once swapped): the ones Comfy-Org's files store as fp8 (a DiT's `blocks.`,
-    UMT5's `encoder.block.`), and the ones a DiT's blocks call through `forward`."""
+    """{qualified name: layer} for the Linears inside `under` (`nn.Linear`, or a `QuantizedLinear`,
+    FP8Linear / GGUFLinear, once swapped): the ones Comfy-Org's files store as fp8 and GGUF files
+    quantise (a DiT's `blocks.`, UMT5's `encoder.block.`), and the ones a DiT's blocks call through `forward`."""
     return {name: module for name, module in model.named_modules()
             if name.startswith(under) and isinstance(module, (nn.Linear, QuantizedLinear))}
 
@@ -176,9 +177,9 @@ def block_linear_names(model: nn.Module) -> list[str]:
 def swap_to_fp8(model: nn.Module, names: list[str], with_scale_input: set[str] = frozenset(),
                 bias_dtype: torch.dtype = torch.bfloat16) -> None:
     """Replace the named `nn.Linear`s by empty `FP8Linear`s on the same device (meta before loading)."""
-    swap_linears(model, names, lambda name, linear: FP8Linear(
+    replace_linears(model, names, lambda name, linear: FP8Linear(
         linear.in_features, linear.out_features, bias=linear.bias is not None, scale_input=name in with_scale_input,
-        device=linear.weight.device, bias_dtype=bias_dtype))
+        device=linear.weight.device, bias_dtype=bias_dtype), holds="fp8")
 
 
 def quantize_block_linears(model: nn.Module) -> None:

@@ -1,6 +1,7 @@
 """Peak GPU memory of one Wan2.2 expert forward, predicted from shapes alone.
 
-    python -m wan22_core.memory          # the 720p table for every offload mode
+    python -m wan22_core.memory          # the 720p table for every offload mode, and the
+                                         # small-card table (GGUF files on 8-24 GB cards)
     python -m wan22_core.memory --gpus 2 --weights fp8 --no-batch-cfg   # one rank of a multi-GPU plan
     python -m wan22_core.memory --multigpu-table                         # docs/multigpu.md's table
 
@@ -21,17 +22,66 @@ runs after denoising (tile it on small cards).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from .config import FRAMES, HEIGHT, WIDTH, DiTConfig, is_integer
 from .fp8 import COMPUTE_MODES
 from .offload import OFFLOAD_MODES, expert_pair_options
 from .pipeline import latent_shape, latent_tokens
+from .quant import TYPES
 
 FP8_COMPUTE = tuple(mode for mode in COMPUTE_MODES if mode != "auto")  # the modes "auto" picks from
 FP32 = 4
 GIB = 1024**3
 CUDA_OVERHEAD = int(1.5 * GIB)  # CUDA context, cuBLAS workspace, allocator rounding: measured 1-1.5 GiB
 LINEARS_PER_BLOCK = 10  # q, k, v, o of both attentions and the two FFN layers
+BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                 "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+
+# GGUF files of the Wan experts, by the quant in their names: the type of the block Linears, and
+# the layers llama-quantize (ComfyUI-GGUF's lcpp.patch, `img_tensor_get_type`) gives a bigger one.
+# Its "first N blocks" rules (Q4_K_S's and Q3_K_M's v) are left out: under 0.2 % of an expert.
+# Predicted sizes match the published files within 0.3 % (tests/test_memory.py).
+GGUF_FILE_TYPES = {
+    "Q8_0": ("Q8_0", {}),
+    "Q6_K": ("Q6_K", {}),
+    "Q5_K_M": ("Q5_K", {"v": "Q6_K", "ffn.2": "Q6_K"}),
+    "Q5_K_S": ("Q5_K", {}),
+    "Q5_1": ("Q5_1", {}),
+    "Q5_0": ("Q5_0", {"ffn.2": "Q5_1"}),
+    "Q4_K_M": ("Q4_K", {"v": "Q6_K", "ffn.2": "Q6_K"}),
+    "Q4_K_S": ("Q4_K", {"ffn.2": "Q5_K"}),
+    "Q4_1": ("Q4_1", {}),
+    "Q4_0": ("Q4_0", {"ffn.2": "Q4_1"}),
+    "Q3_K_L": ("Q3_K", {"v": "Q5_K", "ffn.2": "Q5_K"}),
+    "Q3_K_M": ("Q3_K", {"v": "Q4_K", "ffn.2": "Q4_K"}),
+    "Q3_K_S": ("Q3_K", {}),
+    "Q2_K": ("Q2_K", {"v": "Q3_K"}),
+}
+# Bytes per weight alive at once while `quant.dequantize` turns one weight into the compute dtype
+# (2- and 4-byte), its output included: the fp32 values, their compute-dtype copy and the integer
+# codes; measured per type by tests/test_memory.py (torch.compile fuses them away).
+DEQUANT_PEAK_BYTES = {
+    "Q8_0": (6.0, 4.1875), "Q4_0": (6.0, 5.0), "Q4_1": (6.0, 5.0), "Q5_0": (6.0, 5.0), "Q5_1": (6.0, 5.0),
+    "Q2_K": (6.0, 5.5), "Q3_K": (7.0, 7.0), "Q4_K": (6.0, 5.328125), "Q5_K": (6.328125, 6.328125),
+    "Q6_K": (7.0, 7.0),
+}
+
+
+def gguf_linear_types(file_type: str | Mapping[str, str]) -> dict[str, str]:
+    """{block Linear (BLOCK_LINEARS): its GGUF type} in a GGUF expert file of `file_type` ("Q4_K_M"),
+    or `file_type` itself when it is such a mapping already (a file's own types, from its headers)."""
+    if isinstance(file_type, Mapping):
+        if set(file_type) != set(BLOCK_LINEARS) or not set(file_type.values()) <= set(TYPES):
+            raise ValueError(f"GGUF types must map each of {', '.join(BLOCK_LINEARS)} to one of {', '.join(TYPES)}; "
+                             f"got {dict(file_type)}")
+        return dict(file_type)
+    if file_type not in GGUF_FILE_TYPES:
+        raise ValueError(f"gguf must be one of {', '.join(GGUF_FILE_TYPES)} (the quant in a GGUF file's name); "
+                         f"got {file_type!r}")
+    base, bigger = GGUF_FILE_TYPES[file_type]
+    return {name: bigger.get(name.rpartition(".")[2] if name.startswith(("self", "cross")) else name, base)
+            for name in BLOCK_LINEARS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,14 +109,29 @@ def param_counts(cfg: DiTConfig) -> dict[str, int]:
     }
 
 
-def weight_bytes(cfg: DiTConfig, weight_bytes_per_param: int) -> tuple[int, int]:
+def _linear_shapes(cfg: DiTConfig) -> dict[str, int]:
+    """Weights of each block Linear (BLOCK_LINEARS)."""
+    d, f = cfg.dim, cfg.ffn_dim
+    return {name: d * f if name.startswith("ffn") else d * d for name in BLOCK_LINEARS}
+
+
+def weight_bytes(cfg: DiTConfig, weight_bytes_per_param: int,
+                 gguf: str | Mapping[str, str] | None = None) -> tuple[int, int]:
     """(bytes of one block, bytes of one whole expert) on the device.
 
     2 (bf16) and 4 (fp32) apply to every parameter. 1 means ComfyUI's scaled fp8: block Linear
     weights in fp8 with one fp32 `scale_weight` buffer each, every other parameter in bf16
-    (what `wan22_core.fp8.swap_to_fp8` builds).
+    (what `wan22_core.fp8.swap_to_fp8` builds). gguf (a file type, e.g. "Q4_K_M"): the block
+    Linear weights in their GGUF blocks (`GGUFLinear`), every other parameter in the compute
+    dtype of `weight_bytes_per_param` bytes (2 or 4), as `load_dit` holds a GGUF expert; or
+    {block Linear: type} (`gguf_linear_types`).
     """
     n = param_counts(cfg)
+    if gguf is not None:
+        types = gguf_linear_types(gguf)
+        linears = sum(TYPES[types[name]].nbytes(numel) for name, numel in _linear_shapes(cfg).items())
+        block = linears + weight_bytes_per_param * n["block_other"]
+        return block, cfg.num_layers * block + weight_bytes_per_param * n["non_block"]
     if weight_bytes_per_param == 1:
         block = n["block_linear_weights"] + LINEARS_PER_BLOCK * FP32 + 2 * n["block_other"]
         rest = 2 * n["non_block"]
@@ -127,7 +192,15 @@ def _layer_norm(led: _Ledger, out: str, elems: int, rows: int) -> None:
 
 def _linear(led: _Ledger, out: str, in_elems: int, out_elems: int, weight_elems: int, c: int,
             fp8: str | None) -> None:
-    """nn.Linear, or FP8Linear in its "dequant" / "scaled_mm" compute modes (wan22_core/fp8.py)."""
+    """nn.Linear, FP8Linear in its "dequant" / "scaled_mm" compute modes (wan22_core/fp8.py), or
+    GGUFLinear (fp8 is then its GGUF type: the weight dequantised, then the matmul)."""
+    if fp8 in DEQUANT_PEAK_BYTES:  # dequantise: codes and fp32 values die inside, the compute-dtype copy lives on
+        led.new(out + ".dequant", int(weight_elems * DEQUANT_PEAK_BYTES[fp8][c == FP32]))
+        led.free(out + ".dequant")
+        led.new(out + ".weight", weight_elems * c)
+        led.new(out, out_elems * c)
+        led.free(out + ".weight")
+        return
     if fp8 == "dequant":  # the layer's weight dequantised to the compute dtype, freed after
         led.new(out + ".weight", weight_elems * c)
         led.new(out, out_elems * c)
@@ -166,29 +239,65 @@ def _rope(led: _Ledger, out: str, src: str, elems: int, c: int) -> None:
     led.free(out + ".prod")
 
 
-def _ulysses_kernel(led: _Ledger, name: str, q_elems: int, lse: int, c: int) -> None:
-    """parallel/ulysses.py's UlyssesAttention around the kernel, as it allocates (q, k and v stay
-    alive in the caller): the send and receive buffers of all three (3 x q each; the result is
-    laid out in the spent send buffer), the kernel over all tokens and this rank's heads (as many
-    elements as q), then, with the whole-sequence q, k, v gone, the output's send and receive
-    buffers. Leaves `{name}.sdpa`, the kernel's result back on this rank's tokens, as without it.
-    Buffers a backend keeps a moment after a collective returns are not counted."""
-    qkv = 3 * q_elems * c
-    led.new(f"{name}.send", qkv)  # heads_to_sequence; the send buffer becomes the result
-    led.new(f"{name}.recv", qkv)
-    led.free(f"{name}.recv")
-    led.new(f"{name}.attn", q_elems * c)  # [B, L, H/P, D]
-    led.new(f"{name}.lse", lse)
-    led.free(f"{name}.lse", f"{name}.send")
-    led.new(f"{name}.sdpa", q_elems * c)  # sequence_to_heads: its send buffer becomes the result
-    led.new(f"{name}.out_recv", q_elems * c)
-    led.free(f"{name}.out_recv", f"{name}.attn")
+def _sequence_kernel(led: _Ledger, name: str, q_elems: int, lse: int, c: int, ulysses: bool, ring: bool) -> None:
+    """parallel/sequence.py's attention wrapper around the kernel, as it allocates (this rank's q,
+    k and v stay alive in the caller). Ulysses (`ulysses.heads_to_sequence`): the send and
+    receive buffers of all three (3 x q each; the result is laid out in the spent send buffer,
+    alive until the kernel is done). Then the kernel over this rank's heads of the Ulysses
+    group's tokens (as many elements as q), or with a ring `_ring_kernel`. Then Ulysses' way
+    back: the output's send and receive buffers. Leaves `{name}.sdpa`, the result on this rank's
+    tokens, as without it. Buffers a backend keeps a moment after a collective returns are not counted."""
+    if ulysses:
+        led.new(f"{name}.send", 3 * q_elems * c)
+        led.new(f"{name}.recv", 3 * q_elems * c)
+        led.free(f"{name}.recv")
+    attn = f"{name}.attn" if ulysses else f"{name}.sdpa"
+    if ring:
+        _ring_kernel(led, name, attn, q_elems, lse, c)
+    else:
+        led.new(attn, q_elems * c)  # [B, L, H/U, D]
+        led.new(f"{name}.lse", lse)
+        led.free(f"{name}.lse")
+    if ulysses:
+        led.free(f"{name}.send")
+        led.new(f"{name}.sdpa", q_elems * c)  # sequence_to_heads: its send buffer becomes the result
+        led.new(f"{name}.out_recv", q_elems * c)
+        led.free(f"{name}.out_recv", attn)
+
+
+def _ring_kernel(led: _Ledger, name: str, out: str, q_elems: int, lse: int, c: int) -> None:
+    """parallel/ring.py's ring_attention: this rank's K and V stacked into one message and a second
+    buffer receiving the next one (2 x q each, alive throughout), and per ring step the kernel's
+    partial (q and its log-sum-exp) merged into the fp32 running output (`merge_partials`: the
+    partial in fp32, the two rescaled terms and their sum alive at once). The first step only
+    converts; every later one merges, and all later steps peak alike, so two steps are replayed.
+    Leaves `out`, the result in the compute dtype."""
+    f32 = q_elems * FP32
+    led.new(f"{name}.kv", 2 * q_elems * c)
+    led.new(f"{name}.kv_next", 2 * q_elems * c)
+    for step in range(2):
+        part = f"{name}.part{step}"
+        led.new(part, q_elems * c)
+        led.new(part + ".lse", lse)
+        led.cast(part + ".f32", part, c != FP32, f32)
+        if step == 0:  # the running (out, lse) are the first partial's
+            led.free(part)
+            continue
+        led.new(f"{name}.merged_lse", lse)
+        led.new(f"{name}.old_term", f32)  # out * exp(lse - merged)
+        led.new(f"{name}.new_term", f32)  # part * exp(part_lse - merged)
+        led.new(f"{name}.sum", f32)
+        led.free(f"{name}.old_term", f"{name}.new_term", part, part + ".f32", part + ".lse",
+                 f"{name}.part0.f32", f"{name}.part0.lse")
+    led.new(out, q_elems * c)  # out.to(q.dtype)
+    led.free(f"{name}.sum", f"{name}.merged_lse", f"{name}.kv", f"{name}.kv_next")
 
 
 def _attention(led: _Ledger, name: str, q_elems: int, kv_elems: int, rows: int, lse: int, d: int, c: int,
-               fp8: str | None, rope: bool, ulysses: bool = False) -> str:
-    """SelfAttention / CrossAttention.forward (k, v from the tokens or the text context); with
-    `ulysses`, the self-attention kernel is Ulysses' wrapper (`_ulysses_kernel`).
+               modes: dict[str, str | None], rope: bool, ulysses: bool = False, ring: bool = False) -> str:
+    """SelfAttention / CrossAttention.forward (k, v from the tokens or the text context); modes:
+    `_linear`'s mode of each of "q", "k", "v", "o". With `ulysses` / `ring`, the self-attention
+    kernel is the sequence-parallel wrapper (`_sequence_kernel`).
 
     Returns the name of its output; the caller frees its input after the call.
     """
@@ -196,7 +305,7 @@ def _attention(led: _Ledger, name: str, q_elems: int, kv_elems: int, rows: int, 
     # q = apply_rope(norm_q(q(x))), then k the same way: q's temporaries are gone before k's exist
     q, k = f"{name}.q", f"{name}.k"
     for t, elems, t_rows in ((q, q_elems, rows), (k, kv_elems, kv_rows)):  # k, v keep their input's size
-        _linear(led, f"{t}_lin", q_elems if t == q else kv_elems, elems, d * d, c, fp8)
+        _linear(led, f"{t}_lin", q_elems if t == q else kv_elems, elems, d * d, c, modes[t[-1]])
         _rms_norm(led, t, f"{t}_lin", elems, t_rows, c)
         led.free(f"{t}_lin")
         if rope:
@@ -204,21 +313,22 @@ def _attention(led: _Ledger, name: str, q_elems: int, kv_elems: int, rows: int, 
             led.free(t)
     if rope:
         q, k = f"{q}_rot", f"{k}_rot"
-    _linear(led, f"{name}.v", kv_elems, kv_elems, d * d, c, fp8)
-    if ulysses:
-        _ulysses_kernel(led, name, q_elems, lse, c)
+    _linear(led, f"{name}.v", kv_elems, kv_elems, d * d, c, modes["v"])
+    if ulysses or ring:
+        _sequence_kernel(led, name, q_elems, lse, c, ulysses, ring)
     else:
         led.new(f"{name}.sdpa", q_elems * c)  # [B, L, H, D]
         led.new(f"{name}.lse", lse)  # flash/cuDNN log-sum-exp, fp32 per (batch, head, token)
         led.free(f"{name}.lse")
-    _linear(led, f"{name}.o", q_elems, q_elems, d * d, c, fp8)
+    _linear(led, f"{name}.o", q_elems, q_elems, d * d, c, modes["o"])
     led.free(f"{name}.sdpa", q, k, f"{name}.v")
     return f"{name}.o"
 
 
 def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes: int = 2,
                           fp8_compute: str | None = None, text_tokens: int | None = None,
-                          ulysses: bool = False) -> tuple[int, str, dict[str, int]]:
+                          gguf: str | Mapping[str, str] | None = None, ulysses: bool = False,
+                          ring: bool = False) -> tuple[int, str, dict[str, int]]:
     """Most bytes live at once while one eager `WanBlock.forward` runs under torch.no_grad.
 
     Counts the block's fp32 input (the caller's loop variable holds it until the block returns)
@@ -226,9 +336,12 @@ def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes
     the weights, the text context or the RoPE tables. Returns (bytes, the tensor whose
     allocation reached the peak, bytes by tensor live at the peak).
     compute_bytes: 2 for bf16/fp16 weights, 4 for fp32. fp8_compute: None for 16/32-bit
-    Linears, "scaled_mm" or "dequant" for FP8Linear's compute modes. ulysses: `tokens` is one
-    rank's share and the self-attention goes through Ulysses' all-to-alls.
+    Linears, "scaled_mm" or "dequant" for FP8Linear's compute modes. gguf: a GGUF file type
+    ("Q4_K_M") or {block Linear: type} for GGUFLinears, each dequantising its own type (eager).
+    ulysses / ring: `tokens` is one rank's share and the self-attention goes through Ulysses'
+    all-to-alls and / or ring attention.
     """
+    modes = gguf_linear_types(gguf) if gguf is not None else dict.fromkeys(BLOCK_LINEARS, fp8_compute)
     b, n, d, c = batch, tokens, cfg.dim, compute_bytes
     s = b * n * d  # elements of one token activation [B, L, dim]
     ctx = b * text_slots(cfg, text_tokens) * d  # [B, Lc + 1, dim] (the 512-slot bound by default)
@@ -245,7 +358,8 @@ def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes
     led.free("norm1")
     led.cast("h.c", "h", c != FP32, s * c)
     led.free("h")  # unnamed in the forward: only its compute-dtype copy (or itself, in fp32) lives on
-    out = _attention(led, "self_attn", s, s, rows, lse, d, c, fp8_compute, rope=True, ulysses=ulysses)
+    out = _attention(led, "self_attn", s, s, rows, lse, d, c, {k: modes[f"self_attn.{k}"] for k in "qkvo"},
+                     rope=True, ulysses=ulysses, ring=ring)
     led.free("h.c")
     led.new("x1", s * FP32)  # addcmul(x, out, gate): compute dtype * fp32 gate -> fp32
     led.free(out)
@@ -254,7 +368,8 @@ def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes
     _layer_norm(led, "norm3", s, rows)
     led.cast("norm3.c", "norm3", c != FP32, s * c)
     led.free("norm3")
-    out = _attention(led, "cross_attn", s, ctx, rows, lse, d, c, fp8_compute, rope=False)
+    out = _attention(led, "cross_attn", s, ctx, rows, lse, d, c, {k: modes[f"cross_attn.{k}"] for k in "qkvo"},
+                     rope=False)
     led.free("norm3.c")
     led.new("x2", s * FP32)
     led.free(out, "x1")
@@ -265,9 +380,9 @@ def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes
     led.free("norm2")
     led.cast("h2.c", "h2", c != FP32, s * c)
     led.free("h2")
-    _linear(led, "ffn.0", s, hidden, d * cfg.ffn_dim, c, fp8_compute)
+    _linear(led, "ffn.0", s, hidden, d * cfg.ffn_dim, c, modes["ffn.0"])
     # the GELU runs in place on ffn.0's output (FeedForward): no new tensor
-    _linear(led, "ffn.2", hidden, s, d * cfg.ffn_dim, c, fp8_compute)
+    _linear(led, "ffn.2", hidden, s, d * cfg.ffn_dim, c, modes["ffn.2"])
     led.free("ffn.0", "h2.c")
     led.new("x_out", s * FP32)  # addcmul(x, ffn, gate)
     return led.peak, led.peak_at, led.peak_live
@@ -291,10 +406,14 @@ def video_tokens(cfg: DiTConfig, frames: int, height: int, width: int) -> int:
     return latent_tokens(latent_shape(frames, height, width), cfg.patch_size)
 
 
-def _check(weight_bytes_per_param, offload, swap_blocks, batch, fp8_compute, num_layers) -> None:
+def _check(weight_bytes_per_param, offload, swap_blocks, batch, fp8_compute, num_layers, gguf) -> None:
     if weight_bytes_per_param not in (1, 2, 4):
         raise ValueError(f"weight_bytes_per_param must be 1 (fp8), 2 (bf16/fp16) or 4 (fp32), "
                          f"got {weight_bytes_per_param!r}")
+    if gguf is not None:
+        gguf_linear_types(gguf)  # a known file type
+        if weight_bytes_per_param == 1:
+            raise ValueError("with gguf, weight_bytes_per_param is the compute dtype's (2 or 4), not fp8's 1")
     if offload not in OFFLOAD_MODES:  # no "auto" here: the estimate is for one placement
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}; got {offload!r}")
     expert_pair_options(offload, swap_blocks, False, num_layers)  # the placements the engine accepts
@@ -306,24 +425,26 @@ def _check(weight_bytes_per_param, offload, swap_blocks, batch, fp8_compute, num
 
 def estimate_peak_bytes(dit_cfg: DiTConfig, frames: int, height: int, width: int, *,
                         weight_bytes_per_param: int = 2, offload: str = "none", swap_blocks: int = 0,
-                        batch: int = 2, fp8_compute: str = "scaled_mm", text_tokens: int | None = None) -> dict:
+                        batch: int = 2, fp8_compute: str = "scaled_mm", text_tokens: int | None = None,
+                        gguf: str | None = None) -> dict:
     """Predicted peak device bytes (allocator view) of denoising a `frames` x `height` x `width` video.
 
     batch 2 is cond+uncond in one forward (the pipeline's default batch_cfg=True); 1 is
     batch_cfg=False or guidance 1. fp8_compute matters only for weight_bytes_per_param=1
     ("scaled_mm" on sm_89+ GPUs, "dequant" elsewhere). text_tokens: the prompt length (None: the
-    512-token bound). Returns ints in bytes: weights,
+    512-token bound). gguf: a GGUF expert file's type ("Q8_0", "Q4_K_M", ...; GGUF_FILE_TYPES), its
+    other parameters in the compute dtype of weight_bytes_per_param. Returns ints in bytes: weights,
     activations (= block_activations + persistent_activations), total; plus tokens and
     peak_at (the tensor whose allocation reaches the peak).
     """
-    _check(weight_bytes_per_param, offload, swap_blocks, batch, fp8_compute, dit_cfg.num_layers)
-    block, expert = weight_bytes(dit_cfg, weight_bytes_per_param)
+    _check(weight_bytes_per_param, offload, swap_blocks, batch, fp8_compute, dit_cfg.num_layers, gguf)
+    block, expert = weight_bytes(dit_cfg, weight_bytes_per_param, gguf)
     weights = {"none": 2 * expert, "swap_experts": expert,
                "block_swap": expert - swap_blocks * block + min(2, swap_blocks) * block}[offload]
     tokens = video_tokens(dit_cfg, frames, height, width)
     compute = FP32 if weight_bytes_per_param == 4 else 2
     fp8 = fp8_compute if weight_bytes_per_param == 1 else None
-    in_block, peak_at, _ = block_activation_peak(dit_cfg, tokens, batch, compute, fp8, text_tokens)
+    in_block, peak_at, _ = block_activation_peak(dit_cfg, tokens, batch, compute, fp8, text_tokens, gguf)
     persistent = forward_persistent_bytes(dit_cfg, tokens, batch, compute, text_tokens)
     return {"tokens": tokens, "weights": weights, "block_activations": in_block,
             "persistent_activations": persistent, "activations": in_block + persistent,
@@ -371,6 +492,36 @@ def table_720p(cfg: DiTConfig = DiTConfig(), card_gib: int = 24) -> str:
     return "\n".join(lines) + note + "\n".join(verdicts)
 
 
+SMALL_CARDS_GIB = (8, 12, 16, 24)
+SMALL_CARD_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")  # the files people download
+SMALL_CARD_VIDEOS = {"480p": (FRAMES, 480, 832), "720p": (FRAMES, HEIGHT, WIDTH)}
+
+
+def small_card_advice(cfg: DiTConfig, card_gib: int, video: str, batch: int, quant: str) -> str:
+    """What one GGUF file type needs to denoise `video` on a card: "swap_experts", "block_swap N" or
+    "no" (min_swap_blocks; both experts never stay on such a card)."""
+    need = min_swap_blocks(cfg, *SMALL_CARD_VIDEOS[video], card_gib * GIB, gguf=quant, batch=batch)
+    return "no" if need is None else "swap_experts" if need == 0 else f"block_swap {need}"
+
+
+def small_card_table(cfg: DiTConfig = DiTConfig()) -> str:
+    """Markdown table: for 8-24 GiB cards, what each GGUF file type needs at 480p and 720p (81
+    frames), with batched CFG (the node, the CLI's default) and with --no-batch-cfg (batch 1)."""
+    expert_gb = "| ".join(f"{weight_bytes(cfg, 2, q)[1] / 1e9:.1f} GB " for q in SMALL_CARD_QUANTS)
+    lines = ["| card | video | CFG | " + " | ".join(SMALL_CARD_QUANTS) + " |",
+             "|---|---|---|" + "---|" * len(SMALL_CARD_QUANTS),
+             f"| (one expert) | | | {expert_gb}|"]
+    for gib in SMALL_CARDS_GIB:
+        for video in SMALL_CARD_VIDEOS:
+            for batch, label in ((2, "batched"), (1, "--no-batch-cfg")):
+                cells = " | ".join(small_card_advice(cfg, gib, video, batch, q) for q in SMALL_CARD_QUANTS)
+                lines.append(f"| {gib} GB | {video} | {label} | {cells} |")
+    return "\n".join(lines) + (f"\n\n(block_swap N: offload block_swap with swap_blocks N; the other expert and "
+                               f"the swapped blocks wait in host memory: both experts' bytes, e.g. "
+                               f"{2 * weight_bytes(cfg, 2, 'Q4_K_M')[1] / 1e9:.1f} GB of RAM at Q4_K_M)")
+
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. One rank of a multi-GPU plan
 
@@ -390,31 +541,34 @@ def embedding_peak(cfg: DiTConfig, tokens: int, local: int, batch: int, compute_
 def rank_peak_bytes(cfg: DiTConfig, frames: int, height: int, width: int, *, world: int, ulysses: int = 1,
                     ring: int = 1, cfg_parallel: int = 1, fsdp: bool = True, reshard_after_forward: bool = True,
                     weight_bytes_per_param: int = 2, batch_cfg: bool = True, fp8_compute: str = "dequant",
-                    text_tokens: int | None = None) -> dict:
+                    text_tokens: int | None = None, gguf: str | Mapping[str, str] | None = None) -> dict:
     """Predicted peak device bytes (allocator view) of one rank of a multi-GPU plan, denoising a
     `frames` x `height` x `width` video; a plan's ranks all hold the same (up to one row of padding).
 
     - weights: with fsdp 1/world of both experts (parallel.fsdp.ShardedExperts); without, one
       whole expert (the rank's ExpertPair keeps both only when both fit, else swaps them).
+      Quantised Linears (fp8: weight_bytes_per_param 1; GGUF: `gguf`, a file type or {block
+      Linear: type}, with the compute dtype's weight_bytes_per_param) count their held bytes.
     - gathered (fsdp): the root unit (embeddings, time projection) and the head for the whole
       forward, plus two blocks: the one running and the next one, whose all-gather is in
       flight on a GPU (FSDP2's implicit prefetch); reshard_after_forward=False keeps one whole
       expert gathered instead.
     - activations: the larger of the forward's two phases: embedding the whole video and taking
       this rank's share (`embedding_peak`), and one block on ceil(L / (ulysses * ring)) tokens
-      (Ulysses' all-to-all buffers when ulysses > 1), each plus what lives through the forward
-      (the RoPE tables for the first). The batch is 1 per rank with
-      cfg_parallel 2 or without batch_cfg, else 2. ring only divides the tokens here: ring
-      attention's own K/V buffers are not modelled yet.
+      (Ulysses' all-to-all buffers when ulysses > 1, ring attention's K/V blocks and merged
+      partials when ring > 1: `_sequence_kernel`), each plus what lives through the forward
+      (the RoPE tables for the first). The batch is 1 per rank with cfg_parallel 2 or without
+      batch_cfg, else 2. Replicas (ranks beyond cfg x ulysses x ring) hold the same as the
+      others: they run the same modules on another video.
     Not included: CUDA_OVERHEAD and NCCL_OVERHEAD (see `rank_budget_need`).
     """
-    _check(weight_bytes_per_param, "none", 0, 1, fp8_compute, cfg.num_layers)
+    _check(weight_bytes_per_param, "none", 0, 1, fp8_compute, cfg.num_layers, gguf)
     for name, value in (("world", world), ("ulysses", ulysses), ("ring", ring)):
         if not (is_integer(value) and value >= 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if cfg_parallel not in (1, 2):
         raise ValueError(f"cfg_parallel must be 1 or 2, got {cfg_parallel!r}")
-    block, expert = weight_bytes(cfg, weight_bytes_per_param)
+    block, expert = weight_bytes(cfg, weight_bytes_per_param, gguf)
     rest = expert - cfg.num_layers * block  # the root unit and the head
     weights = -(-2 * expert // world) if fsdp else expert
     gathered = (rest + 2 * block if reshard_after_forward else expert) if fsdp else 0
@@ -427,7 +581,8 @@ def rank_peak_bytes(cfg: DiTConfig, frames: int, height: int, width: int, *, wor
     persistent = forward_persistent_bytes(cfg, tokens, batch, c, text_tokens)
     if split > 1:
         persistent += 2 * local * (cfg.head_dim // 2) * FP32  # this rank's RoPE rows (a copy)
-    in_block, block_peak_at, _ = block_activation_peak(cfg, local, batch, c, fp8, text_tokens, ulysses=ulysses > 1)
+    in_block, block_peak_at, _ = block_activation_peak(cfg, local, batch, c, fp8, text_tokens, gguf,
+                                                       ulysses=ulysses > 1, ring=ring > 1)
     rope_tables = persistent - forward_persistent_bytes(cfg, 0, batch, c, text_tokens)
     phases = {"embedding": embedding_peak(cfg, tokens, local, batch, c) + rope_tables,
               block_peak_at: in_block + persistent}
@@ -515,6 +670,8 @@ def main(argv: list[str] | None = None) -> None:
                             weight_bytes_per_param=WEIGHT_BYTES[args.weights], batch_cfg=args.batch_cfg))
     else:
         print(table_720p())
+        print("\n## GGUF experts on small cards (81 frames)\n")
+        print(small_card_table())
 
 
 if __name__ == "__main__":

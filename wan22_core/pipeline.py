@@ -72,6 +72,11 @@ def make_noise(seed: int, frames: int, height: int, width: int) -> torch.Tensor:
     return torch.randn(latent_shape(frames, height, width), generator=g, dtype=torch.float32)
 
 
+def video_seed(seed: int, index: int) -> int:
+    """The seed of video `index` of a batch: seed + index, as ComfyUI seeds batch items (wrapping at 2**64)."""
+    return (seed + index) % 2**64
+
+
 class Experts(Protocol):
     """What the loop needs of an expert holder: the expert for a step (placed where it computes)
     and that device. One process: `placement.ExpertPair`; FSDP ranks: `parallel.fsdp.ShardedExperts`."""

@@ -11,11 +11,13 @@ from typing import Callable, Iterable
 import torch
 
 from ..config import DiTConfig, VAEConfig
-from ..fp8 import FP8, FP8Linear, block_linear_names, dequantize_fp8, quantize_fp8, swap_to_fp8
+from ..fp8 import FP8, FP8Linear, block_linear_names, block_linears, dequantize_fp8, quantize_fp8, swap_to_fp8
 from ..models.text_encoder import TextEncoder, default_dtype
 from ..models.tokenizer import Tokenizer
 from ..models.transformer import WanModel
 from ..models.vae import WanVAE
+from ..quant import GGUFLinear, GGUFWeight, QuantType, swap_to_gguf
+from .gguf import GGUFFormatError, sentencepiece_model
 from .identify import DIT, TEXT_ENCODER, VAE, SCALE_SUFFIXES, Identity, check_slot, dtype_summary, tokenizer_folder
 from .reading import FP8_DTYPES, Checkpoint, CheckpointError, TensorEntry
 
@@ -36,28 +38,37 @@ class LoadReport:
     file_dtypes: str  # by share of elements, e.g. "float16" or "float8_e4m3fn/float16"
     dtype: str  # compute dtype
     fp8_layers: int  # Linears held as fp8 (dequantised per layer in forward)
-    parameters: int
-    bytes: int  # parameters + buffers, as held in memory
+    parameters: int  # weights, counted as numbers (a GGUF layer's, not its bytes)
+    bytes: int  # parameters + buffers, as held in memory (a GGUF layer's quantised bytes)
     unexpected: tuple[str, ...]  # stored names the model has no place for (not loaded)
+    gguf_layers: int = 0  # Linears held in GGUF blocks (dequantised per layer in forward)
+    gguf_types: str = ""  # their types by share of weights, e.g. "Q4_K/Q6_K"
 
     def __str__(self) -> str:
         fp8 = f", {self.fp8_layers} Linears in fp8" if self.fp8_layers else ""
+        gguf = f", {self.gguf_layers} Linears held as GGUF {self.gguf_types}" if self.gguf_layers else ""
         extra = f"; ignored {len(self.unexpected)} unexpected tensors: {', '.join(self.unexpected[:5])}" \
             if self.unexpected else ""
         return (f"loaded {self.kind} from {self.path} ({self.layout} layout, stored as {self.file_dtypes}): "
-                f"{self.parameters / 1e6:.1f}M parameters in {self.dtype}{fp8}, "
+                f"{self.parameters / 1e6:.1f}M parameters in {self.dtype}{fp8}{gguf}, "
                 f"{self.bytes / 2**20:.1f} MiB{extra}")
 
 
 def _report(model: torch.nn.Module, ckpt: Checkpoint, found: Identity, dtype: torch.dtype,
             unexpected: list[str]) -> LoadReport:
     tensors = [*model.parameters(), *model.buffers()]
+    gguf = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    weights = {}
+    for layer in gguf:
+        weights[layer.qtype.name] = weights.get(layer.qtype.name, 0) + layer.in_features * layer.out_features
     report = LoadReport(
         path=str(ckpt.path), kind=found.kind, layout=found.layout,
         file_dtypes=dtype_summary(ckpt, found.names),
         dtype=str(dtype).removeprefix("torch."), fp8_layers=sum(isinstance(m, FP8Linear) for m in model.modules()),
-        parameters=sum(p.numel() for p in model.parameters()),
-        bytes=sum(t.numel() * t.element_size() for t in tensors), unexpected=tuple(sorted(unexpected)))
+        parameters=sum(p.numel() for p in model.parameters()) + sum(weights.values())
+        - sum(layer.weight.numel() for layer in gguf),  # a GGUF weight's numel counts bytes
+        bytes=sum(t.numel() * t.element_size() for t in tensors), unexpected=tuple(sorted(unexpected)),
+        gguf_layers=len(gguf), gguf_types="/".join(sorted(weights, key=weights.get, reverse=True)))
     (log.warning if unexpected else log.info)("%s", report)
     return report
 
@@ -74,26 +85,54 @@ def _check_missing(what: str, path: Path, expected, provided) -> None:
 # 2. DiT experts
 
 
-def _swap_fp8_layers(model: WanModel, found: Identity, ckpt: Checkpoint, dtype: torch.dtype,
-                     weight_dtype: torch.dtype | None) -> set[str]:
-    """Swap the block Linears to hold in fp8 for FP8Linears (in place, on meta) and return their
-    names: as stored (None), all (fp8), or none (`dtype`). Layers whose file has a `scale_input`
-    get that buffer."""
+def _fp8_modules(model: WanModel, found: Identity, ckpt: Checkpoint, dtype: torch.dtype,
+                 weight_dtype: torch.dtype | None) -> list[str]:
+    """Which block Linears to hold in fp8: as stored (None), all (fp8), or none (`dtype`)."""
     blocks = block_linear_names(model)
     if weight_dtype is None:
         stored = {official for stored_name, official in found.names.items()
                   if ckpt.entries[stored_name].dtype in FP8_DTYPES}
-        names = [name for name in blocks if f"{name}.weight" in stored]
-    elif weight_dtype == FP8:
-        names = blocks
-    elif weight_dtype == dtype:
-        names = []
-    else:
-        raise ValueError(f"weight_dtype must be None (as stored), torch.float8_e4m3fn or the compute dtype "
-                         f"{dtype}; got {weight_dtype}")
-    with_scale_input = {m for m in names if f"{m}.scale_input" in found.names.values()}
-    swap_to_fp8(model, names, with_scale_input, bias_dtype=dtype)
-    return set(names)
+        return [name for name in blocks if f"{name}.weight" in stored]
+    if weight_dtype == FP8:
+        return blocks
+    if weight_dtype == dtype:
+        return []
+    raise ValueError(f"weight_dtype must be None (as stored), torch.float8_e4m3fn or the compute dtype "
+                     f"{dtype}; got {weight_dtype}")
+
+
+def _gguf_modules(model: WanModel, found: Identity, ckpt: Checkpoint, dtype: torch.dtype,
+                  weight_dtype: torch.dtype | None) -> dict[str, QuantType]:
+    """{block Linear: its GGUF type} for the layers to hold in GGUF blocks: those stored quantised
+    whose rows are whole blocks (every A14B block Linear; llama-quantize keeps the others in F16),
+    unless `weight_dtype` is the compute dtype (dequantise all at load)."""
+    if ckpt.gguf is None:
+        return {}
+    if weight_dtype == FP8:
+        raise ValueError(f"{ckpt.path.name} is a GGUF expert: its block weights stay in their GGUF types "
+                         f"({dtype_summary(ckpt, found.names)}); weight_dtype fp8 does not apply, choose auto")
+    if weight_dtype == dtype:
+        return {}
+    stored_of = {official: stored for stored, official in found.names.items()}
+    kept = {}
+    for name, linear in block_linears(model).items():
+        entry = ckpt.entries.get(stored_of.get(f"{name}.weight", ""))
+        if entry is not None and entry.quantized and linear.in_features % entry.qtype.block_size == 0:
+            kept[name] = entry.qtype
+    return kept
+
+
+def _swap_quantized_layers(model: WanModel, found: Identity, ckpt: Checkpoint, dtype: torch.dtype,
+                           weight_dtype: torch.dtype | None) -> tuple[set[str], dict[str, QuantType]]:
+    """Swap the block Linears to hold quantised for their `quant.QuantizedLinear` (in place, on
+    meta): GGUFLinears for the GGUF blocks kept, FP8Linears (with `scale_input` where the file has
+    one) for fp8. Returns (fp8 module names, {GGUF module: type})."""
+    gguf_modules = _gguf_modules(model, found, ckpt, dtype, weight_dtype)
+    swap_to_gguf(model, gguf_modules, bias_dtype=dtype)
+    fp8_modules = _fp8_modules(model, found, ckpt, dtype, weight_dtype)
+    with_scale_input = {m for m in fp8_modules if f"{m}.scale_input" in found.names.values()}
+    swap_to_fp8(model, fp8_modules, with_scale_input, bias_dtype=dtype)
+    return set(fp8_modules), gguf_modules
 
 
 def _read_weight_scales(ckpt: Checkpoint, names: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -103,12 +142,19 @@ def _read_weight_scales(ckpt: Checkpoint, names: dict[str, str]) -> dict[str, to
     return {names[s].rpartition(".")[0]: t.float().reshape(()) for s, t in ckpt.read(stored)}
 
 
-def _convert_dit_tensor(name: str, tensor: torch.Tensor, fp8_modules: set[str], scales: dict[str, torch.Tensor],
-                        dtype: torch.dtype, work: torch.Tensor | None,
+def _convert_dit_tensor(name: str, tensor: torch.Tensor | GGUFWeight, fp8_modules: set[str],
+                        scales: dict[str, torch.Tensor], dtype: torch.dtype, work: torch.Tensor | None,
+                        gguf_modules: Iterable[str] = (),
                         whole_amax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """One stored tensor (official name, already cast unless it becomes fp8), or a row range of it
-    (`whole_amax`: see `fp8.quantize_fp8`), -> our state-dict entries."""
+    """One stored tensor (official name, already cast unless it becomes fp8 or is GGUF blocks), or
+    a row range of it (`whole_amax`: see `fp8.quantize_fp8`), -> our state-dict entries. GGUF
+    blocks stay blocks in `gguf_modules`' weights, else are dequantised to `dtype` (as
+    GGUFLinear's forward would: fp32, rounded once)."""
     module, _, leaf = name.rpartition(".")
+    if isinstance(tensor, GGUFWeight):
+        if module in gguf_modules and leaf == "weight":
+            return {name: tensor.by_rows()}
+        return {name: tensor.dequantize(dtype)}
     keep_fp8 = module in fp8_modules and leaf == "weight"
     if tensor.dtype in FP8_DTYPES:  # stored value * scale is the real weight (scale 1 for unscaled fp8)
         scale = scales.get(module, torch.ones(())).to(tensor.device)
@@ -128,14 +174,15 @@ def load_dit(path: str | Path, dtype: torch.dtype = torch.float32, *, weight_dty
              device: torch.device | str = "cpu") -> WanModel:
     """One expert from any supported layout, with `.load_report` attached.
 
-    dtype: the compute dtype (all non-fp8 tensors). weight_dtype: None keeps the file's choice
-    (scaled-fp8 block Linears stay fp8, dequantised per layer in forward); torch.float8_e4m3fn
-    quantises the block Linears at load (per-tensor scale); `dtype` dequantises an fp8 file.
+    dtype: the compute dtype (all non-fp8, non-GGUF tensors). weight_dtype: None keeps the file's
+    choice (scaled-fp8 block Linears stay fp8, GGUF block Linears stay in their GGUF types, each
+    dequantised per layer in forward); torch.float8_e4m3fn quantises the block Linears at load
+    (per-tensor scale; not for GGUF files); `dtype` dequantises an fp8 or GGUF file at load.
     """
     ckpt, found = check_slot(path, DIT)
     with torch.device("meta"):
         model = WanModel(found.dit)
-    fp8_modules = _swap_fp8_layers(model, found, ckpt, dtype, weight_dtype)
+    fp8_modules, gguf_modules = _swap_quantized_layers(model, found, ckpt, dtype, weight_dtype)
     expected = set(model.state_dict())
 
     scales = _read_weight_scales(ckpt, found.names)
@@ -150,7 +197,8 @@ def load_dit(path: str | Path, dtype: torch.dtype = torch.float32, *, weight_dty
     state = {}
     for names, transient in (([s for s in to_read if s not in to_quantize], False), (to_quantize, True)):
         for stored, tensor in ckpt.read(names, device, None if transient else cast, transient):
-            converted = _convert_dit_tensor(found.names[stored], tensor, fp8_modules, scales, dtype, work)
+            converted = _convert_dit_tensor(found.names[stored], tensor, fp8_modules, scales, dtype, work,
+                                            gguf_modules)
             for name, value in converted.items():
                 if name in expected:
                     state[name] = value
@@ -173,8 +221,8 @@ class DitRowReader:
     `swap_quantized` builds the quantised layers `load_dit` would hold for a `weight_dtype`, and
     `quantized_rows` hands out their rows as held: uint8 bytes by rows (`quant.QuantizedLinear`),
     fp8 bytes as stored (never dequantised on the way), a 16-bit file quantised with the whole
-    tensor's scale. Any layout `check_slot` recognises works. Another quantised format fits
-    behind the same members: `cfg`, `check_names`, `entry`, `rows`, `swap_quantized`, `quantized_rows`.
+    tensor's scale, GGUF blocks as stored (whole blocks per row). Any layout `check_slot`
+    recognises works, GGUF files included.
     """
 
     def __init__(self, path: str | Path):
@@ -184,6 +232,7 @@ class DitRowReader:
         self._scales = _read_weight_scales(self.ckpt, self._found.names)  # as load_dit reads them
         self._handles: dict[Path, object] = {}
         self._fp8_modules: set[str] = set()
+        self._gguf_modules: dict[str, QuantType] = {}
 
     def __enter__(self) -> "DitRowReader":
         return self
@@ -201,25 +250,34 @@ class DitRowReader:
         return self.ckpt.entries[self._stored[name]]
 
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows [start, stop) of parameter `name` in `dtype` (fp8 rows times their scale)."""
+        """Rows [start, stop) of parameter `name` in `dtype` (fp8 rows times their scale, GGUF rows
+        dequantised)."""
+        entry = self.entry(name)
+        if entry.quantized and math.prod(entry.shape[1:]) % entry.qtype.block_size:  # rows split blocks
+            (_, whole), = self.ckpt.read([self._stored[name]])
+            return whole.dequantize(dtype)[start:stop]
         tensor = self.ckpt.read_rows(self._stored[name], start, stop, self._handles, label=name)
         return _convert_dit_tensor(name, tensor, set(), self._scales, dtype, None)[name]
 
     def swap_quantized(self, model: WanModel, dtype: torch.dtype, weight_dtype: torch.dtype | None) -> None:
         """Swap `model`'s block Linears (on meta) for the quantised layers `load_dit(path, dtype,
-        weight_dtype=weight_dtype)` holds: FP8Linears for scaled fp8."""
-        self._fp8_modules = _swap_fp8_layers(model, self._found, self.ckpt, dtype, weight_dtype)
+        weight_dtype=weight_dtype)` holds: FP8Linears for scaled fp8, GGUFLinears for GGUF blocks."""
+        self._fp8_modules, self._gguf_modules = _swap_quantized_layers(model, self._found, self.ckpt, dtype,
+                                                                       weight_dtype)
 
     def quantized_rows(self, layer: str, start: int, stop: int, whole_amax: Callable[[torch.Tensor], torch.Tensor]
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(rows [start, stop) of quantised `layer`'s weight as the uint8 bytes it holds, its
-        per-tensor buffers by name). fp8: the file's e4m3 bytes and scale when it stores them, else
-        the rows quantised with the scale of the whole tensor's amax (`whole_amax` maps this range's
-        amax to it, as `fp8.quantize_fp8` says; called on every rank)."""
+        per-tensor buffers by name). GGUF: the file's block bytes of those rows, no buffers. fp8:
+        the file's e4m3 bytes and scale when it stores them, else the rows quantised with the scale
+        of the whole tensor's amax (`whole_amax` maps this range's amax to it, as
+        `fp8.quantize_fp8` says; called on every rank)."""
         name = f"{layer}.weight"
         tensor = self.ckpt.read_rows(self._stored[name], start, stop, self._handles, label=name)
+        if layer in self._gguf_modules:
+            return tensor.by_rows(), {}
         converted = _convert_dit_tensor(name, tensor, self._fp8_modules, self._scales, torch.float32, None,
-                                        whole_amax)
+                                        whole_amax=whole_amax)
         buffers = {"scale_weight": converted[f"{layer}.scale_weight"]}
         if f"{layer}.scale_input" in self._stored:
             (_, scale_input), = self.ckpt.read([self._stored[f"{layer}.scale_input"]])
@@ -282,28 +340,44 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, *,
 
 
 def _text_encoder_state(ckpt: Checkpoint, found: Identity, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All tensors, floating ones cast to `dtype`; scaled-fp8 weights dequantised to `dtype` (the
-    encoder runs once per prompt, so its fp8 file only saves disk and download, not compute)."""
+    """All tensors in found.names' naming, floating ones cast to `dtype`; scaled-fp8 and GGUF
+    weights dequantised to `dtype` (the encoder runs once per prompt, so a quantised file only
+    saves disk and download, not compute)."""
     scales = _read_weight_scales(ckpt, found.names)
     state = {}
-    for name, tensor in ckpt.read([stored for stored, name in found.names.items() if not name.endswith(SCALE_SUFFIXES)],
-                                  dtype=dtype):
-        if tensor.dtype in FP8_DTYPES:
+    for stored, tensor in ckpt.read([stored for stored, name in found.names.items()
+                                     if not name.endswith(SCALE_SUFFIXES)], dtype=dtype):
+        name = found.names[stored]
+        if isinstance(tensor, GGUFWeight):
+            tensor = tensor.dequantize(dtype)
+        elif tensor.dtype in FP8_DTYPES:
             tensor = dequantize_fp8(tensor, scales.get(name.rpartition(".")[0], torch.ones(())), dtype)
         state[name] = tensor
     return state
 
 
+def _embedded_tokenizer(ckpt: Checkpoint) -> Tokenizer | None:
+    """The tokenizer a GGUF encoder's metadata holds (a safetensors file's `spiece_model` tensor is
+    read with the weights instead: None)."""
+    if ckpt.gguf is None:
+        return None
+    try:
+        return Tokenizer.from_bytes(sentencepiece_model(ckpt.gguf, ckpt.path.name))
+    except GGUFFormatError as err:
+        raise CheckpointError(str(err)) from err
+
+
 def load_text_encoder(path: str | Path, tokenizer_dir: str | Path | None = None,
                       device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """UMT5 encoder (official `.pth`, ComfyUI/transformers safetensors incl. scaled fp8, or a
-    diffusers text_encoder/ folder) plus its tokenizer: `tokenizer_dir` when given, else the
-    file's `spiece_model`, else a diffusers `tokenizer/` folder next to it. `dtype=None` keeps the
-    stored dtype (bf16 for fp8 files). The result has `.load_report`."""
+    """UMT5 encoder (official `.pth`, ComfyUI/transformers safetensors incl. scaled fp8, a
+    diffusers text_encoder/ folder, or a llama.cpp GGUF) plus its tokenizer: `tokenizer_dir` when
+    given, else the file's `spiece_model` (a GGUF's `tokenizer.ggml.*` vocabulary), else a
+    diffusers `tokenizer/` folder next to it. `dtype=None` keeps the stored dtype (bf16 for fp8
+    and quantised GGUF files). The result has `.load_report`."""
     ckpt, found = check_slot(path, TEXT_ENCODER)
-    dtype = dtype or default_dtype({n: e.dtype for n, e in ckpt.entries.items()})
+    dtype = dtype or default_dtype({found.names[n]: ckpt.entries[n].dtype for n in found.names})
     folder = tokenizer_folder(ckpt, tokenizer_dir)
-    tokenizer = Tokenizer.from_folder(folder) if folder is not None else None
+    tokenizer = Tokenizer.from_folder(folder) if folder is not None else _embedded_tokenizer(ckpt)
     state = _text_encoder_state(ckpt, found, dtype)
     try:
         encoder = TextEncoder.from_state_dict(state, tokenizer, device=device, dtype=dtype)

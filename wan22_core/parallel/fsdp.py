@@ -43,7 +43,23 @@ def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True) -> nn
     # Explicit bool on the root: left at None, FSDP2 keeps the root gathered after forward
     # (training wants it for backward at once), which inference never needs.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    prefetch_next_blocks(model)
     return model
+
+
+def prefetch_next_blocks(model: nn.Module) -> None:
+    """Issue each block's all-gather when the unit before it starts, not when the block itself does.
+
+    Left alone, FSDP2 issues a unit's all-gather in that unit's own pre-forward: it overlaps the
+    previous block only while the CPU runs ahead of the GPU, so anything that makes the CPU wait
+    (a host sync, a CPU collective such as gloo's) issues it late. Explicitly, the root starts
+    block 0's gather before the embeddings and block i starts block i + 1's: at most two blocks
+    are gathered at once, as with the implicit prefetch.
+    """
+    blocks = list(model.blocks)
+    model.set_modules_to_forward_prefetch(blocks[:1])
+    for block, following in zip(blocks, blocks[1:]):
+        block.set_modules_to_forward_prefetch([following])
 
 
 class ShardedExperts:

@@ -34,15 +34,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoints import DitRowReader
+from ..checkpoints import DitRowReader, expert_config
+from ..config import ExpertOptions
+from ..experts import gguf_block_types, weight_bytes_per_param
 from ..fp8 import set_fp8_compute
-from ..lora import LoraDeltas, LoraSpec, lora_deltas, remerge
+from ..lora import LoraDeltas, LoraError, LoraSpec, lora_deltas, remerge
 from ..models.attention import set_attention_backend
 from ..models.transformer import WanModel
 from ..placement import ExpertPair
-from ..quant import QuantizedLinear
+from ..quant import GGUFLinear, QuantizedLinear
 from .mesh import ParallelGroups
 from .parallelize import parallelize
+from .plan import RankLoad
+
+
+def rank_load(expert_file: Path, video: tuple[int, int, int], options: ExpertOptions, device: torch.device,
+              batch_cfg: bool) -> RankLoad:
+    """What each rank is asked to hold (plan.check_plan_fits' input): the experts of `expert_file`
+    (its headers tell fp8 and GGUF) held as `options` say, `video` (frames, height, width), batched CFG or not."""
+    return RankLoad.of(expert_config(expert_file), video, options, weight_bytes_per_param(options, device, expert_file),
+                       batch_cfg, gguf_block_types(options, device, expert_file))
 
 
 def _local_rows(param: nn.Parameter, name: str) -> tuple[torch.Tensor, int]:
@@ -77,8 +88,13 @@ def _whole_amax(param: nn.Parameter) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _merge_quantized(layer: QuantizedLinear, rows: torch.Tensor, name: str, old: LoraDeltas | None,
                      new: LoraDeltas, start: int, whole_amax) -> torch.Tensor:
-    """`lora.remerge` on a quantised layer's byte rows (fp8: its per-tensor scale updated in place;
-    formats with no merge rule are refused there with the layer named)."""
+    """`lora.remerge` on a quantised layer's byte rows (fp8: its per-tensor scale updated in place).
+    GGUF blocks take no merge (it would re-quantise them), and the ranks do not run LoRAs on the
+    fly yet: refused in one line with the fixes."""
+    if isinstance(layer, GGUFLinear):
+        raise LoraError(f"{name} is held as GGUF {layer.qtype.name} blocks on the multi-GPU ranks, which merge LoRAs "
+                        "into their shards and cannot merge into GGUF blocks: load the experts dequantised "
+                        "(weight_dtype bf16, --weight-dtype bf16), use safetensors experts, or run on one GPU")
     scale = getattr(layer, "scale_weight", None)
     stored, new_scale = remerge(layer.as_stored(rows), name, old, new, scale, start, whole_amax)
     if scale is not None:

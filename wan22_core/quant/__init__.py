@@ -8,7 +8,7 @@ memory-mapped tensor bytes) is the `gguf` package's job; the checkpoint loader c
 """
 from .gguf_dequant import TYPES, QuantType, UnsupportedQuantType, dequantize, quant_type
 from .gguf_linear import GGUFLinear, GGUFWeight, swap_to_gguf
-from .linear import QuantizedLinear, swap_linears
+from .linear import QuantizedLinear
 
 __all__ = ["TYPES", "QuantType", "UnsupportedQuantType", "dequantize", "quant_type",
-           "GGUFLinear", "GGUFWeight", "swap_to_gguf", "QuantizedLinear", "swap_linears"]
+           "GGUFLinear", "GGUFWeight", "swap_to_gguf", "QuantizedLinear"]

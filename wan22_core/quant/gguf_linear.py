@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .gguf_dequant import QuantType, dequantize, quant_type
-from .linear import QuantizedLinear, swap_linears
+from .linear import QuantizedLinear
+from .swap import replace_linears
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,6 @@ def swap_to_gguf(model: nn.Module, qtypes: Mapping[str, QuantType | int | str],
                  bias_dtype: torch.dtype = torch.bfloat16) -> None:
     """Replace each named `nn.Linear` by an empty `GGUFLinear` of its type, on the same device
     (meta before loading); the caller loads the bytes (`GGUFWeight.by_rows()`) into `weight`."""
-    swap_linears(model, qtypes, lambda name, linear: GGUFLinear(
+    replace_linears(model, qtypes, lambda name, linear: GGUFLinear(
         linear.in_features, linear.out_features, qtypes[name], bias=linear.bias is not None,
-        device=linear.weight.device, bias_dtype=bias_dtype))
+        device=linear.weight.device, bias_dtype=bias_dtype), holds="GGUF blocks")

@@ -67,13 +67,3 @@ class QuantizedLinear(nn.Module):
             state_dict[key] = self.byte_rows(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-
-def swap_linears(model: nn.Module, names, make) -> None:
-    """Replace each named `nn.Linear` by `make(name, linear)` (an empty QuantizedLinear built on the
-    Linear's device, meta before loading)."""
-    for name in names:
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear; only Linears can be quantised")
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, make(name, linear))

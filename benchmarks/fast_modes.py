@@ -10,10 +10,6 @@ and PSNR of the decoded frames against the threshold-0 run (the exact loop: the 
 The tiny model has random weights: these numbers show the mechanism (passes saved, deviation that
 grows with the threshold), not how a video looks at a threshold on the real model; the published
 EasyCache quality figures are quoted next to them in the README.
-
-Needs the loop integration (issue 20, step 2): `sample` is the one place that runs the engine's
-loop with a step cache; until `SamplerSettings.step_cache` and `StepInfo.model_ran` exist it
-raises TypeError.
 """
 from __future__ import annotations
 
@@ -68,8 +64,7 @@ def build(steps: int, frames: int, size: int, seed: int = 0) -> Setup:
 
 
 def sample(setup: Setup, threshold: float) -> tuple[torch.Tensor, int]:
-    """INTEGRATION POINT (issue 20, step 2): the engine's loop with the step cache at `threshold`.
-    Returns the final latent and how many model passes ran."""
+    """The engine's loop with the step cache at `threshold`: the final latent and how many model passes ran."""
     ran: list[bool] = []
     latent = denoise(setup.experts, setup.positive, setup.negative, setup.noise,
                      replace(setup.settings, step_cache=threshold), on_step=lambda info: ran.append(info.model_ran))

@@ -1,5 +1,5 @@
-"""benchmarks/fast_modes.py (step caching: passes saved vs deviation): its pieces now, and its dry run,
-which needs the loop integration of issue 20 step 2 and is marked as expected to fail until then."""
+"""benchmarks/fast_modes.py (step caching: passes saved vs deviation): its pieces, and its dry run through
+the engine's loop with the step cache."""
 import json
 import math
 
@@ -36,9 +36,6 @@ def test_build_makes_a_tiny_problem_the_loop_and_vae_run():
     assert frames.shape == (5, 32, 32, 3) and torch.isfinite(frames).all()
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="needs SamplerSettings.step_cache and StepInfo.model_ran (issue 20 step 2); "
-                          "drop this mark when the loop runs the step cache")
 def test_dry_run_saves_passes_and_measures_the_deviation(tmp_path):
     fast_modes.main(["--dry-run", "--json", str(tmp_path / "fast.json")])
     data = json.loads((tmp_path / "fast.json").read_text())

@@ -31,6 +31,13 @@ all-gathers both rows, guidance and the solver are the same arithmetic on every 
 inputs give equal reductions on equal GPUs, so all ranks decide alike with no communication. A
 group mixing GPU models could round a reduction differently; there rank 0 would have to decide and
 broadcast one flag per step (the cancel check's protocol).
+
+Replica groups (ranks that generate different videos while FSDP all-gathers run over all ranks)
+would see different latents and decide differently, and a replica that skipped would leave the
+others waiting in an all-gather. Such groups must agree per step: a replica that would reuse still
+runs the forward (and discards it) whenever any replica runs, so each video equals its own
+one-process cached run; the pass is saved only when every replica reuses (one all-reduce of a
+flag per step over the world group). Not needed yet: every rank works on the same video.
 """
 from __future__ import annotations
 
@@ -39,20 +46,7 @@ from typing import Callable
 
 import torch
 
-from ..config import is_finite_real, is_integer
-
-# Steps each expert always runs first. The authors run the first 5 (HunyuanVideo, 50 steps), 7
-# (Wan2.2 A14B, 40 steps, one state for both experts) or 10 (Wan2.1, 50 steps); two are the least
-# that can work (the rate needs two passes of the same expert).
-WARMUP_STEPS = 5
-
-
-def check_threshold(value) -> float:
-    """The step-cache threshold as a float, or a ValueError naming the allowed values."""
-    if not (is_finite_real(value) and value >= 0):
-        raise ValueError(f"step_cache must be a finite number >= 0 (0 = off, every model pass runs; "
-                         f"0.05 skips some), got {value!r}")
-    return float(value)
+from ..config import STEP_CACHE_WARMUP, check_step_cache, is_integer
 
 
 def _mean_abs(t: torch.Tensor) -> float:
@@ -97,8 +91,8 @@ class StepCache:
     Use one per sampling run, calling `velocity` once per step in order.
     """
 
-    def __init__(self, threshold: float, warmup: int = WARMUP_STEPS):
-        self.threshold = check_threshold(threshold)
+    def __init__(self, threshold: float, warmup: int = STEP_CACHE_WARMUP):
+        self.threshold = check_step_cache(threshold)
         if not is_integer(warmup) or warmup < 2:
             raise ValueError(f"step cache warmup must be an integer >= 2 (the rate needs two passes), got {warmup!r}")
         self.warmup = int(warmup)
@@ -116,6 +110,8 @@ class StepCache:
             self._state = _ExpertState(expert)  # the switch: nothing of the other expert survives
         state = self._state
         may_reuse = not last and state.steps >= self.warmup
+        # The decision. Equal on every rank from replicated values; replica groups need the joint
+        # rule of the module docstring here (any replica runs -> all run their forward).
         if may_reuse and state.accumulate(x) < self.threshold:
             v, ran = x + state.transformation, False
         else:

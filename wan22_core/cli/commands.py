@@ -44,7 +44,7 @@ def run_here(args: argparse.Namespace, files: ModelFiles) -> dict:
     with stage("denoise", timings):  # includes the compile on the first step with --compile
         noise = make_noise(args.seed, args.frames, args.height, args.width)
         latent = denoise_video(experts, embeds.positive, embeds.negative, noise, settings, batch_cfg=args.batch_cfg,
-                               progress=not args.quiet)
+                               progress=not args.quiet, report=True)
         del experts
     save_outputs(latent, files.vae, device, resolve_dtype(args.dtype, device), flags.outputs(args), timings)
     print_peak_memory(device)

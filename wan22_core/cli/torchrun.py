@@ -69,7 +69,7 @@ def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
         with timed("denoise", timings):
             noise = make_noise(args.seed, args.frames, args.height, args.width)
             latent = denoise_video(experts, embeds.positive, embeds.negative, noise, settings,
-                                   batch_cfg=args.batch_cfg, progress=rank0 and not args.quiet)
+                                   batch_cfg=args.batch_cfg, progress=rank0 and not args.quiet, report=rank0)
             del experts
         if rank0:
             save_latents(latent, outputs)

@@ -8,6 +8,7 @@ Tolerance: 1e-5 relative L2 in fp32 (the parallel paths only reorder float sums;
 FSDP alone are bit-exact here), one bf16 ulp in bf16 (see BF16_TOL).
 """
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,11 @@ SCENARIOS = {
         "cfg+ulysses+fsdp, kept gathered": dict(cfg_parallel=2, ulysses=2, fsdp=True, reshard_after_forward=False),
         "cfg+ulysses+fsdp bf16": dict(cfg_parallel=2, ulysses=2, fsdp=True, dtype=torch.bfloat16)},
 }
+
+# The step cache on 2 ranks: 12 steps (8 high-noise, 4 low-noise), so the high-noise expert can reuse
+# after its 5 warm-up steps; measured in one process on the "16 tokens" shape: 10 of 12 passes run.
+CACHED, CACHED_SHAPE = SamplerSettings(steps=12, step_cache=0.2), "16 tokens"
+CACHED_SCENARIOS = ("ulysses+fsdp", "cfg")  # of the 2-rank ones
 
 
 def job_inputs(shape_name):
@@ -146,7 +152,16 @@ def reference(tiny_model_dir, loras):
             apply_loras(low, lora_specs(loras["low"]))
         experts = ExpertPair(high, low, torch.device("cpu"))
         out[key] = {name: denoise(experts, *job_inputs(name), SETTINGS) for name in SHAPES}
+        if key == torch.float32:
+            out["cached"] = cached_run(experts)
     return out
+
+
+def cached_run(experts) -> tuple[torch.Tensor, list[bool]]:
+    """The final latent and StepInfo.model_ran per step of a run with the step cache."""
+    ran = []
+    latent = denoise(experts, *job_inputs(CACHED_SHAPE), CACHED, on_step=lambda info: ran.append(info.model_ran))
+    return latent, ran
 
 
 def start_ranks(world, model_dir, out_dir, loras):
@@ -212,6 +227,19 @@ def test_fsdp_forward_records_are_forgotten_after_a_job(runs, world):
             assert torch.equal(results[scenario]["after_forgetting"], results[scenario]["latents"][first])
 
 
+@pytest.mark.parametrize("scenario", CACHED_SCENARIOS)
+def test_step_cache_on_two_ranks_takes_the_single_process_decisions(runs, reference, scenario):
+    """Every rank decides from its replicated latent and velocity, with no communication: the same
+    passes as one process, on every rank, and the same final latent."""
+    expected, expected_ran = reference["cached"]
+    assert not all(expected_ran)  # some passes are reused, so a different decision would show
+    per_rank = [results[scenario]["cached"] for results in runs[2]]
+    for rank, (latent, ran) in enumerate(per_rank):
+        assert ran == expected_ran, f"rank {rank}"
+        assert torch.equal(latent, per_rank[0][0]), f"rank {rank} differs from rank 0"
+    assert rel_l2(per_rank[0][0], expected) <= TOL
+
+
 def test_cli_parallel_flags_make_the_plan():
     from wan22_core.cli import build_parser
     from wan22_core.cli.commands import parallel_requested
@@ -246,15 +274,16 @@ def test_one_rule_says_what_the_ranks_refuse_and_accepts_the_rest():
     assert str(refused.value) == "not on the multi-GPU path: " + "; ".join(reasons) and "\n" not in str(refused.value)
 
 
-def test_torchrun_cli_with_loras_matches_single_process(tiny_model_dir, loras, tmp_path):
+def test_torchrun_cli_with_loras_and_a_step_cache_matches_single_process(tiny_model_dir, loras, tmp_path, capsys):
     """Both paths merge the same --lora-high/--lora-low: the one process into whole tensors, the
-    ranks into their FSDP shards while reading them."""
+    ranks into their FSDP shards while reading them. Both take the same --step-cache decisions, and
+    rank 0 alone reports them."""
     from wan22_core.cli import main
 
     lora_flags = [arg for expert, pairs in loras.items() for path, strength in pairs
                   for arg in (f"--lora-{expert}", f"{path}:{strength}")]
     common = ["generate", "--model-dir", str(tiny_model_dir), "--frames", "9", "--height", "48", "--width", "48",
-              "--steps", "4", "--shift", "5", "--quiet", *lora_flags]
+              "--steps", "12", "--step-cache", "0.2", "--quiet", *lora_flags]
     torchrun = subprocess.Popen(  # started first: it runs while this process makes the reference
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "wan22_core", *common, "--ulysses", "2", "--fsdp",
@@ -264,6 +293,9 @@ def test_torchrun_cli_with_loras_matches_single_process(tiny_model_dir, loras, t
     output = torchrun.communicate(timeout=300)[0]
     assert torchrun.returncode == 0, output
     assert output.count("wrote ") == 1  # rank 0 alone writes
+    passes = re.findall(r"^step cache: \d+ of 12 model passes run$", output, re.MULTILINE)
+    assert passes == re.findall(r"^step cache: \d+ of 12 model passes run$", capsys.readouterr().err, re.MULTILINE)
+    assert len(passes) == 1 and passes[0] != "step cache: 12 of 12 model passes run"
     two, one = load_file(tmp_path / "two.st")["latents"], load_file(tmp_path / "one.st")["latents"]
     assert rel_l2(two, one) <= TOL
     assert (tmp_path / "two.mp4").stat().st_size > 0
@@ -305,6 +337,8 @@ def rank_main(rank, world, port, model_dir, out_dir, loras):
         results[scenario] = dict(
             param_bytes=sum(local_parameter_bytes(e) for e in experts.experts.values()),
             latents={name: denoise(experts, *job_inputs(name), SETTINGS) for name in SHAPES})
+        if world == 2 and scenario in CACHED_SCENARIOS:
+            results[scenario]["cached"] = cached_run(experts)
         if degrees.get("fsdp"):  # what the worker does after each job, by both routes
             results[scenario]["records"] = [forward_records(experts)]
             if scenario == "fsdp":  # the route for a torch without reset_iter_state

@@ -322,7 +322,7 @@ class WorkerGroup:
         def progress(step: dict) -> None:
             if on_step is not None:
                 on_step(StepInfo(step["index"], step["total"], step["timestep"], step["expert"], step.get("latent"),
-                                 step.get("denoised")))
+                                 step.get("denoised"), model_ran=step["model_ran"]))
 
         return self._run_job(message, progress, should_cancel, "sampling", "latent")
 

@@ -18,6 +18,7 @@ from ..wan22_core.models.vae import denormalize_latent, normalize_latent
 from ..wan22_core.parallel import ParallelConfig
 from ..wan22_core.pipeline import check_video_size, latent_shape, make_noise
 from ..wan22_core.pipeline import denoise as run_denoise
+from ..wan22_core.sampling.step_cache import passes_summary
 from . import comfy_adapter
 from .loaders import CATEGORY, MoEModel
 from .parallel import release_gpu_group, sample_on_group
@@ -62,15 +63,20 @@ def start_latents(latent: dict | None, frames: int, height: int, width: int) -> 
 
 
 class _Progress:
-    """Maps the engine's per-step callback onto one ComfyUI progress bar over the whole batch."""
+    """Maps the engine's per-step callback onto one ComfyUI progress bar over the whole batch, and
+    counts the model passes that ran (the step cache's report)."""
 
     def __init__(self, runtime, steps: int, videos: int):
         self.bar = runtime.progress_bar(steps * videos)
         self.previews = runtime.previews_enabled()
         self.steps = steps
         self.video = 0
+        self.passes_run = 0  # over the batch
+        self.steps_done = 0
 
     def on_step(self, info) -> None:
+        self.passes_run += info.model_ran
+        self.steps_done += 1
         preview = latent_to_rgb(info.denoised) if self.previews else None
         self.bar.update(self.video * self.steps + info.index + 1, preview)
 
@@ -117,15 +123,20 @@ class Wan22MoESampler:
                                                         "samples from noise, lower keeps more of the latent)."),
                 "parallel": ("WAN22_PARALLEL", {"tooltip": "Optional, from Wan22MultiGPUConfig: sample on several "
                                                            "GPUs (a worker group that stays up between prompts)."}),
+                "step_cache": _float(d.step_cache, 0.0, 1.0, 0.01,
+                                     "0 = off (exact). Above 0 the sampler reuses the model's last transformation "
+                                     "while the estimated relative error stays below this: fewer model passes, not "
+                                     "exact. Not the same scale as ComfyUI's EasyCache node."),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},  # addresses the worker status line to this node
         }
 
     def sample(self, model: MoEModel, embeds, width: int, height: int, frames: int, steps: int, cfg_high: float,
                cfg_low: float, boundary: float, shift: float, solver: str, seed: int, latent: dict | None = None,
-               denoise: float = 1.0, parallel: ParallelConfig | None = None, unique_id: str | None = None):
+               denoise: float = 1.0, parallel: ParallelConfig | None = None, step_cache: float = 0.0,
+               unique_id: str | None = None):
         settings = SamplerSettings(steps=steps, shift=shift, boundary=boundary, cfg_high=cfg_high,
-                                   cfg_low=cfg_low, solver=solver).validate()
+                                   cfg_low=cfg_low, solver=solver, step_cache=step_cache).validate()
         check_video_size(frames, height, width)
         starts = start_latents(latent, frames, height, width)
         jobs = [(make_noise((seed + offset) % 2**64, frames, height, width), start) for offset, start in starts]
@@ -141,7 +152,8 @@ class Wan22MoESampler:
         except Cancelled:
             runtime.raise_if_interrupted()  # inside ComfyUI: its "interrupted", not an error
             raise
-        return {"ui": {"lora_report": [lora_line(expert, r) for expert, r in reports]},
+        passes = [passes_summary(progress.passes_run, progress.steps_done)] if settings.step_cache > 0 else []
+        return {"ui": {"lora_report": [lora_line(expert, r) for expert, r in reports], "step_cache": passes},
                 "result": ({"samples": denormalize_latent(torch.stack(outputs))},)}
 
 

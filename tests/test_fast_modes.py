@@ -23,6 +23,12 @@ def test_table_names_every_threshold_with_its_passes():
     assert lines[3] == "| 0.05 | 31 of 40 | 1.60 (0.80) | 2.00e-03 | 48.2 |"
 
 
+def test_the_chart_plots_the_rows_that_saved_passes_and_names_the_others():
+    rows = [dict(threshold=t, passes_run=p, steps=40) for t, p in ((0.0, 40), (0.02, 40), (0.1, 36), (0.2, 19))]
+    plotted, exact = fast_modes.chart_rows(rows)
+    assert [r["threshold"] for r in plotted] == [0.1, 0.2] and exact == [0.02]
+
+
 def test_the_exact_run_comes_first():
     with pytest.raises(ValueError, match="the first threshold must be 0"):
         fast_modes.measure(None, (0.05, 0.0), repeats=1)

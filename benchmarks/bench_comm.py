@@ -4,13 +4,13 @@
     python benchmarks/bench_comm.py --append-results   # also append them to benchmarks/RESULTS.md
     python benchmarks/bench_comm.py --chart scaling.png  # also draw the projected scaling (matplotlib)
 
-1. Measured (CPU, gloo, 2 and 4 ranks, a small random model from disk): every collective the
-   parallel code issues is counted per rank (all_to_all_single: the (P-1)/P of the input that
-   leaves the rank; all_gather / all_gather_single: (P-1) copies of the local input) over the
-   steady-state steps, and compared with the closed form of docs/multigpu.md. They must agree
-   to the byte. The same for the row-parallel VAE decode (parallel/vae_decode.py): halo rows,
-   the attention's frame and the bands sent to rank 0, every rank's count against
-   `vae_decode_bytes`.
+1. Measured (CPU, gloo, 2, 3, 4 and 6 ranks, a small random model from disk): every collective
+   the parallel code issues is counted per rank (all_to_all_single: the (P-1)/P of the input that
+   leaves the rank; all_gather / all_gather_single: (P-1) copies of the local input;
+   batch_isend_irecv: the tensors this rank sends, e.g. the ring's K/V blocks) over the
+   steady-state steps, and compared with the closed form of docs/multigpu.md. They must agree to
+   the byte. The same for the row-parallel VAE decode (parallel/vae_decode.py): halo rows, the
+   attention's frame and the bands sent to rank 0, every rank's count against `vae_decode_bytes`.
 2. Projected (A14B, 1280x720, 81 frames): the same formula at full size, communication time at
    NVLink-class (450 GB/s per direction per GPU) and PCIe-class (25 GB/s) bandwidth, next to the
    compute time from the FLOP count of design.md §5 at 790 TFLOP/s bf16 peak and an assumed MFU.
@@ -36,11 +36,19 @@ from wan22_core.config import SamplerSettings  # noqa: E402
 # --- the closed form (docs/multigpu.md, "Communication per step") ---------------------------------
 
 
-def ulysses_bytes(tokens: int, dim: int, layers: int, batch: int, elem: int, degree: int) -> int:
+def ulysses_bytes(tokens: int, dim: int, layers: int, batch: int, elem: int, degree: int, ring: int = 1) -> int:
     """Per rank per forward: q, k, v and the output (4 tensors of [B, L_p/P, dim]) per layer, of
-    which (P-1)/P leaves the rank. L_p pads L to a multiple of P."""
-    local = math.ceil(tokens / degree)
+    which (U-1)/U leaves the rank. P = U x R ranks share the sequence; L_p pads L to a multiple of P."""
+    local = math.ceil(tokens / (degree * ring))
     return layers * 4 * batch * local * dim * elem * (degree - 1) // degree
+
+
+def ring_bytes(tokens: int, dim: int, layers: int, batch: int, elem: int, ulysses: int, ring: int) -> int:
+    """Per rank per forward: R - 1 ring steps per layer, each sending this rank's current K and V
+    block. After the Ulysses all-to-all a block is U x L_p/P tokens of H/U heads, so K or V is
+    [B, L_p/P, dim] worth of elements whatever U is."""
+    local = math.ceil(tokens / (ulysses * ring))
+    return layers * (ring - 1) * 2 * batch * local * dim * elem
 
 
 def gather_bytes(tokens: int, head_out: int, batch: int, degree: int) -> int:
@@ -88,13 +96,17 @@ def vae_decode_bytes(vae_cfg, latent_frames: int, latent_height: int, latent_wid
 
 # --- measurement on CPU ranks ---------------------------------------------------------------------
 
-SCENARIOS = {  # name -> plan degrees as a function of P
-    "ulysses": lambda p: dict(ulysses=p),
-    "ulysses+fsdp": lambda p: dict(ulysses=p, fsdp=True),
-    "cfg x ulysses+fsdp": lambda p: dict(cfg_parallel=2, ulysses=p // 2, fsdp=True),
+SCENARIOS = {  # name -> plan degrees as a function of P (None: not on P ranks of this 8-head model)
+    "ulysses": lambda p: dict(ulysses=p) if p in (2, 4) else None,
+    "ulysses+fsdp": lambda p: dict(ulysses=p, fsdp=True) if p in (2, 4) else None,
+    "cfg x ulysses+fsdp": lambda p: dict(cfg_parallel=2, ulysses=p // 2, fsdp=True) if p in (2, 4) else None,
     "fsdp only": lambda p: dict(fsdp=True),
+    "ring": lambda p: dict(ring=p),
+    "ulysses x ring+fsdp": lambda p: dict(ulysses=2, ring=p // 2, fsdp=True) if p in (4, 6) else None,
+    "cfg x ring+fsdp": lambda p: dict(cfg_parallel=2, ring=p // 2, fsdp=True) if p in (4, 6) else None,
 }
-FRAMES, HEIGHT, WIDTH = 9, 48, 80  # 3 x 3 x 5 = 45 tokens: padded for both 2 and 4 ranks
+WORLDS = (2, 3, 4, 6)
+FRAMES, HEIGHT, WIDTH = 9, 48, 80  # 3 x 3 x 5 = 45 tokens: padded for 2, 4 and 6 ranks, not for 3
 
 
 def count_collectives(counts: dict) -> None:
@@ -130,6 +142,8 @@ def rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> Non
     counts, results = {}, {}
     count_collectives(counts)
     for name, degrees in SCENARIOS.items():
+        if degrees(world) is None:
+            continue
         groups = init_groups(ParallelPlan(world_size=world, num_heads=heads, **degrees(world)), torch.device("cpu"))
         experts = load_expert_pair(Path(model_dir) / "high_noise_model", Path(model_dir) / "low_noise_model",
                                    groups, torch.device("cpu"), torch.float32)
@@ -177,13 +191,16 @@ def expected(name: str, world: int, cfg) -> dict:
     from wan22_core.models.transformer import WanModel
 
     degrees = SCENARIOS[name](world)
-    u, c = degrees.get("ulysses", 1), degrees.get("cfg_parallel", 1)
+    u, r, c = degrees.get("ulysses", 1), degrees.get("ring", 1), degrees.get("cfg_parallel", 1)
     tokens = video_tokens(cfg, FRAMES, HEIGHT, WIDTH)
     batch = 2 // c
     out = {}
     if u > 1:
-        out["all_to_all_single"] = ulysses_bytes(tokens, cfg.dim, cfg.num_layers, batch, 4, u)
-        out["all_gather"] = gather_bytes(tokens, math.prod(cfg.patch_size) * cfg.out_dim, batch, u)
+        out["all_to_all_single"] = ulysses_bytes(tokens, cfg.dim, cfg.num_layers, batch, 4, u, ring=r)
+    if r > 1:
+        out["batch_isend_irecv"] = ring_bytes(tokens, cfg.dim, cfg.num_layers, batch, 4, u, r)
+    if u * r > 1:  # the head output, gathered over the whole sequence group
+        out["all_gather"] = gather_bytes(tokens, math.prod(cfg.patch_size) * cfg.out_dim, batch, u * r)
     if c > 1:
         out["all_gather"] = out.get("all_gather", 0) + cfg_bytes(16 * tokens * 4)
     if degrees.get("fsdp"):
@@ -370,7 +387,7 @@ def main() -> None:
     cfg = tiny_config(dim=128, heads=8, layers=2, ffn_dim=256)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny(Path(tmp) / "model", "official", cfg, seed=0)
-        measured = {world: measure(world, model_dir, Path(tmp)) for world in (2, 4)}
+        measured = {world: measure(world, model_dir, Path(tmp)) for world in WORLDS}
     text = report(measured, cfg.dit)
     print(text)
     if "NO |" in text:

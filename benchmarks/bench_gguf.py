@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gguf.py                          # CPU: every type, a 512 x 5120 weight
     python benchmarks/bench_gguf.py --device cuda --compile  # GPU: a 13824 x 5120 weight (A14B's FFN), compiled too
+    python benchmarks/bench_gguf.py --device cuda --block --types Q8_0,Q4_K --json out.json  # + 720p blocks
     python benchmarks/bench_gguf.py --dry-run                # tiny sizes: checks the script
 
 1. dequant: one weight of random valid blocks per type (random codes and packed scales, finite
@@ -15,11 +16,19 @@
    max |diff| against eager; inductor may fuse a multiply and a subtract into one rounding.
 3. linear: one Linear forward on --tokens rows, `nn.Linear` holding the dense weight against
    `GGUFLinear` holding Q8_0 and Q4_K bytes (dequantise + matmul), ms and ratio.
+4. block (--block): seconds per transformer block at 720p (A14B sizes, 75,600 tokens, batch 2:
+   batched CFG) in bf16 against the same block with its ten Linears quantised to Q8_0 and to Q4_K
+   (our encoder, `quant.gguf_quantize`) and held so (`GGUFLinear`), all in one run, eager (and compiled with --compile); each eager GGUF block's output is checked against a
+   bf16 block holding its dequantised weights (max |diff|, 0 expected), each compiled one against
+   its eager self (rel. L2), and the weight bytes are printed. With
+   --dry-run: a tiny block and token grid on the CPU.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
 import os
 import sys
 import time
@@ -35,11 +44,15 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the random valid blocks
 
-from wan22_core.quant import TYPES, GGUFLinear, dequantize  # noqa: E402
-from bench_gpu import machine  # noqa: E402  (this folder)
+from wan22_core.config import DiTConfig  # noqa: E402
+from wan22_core.fp8 import block_linears  # noqa: E402
+from wan22_core.quant import TYPES, GGUFLinear, dequantize, swap_to_gguf  # noqa: E402
+from wan22_core.quant.gguf_quantize import quantize  # noqa: E402
+from bench_gpu import DTYPE, Shape, machine, ours_inputs, time_blocks  # noqa: E402  (this folder)
 from fakes import random_gguf_blocks  # noqa: E402
 
 LINEAR_TYPES = ("Q8_0", "Q4_K")
+BLOCK_720P = Shape("720p", (21, 45, 80), 2, (720, 1280))  # batched CFG, as the pipeline runs
 
 
 def seconds(fn, repeats: int) -> float:
@@ -116,6 +129,75 @@ def bench_linear(args, device: torch.device) -> list[dict]:
     return rows
 
 
+def gguf_block(block: nn.Module, qtype: str) -> nn.Module:
+    """A copy of `block` with every Linear's weight quantised to `qtype` (our encoder) and held so."""
+    holder = nn.Module()
+    holder.blocks = nn.ModuleList([copy.deepcopy(block)])
+    linears = block_linears(holder)
+    swap_to_gguf(holder, dict.fromkeys(linears, qtype), bias_dtype=DTYPE)
+    for name, dense in linears.items():
+        layer = holder.get_submodule(name)
+        layer.weight.data = quantize(dense.weight.data, qtype).to(layer.weight.device)
+        layer.bias.data.copy_(dense.bias.data)
+    return holder.blocks[0]
+
+
+def dequantised_twin(block: nn.Module) -> nn.Module:
+    """A bf16 copy of a GGUF block holding its dequantised weights in plain Linears (the parity reference)."""
+    twin = copy.deepcopy(block)
+    for name, layer in list(twin.named_modules()):
+        if isinstance(layer, GGUFLinear):
+            dense = nn.Linear(layer.in_features, layer.out_features, device=layer.weight.device, dtype=DTYPE)
+            dense.weight.data = dequantize(layer.weight, layer.qtype, (layer.out_features, layer.in_features), DTYPE)
+            dense.bias.data = layer.bias.data
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent), child, dense)
+    return twin
+
+
+def bench_block(args, device: torch.device) -> list[dict]:
+    """Seconds per block at 720p (batch 2): bf16 against Q8_0 and Q4_K in one run, eager and compiled."""
+    from wan22_core.models.transformer import WanBlock
+    from wan22_core.optimize import compile_toolchain_problem
+
+    cuda = device.type == "cuda"
+    cfg = DiTConfig() if not args.dry_run else DiTConfig(dim=256, ffn_dim=512, num_heads=2, text_len=64)
+    shape = BLOCK_720P if not args.dry_run else Shape("720p", (2, 4, 6), 2, (720, 1280))
+    torch.manual_seed(0)
+    with torch.device(device):
+        dense = WanBlock(cfg).to(DTYPE).eval()
+    inputs = ours_inputs(cfg, shape, device)
+    configs = {"bf16": dense, **{q: gguf_block(dense, q) for q in LINEAR_TYPES}}
+    compile_problem = compile_toolchain_problem(device) if args.compile else "not asked (--compile)"
+    rows = []
+    for compiled in (False, True):
+        if compiled and compile_problem is not None:
+            print(f"# block: compiled runs skipped: {compile_problem}")
+            break
+        for name, block in configs.items():
+            run = torch.compile(block, dynamic=False) if compiled else block
+            first, later = time_blocks([run], inputs, 1, args.repeats, cuda)
+            s = statistics.median(later) / 1e3
+            row = {"config": name, "compiled": compiled, "shape": shape.label, "tokens": shape.tokens,
+                   "s_per_block": s, "weight_bytes": sum(p.nbytes for p in block.parameters())}
+            if compiled:
+                row["compile_s"] = max(0.0, first[0] / 1e3 - s)
+            with torch.no_grad():
+                out = run(*inputs)
+                if compiled:  # inductor fuses elementwise work: a few ulps, as for dense blocks
+                    eager = block(*inputs)
+                    row["rel_l2_vs_eager"] = ((out - eager).float().norm() / eager.float().norm()).item()
+                elif name != "bf16":  # the quantised path computes exactly what it stores
+                    row["max_diff_vs_dequantised"] = (out - dequantised_twin(block)(*inputs)).abs().max().item()
+            rows.append(row)
+            if cuda:
+                torch.cuda.empty_cache()
+    base = {r["compiled"]: r["s_per_block"] for r in rows if r["config"] == "bf16"}
+    for r in rows:
+        r["over_bf16"] = r["s_per_block"] / base[r["compiled"]]
+    return rows
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
@@ -126,7 +208,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, help="torch CPU threads (numpy's dequantize is single-threaded; "
                                                "on a busy machine 1 is the steadier comparison)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile of each dequantisation")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of each dequantisation "
+                                                          "(and of the blocks with --block)")
+    p.add_argument("--block", action="store_true", help="also time one 720p transformer block: bf16 against Q8_0 "
+                                                        "and Q4_K in the same run")
     p.add_argument("--json", help="write the numbers here")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes, one repeat: checks the script")
     return p
@@ -173,6 +258,14 @@ def run(args) -> dict:
         print(f"# linear [{r['tokens']}, {args.cols}] -> {args.rows} {r['dtype']}: dense {r['dense_ms']:.2f} ms, "
               f"GGUFLinear {r['type']} {r['gguf_ms']:.2f} ms ({r['gguf_over_dense']:.2f}x), "
               f"weight {r['weight_bytes_gguf'] / r['weight_bytes_dense']:.3f} of dense bytes, same output {r['same_output']}")
+    if args.block:
+        result["block"] = bench_block(args, device)
+        for r in result["block"]:
+            diff = (f", rel. L2 vs eager {r['rel_l2_vs_eager']:.2g}" if r["compiled"] else
+                    f", max |diff| vs dequantised bf16 {r['max_diff_vs_dequantised']:.3g}" if r["config"] != "bf16" else "")
+            print(f"# block {r['shape']} {'compiled' if r['compiled'] else 'eager'} {r['config']:<5}: "
+                  f"{r['s_per_block']:.4f} s ({r['over_bf16']:.2f}x bf16), weights {r['weight_bytes'] / 2**20:.1f} MiB"
+                  f"{diff}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

@@ -17,7 +17,8 @@ Every constant below says where it comes from; the stages:
   Ulysses all-to-alls on the critical path; ring K/V transfers overlapped with the attention of
   the blocks they bring, only the excess counted; the CFG exchange; FSDP all-gathers prefetched
   under the compute, only the excess counted), with the split the engine chooses on its own
-  (`auto_split`: CFG 2 when P is even, then the largest Ulysses degree that divides the heads
+  (`auto_split`, the engine's `parallel.plan.choose_split`: CFG 2 when P is even, then the largest
+  Ulysses degree that divides the heads
   and fits a node, ring the rest). On two nodes the CFG halves sit one per node, and FSDP
   gathers over both. Ring attention's own compute overhead (blockwise kernels, the merge) is not
   modelled.
@@ -41,14 +42,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_comm import (LINKS, OFFICIAL_H100_480P_S, OFFICIAL_H100_720P_S, cfg_bytes, forward_flops,  # noqa: E402
-                        gather_bytes, ulysses_bytes, vae_decode_bytes)
-import bench_comm  # noqa: E402
+                        gather_bytes, ring_bytes, ulysses_bytes, vae_decode_bytes)
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from wan22_core.config import A14B, FRAMES  # noqa: E402
 from wan22_core.memory import video_tokens  # noqa: E402
 from wan22_core.models.vae import WanVAE  # noqa: E402
-from wan22_core.parallel.plan import valid_ulysses_degrees  # noqa: E402
+from wan22_core.parallel.plan import choose_split  # noqa: E402
 from wan22_core.parallel.vae_decode import row_exchanges  # noqa: E402
 from wan22_core.pipeline import latent_shape  # noqa: E402
 
@@ -79,28 +79,10 @@ TRT_LLM_GB200_S = {1: 348.4, 2: 174.0, 4: 95.9, 8: 48.1}
 OFFICIAL = {"480p": dict(zip((1, 4, 8), (OFFICIAL_H100_480P_S, 91.7, 51.5))), "720p": OFFICIAL_H100_720P_S}
 
 
-def ring_bytes(tokens: int, dim: int, layers: int, batch: int, elem: int, ulysses: int, ring: int) -> int:
-    """HOOK for issue 16a's formula (bench_comm.ring_bytes, checked there against a measured run),
-    used when it exists. Until then, per rank per forward: each layer passes its K and V block
-    [B, L/r, d/u] around the ring r - 1 times."""
-    if hasattr(bench_comm, "ring_bytes"):
-        return bench_comm.ring_bytes(tokens, dim, layers, batch, elem, ulysses, ring)
-    return layers * 2 * batch * math.ceil(tokens / ring) * (dim // ulysses) * elem * (ring - 1)
-
-
 def auto_split(gpus: int) -> tuple[int, int, int]:
-    """HOOK for issue 16a's `parallel.plan.choose_split` (used when it exists): (cfg, ulysses, ring)
-    with CFG 2 when the GPU count is even, then the largest Ulysses degree that divides the heads
-    and fits in a node, ring the rest."""
-    from wan22_core.parallel import plan
-
-    if hasattr(plan, "choose_split"):
-        return plan.choose_split(gpus, A14B.dit.num_heads, ulysses=0, ring=0, cfg_parallel=None,
-                                 guidance_batched=True, ranks_per_node=GPUS_PER_NODE)
-    cfg = 2 if gpus % 2 == 0 else 1
-    rest = gpus // cfg
-    ulysses = max(u for u in valid_ulysses_degrees(A14B.dit.num_heads) if rest % u == 0 and u <= GPUS_PER_NODE)
-    return cfg, ulysses, rest // ulysses
+    """(cfg, ulysses, ring): the split the engine chooses on its own (`parallel.plan.choose_split`)
+    with guidance batched, 8 GPUs per node."""
+    return choose_split(gpus, A14B.dit.num_heads, guidance_batched=True, ranks_per_node=GPUS_PER_NODE)
 
 
 def step_seconds(size: str, cfg: int, ulysses: int, ring: int, link: str, fsdp: bool = True) -> float:
@@ -116,7 +98,7 @@ def step_seconds(size: str, cfg: int, ulysses: int, ring: int, link: str, fsdp: 
     attention = compute * 4 * tokens**2 * d.dim / forward_flops(tokens, d.dim, d.ffn_dim, 1)  # its FLOP share
     traffic = 0.0
     if ulysses > 1:
-        traffic += ulysses_bytes(math.ceil(tokens / ring), d.dim, d.num_layers, batch, 2, ulysses) / sequence_link
+        traffic += ulysses_bytes(tokens, d.dim, d.num_layers, batch, 2, ulysses, ring=ring) / sequence_link
     if ulysses * ring > 1:
         traffic += gather_bytes(tokens, math.prod(d.patch_size) * d.out_dim, batch, ulysses * ring) / sequence_link
     if ring > 1:  # overlapped with the attention of the blocks it brings
@@ -216,14 +198,13 @@ def report() -> str:
         parts += [f"### {size} ({width}x{height}, {FRAMES} frames, {tokens:,} tokens), seconds", "", table(size, write_s),
                   "", f"Two PCIe-class nodes without FSDP (each GPU holds both experts): sampling "
                   f"{two_node_pcie_without_fsdp(size):.0f} s.", ""]
-    ring = "issue 16a's bench_comm.ring_bytes" if hasattr(bench_comm, "ring_bytes") else (
-        "the K/V-around-the-ring estimate (bench_whole_run.ring_bytes; 16a's measured formula replaces it)")
     parts.append(f"One-GPU step {STEP_1GPU_S['480p']:.2f} / {STEP_1GPU_S['720p']:.2f} s (480p / 720p, measured, eager "
                  f"SDPA, H100); disk {DISK_BPS / 1e9:.0f} GB/s per node (cold); text encode "
                  f"{ENCODE_FLOP / 1e12:.1f} TFLOP on {ENCODE_CORES} cores at {CPU_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s "
                  f"each; one-GPU decode {DECODE_720P_S} s at 720p; between nodes "
                  f"{INTER_NODE_BPS['NVLink 450 GB/s'] / 1e9:.0f} / {INTER_NODE_BPS['PCIe 25 GB/s'] / 1e9:.2f} GB/s "
-                 f"per GPU; ring bytes from {ring}. TensorRT-LLM's figures: their settings, resolution not stated.")
+                 f"per GPU; ring bytes from bench_comm.ring_bytes (checked against CPU ranks). TensorRT-LLM's "
+                 "figures: their settings, resolution not stated.")
     return "\n".join(parts)
 
 

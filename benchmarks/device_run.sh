@@ -7,6 +7,7 @@
 #   OUT=/tmp/out bash benchmarks/device_run.sh blocks [DIR ...]      # ~6 min
 #   OUT=/tmp/out bash benchmarks/device_run.sh all [DIR ...]
 #   OUT=/tmp/out bash benchmarks/device_run.sh group                 # ~7 min, its own call (not in all)
+#   OUT=/tmp/out bash benchmarks/device_run.sh gguf                  # ~5 min, its own call (not in all)
 #
 # card:   720p on a 24 GB card: the real sampler under a 24 GiB allocator cap, and the time of a
 #         whole-expert move, pageable vs pinned (bench_small_card.py).
@@ -16,6 +17,9 @@
 #         different folders over several calls) unpacked into site-packages. Then bench_gpu.py:
 #         ours vs diffusers eager, the attention kernels and backends, compile with each exact
 #         backend, the non-block work and the VAE decode.
+# gguf:   bench_gguf.py on the GPU: every type's dequantisation against gguf's numpy (parity on
+#         the CUDA kernels), eager and compiled, and seconds per 720p block in bf16, Q8_0 and Q4_K
+#         in the same run.
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -56,4 +60,12 @@ if [ "$phase" = blocks ] || [ "$phase" = all ]; then
 fi
 if [ "$phase" = group ]; then
     timeout 590 python3 benchmarks/bench_group.py --json "$OUT/group.json" 2>&1 | tee "$OUT/group.log"
+fi
+if [ "$phase" = gguf ]; then
+    # every type eager (parity + GB/s; compiling all 13 would take minutes), then the two the
+    # block section uses compiled, with the 720p blocks
+    timeout 150 python3 benchmarks/bench_gguf.py --device cuda --json "$OUT/gguf_gpu_types.json" \
+        2>&1 | tee "$OUT/gguf_gpu_types.log"
+    timeout 300 python3 benchmarks/bench_gguf.py --device cuda --types Q8_0,Q4_K --compile --block \
+        --json "$OUT/gguf_gpu_block.json" 2>&1 | tee "$OUT/gguf_gpu_block.log"
 fi

@@ -27,6 +27,11 @@ if folder_paths is not None:  # in ComfyUI a failure here must be loud, not a si
 
 # ComfyUI's names for the model folders our loaders read.
 DIFFUSION_MODELS, TEXT_ENCODERS, VAE, LORAS = "diffusion_models", "text_encoders", "vae", "loras"
+# ComfyUI lists only its own checkpoint extensions (no .gguf) in its folders. Each folder whose
+# loader takes GGUF files gets a twin listing .gguf over the same path list (diffusion_models
+# includes models/unet, text_encoders models/clip; extra_model_paths.yaml entries count for both),
+# as ComfyUI-GGUF registers unet_gguf and clip_gguf.
+GGUF_TWINS = {DIFFUSION_MODELS: "wan22_gguf_diffusion_models", TEXT_ENCODERS: "wan22_gguf_text_encoders"}
 # The websocket event that carries a worker group's per-rank status to the sampler node (web/js).
 WORKER_STATUS_EVENT = "wan22moe.worker_status"
 NO_FILES = "(no files in models/{folder})"  # the combo's only option when a folder is empty
@@ -121,11 +126,21 @@ class _NoProgress:
 class ComfyRuntime:
     """The same needs, answered by ComfyUI's folder_paths, model_management and ProgressBar."""
 
+    def __init__(self):
+        for folder, twin in GGUF_TWINS.items():
+            paths = folder_paths.folder_names_and_paths[folder][0]  # the list itself: later additions show
+            folder_paths.folder_names_and_paths[twin] = (paths, {".gguf"})
+
     def filename_list(self, folder: str) -> list[str]:
-        return folder_paths.get_filename_list(folder)
+        names = folder_paths.get_filename_list(folder)
+        if folder in GGUF_TWINS:
+            names = sorted({*names, *folder_paths.get_filename_list(GGUF_TWINS[folder])})
+        return names
 
     def find_model(self, folder: str, name: str) -> Path | None:
         found = folder_paths.get_full_path(folder, name)
+        if found is None and folder in GGUF_TWINS:
+            found = folder_paths.get_full_path(GGUF_TWINS[folder], name)
         return Path(found) if found is not None else None
 
     def output_directory(self) -> Path:

@@ -17,7 +17,7 @@ from ..wan22_core.checkpoints import check_expert_pair, load_text_encoder, load_
 from ..wan22_core.config import A14B, DEFAULT_SWAP_BLOCKS, FRAMES, HEIGHT, WEIGHT_DTYPES, WIDTH, ExpertOptions
 from ..wan22_core.experts import Reports, expert_dtypes, load_expert, load_experts
 from ..wan22_core.lora import LoraError, LoraSpec, file_key
-from ..wan22_core.memory import GIB, min_swap_blocks
+from ..wan22_core.memory import GIB, min_swap_blocks, small_card_advice
 from ..wan22_core.models.attention import BACKENDS, resolve_backend
 from ..wan22_core.offload import OFFLOAD_CHOICES, expert_pair_options
 from ..wan22_core.placement import OFFICIAL_VIDEO, ExpertPair, Video
@@ -31,6 +31,9 @@ DEVICES = ("auto", "cpu", "gpu")
 MAX_SWAP_BLOCKS = A14B.dit.num_layers
 # swapped blocks the memory model says 720p x 81 frames (bf16, batched CFG) needs, per card size
 SWAP_BLOCKS_720P = {gib: min_swap_blocks(A14B.dit, FRAMES, HEIGHT, WIDTH, gib * GIB) for gib in (24, 32)}
+# the same for GGUF experts (batched CFG, as the sampler runs): (card GiB, video, file type) -> advice
+GGUF_ADVICE = {key: small_card_advice(A14B.dit, *key[:2], 2, key[2])
+               for key in ((24, "720p", "Q8_0"), (24, "720p", "Q4_K_M"), (16, "480p", "Q8_0"), (16, "480p", "Q4_K_M"))}
 EXPERT_NAMES = {"high": "high-noise", "low": "low-noise"}
 
 
@@ -88,13 +91,20 @@ def release_cached_experts() -> None:
         CACHE.drop(slot)
 
 
+def _advice(card_gib: int, video: str, file_type: str) -> str:
+    """GGUF_ADVICE as the tooltip says it: a block count, or what instead."""
+    advice = GGUF_ADVICE[card_gib, video, file_type]
+    return advice.removeprefix("block_swap ") if advice.startswith("block_swap") else f"({advice})"
+
+
 def _file_input(folder: str, tooltip: str) -> tuple:
     return (file_options(folder), {"tooltip": tooltip})
 
 
 class Wan22TextEncoderLoader:
-    DESCRIPTION = ("Loads the UMT5-XXL text encoder (e.g. umt5_xxl_fp16.safetensors from ComfyUI/models/"
-                   "text_encoders; its tokenizer is read from the same file).")
+    DESCRIPTION = ("Loads the UMT5-XXL text encoder (e.g. umt5_xxl_fp16.safetensors or a GGUF such as "
+                   "umt5-xxl-encoder-Q8_0.gguf from ComfyUI/models/text_encoders or models/clip; its tokenizer is "
+                   "read from the same file).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("WAN22_TEXT_ENCODER",)
     RETURN_NAMES = ("text_encoder",)
@@ -104,8 +114,9 @@ class Wan22TextEncoderLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "text_encoder": _file_input(TEXT_ENCODERS, "UMT5-XXL encoder file in models/text_encoders, "
-                                                       "e.g. umt5_xxl_fp16.safetensors."),
+            "text_encoder": _file_input(TEXT_ENCODERS, "UMT5-XXL encoder file in models/text_encoders (or clip), "
+                                                       "e.g. umt5_xxl_fp16.safetensors or umt5-xxl-encoder-Q8_0.gguf "
+                                                       "(GGUF: dequantised at load)."),
             "device": (list(DEVICES), {"default": "auto", "tooltip":
                        "Where prompts are encoded: gpu is ComfyUI's compute device, auto follows ComfyUI's "
                        "text-encoder placement. The weights wait on the CPU between encodes."}),
@@ -128,7 +139,8 @@ class Wan22TextEncoderLoader:
 
 class Wan22MoEModelLoader:
     DESCRIPTION = ("Chooses the two Wan2.2 A14B experts (high-noise and low-noise) from ComfyUI/models/"
-                   "diffusion_models. The weights load when the sampler first needs them and stay cached.")
+                   "diffusion_models or models/unet: safetensors, or GGUF files (kept quantised). The weights "
+                   "load when the sampler first needs them and stay cached.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("WAN22_MOE_MODEL",)
     RETURN_NAMES = ("model",)
@@ -139,13 +151,16 @@ class Wan22MoEModelLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "high_noise_model": _file_input(DIFFUSION_MODELS, "The high-noise expert (runs the first, noisiest "
-                                                              "steps), e.g. wan2.2_t2v_high_noise_14B_fp16."),
+                                                              "steps), e.g. wan2.2_t2v_high_noise_14B_fp16 or "
+                                                              "Wan2.2-T2V-A14B-HighNoise-Q8_0.gguf."),
             "low_noise_model": _file_input(DIFFUSION_MODELS, "The low-noise expert (runs the remaining steps), "
-                                                             "e.g. wan2.2_t2v_low_noise_14B_fp16."),
+                                                             "e.g. wan2.2_t2v_low_noise_14B_fp16 or "
+                                                             "Wan2.2-T2V-A14B-LowNoise-Q8_0.gguf."),
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "auto", "tooltip":
-                             "auto: the file's own weights (fp8_scaled files stay fp8), computed in bf16 on a "
-                             "GPU, fp32 on the CPU. bf16/fp16: convert. fp8_e4m3fn: store the block weights in "
-                             "fp8 (half the memory); _fast also multiplies in fp8 on cards that can (Ada, Hopper)."}),
+                             "auto: the file's own weights (fp8_scaled files stay fp8, GGUF files stay in their "
+                             "GGUF types), computed in bf16 on a GPU, fp32 on the CPU. bf16/fp16: convert (GGUF: "
+                             "dequantise at load). fp8_e4m3fn: store the block weights in fp8 (half the memory; not "
+                             "for GGUF); _fast also multiplies in fp8 on cards that can (Ada, Hopper)."}),
             "attention": (list(BACKENDS), {"default": "auto", "tooltip":
                           "Attention kernel. auto: the fastest exact one installed (Hopper: FlashAttention 3, "
                           "then 4; Blackwell: FlashAttention 4; Ampere/Ada: FlashAttention 2), else PyTorch SDPA. "
@@ -162,7 +177,10 @@ class Wan22MoEModelLoader:
                             f"Used only with offload = block_swap: how many of the {MAX_SWAP_BLOCKS} blocks (at least "
                             "1) to keep on the CPU, each streamed to the GPU just before it runs. 720p x 81 frames in "
                             f"bf16 needs about {SWAP_BLOCKS_720P[24]} on a 24 GB card and {SWAP_BLOCKS_720P[32]} on a "
-                            "32 GB card."}),
+                            "32 GB card; GGUF experts need fewer: on 24 GB at 720p Q8_0 "
+                            f"{_advice(24, '720p', 'Q8_0')} and Q4_K_M {_advice(24, '720p', 'Q4_K_M')}, on 16 GB at "
+                            f"480p Q8_0 {_advice(16, '480p', 'Q8_0')} and Q4_K_M {_advice(16, '480p', 'Q4_K_M')} "
+                            "(python -m wan22_core.memory prints the table)."}),
             "compile": ("BOOLEAN", {"default": False, "tooltip":
                         "torch.compile the transformer block (one compile reused by all blocks): faster steps "
                         "after a first slow one, same results. Needs triton on a GPU; without it this warns and "

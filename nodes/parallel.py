@@ -1,12 +1,14 @@
 """Wan22MultiGPUConfig and the multi-GPU paths of the sampler and the VAE decode (wan22_core.parallel's
 worker group).
 
-The config node validates devices and degrees (`parallel_config`) when it runs, before any
-process starts. The sampler then runs each video on the persistent worker group: started on
+The config node validates devices and degrees (`parallel_config`, which also chooses the split
+left at 0) when it runs, before any process starts. The sampler then runs its batch of videos on
+the persistent worker group (side by side on the replicas, if the split leaves any): started on
 the first run, kept across prompts, rebuilt when the model spec or the config changes or after
-a fault. Each rank's status goes to the sampler's status line through the adapter. The VAE
-decode with the same config decodes on that group, each rank a band of the rows. The seconds of
-each stage (start, load, sampling, decode) go to the log.
+a fault. Each rank's status goes to the sampler's status line through the adapter, and the
+split's one-line description to the sampler's `ui` output. The VAE decode with the same config
+decodes on that group, each rank a band of the rows. The seconds of each stage (start, load,
+sampling, decode) go to the log.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from ..wan22_core.lora import LoraReport
 from ..wan22_core.parallel import (Job, ModelSpec, ParallelConfig, WorkerGroup, check_parallel_options, parallel_config,
                                    valid_ulysses_degrees)
 from ..wan22_core.parallel.vae_decode import can_split_rows
+from ..wan22_core.parallel.plan import MAX_CPU_RANKS
+from ..wan22_core.pipeline import latent_tokens
 from . import comfy_adapter
 from .loaders import CATEGORY, EXPERT_NAMES, MoEModel, release_cached_experts
 
@@ -27,8 +31,9 @@ log = logging.getLogger(__name__)
 
 class Wan22MultiGPUConfig:
     DESCRIPTION = ("Runs Wan22MoESampler on several GPUs (connect to its parallel input): each GPU holds 1/N of "
-                   "both experts (FSDP) and 1/N of the video tokens (Ulysses). The worker processes start on the "
-                   "first run and stay up between prompts; a changed setting or model restarts them.")
+                   "both experts (FSDP) and a share of the video tokens (Ulysses x Ring; any GPU count). The "
+                   "worker processes start on the first run and stay up between prompts; a changed setting or "
+                   "model restarts them.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("WAN22_PARALLEL",)
     RETURN_NAMES = ("parallel",)
@@ -43,8 +48,13 @@ class Wan22MultiGPUConfig:
                      "Which GPUs: all, a list of CUDA indices like 0,1,2,3, or cpu:N for N CPU processes "
                      "(no GPU needed; slow, for trying the setup)."}),
             "ulysses_degree": ("INT", {"default": 0, "min": 0, "max": heads, "step": 1, "tooltip":
-                               "Sequence-parallel degree; 0 uses all GPUs (of each CFG half). It must divide the "
-                               f"{heads} attention heads: {', '.join(map(str, valid_ulysses_degrees(heads)))}."}),
+                               "Ulysses degree (all-to-all over heads, the cheapest split); 0 = auto: the largest "
+                               f"that fits. It must divide the {heads} attention heads: "
+                               f"{', '.join(map(str, valid_ulysses_degrees(heads)))}."}),
+            "ring_degree": ("INT", {"default": 0, "min": 0, "max": MAX_CPU_RANKS, "step": 1, "tooltip":
+                            "Ring-attention degree (K/V blocks passed around a ring; any count, e.g. 3 GPUs); "
+                            "0 = auto: the GPUs Ulysses leaves. With both set, GPUs left over sample other "
+                            "videos of the sampler's batch side by side."}),
             "fsdp": ("BOOLEAN", {"default": True, "tooltip":
                      "Shard both experts' weights across the GPUs (each holds 1/N); off: every GPU holds whole "
                      "experts."}),
@@ -53,14 +63,14 @@ class Wan22MultiGPUConfig:
                              "count; no gain when cfg is 1)."}),
         }}
 
-    def configure(self, gpus: str, ulysses_degree: int, fsdp: bool, cfg_parallel: bool):
-        return (parallel_config(gpus, ulysses_degree, fsdp, cfg_parallel),)
+    def configure(self, gpus: str, ulysses_degree: int, ring_degree: int, fsdp: bool, cfg_parallel: bool):
+        return (parallel_config(gpus, ulysses_degree, fsdp, cfg_parallel, ring_degree=ring_degree),)
 
 
 def model_spec(model: MoEModel, config: ParallelConfig) -> ModelSpec:
     """The worker group's view of the experts, after the one rule of what the ranks refuse
     (`check_parallel_options`, as under torchrun): nothing the loader asked for is ignored."""
-    check_parallel_options(model.options, cfg_parallel=config.plan.cfg_parallel_enabled)
+    check_parallel_options(model.options, cfg_parallel=config.plan.cfg_parallel_enabled, ring=config.plan.ring)
     return ModelSpec.from_options(model.high_noise, model.low_noise, model.options, model.loras_high, model.loras_low)
 
 
@@ -69,8 +79,8 @@ Reports = tuple[tuple[str, LoraReport], ...]  # (expert, what one LoRA patched)
 
 def sample_on_group(config: ParallelConfig, model: MoEModel, embeds, jobs: list, settings: SamplerSettings,
                     denoise: float, progress, node_id: str | None) -> tuple[list[torch.Tensor], Reports]:
-    """Run each (noise, start latent) job on the worker group; the final latents (normalised, CPU)
-    and the LoRA reports."""
+    """Run the (noise, start latent) jobs on the worker group, side by side on its replicas; the
+    final latents (normalised, CPU) and the LoRA reports."""
     runtime = comfy_adapter.runtime
     spec = model_spec(model, config)
     ranks = config.plan.world_size
@@ -78,17 +88,16 @@ def sample_on_group(config: ParallelConfig, model: MoEModel, embeds, jobs: list,
     def on_status(rank: int, status: str) -> None:
         runtime.send_status(node_id, rank, ranks, status)
 
+    config.plan.check_tokens(latent_tokens(jobs[0][0].shape, A14B.dit.patch_size))  # before any process starts
     if config.backend == "nccl":
         runtime.free_memory()  # the workers allocate on GPUs where ComfyUI may hold models
     group = WorkerGroup.get_or_create(spec, config, on_status)  # validates the spec before spawning
     release_cached_experts()  # the workers hold the model now; an in-process copy would only take memory
     for rank in range(ranks):  # a kept group says nothing until it works: refresh the status line
         on_status(rank, "ready")
-    outputs = []
-    for index, (noise, start) in enumerate(jobs):
-        progress.video = index
-        job = Job(embeds.positive, embeds.negative, noise, settings, latent=start, denoise_strength=denoise)
-        outputs.append(group.run(job, on_step=progress.on_step, should_cancel=runtime.interrupted))
+    batch = [Job(embeds.positive, embeds.negative, noise, settings, latent=start, denoise_strength=denoise)
+             for noise, start in jobs]
+    outputs = group.run_batch(batch, on_step=progress.on_round_step, should_cancel=runtime.interrupted)
     reports = tuple((EXPERT_NAMES[expert], report) for expert in ("high", "low")
                     for report in group.lora_reports[expert])
     log.info("wan22 worker group (%d ranks): %s", ranks, group.stage_line())

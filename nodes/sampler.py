@@ -1,22 +1,24 @@
 """Wan22MoESampler: text embeddings -> video latent, both experts in one node.
 
 The node validates, converts ComfyUI's LATENT (raw VAE space) to the engine's normalised space
-and back, and runs each video of the batch either here (`wan22_core.pipeline.denoise`) or, with
-the `parallel` input connected, on the multi-GPU worker group (`nodes/parallel.py`). Progress,
+and back, and runs each video of the batch (a LATENT batch, or `videos` from noise) either here,
+one after another (`wan22_core.pipeline.denoise`), or, with the `parallel` input connected, on
+the multi-GPU worker group (`nodes/parallel.py`), side by side where its split leaves replicas. Progress,
 previews and interrupts go through the ComfyUI adapter on both paths.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
-from ..wan22_core.config import (FRAMES, HEIGHT, MAX_FRAMES, MAX_SIDE, MAX_STEPS, MIN_SHIFT, SIDE_STEP, SOLVERS, WIDTH,
-                                 Z_DIM, SamplerSettings, VAEConfig)
+from ..wan22_core.config import (FRAMES, HEIGHT, MAX_FRAMES, MAX_SIDE, MAX_STEPS, MAX_VIDEOS, MIN_SHIFT, SIDE_STEP,
+                                 SOLVERS, WIDTH, Z_DIM, SamplerSettings, VAEConfig)
 from ..wan22_core.errors import Cancelled
 from ..wan22_core.models.vae import denormalize_latent, normalize_latent
 from ..wan22_core.parallel import ParallelConfig
-from ..wan22_core.pipeline import check_video_size, latent_shape, make_noise
+from ..wan22_core.pipeline import check_video_size, latent_shape, make_noise, video_seed
 from ..wan22_core.pipeline import denoise as run_denoise
 from ..wan22_core.sampling.step_cache import passes_summary
 from . import comfy_adapter
@@ -36,14 +38,19 @@ def _float(default: float, lo: float, hi: float, step: float, tooltip: str) -> t
     return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "round": 0.001, "tooltip": tooltip})
 
 
-def start_latents(latent: dict | None, frames: int, height: int, width: int) -> list[tuple[int, torch.Tensor | None]]:
+def start_latents(latent: dict | None, frames: int, height: int, width: int,
+                  videos: int = 1) -> list[tuple[int, torch.Tensor | None]]:
     """(seed offset, normalised start latent [16, T, h, w] or None) for each video to sample.
 
-    No latent: one video from pure noise. A LATENT batch: one video per item, seeded
-    seed + batch_index (as ComfyUI numbers batch items), each checked against the size widgets.
+    No latent: `videos` videos from pure noise, seeded seed, seed + 1, ... A LATENT batch: one
+    video per item, seeded seed + batch_index (as ComfyUI numbers batch items), each checked
+    against the size widgets.
     """
     if latent is None:
-        return [(0, None)]
+        return [(index, None) for index in range(videos)]
+    if videos != 1:
+        raise ValueError(f"videos={videos} is for sampling from noise; with a latent connected its batch decides "
+                         "how many videos: set videos to 1")
     samples = latent["samples"]
     if "noise_mask" in latent:
         raise ValueError("the latent has a noise_mask (inpainting); Wan22MoESampler samples whole videos, "
@@ -63,22 +70,22 @@ def start_latents(latent: dict | None, frames: int, height: int, width: int) -> 
 
 
 class _Progress:
-    """Maps the engine's per-step callback onto one ComfyUI progress bar over the whole batch, and
-    counts the model passes that ran (the step cache's report)."""
+    """Maps the engine's per-step callback onto one ComfyUI progress bar over the whole batch:
+    `rounds` runs of `steps` (one video per round here, one per replica on a worker group), and
+    counts the model passes that ran (the step cache's report; on a worker group, rank 0's videos)."""
 
-    def __init__(self, runtime, steps: int, videos: int):
-        self.bar = runtime.progress_bar(steps * videos)
+    def __init__(self, runtime, steps: int, rounds: int):
+        self.bar = runtime.progress_bar(steps * rounds)
         self.previews = runtime.previews_enabled()
         self.steps = steps
-        self.video = 0
         self.passes_run = 0  # over the batch
         self.steps_done = 0
 
-    def on_step(self, info) -> None:
+    def on_round_step(self, round_index: int, info) -> None:
         self.passes_run += info.model_ran
         self.steps_done += 1
         preview = latent_to_rgb(info.denoised) if self.previews else None
-        self.bar.update(self.video * self.steps + info.index + 1, preview)
+        self.bar.update(round_index * self.steps + info.index + 1, preview)
 
 
 class Wan22MoESampler:
@@ -123,6 +130,9 @@ class Wan22MoESampler:
                                                         "samples from noise, lower keeps more of the latent)."),
                 "parallel": ("WAN22_PARALLEL", {"tooltip": "Optional, from Wan22MultiGPUConfig: sample on several "
                                                            "GPUs (a worker group that stays up between prompts)."}),
+                "videos": _int(1, 1, MAX_VIDEOS, 1, "Without a latent: how many videos, seeds seed, seed+1, ... "
+                                                   "(one after another here; side by side on the replicas of a "
+                                                   "multi-GPU split). Set Wan22SaveVideo's videos to match."),
                 "step_cache": _float(d.step_cache, 0.0, 1.0, 0.01,
                                      "0 = off (exact). Above 0 the sampler reuses the model's last transformation "
                                      "while the estimated relative error stays below this: fewer model passes, not "
@@ -133,15 +143,16 @@ class Wan22MoESampler:
 
     def sample(self, model: MoEModel, embeds, width: int, height: int, frames: int, steps: int, cfg_high: float,
                cfg_low: float, boundary: float, shift: float, solver: str, seed: int, latent: dict | None = None,
-               denoise: float = 1.0, parallel: ParallelConfig | None = None, step_cache: float = 0.0,
-               unique_id: str | None = None):
+               denoise: float = 1.0, parallel: ParallelConfig | None = None, videos: int = 1,
+               step_cache: float = 0.0, unique_id: str | None = None):
         settings = SamplerSettings(steps=steps, shift=shift, boundary=boundary, cfg_high=cfg_high,
                                    cfg_low=cfg_low, solver=solver, step_cache=step_cache).validate()
         check_video_size(frames, height, width)
-        starts = start_latents(latent, frames, height, width)
-        jobs = [(make_noise((seed + offset) % 2**64, frames, height, width), start) for offset, start in starts]
+        starts = start_latents(latent, frames, height, width, videos)
+        jobs = [(make_noise(video_seed(seed, offset), frames, height, width), start) for offset, start in starts]
         runtime = comfy_adapter.runtime
-        progress = _Progress(runtime, steps, len(jobs))
+        replicas = 1 if parallel is None else parallel.plan.replicas
+        progress = _Progress(runtime, steps, math.ceil(len(jobs) / replicas))
         try:
             if parallel is None:
                 outputs, reports = sample_here(model, embeds, jobs, settings, denoise, progress,
@@ -152,9 +163,12 @@ class Wan22MoESampler:
         except Cancelled:
             runtime.raise_if_interrupted()  # inside ComfyUI: its "interrupted", not an error
             raise
-        passes = [passes_summary(progress.passes_run, progress.steps_done)] if settings.step_cache > 0 else []
-        return {"ui": {"lora_report": [lora_line(expert, r) for expert, r in reports], "step_cache": passes},
-                "result": ({"samples": denormalize_latent(torch.stack(outputs))},)}
+        ui = {"lora_report": [lora_line(expert, r) for expert, r in reports],
+              "step_cache": [passes_summary(progress.passes_run, progress.steps_done)] if settings.step_cache > 0
+              else []}
+        if parallel is not None:  # e.g. "6 GPUs: CFG 2 x Ulysses 1 x Ring 3", for a line under the node
+            ui["parallel_split"] = [parallel.describe()]
+        return {"ui": ui, "result": ({"samples": denormalize_latent(torch.stack(outputs))},)}
 
 
 def sample_here(model: MoEModel, embeds, jobs: list, settings: SamplerSettings, denoise: float,
@@ -167,10 +181,10 @@ def sample_here(model: MoEModel, embeds, jobs: list, settings: SamplerSettings, 
     experts, reports = model.experts(device, video)
     outputs = []
     try:
-        for index, (noise, start) in enumerate(jobs):
-            progress.video = index
+        for index, (noise, start) in enumerate(jobs):  # one video per round
             outputs.append(run_denoise(experts, embeds.positive, embeds.negative, noise, settings, latent=start,
-                                       denoise_strength=denoise, on_step=progress.on_step,
+                                       denoise_strength=denoise,
+                                       on_step=lambda info, index=index: progress.on_round_step(index, info),
                                        should_cancel=runtime.interrupted).cpu())
     finally:  # our weights are not ComfyUI-managed: give the GPU back between prompts
         experts.offload_all()

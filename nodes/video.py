@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from ..wan22_core.config import FPS, VAE_TILE, Z_DIM
+from ..wan22_core.config import FPS, MAX_VIDEOS, VAE_TILE, Z_DIM
 from ..wan22_core.errors import Cancelled
 from ..wan22_core.parallel import ParallelConfig
 from ..wan22_core.pipeline import decode_raw_to_video
@@ -67,7 +67,7 @@ class Wan22VAEDecode:
 
 class Wan22SaveVideo:
     DESCRIPTION = ("Saves frames as an H.264 mp4 in ComfyUI's output folder (never overwriting) and shows it "
-                   "on the node.")
+                   "on the node; a batch of videos (videos > 1) as one mp4 each.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ()
     OUTPUT_NODE = True
@@ -82,10 +82,22 @@ class Wan22SaveVideo:
             "filename_prefix": ("STRING", {"default": "wan22/video", "tooltip":
                                 "File name inside the output folder; subfolders allowed. A counter is added: "
                                 "wan22/video_00001.mp4."}),
+        }, "optional": {
+            "videos": ("INT", {"default": 1, "min": 1, "max": MAX_VIDEOS, "step": 1, "tooltip":
+                       "How many videos the frames hold (the sampler's batch, decoded one after another): each "
+                       "is saved to its own file."}),
         }}
 
-    def save(self, images: torch.Tensor, fps: float, filename_prefix: str):
+    def save(self, images: torch.Tensor, fps: float, filename_prefix: str, videos: int = 1):
+        if images.shape[0] % videos:
+            raise ValueError(f"{images.shape[0]} frames do not split into videos={videos} videos of equal length; "
+                             "set videos to the sampler's batch size")
         output = comfy_adapter.runtime.output_directory()
+        results = [self._save_one(frames, fps, filename_prefix, output) for frames in images.chunk(videos)]
+        return {"ui": {"images": results, "animated": (True,)}, "result": ()}
+
+    @staticmethod
+    def _save_one(images: torch.Tensor, fps: float, filename_prefix: str, output) -> dict:
         for attempt in range(SAVE_ATTEMPTS):
             path = unique_path(output, filename_prefix)
             try:
@@ -95,5 +107,4 @@ class Wan22SaveVideo:
                 if attempt == SAVE_ATTEMPTS - 1:
                     raise
         subfolder = os.path.relpath(path.parent, output.resolve())
-        result = {"filename": path.name, "subfolder": "" if subfolder == "." else subfolder, "type": "output"}
-        return {"ui": {"images": [result], "animated": (True,)}, "result": ()}
+        return {"filename": path.name, "subfolder": "" if subfolder == "." else subfolder, "type": "output"}

@@ -6,12 +6,15 @@
 Run it with a Python that can run ComfyUI (its requirements + ours installed); `--python` picks
 another one for the server. Steps: a temporary base folder (so the checkout's own custom_nodes,
 models, user settings and output are untouched) with this repository linked in as
-custom_nodes/wan22-moe; tiny checkpoints under the Comfy-Org file names and tiny LoRAs under the
-lightx2v 4-step names in a temporary models folder given by --extra-model-paths-config;
-`main.py --cpu --listen 127.0.0.1 --port <free>`; check /object_info lists our nodes; POST each
+custom_nodes/wan22-moe; tiny checkpoints under the Comfy-Org file names, the same model as GGUF
+files under QuantStack's and city96's names (in diffusion_models/, unet/ and clip/) and tiny LoRAs
+under the lightx2v 4-step names in a temporary models folder given by --extra-model-paths-config;
+`main.py --cpu --listen 127.0.0.1 --port <free>`; check /object_info lists our nodes and the loaders
+list the .gguf files from every expert and text-encoder folder; POST each
 API example workflow with tiny sizes as a websocket client (one progress message and a live
-preview per step; the multi-GPU one with gpus = cpu:2, whose worker ranks report their status
-over the websocket; the 4-step one reports what its LoRAs patched); check the mp4s that /history
+preview per step; the multi-GPU one with gpus = cpu:3 (three ranks: the automatic split is ring
+attention over all three), whose worker ranks report their status over the websocket and whose
+sampler reports the split in its ui output; the 4-step one reports what its LoRAs patched); check the mp4s that /history
 names; interrupt long runs through POST /interrupt, in this process and on the worker group (both
 must stop within a step); shut the server down and check its worker processes are gone too.
 
@@ -53,10 +56,16 @@ import frontend as fe  # noqa: E402  (standard library only)
 PACK_NAME = "wan22-moe"
 WORKFLOWS = REPO / "example_workflows"
 BASE, MULTIGPU, FOUR_STEP = "wan22_t2v_a14b", "wan22_t2v_a14b_multigpu", "wan22_t2v_a14b_4step_lora"
+GGUF = "wan22_t2v_a14b_gguf"  # API only: GGUF Q8_0 experts and encoder
+# where prepare() puts the tiny GGUF files: ComfyUI reads unet/ as diffusion_models and clip/ as text_encoders
+GGUF_FILES = {"Wan2.2-T2V-A14B-HighNoise-Q8_0.gguf": "diffusion_models", "Wan2.2-T2V-A14B-LowNoise-Q8_0.gguf": "unet",
+              "umt5-xxl-encoder-Q8_0.gguf": "clip"}
 NODES = ("Wan22TextEncoderLoader", "Wan22TextEncode", "Wan22MoEModelLoader", "Wan22LoRA", "Wan22VAELoader",
          "Wan22MultiGPUConfig", "Wan22MoESampler", "Wan22VAEDecode", "Wan22SaveVideo")
 TINY_SIZE = {"width": 32, "height": 32, "frames": 5}
 TINY_STEPS = 4  # at most: a few steps show progress, previews and the expert switch
+CPU_RANKS = 3  # the multi-GPU example's ranks: a count Ulysses cannot split (40 heads), so the ring runs
+SPLIT = "3 CPU ranks: CFG 1 x Ulysses 1 x Ring 3"  # what the sampler reports for it (parallel_split)
 LORAS = ("wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
          "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors")
 WORKER_STATUS_EVENT = "wan22moe.worker_status"
@@ -129,6 +138,10 @@ def prepare(work: Path) -> tuple[Path, Path]:
     (base / "custom_nodes").mkdir(parents=True)
     (base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
     models = make_tiny(work / "models", "comfy")
+    gguf = make_tiny(work / "gguf", "gguf", quant="Q8_0")
+    for name, folder in GGUF_FILES.items():
+        (models / folder).mkdir(exist_ok=True)
+        shutil.move(next(gguf.rglob(name)), models / folder / name)
     (models / "loras").mkdir()
     with torch.device("meta"):
         dit = WanModel(TINY.dit)
@@ -136,8 +149,9 @@ def prepare(work: Path) -> tuple[Path, Path]:
         write_tiny_lora(models / "loras" / name, dit, "lightx2v", seed=seed)
     config = work / "extra_model_paths.yaml"
     config.write_text(f"wan22_smoke:\n    base_path: {models}\n    diffusion_models: diffusion_models\n"
-                      f"    text_encoders: text_encoders\n    vae: vae\n    loras: loras\n")
-    log(f"tiny models: {sorted(str(p.relative_to(models)) for p in models.rglob('*.safetensors'))}")
+                      f"    unet: unet\n    text_encoders: text_encoders\n    clip: clip\n    vae: vae\n"
+                      f"    loras: loras\n")
+    log(f"tiny models: {sorted(str(p.relative_to(models)) for p in models.rglob('*.*') if p.suffix != '.json')}")
     return base, config
 
 
@@ -167,6 +181,15 @@ def check_object_info(url: str) -> None:
     assert sampler["python_module"] == f"custom_nodes.{PACK_NAME}", sampler["python_module"]
     assert sampler["category"] == "Wan2.2 MoE" and sampler["output"] == ["LATENT"]
     log(f"/object_info lists all {len(NODES)} nodes; sampler inputs: {sampler['input_order']}")
+    loaders = {"Wan22MoEModelLoader": "high_noise_model", "Wan22TextEncoderLoader": "text_encoder"}
+    specs = {name: info[name]["input"]["required"][widget] for name, widget in loaders.items()}
+    options = {name: spec[0] if isinstance(spec[0], list) else spec[1].get("options", [])  # newer: "COMBO"
+               for name, spec in specs.items()}
+    experts = [n for n, folder in GGUF_FILES.items() if folder != "clip"]
+    if not set(experts) <= set(options["Wan22MoEModelLoader"]) or "umt5-xxl-encoder-Q8_0.gguf" not in \
+            options["Wan22TextEncoderLoader"]:
+        raise RuntimeError(f"the loaders do not list the .gguf files from diffusion_models/, unet/ and clip/: {options}")
+    log(f"the loaders list the GGUF files: {options}")
     extensions = http_json(f"{url}/extensions")
     ours = [e for e in extensions if e.startswith(f"/extensions/{PACK_NAME}/")]
     assert f"/extensions/{PACK_NAME}/wan22_moe.js" in ours, extensions
@@ -174,13 +197,13 @@ def check_object_info(url: str) -> None:
 
 
 def tiny_prompt(name: str, steps: int | None = None) -> dict:
-    """An API example at tiny sizes and steps with gpus = cpu:2 for the multi-GPU config."""
+    """An API example at tiny sizes and steps with gpus = cpu:3 for the multi-GPU config."""
     prompt = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
     for node in prompt.values():
         if node["class_type"] == "Wan22MoESampler":
             node["inputs"].update(TINY_SIZE, steps=steps or min(node["inputs"]["steps"], TINY_STEPS))
         if node["class_type"] == "Wan22MultiGPUConfig":
-            node["inputs"]["gpus"] = "cpu:2"
+            node["inputs"]["gpus"] = f"cpu:{CPU_RANKS}"
     return prompt
 
 
@@ -261,15 +284,20 @@ async def run_workflow(url: str, output_dir: Path, name: str) -> dict:
 
 
 async def run_multigpu_workflow(url: str, output_dir: Path) -> None:
-    """The multi-GPU example on 2 CPU ranks: each rank reports loading/ready/steps to the sampler."""
+    """The multi-GPU example on 3 CPU ranks: each rank reports loading/ready/steps to the sampler,
+    which reports the split it ran."""
     run = await run_workflow(url, output_dir, MULTIGPU)
     sampler, inputs = sampler_of(tiny_prompt(MULTIGPU))
-    statuses = [(s["rank"], s["status"]) for s in run["statuses"] if s["node"] == sampler and s["ranks"] == 2]
+    statuses = [(s["rank"], s["status"]) for s in run["statuses"]
+                if s["node"] == sampler and s["ranks"] == CPU_RANKS]
     steps = inputs["steps"]
-    wanted = {(0, "ready"), (1, "ready"), (0, f"step {steps}/{steps}")}
+    wanted = {*((rank, "ready") for rank in range(CPU_RANKS)), (0, f"step {steps}/{steps}")}
     if not wanted <= set(statuses):
         raise RuntimeError(f"worker status events {statuses} lack {sorted(wanted - set(statuses))}")
-    log(f"{MULTIGPU}: {len(statuses)} worker status events, e.g. {statuses[:3]} ... {statuses[-2:]}")
+    split = run["executed"].get(sampler, {}).get("parallel_split")
+    if split != [SPLIT]:
+        raise RuntimeError(f"{MULTIGPU}: the sampler reported the split {split}, expected [{SPLIT!r}]")
+    log(f"{MULTIGPU}: {split[0]}; {len(statuses)} worker status events, e.g. {statuses[:3]} ... {statuses[-2:]}")
 
 
 async def run_lora_workflow(url: str, output_dir: Path) -> None:
@@ -486,13 +514,14 @@ def main(argv: list[str] | None = None) -> int:
         check_object_info(url)
         output = base / "output"
         asyncio.run(asyncio.wait_for(run_workflow(url, output, BASE), args.timeout))
+        asyncio.run(asyncio.wait_for(run_workflow(url, output, GGUF), args.timeout))
         asyncio.run(asyncio.wait_for(interrupt_workflow(url, BASE), args.timeout))
         asyncio.run(asyncio.wait_for(run_lora_workflow(url, output), args.timeout))
         asyncio.run(asyncio.wait_for(run_multigpu_workflow(url, output), args.timeout))
         asyncio.run(asyncio.wait_for(interrupt_workflow(url, MULTIGPU), args.timeout))
         workers = worker_pids(server.pid)
-        if len(workers) != 2:
-            raise RuntimeError(f"expected the 2 worker ranks to stay up between prompts, found {workers}")
+        if len(workers) != CPU_RANKS:
+            raise RuntimeError(f"expected the {CPU_RANKS} worker ranks to stay up between prompts, found {workers}")
         if args.screenshot is not None:
             check_in_browser(url, args.screenshot.resolve())
         stop(server, "ComfyUI")

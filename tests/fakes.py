@@ -159,3 +159,35 @@ def random_gguf_blocks(qtype: str, n_blocks: int, seed: int = 0) -> np.ndarray:
         bits[(bits & exponent) == exponent] &= ~np.uint16(0x4000)  # clear the top exponent bit: finite
         raw[:, at:at + 2] = bits.view(np.uint8)
     return raw
+
+
+def rewrite_gguf(src, dst, rename=lambda name: name, arch: str | None = "wan", drop=(), metadata=None, tensors=None):
+    """Copy the GGUF file `src` to `dst` with tensors (and their orig_shape keys) renamed, another
+    (or no) architecture, the metadata keys in `drop` left out and `metadata` ({key: (value,
+    GGUFValueType, element type)}) added or replaced; tensor bytes copied as stored, except those in
+    `tensors` ({name: (block bytes, GGMLQuantizationType)}). Returns `dst`."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(src)
+    writer = GGUFWriter(path=None, arch=arch or "none")
+    if arch is None:  # the writer always adds one; files of other tools may have none
+        del writer.kv_data[0]["general.architecture"]
+    metadata = metadata or {}
+    orig_shape = "comfy.gguf.orig_shape."
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop or key in metadata:
+            continue
+        array = field.types[0] == GGUFValueType.ARRAY
+        renamed = orig_shape + rename(key.removeprefix(orig_shape)) if key.startswith(orig_shape) else key
+        writer.add_key_value(renamed, field.contents(), field.types[0], field.types[-1] if array else None)
+    for key, (value, kind, element) in metadata.items():
+        writer.add_key_value(key, value, kind, element)
+    for tensor in reader.tensors:
+        plain = tensor.data.dtype in (np.float32, np.float16)
+        data, qtype = (tensors or {}).get(tensor.name, (np.array(tensor.data), None if plain else tensor.tensor_type))
+        writer.add_tensor(rename(tensor.name), data, raw_dtype=qtype)
+    writer.write_header_to_file(path=dst)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst

@@ -121,6 +121,14 @@ def start_gloo_ranks(args: list[str], world: int, setup: dict, **popen_kwargs):
     return store, procs
 
 
+def start_torchrun_generate(args: list[str], cwd, world: int = 2) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node world -m wan22_core *args`, output captured (text).
+    Start it before making the one-process reference: it runs meanwhile."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             str(world), "-m", "wan22_core", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+
+
 def join_gloo_group(rank: int, world: int, port: int) -> None:
     """In a rank started by start_gloo_ranks: one thread (the ranks share the CPUs), then join."""
     torch.set_num_threads(1)

@@ -1,5 +1,6 @@
 """Attention backends behind the seam, and regional torch.compile: same numbers as eager SDPA."""
 
+import types
 import warnings
 
 import pytest
@@ -16,13 +17,69 @@ from wan22_core.optimize import compile_blocks, compile_toolchain_problem
 CFG = TINY.dit
 
 
+def float64_attention(q, k, v):
+    """(softmax(q k^T / sqrt(D)) v, log-sum-exp of the scaled logits [B, H, Lq]) in float64."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / q.shape[-1] ** 0.5
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double()), scores.logsumexp(-1)
+
+
 def test_sdpa_kernel_equals_float64_softmax_attention():
     q, k, v = torch.randn(2, 13, 4, 16), torch.randn(2, 7, 4, 16), torch.randn(2, 7, 4, 16)
     out = AttentionKernel("sdpa")(q, k, v)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / 16**0.5
-    expected = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double())
+    expected, _ = float64_attention(q, k, v)
     assert out.shape == (2, 13, 4, 16)
     assert rel_l2(out, expected) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])  # fp32 measured <= 1e-7; bf16 rounds once (2^-8)
+def test_attention_with_lse_returns_the_log_sum_exp_of_the_scaled_logits(dtype, tol):
+    q, k, v = (torch.randn(2, length, 4, 16).to(dtype) for length in (13, 7, 7))
+    out, lse = AttentionKernel("sdpa").forward_with_lse(q, k, v)
+    expected, expected_lse = float64_attention(q, k, v)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (2, 4, 13) and lse.dtype == torch.float32
+    assert rel_l2(out, expected) <= tol and rel_l2(lse, expected_lse) <= 1e-6  # the log-sum-exp is fp32 either way
+    assert torch.equal(out, AttentionKernel("sdpa")(q, k, v))  # the same kernel as the plain call
+
+
+def test_partials_over_key_blocks_merge_into_full_attention_with_the_padding_left_out():
+    """The ring's rule alone: four blocks of 4 keys, the last 6 of them padding (huge values that
+    would dominate the softmax if they leaked in), merged in a ring's arrival order; equals a
+    float64 softmax over the 10 real keys."""
+    from wan22_core.parallel.ring import merge_partials, valid_keys
+
+    block, valid_len = 4, 10
+    q, k, v = torch.randn(2, 5, 3, 8), torch.randn(2, 16, 3, 8), torch.randn(2, 16, 3, 8)
+    k[:, valid_len:], v[:, valid_len:] = 1e4, 1e4
+    assert [valid_keys(position, block, valid_len) for position in range(4)] == [4, 4, 2, 0]
+    out = lse = None
+    for position in (2, 1, 0, 3):  # what rank 2 of a ring of 4 sees, step by step
+        keys = valid_keys(position, block, valid_len)
+        if keys:
+            blocks = (t[:, position * block:position * block + keys] for t in (k, v))
+            out, lse = merge_partials(out, lse, *AttentionKernel().forward_with_lse(q, *blocks))
+    expected, expected_lse = float64_attention(q, k[:, :valid_len], v[:, :valid_len])
+    assert out.dtype == torch.float32 and rel_l2(out, expected) <= 1e-6  # measured <= 1.6e-7 over 20 seeds
+    assert rel_l2(lse.squeeze(-1).transpose(1, 2), expected_lse) <= 1e-6
+
+
+def test_flash_packages_are_asked_for_their_log_sum_exp(monkeypatch):
+    """The CUDA-only packages' own ways to return it (FA2/FA3: return_attn_probs, FA4: return_lse),
+    through the op ring attention calls; run here with stand-in packages on CPU tensors."""
+    q, k, v = torch.randn(1, 5, 2, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8)
+    expected, expected_lse = float64_attention(q, k, v)
+    answers = {"flash_attn": lambda out, lse: (out, lse, None), "flash_attn3": lambda out, lse: (out, lse),
+               "flash_attn4": lambda out, lse: (out, lse)}
+    keyword = {"flash_attn": "return_attn_probs", "flash_attn3": "return_attn_probs", "flash_attn4": "return_lse"}
+    for backend, answer in answers.items():
+        def flash_attn_func(q, k, v, **kwargs):
+            assert kwargs == {keyword[backend]: True}, (backend, kwargs)
+            out, lse = float64_attention(q, k, v)
+            return answer(out.float(), lse.float())
+        monkeypatch.setattr(attention, "_import", lambda name: types.SimpleNamespace(flash_attn_func=flash_attn_func))
+        out, lse = attention.external_attention_lse(q, k, v, backend)
+        assert rel_l2(out, expected) <= 1e-6 and rel_l2(lse, expected_lse) <= 1e-6, backend
+    with pytest.raises(ValueError, match="'sage' returns no log-sum-exp"):
+        attention.external_attention_lse(q, k, v, "sage")
 
 
 @pytest.mark.parametrize("backend,module,hint", [

@@ -97,3 +97,17 @@ def test_bench_gguf_dry_run_dequantises_and_compiles(tmp_path):
         assert row["compiled_max_diff_vs_eager"] == 0 and row["compile_s"] > 0 and row["compiled_bfloat16_gbps"] > 0
     assert rows["Q4_K"]["ours_bfloat16_gbps"] > 0
     assert {r["type"]: r["same_output"] for r in data["linear"]} == {"Q8_0": True, "Q4_K": True}
+
+
+def test_bench_gguf_dry_run_times_a_block_in_bf16_q8_0_and_q4_k_in_one_run(tmp_path):
+    """The GPU section (seconds per 720p block, Q8_0 and Q4_K against bf16) on a tiny block: every
+    configuration timed, the GGUF blocks equal to bf16 blocks holding their dequantised weights."""
+    run("bench_gguf.py", "--types", "Q8_0", "--block", "--threads", "1", "--json", str(tmp_path / "gguf.json"),
+        cwd=tmp_path)
+    rows = {r["config"]: r for r in json.loads((tmp_path / "gguf.json").read_text())["block"]}
+    assert list(rows) == ["bf16", "Q8_0", "Q4_K"] and all(r["s_per_block"] > 0 and not r["compiled"]
+                                                        for r in rows.values())
+    assert rows["bf16"]["over_bf16"] == 1 and rows["Q8_0"]["max_diff_vs_dequantised"] == 0
+    assert rows["Q4_K"]["max_diff_vs_dequantised"] == 0
+    dense = rows["bf16"]["weight_bytes"]
+    assert rows["Q4_K"]["weight_bytes"] < rows["Q8_0"]["weight_bytes"] < dense  # 4.5 and 8.5 bits vs 16

@@ -109,20 +109,22 @@ def test_each_node_type_is_created_from_the_library(frontend):
 
 def push_run_events(frontend, sampler_id) -> dict:
     """What a multi-GPU run with LoRAs and a step cache sends: two rank statuses, then the sampler's
-    ui output."""
+    ui output (the LoRA report, the split and the step cache's passes)."""
     for rank, status in ((0, "step 2/4"), (1, "ready")):
         frontend.server.broadcast("wan22moe.worker_status", {"node": sampler_id, "rank": rank, "ranks": 2,
                                                              "status": status})
     report = ["high: lightx2v_high.safetensors x1, 400 parameters patched",
               "low: lightx2v_low.safetensors x1, 400 parameters patched"]
     passes = ["19 of 40 model passes run"]
+    split = "2 GPUs: CFG 1 x Ulysses 2 x Ring 1"
     frontend.server.broadcast("executed", {"node": str(sampler_id), "display_node": str(sampler_id),
-                                           "output": {"lora_report": report, "step_cache": passes},
+                                           "output": {"lora_report": report, "parallel_split": [split],
+                                                      "step_cache": passes},
                                            "prompt_id": "standin"})
     frontend.page.wait_for_function(
         "(id) => app.graph.getNodeById(id)?.widgets?.find((w) => w.name === 'step_cache_report')?.value",
         arg=sampler_id)
-    return {"expert_split": fe.SPLIT_40,
+    return {"expert_split": fe.SPLIT_40, "parallel_split": split,
             "worker_status": "workers: rank 0: step 2/4 | rank 1: ready",
             "lora_report": "\n".join(f"LoRA {line}" for line in report),
             "step_cache_report": "step cache: 19 of 40 model passes run"}

@@ -177,6 +177,8 @@ def test_missing_attention_package_exits_2_with_the_engines_message(generate, mo
     (("--step-cache", "-1"), "step_cache must be a finite number >= 0 (0 = off, every model pass runs; 0.05 skips "
                              "some), got -1.0"),
     (("--step-cache", "nan"), "step_cache must be a finite number >= 0 (0 = off"),
+    (("--ring", "3", "--attention", "sage"), "not on the multi-GPU path: attention='sage' with ring 3"),
+    (("--videos", "0"), "--videos must be a whole number >= 1, got 0"),
 ])
 def test_option_errors_are_one_line_before_any_work(generate, flags, message, capsys, monkeypatch):
     from wan22_core.cli import stages

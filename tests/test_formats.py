@@ -501,7 +501,8 @@ def test_comfy_models_folder_picks_files_by_content(sets, tmp_path):
     assert (files.high_noise.name, files.text_encoder.name) == (COMFY_FILES["comfy"][0], COMFY_FILES["comfy"][2])
     (root / "diffusion_models" / "copy_high_noise.safetensors").symlink_to(files.high_noise)
     with pytest.raises(CheckpointError, match="needs exactly one Wan DiT expert named \\*high\\* in "
-                       "diffusion_models/, found copy_high_noise.safetensors, wan2.2_t2v_high_noise_14B_fp16"):
+                       "diffusion_models/ or unet/, found diffusion_models/copy_high_noise.safetensors, "
+                       "diffusion_models/wan2.2_t2v_high_noise_14B_fp16"):
         ModelFiles.from_model_dir(root)
 
 

@@ -236,3 +236,137 @@ def test_text_slots_bound_the_context_in_both_estimates():
     for n, slots in ((10, 11), (None, 512)):
         _, at, live = block_activation_peak(cfg, 4, 2, 2, None, n)
         assert at == "cross_attn.k.rstd" and live["cross_attn.k_lin"] == 2 * slots * cfg.dim * 2, n
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF experts: block Linears in their GGUF blocks (GGUFLinear), the rest in the compute dtype
+
+
+def gguf_model(cfg: DiTConfig, file_type: str, dtype: torch.dtype) -> WanModel:
+    """A WanModel held as `load_dit` holds a GGUF expert of `file_type`, random valid blocks."""
+    from fakes import random_gguf_blocks
+
+    from wan22_core.memory import gguf_linear_types
+    from wan22_core.quant import GGUFLinear, swap_to_gguf
+
+    torch.manual_seed(0)
+    model = WanModel(cfg).eval().to(dtype)
+    types = gguf_linear_types(file_type)
+    swap_to_gguf(model, {f"blocks.{i}.{name}": types[name] for i in range(cfg.num_layers) for name in types},
+                 bias_dtype=dtype)
+    for i, layer in enumerate(m for m in model.modules() if isinstance(m, GGUFLinear)):
+        blocks = random_gguf_blocks(layer.qtype.name, layer.weight.numel() // layer.qtype.type_size, seed=i)
+        layer.weight.data = torch.from_numpy(blocks).reshape(layer.weight.shape)
+        layer.weight.data[:, :2] = 0  # small fp16 scales (Q8_0's d, K-quants' codes): finite activations
+        layer.bias.data.zero_()
+    return model
+
+
+@pytest.mark.parametrize("file_type, dtype", [("Q8_0", torch.bfloat16), ("Q4_K_M", torch.float32),
+                                              ("Q2_K", torch.bfloat16)])
+def test_gguf_weight_bytes_match_parameters(file_type, dtype):
+    cfg = DiTConfig(dim=256, ffn_dim=512, num_heads=4, num_layers=2, text_dim=32, freq_dim=32)
+    from wan22_core.memory import gguf_linear_types
+    from wan22_core.quant import swap_to_gguf
+
+    with torch.device("meta"):
+        model = WanModel(cfg).to(dtype)
+    types = gguf_linear_types(file_type)
+    swap_to_gguf(model, {f"blocks.{i}.{n}": t for i in range(cfg.num_layers) for n, t in types.items()}, bias_dtype=dtype)
+    block, expert = weight_bytes(cfg, dtype.itemsize, gguf=file_type)
+    assert param_bytes_on([model], torch.device("meta")) == expert
+    assert param_bytes_on([model.blocks[0]], torch.device("meta")) == block
+
+
+# Published ComfyUI-GGUF Wan2.2 A14B expert files (bytes; gguf_facts.md lists the repos): the block
+# Linears at each file type's mix plus the other 0.235e9 parameters in 16 bits predict them within 0.3%.
+PUBLISHED_GGUF_BYTES = {"Q8_0": 15.4e9, "Q6_K": 12.0e9, "Q5_K_S": 10_137_514_496, "Q4_K_M": 9_651_728_896,
+                        "Q4_K_S": 8.75e9, "Q4_1": 9.26e9, "Q4_0": 8.56e9, "Q3_K_M": 7.18e9,
+                        "Q3_K_S": 6_513_373_696, "Q2_K": 5.3e9}
+
+
+@pytest.mark.parametrize("file_type", PUBLISHED_GGUF_BYTES)
+def test_gguf_expert_sizes_match_the_published_files(file_type):
+    assert weight_bytes(DiTConfig(), 2, gguf=file_type)[1] == pytest.approx(PUBLISHED_GGUF_BYTES[file_type], rel=0.003)
+
+
+def test_gguf_file_types_give_v_and_ffn2_their_bigger_types():
+    from wan22_core.memory import gguf_linear_types
+
+    q4_k_m = gguf_linear_types("Q4_K_M")
+    assert {n for n, t in q4_k_m.items() if t == "Q6_K"} == {"self_attn.v", "cross_attn.v", "ffn.2"}
+    assert set(q4_k_m.values()) == {"Q4_K", "Q6_K"} and set(gguf_linear_types("Q8_0").values()) == {"Q8_0"}
+    with pytest.raises(ValueError, match="gguf must be one of Q8_0, .*Q2_K .*got 'Q4_K'"):
+        estimate_peak_bytes(DiTConfig(), 81, 720, 1280, gguf="Q4_K")
+    with pytest.raises(ValueError, match="with gguf, weight_bytes_per_param is the compute dtype's"):
+        estimate_peak_bytes(DiTConfig(), 81, 720, 1280, gguf="Q8_0", weight_bytes_per_param=1)
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_dequant_peak_bytes_per_weight_are_measured(name):
+    """The memory model's DEQUANT_PEAK_BYTES: what `dequantize` keeps alive at once per weight."""
+    from fakes import random_gguf_blocks
+
+    from wan22_core.memory import DEQUANT_PEAK_BYTES
+    from wan22_core.quant import TYPES, dequantize
+
+    rows, cols = 64, 512
+    raw = torch.from_numpy(random_gguf_blocks(name, rows * cols // TYPES[name].block_size)).reshape(rows, -1)
+    for dtype, expected in zip((torch.bfloat16, torch.float32), DEQUANT_PEAK_BYTES[name]):
+        with LiveBytes([raw]) as mode:
+            dequantize(raw, name, (rows, cols), dtype)
+        assert mode.peak == rows * cols * expected, (dtype, mode.peak / (rows * cols))
+
+
+@pytest.mark.parametrize("file_type", ["Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("frames, height, width, ffn_dim, peak_at", [
+    (9, 256, 256, 512, "cross_attn.q.rstd"),  # 512 tokens: the activations peak, as with dense weights
+    # 32 tokens and a wide FFN: ffn.2's dequantisation is the peak (Q6_K's in Q4_K_M), above the
+    # fp32 time projection the forward makes before the blocks (which the block replay leaves out)
+    (5, 64, 64, 2048, "ffn.2.dequant"),
+])
+def test_activation_estimate_matches_accounting_gguf(file_type, frames, height, width, ffn_dim, peak_at):
+    cfg = DiTConfig(dim=256, ffn_dim=ffn_dim, num_heads=4, num_layers=2, text_dim=32, freq_dim=32)
+    model = gguf_model(cfg, file_type, torch.bfloat16)
+    measured = measured_activation_peak(model, frames, height, width, 2)
+    est = estimate_peak_bytes(cfg, frames, height, width, gguf=file_type, batch=2, text_tokens=TEXT_TOKENS)
+    assert est["peak_at"] == peak_at
+    assert est["activations"] == pytest.approx(measured, rel=ACTIVATION_TOLERANCE), (est, measured)
+
+
+def test_the_small_card_table_is_the_memory_models():
+    from wan22_core.memory import min_swap_blocks, small_card_table
+
+    cfg = DiTConfig()
+    table = small_card_table(cfg)
+    need = min_swap_blocks(cfg, 81, 720, 1280, 16 * GIB, gguf="Q4_K_M", batch=1)
+    row = next(line for line in table.splitlines() if line.startswith("| 16 GB | 720p | --no-batch-cfg |"))
+    assert row.split(" | ")[6] == f"block_swap {need}" and 0 < need < cfg.num_layers
+    assert "| (one expert) | | | 15.4 GB | 12.0 GB | 10.8 GB | 9.6 GB | 7.2 GB | 5.3 GB |" in table
+
+
+def test_the_readmes_small_card_recipe_is_the_memory_models():
+    """README "Small cards: which GGUF file": every cell is what small_card_advice says."""
+    import re
+    from pathlib import Path
+
+    from wan22_core.memory import SMALL_CARD_QUANTS, small_card_advice
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Small cards: which GGUF file")[1].split("\n\n", 3)[2]
+    rows = [line for line in section.splitlines() if re.match(r"\| \d+ GB \|", line)]
+    assert len(rows) == 4
+    columns = [("480p", 2), ("480p", 1), ("720p", 2), ("720p", 1)]
+    for row in rows:
+        card, *cells = [c.strip() for c in row.strip("|").split("|")]
+        gib = int(card.split()[0])
+        for (video, batch), cell in zip(columns, cells):
+            advice = lambda quant: small_card_advice(DiTConfig(), gib, video, batch, quant)  # noqa: E731
+            if cell == "does not fit":
+                assert all(advice(q) == "no" for q in SMALL_CARD_QUANTS), (gib, video, batch)
+            elif cell == "every file with swap":
+                assert all(advice(q) == "swap_experts" for q in SMALL_CARD_QUANTS), (gib, video, batch)
+            else:
+                for quant, how in re.findall(r"(Q\w+) (swap|bs \d+)", cell):
+                    assert advice(quant) == ("swap_experts" if how == "swap" else f"block_swap {how[3:]}"), \
+                        (gib, video, batch, quant)

@@ -27,7 +27,7 @@ from reference import rel_l2
 
 from wan22_core.config import TINY
 from wan22_core.models.transformer import WanModel
-from wan22_core.tiny import make_tiny, write_tiny_lora
+from wan22_core.tiny import GGUF_FILES, make_tiny, write_tiny_lora
 from wan22_core.video import read_mp4_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +36,7 @@ API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.json"))
 UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
 HIGH, LOW = "wan2.2_t2v_high_noise_14B_fp16.safetensors", "wan2.2_t2v_low_noise_14B_fp16.safetensors"
 TEXT_ENCODER, VAE = "umt5_xxl_fp16.safetensors", "wan_2.1_vae.safetensors"
+GGUF_NAMES = [name.format(quant="Q8_0") for name in GGUF_FILES]  # high, low, text encoder
 # ComfyUI's own Wan2.2 T2V template names for the lightx2v 4-step LoRAs.
 LORA_HIGH = "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors"
 LORA_LOW = "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors"
@@ -43,7 +44,6 @@ STYLE_LORA = "style_lora.safetensors"
 # Tiny sizes for the tiny models: 32x32 px = 2x2 tokens, 5 frames = 2 latent frames.
 TINY_SIZE = {"width": 32, "height": 32, "frames": 5}
 TINY_SETTINGS = {**TINY_SIZE, "steps": 3}
-CPU2 = ("cpu:2", 0, True, False)  # Wan22MultiGPUConfig inputs: 2 CPU ranks, 2-way Ulysses, FSDP
 TOL = 1e-5  # relative L2, fp32: the worker group and LoRA modes against the in-process sampler
 
 # The issue's node table: class -> (required inputs, optional inputs), in INPUT_TYPES order.
@@ -54,11 +54,11 @@ CONTRACT = {
                             ["swap_blocks", "compile"]),
     "Wan22LoRA": (["model", "lora_high", "lora_low", "strength_high", "strength_low", "lora_mode"], []),
     "Wan22VAELoader": (["vae_name"], []),
-    "Wan22MultiGPUConfig": (["gpus", "ulysses_degree", "fsdp", "cfg_parallel"], []),
+    "Wan22MultiGPUConfig": (["gpus", "ulysses_degree", "ring_degree", "fsdp", "cfg_parallel"], []),
     "Wan22MoESampler": (["model", "embeds", "width", "height", "frames", "steps", "cfg_high", "cfg_low", "boundary",
-                         "shift", "solver", "seed"], ["latent", "denoise", "parallel", "step_cache"]),
+                         "shift", "solver", "seed"], ["latent", "denoise", "parallel", "videos", "step_cache"]),
     "Wan22VAEDecode": (["vae", "samples", "tiled"], ["parallel"]),
-    "Wan22SaveVideo": (["images", "fps", "filename_prefix"], []),
+    "Wan22SaveVideo": (["images", "fps", "filename_prefix"], ["videos"]),
 }
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 VIRTUAL_NODES = ("Note", "MarkdownNote", "Reroute")
@@ -104,8 +104,14 @@ def write_tiny_loras(models: Path) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
-    """Tiny checkpoints in ComfyUI's model-folder layout, under the Comfy-Org file names, and tiny LoRAs."""
-    models = make_tiny(tmp_path_factory.mktemp("comfy") / "models", "comfy")
+    """Tiny checkpoints in ComfyUI's model-folder layout, under the Comfy-Org file names, the same
+    model as GGUF Q8_0 experts and encoder beside them (QuantStack's and city96's names), and tiny LoRAs."""
+    root = tmp_path_factory.mktemp("comfy")
+    models = make_tiny(root / "models", "comfy")
+    gguf = make_tiny(root / "gguf", "gguf", quant="Q8_0")
+    for name in GGUF_NAMES:
+        folder = "text_encoders" if name.startswith("umt5") else "diffusion_models"
+        shutil.copy(gguf / folder / name, models / folder / name)
     write_tiny_loras(models)
     return models
 
@@ -394,6 +400,11 @@ def test_swap_block_advice_is_the_memory_models():
     assert f"`swap_blocks` {need[24]} (720p, bf16; {need[32]} on a 32 GB card)" in note
     tooltip = input_spec(MAPPINGS["Wan22MoEModelLoader"])["swap_blocks"][1]["tooltip"]
     assert f"about {need[24]} on a 24 GB card and {need[32]} on a 32 GB card" in tooltip
+    gguf = {(gib, video, quant): min_swap_blocks(A14B.dit, FRAMES, *size, gib * GIB, gguf=quant)
+            for gib, video, size in ((24, "720p", (HEIGHT, WIDTH)), (16, "480p", (480, 832)))
+            for quant in ("Q8_0", "Q4_K_M")}
+    assert (f"on 24 GB at 720p Q8_0 {gguf[24, '720p', 'Q8_0']} and Q4_K_M {gguf[24, '720p', 'Q4_K_M']}, on 16 GB "
+            f"at 480p Q8_0 {gguf[16, '480p', 'Q8_0']} and Q4_K_M {gguf[16, '480p', 'Q4_K_M']}") in tooltip
 
 
 @pytest.mark.parametrize("ui_path", UI_WORKFLOWS, ids=lambda p: p.name)
@@ -406,12 +417,14 @@ def test_multigpu_workflow_connects_the_config_to_the_sampler_and_the_decode():
     workflow = json.loads((WORKFLOWS / "wan22_t2v_a14b_multigpu.json").read_text())
     by_type = {n["type"]: n for n in workflow["nodes"]}
     config, sampler, decode = by_type["Wan22MultiGPUConfig"], by_type["Wan22MoESampler"], by_type["Wan22VAEDecode"]
-    assert config["widgets_values"] == ["all", 0, True, False]
+    assert config["widgets_values"] == ["all", 0, 0, True, False]  # gpus, ulysses and ring auto, fsdp, no CFG split
     links = [link[3:] for link in workflow["links"] if link[1] == config["id"]]
     slots = {node["id"]: [i["name"] for i in node["inputs"]].index("parallel") for node in (sampler, decode)}
     assert links == [[node, slot, "WAN22_PARALLEL"] for node, slot in slots.items()]
     assert sampler["widgets_values"][:9] == [1280, 720, 81, 40, 4.0, 3.0, 0.875, 12.0, "unipc"]
-    assert "cpu:2" in by_type["MarkdownNote"]["widgets_values"][0]
+    note = by_type["MarkdownNote"]["widgets_values"][0]
+    assert "cpu:3" in note and "`ring_degree`" in note and "`6 GPUs: CFG 1 x Ulysses 2 x Ring 3`" in note
+    assert engine("parallel").parallel_config("cpu:6", num_heads=40).plan.describe("GPU") in note  # the split it names
 
 
 def test_4step_workflow_uses_the_lightx2v_loras_and_the_distilled_settings():
@@ -547,10 +560,16 @@ def fake_comfyui(models_dir, tmp_path, monkeypatch):
         if interrupted():
             raise FakeInterrupt()
 
+    registry = {folder: ([str(models_dir / folder)], {".safetensors"}) for folder in ("diffusion_models", "vae",
+                                                                                     "text_encoders", "loras")}
+
+    def files(folder):
+        paths, extensions = registry[folder]
+        return {p.name: p for path in paths for p in Path(path).iterdir() if p.suffix in extensions}
+
     folder_paths = types.SimpleNamespace(
-        get_filename_list=lambda folder: sorted(p.name for p in (models_dir / folder).iterdir()),
-        get_full_path=lambda folder, name: str(models_dir / folder / name) if (models_dir / folder / name).is_file()
-        else None,
+        folder_names_and_paths=registry, get_filename_list=lambda folder: sorted(files(folder)),
+        get_full_path=lambda folder, name: str(files(folder)[name]) if name in files(folder) else None,
         get_output_directory=lambda: str(tmp_path / "comfy_output"))
     cpu = torch.device("cpu")
     model_management = types.SimpleNamespace(
@@ -676,6 +695,53 @@ def test_fp8_weight_dtypes_store_fp8_and_pick_the_matmul(runtime):
     assert torch.isfinite(sample(model, embeds)["samples"]).all()
 
 
+def test_gguf_files_are_listed_and_their_experts_stay_quantised(runtime):
+    quant = engine("quant")
+    spec = input_spec(MAPPINGS["Wan22MoEModelLoader"])
+    assert set(GGUF_NAMES[:2]) <= set(spec["high_noise_model"][0]) and HIGH in spec["high_noise_model"][0]
+    assert GGUF_NAMES[2] in input_spec(MAPPINGS["Wan22TextEncoderLoader"])["text_encoder"][0]
+    (model,) = MAPPINGS["Wan22MoEModelLoader"]().load(*GGUF_NAMES[:2], "auto", "auto", "auto")
+    layers = [m for m in model.experts(CPU)[0].get("low").modules() if isinstance(m, quant.GGUFLinear)]
+    assert layers and {(m.weight.dtype, m.qtype.name) for m in layers} == {(torch.uint8, "Q8_0")}
+    with pytest.raises(ValueError, match="is a GGUF expert: .*weight_dtype fp8 does not apply, choose auto"):
+        MAPPINGS["Wan22MoEModelLoader"]().load(*GGUF_NAMES[:2], "fp8_e4m3fn", "auto", "auto")[0].experts(CPU)
+    (encoder,) = MAPPINGS["Wan22TextEncoderLoader"]().load(GGUF_NAMES[2], "cpu", "auto")
+    assert encoder.encoder.load_report.layout == "gguf"
+
+
+def test_inside_comfyui_gguf_files_are_listed_from_every_expert_and_encoder_folder(models_dir, tmp_path, monkeypatch):
+    """ComfyUI's folder lists filter by its extensions (no .gguf); the runtime's GGUF twins share
+    each folder's path list: models/unet and models/clip included, and paths added later too."""
+    root = tmp_path / "models"
+    for sub in ("diffusion_models", "unet", "text_encoders", "clip"):
+        (root / sub).mkdir(parents=True)
+    shutil.copy(models_dir / "diffusion_models" / HIGH, root / "diffusion_models")
+    shutil.copy(models_dir / "diffusion_models" / GGUF_NAMES[0], root / "diffusion_models")
+    shutil.copy(models_dir / "diffusion_models" / GGUF_NAMES[1], root / "unet")
+    shutil.copy(models_dir / "text_encoders" / GGUF_NAMES[2], root / "clip")
+    extensions = {".safetensors", ".pth"}  # ComfyUI's supported_pt_extensions, in short
+    registry = {"diffusion_models": ([str(root / "unet"), str(root / "diffusion_models")], extensions),
+                "text_encoders": ([str(root / "text_encoders")], extensions)}
+
+    def listed(folder):
+        paths, allowed = registry[folder]
+        return sorted(p.name for path in paths for p in Path(path).iterdir() if not allowed or p.suffix in allowed)
+
+    def full_path(folder, name):
+        return next((str(Path(p) / name) for p in registry[folder][0] if name in listed(folder) and
+                     (Path(p) / name).is_file()), None)
+
+    fake = types.SimpleNamespace(folder_names_and_paths=registry, get_filename_list=listed, get_full_path=full_path)
+    monkeypatch.setattr(ADAPTER, "folder_paths", fake)
+    monkeypatch.setattr(ADAPTER, "runtime", ADAPTER.ComfyRuntime())
+    registry["text_encoders"][0].append(str(root / "clip"))  # as extra_model_paths.yaml adds a path later
+    assert input_spec(MAPPINGS["Wan22MoEModelLoader"])["low_noise_model"][0] == sorted([HIGH, *GGUF_NAMES[:2]])
+    assert input_spec(MAPPINGS["Wan22TextEncoderLoader"])["text_encoder"][0] == [GGUF_NAMES[2]]
+    assert listed("diffusion_models") == [HIGH]  # ComfyUI's own list is unchanged
+    (model,) = MAPPINGS["Wan22MoEModelLoader"]().load(*GGUF_NAMES[:2], "auto", "auto", "auto")
+    assert model.low_noise == root / "unet" / GGUF_NAMES[1]
+
+
 def test_fp8_scaled_files_stay_fp8_with_auto(tmp_path, monkeypatch):
     fp8_dir = make_tiny(tmp_path / "fp8", "comfy-fp8")
     monkeypatch.setattr(ADAPTER, "runtime", ADAPTER.StandaloneRuntime(fp8_dir, tmp_path / "out"))
@@ -701,8 +767,8 @@ def test_save_video_never_overwrites_and_reports_the_file(runtime):
 # Multi-GPU: the sampler's parallel input drives the worker group (2 CPU ranks on gloo)
 
 
-def multigpu_config(gpus="cpu:2", ulysses_degree=0, fsdp=True, cfg_parallel=False):
-    (config,) = MAPPINGS["Wan22MultiGPUConfig"]().configure(gpus, ulysses_degree, fsdp, cfg_parallel)
+def multigpu_config(gpus="cpu:2", ulysses_degree=0, fsdp=True, cfg_parallel=False, ring_degree=0):
+    (config,) = MAPPINGS["Wan22MultiGPUConfig"]().configure(gpus, ulysses_degree, ring_degree, fsdp, cfg_parallel)
     return config
 
 
@@ -775,11 +841,14 @@ def test_invalid_multigpu_settings_fail_before_any_process_starts(fake, monkeypa
     config_node, before = MAPPINGS["Wan22MultiGPUConfig"](), children_of(os.getpid())
     with pytest.raises(ValueError, match=r"ulysses degree 3 does not divide the 40 attention heads; "
                                          r"valid degrees: 1, 2, 4, 5, 8, 10, 20, 40"):
-        config_node.configure("cpu:3", 3, True, False)
+        config_node.configure("cpu:3", 3, 0, True, False)
     with pytest.raises(ValueError, match="cfg_parallel needs an even number of ranks"):
-        config_node.configure("cpu:3", 0, True, True)
+        config_node.configure("cpu:3", 0, 0, True, True)
     with pytest.raises(ValueError, match="is not 'all', a list of GPU indices"):
-        config_node.configure("gpu0", 0, True, False)
+        config_node.configure("gpu0", 0, 0, True, False)
+    with pytest.raises(ValueError, match=r"3 ranks cannot be split into cfg_parallel 1 x ulysses 1 x ring 2 = 2; "
+                                         r"valid ring degrees with ulysses 1: 1, 3"):
+        config_node.configure("cpu:3", 0, 2, True, False)
     embeds, model, _ = load_all()
     eight = multigpu_config("cpu:8", 8)  # fine for A14B's 40 heads, not for the tiny model's 4
     with pytest.raises(ValueError, match="ulysses degree 8 does not divide the 4 attention heads"):
@@ -792,6 +861,8 @@ def test_invalid_multigpu_settings_fail_before_any_process_starts(fake, monkeypa
         (model_with,) = loader.load(HIGH, LOW, weight_dtype, "auto", offload, 20, compile)
         with pytest.raises(ValueError, match=re.escape(f"not on the multi-GPU path: {message}")):
             sample(model_with, embeds, parallel=multigpu_config())
+    with pytest.raises(ValueError, match=r"ulysses 2 x ring 1 = 2 sequence ranks but the video has only 1 tokens"):
+        sample(model, embeds, frames=1, width=16, height=16, parallel=multigpu_config())
     assert children_of(os.getpid()) == before
 
 
@@ -932,7 +1003,7 @@ def test_loras_on_the_worker_group_equal_in_process(fake):
     here = run_sampler(with_lora, embeds)
     there = run_sampler(with_lora, embeds, parallel=multigpu_config())
     assert rel_l2(there["result"][0]["samples"], here["result"][0]["samples"]) <= TOL
-    assert there["ui"] == here["ui"]  # the same reports from the ranks' merge
+    assert there["ui"]["lora_report"] == here["ui"]["lora_report"]  # the same reports from the ranks' merge
 
 
 # ---------------------------------------------------------------------------------------------
@@ -994,3 +1065,40 @@ def test_compile_runs_once_per_loaded_expert_and_changing_it_reloads(runtime, mo
     assert CACHE.loads == loads + 2 and len(compiled) == 2
     with pytest.raises(ValueError, match="compile and offload='block_swap' do not combine"):
         loader.load(HIGH, LOW, "auto", "auto", "block_swap", 1, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-GPU with any rank count: ring attention and replicas (3 CPU ranks; last, as they rebuild the group)
+
+
+def test_three_ranks_run_ring_attention_and_the_sampler_reports_the_split(fake):
+    """gpus cpu:3 with both degrees auto: 3 does not divide the heads, so the ring takes all three;
+    8 tokens do not divide by 3 either (the padded keys stay masked)."""
+    embeds, model, _ = load_all()
+    here = sample(model, embeds)["samples"]
+    there = run_sampler(model, embeds, parallel=multigpu_config("cpu:3"))
+    assert rel_l2(there["result"][0]["samples"], here) <= TOL
+    assert there["ui"]["parallel_split"] == ["3 CPU ranks: CFG 1 x Ulysses 1 x Ring 3"]
+    assert (current_group().plan.ulysses, current_group().plan.ring) == (1, 3)
+
+
+def test_a_batch_runs_side_by_side_on_replicas_and_is_saved_as_one_mp4_each(fake):
+    """ulysses 1 x ring 1 on 3 ranks: 3 replicas (FSDP over all three) for 2 videos, so the third
+    replica repeats one and drops it; the same two videos as one after another in this process."""
+    embeds, model, vae = load_all()
+    here = sample(model, embeds, videos=2)["samples"]
+    assert torch.equal(here[1], sample(model, embeds, seed=8)["samples"][0])  # the second video is seed + 1
+    fake.updates.clear()
+    there = run_sampler(model, embeds, videos=2, parallel=multigpu_config("cpu:3", ulysses_degree=1, ring_degree=1))
+    assert rel_l2(there["result"][0]["samples"], here) <= TOL and not torch.equal(here[0], here[1])
+    assert there["ui"]["parallel_split"] == ["3 CPU ranks: CFG 1 x Ulysses 1 x Ring 1 x 3 replicas, one video each"]
+    assert [value for value, _ in fake.updates] == [1, 2, 3]  # one round: both videos at once
+    (frames,) = MAPPINGS["Wan22VAEDecode"]().decode(vae, there["result"][0], False)
+    saved = MAPPINGS["Wan22SaveVideo"]().save(frames, 16.0, "wan22/batch", videos=2)["ui"]["images"]
+    assert [image["filename"] for image in saved] == ["batch_00001.mp4", "batch_00002.mp4"]
+    for image in saved:
+        assert read_mp4_info(fake.output_dir / "wan22" / image["filename"])["frames"] == TINY_SIZE["frames"]
+    with pytest.raises(ValueError, match="10 frames do not split into videos=3 videos"):
+        MAPPINGS["Wan22SaveVideo"]().save(frames, 16.0, "wan22/batch", videos=3)
+    with pytest.raises(ValueError, match="with a latent connected its batch decides"):
+        sample(model, embeds, videos=2, latent=there["result"][0])

@@ -268,40 +268,41 @@ bad_gpus = st.one_of(no_decimal_digit, st.sampled_from(  # '²' is a digit to st
 gpus_and_ranks = mostly(cpu_ranks(), st.one_of(cuda_ranks(), st.tuples(bad_gpus, st.none())))
 
 
-def parallel_problems(ranks, ulysses, fsdp, cfg_parallel, heads, heartbeat) -> list[str]:
+def parallel_problems(ranks, ulysses, ring, cfg_parallel, heads, heartbeat) -> list[str]:
     """Words a refusal may name, one per README rule broken; [] for a valid config. `ranks`: how
     many the gpus string names (None: not a valid gpus string on this machine)."""
     problems = [] if number(heartbeat) > 0 else ["heartbeat_timeout"]  # seconds; inf is no bound
-    if not (is_whole(ulysses) and ulysses >= 0):
-        problems.append("ulysses")
+    for name, value in (("ulysses", ulysses), ("ring", ring)):
+        if not (is_whole(value) and value >= 0):
+            problems.append(name)
     if ranks is None:
         return problems + ["gpus"]
     if cfg_parallel and ranks % 2:  # cond and uncond on two halves of the ranks
         return problems + ["cfg_parallel"]
-    if "ulysses" in problems:
+    if problems:
         return problems
-    groups = 2 if cfg_parallel else 1
-    degree = ulysses or ranks // groups  # 0: all ranks of a CFG half
-    if heads % degree:  # Ulysses scatters whole heads
-        problems.append("ulysses")
-    if ranks % (degree * groups):
-        problems.append("ranks")
-    elif ranks > degree * groups and not fsdp:  # the extra ranks are replicas, useful only to shard weights
-        problems.append("fsdp")
-    return problems
+    half = ranks // (2 if cfg_parallel else 1)
+    if ulysses and heads % ulysses:  # Ulysses scatters whole heads
+        return ["ulysses"]
+    if half % ((ulysses or 1) * (ring or 1)):  # the set degrees must fit the ranks (0 = auto fills the rest)
+        return ["ranks"]
+    return []
 
 
 @FAST
 @given(gpus=gpus_and_ranks,
        ulysses=mostly(st.sampled_from([0, 1, 2, 4]), st.one_of(st.integers(-2, 64), st.booleans(), st.none(),
                                                                 st.floats(0, 4), st.integers(1, 4).map(np.int64))),
+       ring=mostly(st.sampled_from([0, 0, 1, 2, 3]), st.one_of(st.integers(-2, 9), st.booleans(), st.none(),
+                                                               st.floats(0, 4))),
        fsdp=st.booleans(), cfg_parallel=st.booleans(), heads=mostly(st.just(40), st.integers(1, 64)),
        heartbeat=mostly(st.one_of(st.floats(0, exclude_min=True), st.integers(1, 100)), other_values))
-def test_parallel_configs_are_accepted_iff_valid(gpus, ulysses, fsdp, cfg_parallel, heads, heartbeat):
+def test_parallel_configs_are_accepted_iff_valid(gpus, ulysses, ring, fsdp, cfg_parallel, heads, heartbeat):
     text, ranks = gpus
-    problems = parallel_problems(ranks, ulysses, fsdp, cfg_parallel, heads, heartbeat)
+    problems = parallel_problems(ranks, ulysses, ring, cfg_parallel, heads, heartbeat)
     try:
-        config = parallel_config(text, ulysses, fsdp, cfg_parallel, num_heads=heads, heartbeat_timeout=heartbeat)
+        config = parallel_config(text, ulysses, fsdp, cfg_parallel, ring_degree=ring, num_heads=heads,
+                                 heartbeat_timeout=heartbeat)
     except ValueError as err:
         assert problems, f"valid config refused: {err}"
         assert any(word in str(err) for word in problems), (problems, str(err))
@@ -309,9 +310,15 @@ def test_parallel_configs_are_accepted_iff_valid(gpus, ulysses, fsdp, cfg_parall
     assert not problems, f"accepted with bad {problems}"
     plan = config.plan
     assert len(config.devices) == plan.world_size == ranks and plan.cfg_parallel == (2 if cfg_parallel else 1)
-    assert plan.ulysses == (ulysses or ranks // plan.cfg_parallel) and (plan.replicas == 1 or plan.fsdp)
+    half = ranks // plan.cfg_parallel
+    assert plan.ulysses == (ulysses or max(d for d in range(1, heads + 1)
+                                           if heads % d == 0 and (half // (ring or 1)) % d == 0))
+    assert plan.ring == (ring or half // plan.ulysses)  # auto: the ring takes what Ulysses leaves
+    assert plan.replicas * plan.sequence_degree == half
+    assert plan.replicas == 1 or ring  # ranks are left over only when the ring degree is set
     assert config.heartbeat_timeout == number(heartbeat)
-    assert sorted(g for group in plan.ulysses_groups() for g in group) == list(range(ranks))
+    for groups in (plan.ulysses_groups(), plan.ring_groups(), plan.sequence_groups(), plan.cfg_groups()):
+        assert sorted(g for group in groups for g in group) == list(range(ranks))
 
 
 # ---------------------------------------------------------------------------------------------

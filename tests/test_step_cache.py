@@ -119,6 +119,32 @@ def test_cond_and_uncond_share_one_decision(batch_cfg, cfg, forwards_per_pass):
     assert rel_l2(cached, exact) <= 2e-7  # float32 rounding; measured 2.2e-8 (CFG 4), 4.3e-8 (CFG 1)
 
 
+def test_a_replica_that_would_reuse_runs_the_forward_while_another_runs_and_keeps_its_own_result():
+    """Replicas vote (`agree`): at every vote here another replica runs, so this one runs the
+    forward too (FSDP's all-gathers need every rank) but returns its reuse, as alone."""
+    alone_experts = {HIGH: ShiftExpert(0.5), LOW: ShiftExpert(-0.25)}
+    alone = StepCache(0.05)
+    expected, _ = sample(alone_experts, alone)
+    votes = []
+
+    def another_replica_runs(reuse: bool) -> bool:
+        votes.append(reuse)
+        return False
+
+    experts = {HIGH: ShiftExpert(0.5), LOW: ShiftExpert(-0.25)}
+    joint = StepCache(0.05, agree=another_replica_runs)
+    got, _ = sample(experts, joint)
+    assert torch.equal(got, expected) and joint.ran == alone.ran  # the decisions and the video as alone
+    assert experts[HIGH].calls + experts[LOW].calls == SETTINGS.steps  # but every step ran a forward
+    may_reuse = SETTINGS.steps - 2 * STEP_CACHE_WARMUP - 1  # one vote per step that may reuse, on every rank
+    assert votes == [True] * may_reuse  # (every such step is reused here)
+
+    experts = {HIGH: ShiftExpert(0.5), LOW: ShiftExpert(-0.25)}
+    everyone = StepCache(0.05, agree=lambda reuse: reuse)  # all replicas reuse: the pass is saved
+    assert torch.equal(sample(experts, everyone)[0], expected)
+    assert experts[HIGH].calls + experts[LOW].calls == alone.passes_run
+
+
 def test_reused_velocities_stay_within_the_threshold_of_the_model():
     """A constant velocity: its transformation v - x moves exactly as fast as x (rate 1), so reuse
     drifts by x_n - x_tau. The estimate sees that (the authors' output-change rate would be 0 and

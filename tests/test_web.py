@@ -81,12 +81,13 @@ def test_the_label_refuses_what_the_engine_refuses():
     assert float(re.search(r"export const MIN_SHIFT = ([\d.]+);", js).group(1)) == MIN_SHIFT
 
 
-def test_the_status_event_and_the_run_report_keys_match_the_nodes():
+def test_the_status_event_and_the_ui_keys_match_the_nodes():
     js_event = re.search(r'export const EVENT = "([^"]+)"', (ROOT / "web/js/worker_status.js").read_text()).group(1)
     assert js_event == python_constant(ROOT / "nodes/comfy_adapter.py", "WORKER_STATUS_EVENT")
     sampler, extension = (ROOT / "nodes/sampler.py").read_text(), (ROOT / "web/js/wan22_moe.js").read_text()
-    assert '{"ui": {"lora_report": ' in sampler and "output?.lora_report" in extension
-    assert '"step_cache": passes}' in sampler and "output?.step_cache" in extension
+    assert 'ui = {"lora_report": ' in sampler and "output?.lora_report" in extension
+    assert 'ui["parallel_split"] = ' in sampler and "output?.parallel_split" in extension
+    assert '"step_cache": [passes_summary(' in sampler and "output?.step_cache" in extension
 
 
 def test_the_oldest_tested_frontend_is_the_pinned_floor_and_the_readme_names_both():

@@ -96,6 +96,7 @@ DEFAULT_NEGATIVE_PROMPT = (
 
 SOLVERS = ("unipc", "dpm++", "euler")
 MAX_STEPS = 10000  # as ComfyUI's KSampler
+MAX_VIDEOS = 64  # videos of one sampler batch in the nodes: more is a typo, not a plan
 # Smallest flow shift: below ~1e-16, 1 + (shift - 1) * sigma rounds to 0 at sigma 1 and the schedule
 # turns to NaN; nothing near this is useful (Wan2.2 uses 12, distilled LoRAs 5, shift 1 is no shift).
 MIN_SHIFT = 0.001

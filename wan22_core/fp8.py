@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant import GGUFLinear
+from .quant.swap import replace_linears
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448: the largest finite e4m3fn value
 COMPUTE_MODES = ("auto", "dequant", "scaled_mm")
@@ -130,11 +133,11 @@ class FP8Linear(nn.Module):
 
 
 def block_linears(model: nn.Module, under: str = "blocks.") -> dict[str, nn.Module]:
-    """{qualified name: layer} for the Linears inside `under` (`nn.Linear`, or `FP8Linear` once
-    swapped): the ones Comfy-Org's files store as fp8 (a DiT's `blocks.`, UMT5's `encoder.block.`),
-    and the ones a DiT's blocks call through `forward`."""
+    """{qualified name: layer} for the Linears inside `under` (`nn.Linear`, or `FP8Linear` /
+    `GGUFLinear` once swapped): the ones Comfy-Org's files store as fp8 and GGUF files quantise
+    (a DiT's `blocks.`, UMT5's `encoder.block.`), and the ones a DiT's blocks call through `forward`."""
     return {name: module for name, module in model.named_modules()
-            if name.startswith(under) and isinstance(module, (nn.Linear, FP8Linear))}
+            if name.startswith(under) and isinstance(module, (nn.Linear, FP8Linear, GGUFLinear))}
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
@@ -145,15 +148,9 @@ def block_linear_names(model: nn.Module) -> list[str]:
 def swap_to_fp8(model: nn.Module, names: list[str], with_scale_input: set[str] = frozenset(),
                 bias_dtype: torch.dtype = torch.bfloat16) -> None:
     """Replace the named `nn.Linear`s by empty `FP8Linear`s on the same device (meta before loading)."""
-    for name in names:
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear; only Linears can hold fp8")
-        parent_name, _, child = name.rpartition(".")
-        replacement = FP8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                scale_input=name in with_scale_input, device=linear.weight.device,
-                                bias_dtype=bias_dtype)
-        setattr(model.get_submodule(parent_name), child, replacement)
+    replace_linears(model, names, lambda name, linear: FP8Linear(
+        linear.in_features, linear.out_features, bias=linear.bias is not None, scale_input=name in with_scale_input,
+        device=linear.weight.device, bias_dtype=bias_dtype), holds="fp8")
 
 
 def quantize_block_linears(model: nn.Module) -> None:

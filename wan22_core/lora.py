@@ -27,6 +27,12 @@ Unmerged: the low-rank terms of the block Linears run as a side branch of the la
 (strength * scale * (x @ down^T) @ up^T), so a strength change is a number change. Everything
 else a LoRA touches (full deltas, embeddings, head: called outside `forward` or not Linears) is
 merged in both modes.
+
+GGUF experts: a block Linear held in GGUF blocks cannot take a merge without re-quantising (a
+second rounding, and a slow K-quant search), so its low-rank terms always run as the side branch,
+in both modes (the layer's output is then exactly F.linear with the dequantised weight plus the
+branch); a full delta (`.diff`) of such a weight is refused. Its bias, the norms, modulations and
+everything outside the blocks are plain floats and merge as usual.
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ from .checkpoints import Checkpoint, identify
 from .checkpoints.keymaps import dit_official_to_diffusers
 from .errors import Wan22Error
 from .fp8 import FP8, FP8Linear, block_linears, dequantize_fp8, fp8_scale, to_fp8
+from .quant import GGUFLinear
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +369,16 @@ class LoraDeltas:
         return values
 
 
+def parameter_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """{name: shape} of the weights a LoRA is matched against: a GGUF layer's weight is
+    [out_features, in_features] numbers, not its parameter's [out_features, bytes per row]."""
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    for name, module in model.named_modules():
+        if isinstance(module, GGUFLinear):
+            shapes[f"{name}.weight"] = torch.Size((module.out_features, module.in_features))
+    return shapes
+
+
 def _terms(bound: Sequence[tuple[BoundLora, float]]) -> dict[str, tuple[Term, ...]]:
     """{parameter: its terms in list order}; zero strengths contribute nothing and are left out."""
     terms: dict[str, list[Term]] = {}
@@ -470,7 +487,7 @@ def _add_branch(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
 
 
 def _compute_dtype(layer: nn.Module) -> torch.dtype:
-    if isinstance(layer, FP8Linear):
+    if isinstance(layer, (FP8Linear, GGUFLinear)):
         return layer.bias.dtype if layer.bias is not None else torch.bfloat16
     return layer.weight.dtype
 
@@ -511,7 +528,8 @@ def apply_loras(model: nn.Module, specs: Sequence[LoraSpec], mode: str = "merge"
     """Make exactly `specs` applied to `model` (one expert), in place; `[]` removes all LoRAs.
 
     mode "merge" merges them into the weights (no cost per step); "unmerged" runs the block
-    Linears' low-rank terms on the fly (strength changes cost nothing). Files already applied are
+    Linears' low-rank terms on the fly (strength changes cost nothing); GGUF block Linears run
+    theirs on the fly in both modes (see the module notes). Files already applied are
     not read again, the base checkpoint never is; only parameters whose terms changed are touched.
     Every file is read and checked before any weight changes. Needs whole tensors (no FSDP shards:
     there, merge while loading with `lora_deltas`).
@@ -526,9 +544,10 @@ def apply_loras(model: nn.Module, specs: Sequence[LoraSpec], mode: str = "merge"
         if not isinstance(spec, LoraSpec):
             raise TypeError(f"apply_loras takes LoraSpec items, got {type(spec).__name__}")
     parameters = dict(model.named_parameters())
-    wanted, reports = lora_deltas(specs, {n: p.shape for n, p in parameters.items()}, reuse=state.merged)
+    wanted, reports = lora_deltas(specs, parameter_shapes(model), reuse=state.merged)
     layers = {f"{name}.weight": layer for name, layer in block_linears(model).items()}
-    on_the_fly = set(layers) if mode == "unmerged" else set()
+    quantised = {name for name, layer in layers.items() if isinstance(layer, GGUFLinear)}
+    on_the_fly = set(layers) if mode == "unmerged" else quantised
     merged_terms, branches = {}, {}  # the low-rank terms of on-the-fly layers become branches
     for name, terms in wanted.terms.items():
         kept = tuple(t for t in terms if t[1] != LOW_RANK or name not in on_the_fly)
@@ -539,6 +558,7 @@ def apply_loras(model: nn.Module, specs: Sequence[LoraSpec], mode: str = "merge"
         if branch:
             branches[name] = branch
     merged = LoraDeltas(wanted.bound, merged_terms)
+    _refuse_quantised_diffs(merged, quantised, layers)
 
     setattr(model, _STATE_ATTR, _LoraState(state.merged, state.branches, complete=False))
     with torch.no_grad():
@@ -548,6 +568,15 @@ def apply_loras(model: nn.Module, specs: Sequence[LoraSpec], mode: str = "merge"
         _set_branches(layers, state.branches, branches, merged.bound)
     setattr(model, _STATE_ATTR, _LoraState(merged, branches))
     return reports
+
+
+def _refuse_quantised_diffs(merged: LoraDeltas, quantised: set[str], layers: dict[str, nn.Module]) -> None:
+    """LoraError (before any weight changes) when a full delta targets a weight held in GGUF blocks."""
+    for name in sorted(quantised & merged.names):
+        key = next(key for key, kind, _ in merged.terms[name] if kind == DIFF)
+        raise LoraError(f"{merged.bound[key].file.path.name} has a full delta (.diff) for {name}, which this expert "
+                        f"holds as GGUF {layers[name].qtype.name} blocks; adding it would re-quantise the layer: use "
+                        "a low-rank LoRA, or load the expert dequantised (weight_dtype bf16/fp16) or from safetensors")
 
 
 def _remerge_parameter(model: nn.Module, param: nn.Parameter, name: str, old: LoraDeltas, new: LoraDeltas) -> None:

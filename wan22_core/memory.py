@@ -1,6 +1,7 @@
 """Peak GPU memory of one Wan2.2 expert forward, predicted from shapes alone.
 
-    python -m wan22_core.memory          # the 720p table for every offload mode
+    python -m wan22_core.memory          # the 720p table for every offload mode, and the
+                                         # small-card table (GGUF files on 8-24 GB cards)
 
 The prediction is the peak of `torch.cuda.max_memory_allocated` during denoising:
 
@@ -24,12 +25,54 @@ from .config import FRAMES, HEIGHT, WIDTH, DiTConfig, is_integer
 from .fp8 import COMPUTE_MODES
 from .offload import OFFLOAD_MODES, expert_pair_options
 from .pipeline import latent_shape, latent_tokens
+from .quant import TYPES
 
 FP8_COMPUTE = tuple(mode for mode in COMPUTE_MODES if mode != "auto")  # the modes "auto" picks from
 FP32 = 4
 GIB = 1024**3
 CUDA_OVERHEAD = int(1.5 * GIB)  # CUDA context, cuBLAS workspace, allocator rounding: measured 1-1.5 GiB
 LINEARS_PER_BLOCK = 10  # q, k, v, o of both attentions and the two FFN layers
+BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                 "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+
+# GGUF files of the Wan experts, by the quant in their names: the type of the block Linears, and
+# the layers llama-quantize (ComfyUI-GGUF's lcpp.patch, `img_tensor_get_type`) gives a bigger one.
+# Its "first N blocks" rules (Q4_K_S's and Q3_K_M's v) are left out: under 0.2 % of an expert.
+# Predicted sizes match the published files within 0.3 % (tests/test_memory.py).
+GGUF_FILE_TYPES = {
+    "Q8_0": ("Q8_0", {}),
+    "Q6_K": ("Q6_K", {}),
+    "Q5_K_M": ("Q5_K", {"v": "Q6_K", "ffn.2": "Q6_K"}),
+    "Q5_K_S": ("Q5_K", {}),
+    "Q5_1": ("Q5_1", {}),
+    "Q5_0": ("Q5_0", {"ffn.2": "Q5_1"}),
+    "Q4_K_M": ("Q4_K", {"v": "Q6_K", "ffn.2": "Q6_K"}),
+    "Q4_K_S": ("Q4_K", {"ffn.2": "Q5_K"}),
+    "Q4_1": ("Q4_1", {}),
+    "Q4_0": ("Q4_0", {"ffn.2": "Q4_1"}),
+    "Q3_K_L": ("Q3_K", {"v": "Q5_K", "ffn.2": "Q5_K"}),
+    "Q3_K_M": ("Q3_K", {"v": "Q4_K", "ffn.2": "Q4_K"}),
+    "Q3_K_S": ("Q3_K", {}),
+    "Q2_K": ("Q2_K", {"v": "Q3_K"}),
+}
+# Bytes per weight alive at once while `quant.dequantize` turns one weight into the compute dtype
+# (2- and 4-byte), its output included: the fp32 values, their compute-dtype copy and the integer
+# codes; measured per type by tests/test_memory.py (torch.compile fuses them away).
+DEQUANT_PEAK_BYTES = {
+    "Q8_0": (6.0, 4.1875), "Q4_0": (6.0, 5.0), "Q4_1": (6.0, 5.0), "Q5_0": (6.0, 5.0), "Q5_1": (6.0, 5.0),
+    "Q2_K": (6.0, 5.5), "Q3_K": (7.0, 7.0), "Q4_K": (6.0, 5.328125), "Q5_K": (6.328125, 6.328125),
+    "Q6_K": (7.0, 7.0),
+}
+
+
+def gguf_linear_types(file_type: str) -> dict[str, str]:
+    """{block Linear (BLOCK_LINEARS): its GGUF type} in a GGUF expert file of `file_type` ("Q4_K_M")."""
+    if file_type not in GGUF_FILE_TYPES:
+        raise ValueError(f"gguf must be one of {', '.join(GGUF_FILE_TYPES)} (the quant in a GGUF file's name); "
+                         f"got {file_type!r}")
+    base, bigger = GGUF_FILE_TYPES[file_type]
+    return {name: bigger.get(name.rpartition(".")[2] if name.startswith(("self", "cross")) else name, base)
+            for name in BLOCK_LINEARS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,14 +100,27 @@ def param_counts(cfg: DiTConfig) -> dict[str, int]:
     }
 
 
-def weight_bytes(cfg: DiTConfig, weight_bytes_per_param: int) -> tuple[int, int]:
+def _linear_shapes(cfg: DiTConfig) -> dict[str, int]:
+    """Weights of each block Linear (BLOCK_LINEARS)."""
+    d, f = cfg.dim, cfg.ffn_dim
+    return {name: d * f if name.startswith("ffn") else d * d for name in BLOCK_LINEARS}
+
+
+def weight_bytes(cfg: DiTConfig, weight_bytes_per_param: int, gguf: str | None = None) -> tuple[int, int]:
     """(bytes of one block, bytes of one whole expert) on the device.
 
     2 (bf16) and 4 (fp32) apply to every parameter. 1 means ComfyUI's scaled fp8: block Linear
     weights in fp8 with one fp32 `scale_weight` buffer each, every other parameter in bf16
-    (what `wan22_core.fp8.swap_to_fp8` builds).
+    (what `wan22_core.fp8.swap_to_fp8` builds). gguf (a file type, e.g. "Q4_K_M"): the block
+    Linear weights in their GGUF blocks (`GGUFLinear`), every other parameter in the compute
+    dtype of `weight_bytes_per_param` bytes (2 or 4), as `load_dit` holds a GGUF expert.
     """
     n = param_counts(cfg)
+    if gguf is not None:
+        types = gguf_linear_types(gguf)
+        linears = sum(TYPES[types[name]].nbytes(numel) for name, numel in _linear_shapes(cfg).items())
+        block = linears + weight_bytes_per_param * n["block_other"]
+        return block, cfg.num_layers * block + weight_bytes_per_param * n["non_block"]
     if weight_bytes_per_param == 1:
         block = n["block_linear_weights"] + LINEARS_PER_BLOCK * FP32 + 2 * n["block_other"]
         rest = 2 * n["non_block"]
@@ -125,7 +181,15 @@ def _layer_norm(led: _Ledger, out: str, elems: int, rows: int) -> None:
 
 def _linear(led: _Ledger, out: str, in_elems: int, out_elems: int, weight_elems: int, c: int,
             fp8: str | None) -> None:
-    """nn.Linear, or FP8Linear in its "dequant" / "scaled_mm" compute modes (wan22_core/fp8.py)."""
+    """nn.Linear, FP8Linear in its "dequant" / "scaled_mm" compute modes (wan22_core/fp8.py), or
+    GGUFLinear (fp8 is then its GGUF type: the weight dequantised, then the matmul)."""
+    if fp8 in DEQUANT_PEAK_BYTES:  # dequantise: codes and fp32 values die inside, the compute-dtype copy lives on
+        led.new(out + ".dequant", int(weight_elems * DEQUANT_PEAK_BYTES[fp8][c == FP32]))
+        led.free(out + ".dequant")
+        led.new(out + ".weight", weight_elems * c)
+        led.new(out, out_elems * c)
+        led.free(out + ".weight")
+        return
     if fp8 == "dequant":  # the layer's weight dequantised to the compute dtype, freed after
         led.new(out + ".weight", weight_elems * c)
         led.new(out, out_elems * c)
@@ -165,8 +229,9 @@ def _rope(led: _Ledger, out: str, src: str, elems: int, c: int) -> None:
 
 
 def _attention(led: _Ledger, name: str, q_elems: int, kv_elems: int, rows: int, lse: int, d: int, c: int,
-               fp8: str | None, rope: bool) -> str:
-    """SelfAttention / CrossAttention.forward (k, v from the tokens or the text context).
+               modes: dict[str, str | None], rope: bool) -> str:
+    """SelfAttention / CrossAttention.forward (k, v from the tokens or the text context); modes:
+    `_linear`'s mode of each of "q", "k", "v", "o".
 
     Returns the name of its output; the caller frees its input after the call.
     """
@@ -174,7 +239,7 @@ def _attention(led: _Ledger, name: str, q_elems: int, kv_elems: int, rows: int, 
     # q = apply_rope(norm_q(q(x))), then k the same way: q's temporaries are gone before k's exist
     q, k = f"{name}.q", f"{name}.k"
     for t, elems, t_rows in ((q, q_elems, rows), (k, kv_elems, kv_rows)):  # k, v keep their input's size
-        _linear(led, f"{t}_lin", q_elems if t == q else kv_elems, elems, d * d, c, fp8)
+        _linear(led, f"{t}_lin", q_elems if t == q else kv_elems, elems, d * d, c, modes[t[-1]])
         _rms_norm(led, t, f"{t}_lin", elems, t_rows, c)
         led.free(f"{t}_lin")
         if rope:
@@ -182,18 +247,18 @@ def _attention(led: _Ledger, name: str, q_elems: int, kv_elems: int, rows: int, 
             led.free(t)
     if rope:
         q, k = f"{q}_rot", f"{k}_rot"
-    _linear(led, f"{name}.v", kv_elems, kv_elems, d * d, c, fp8)
+    _linear(led, f"{name}.v", kv_elems, kv_elems, d * d, c, modes["v"])
     led.new(f"{name}.sdpa", q_elems * c)  # [B, L, H, D]
     led.new(f"{name}.lse", lse)  # flash/cuDNN log-sum-exp, fp32 per (batch, head, token)
     led.free(f"{name}.lse")
-    _linear(led, f"{name}.o", q_elems, q_elems, d * d, c, fp8)
+    _linear(led, f"{name}.o", q_elems, q_elems, d * d, c, modes["o"])
     led.free(f"{name}.sdpa", q, k, f"{name}.v")
     return f"{name}.o"
 
 
 def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes: int = 2,
-                          fp8_compute: str | None = None,
-                          text_tokens: int | None = None) -> tuple[int, str, dict[str, int]]:
+                          fp8_compute: str | None = None, text_tokens: int | None = None,
+                          gguf: str | None = None) -> tuple[int, str, dict[str, int]]:
     """Most bytes live at once while one eager `WanBlock.forward` runs under torch.no_grad.
 
     Counts the block's fp32 input (the caller's loop variable holds it until the block returns)
@@ -201,8 +266,10 @@ def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes
     the weights, the text context or the RoPE tables. Returns (bytes, the tensor whose
     allocation reached the peak, bytes by tensor live at the peak).
     compute_bytes: 2 for bf16/fp16 weights, 4 for fp32. fp8_compute: None for 16/32-bit
-    Linears, "scaled_mm" or "dequant" for FP8Linear's compute modes.
+    Linears, "scaled_mm" or "dequant" for FP8Linear's compute modes. gguf: a GGUF file type
+    ("Q4_K_M") for GGUFLinears, each dequantising its own type (eager).
     """
+    modes = gguf_linear_types(gguf) if gguf is not None else dict.fromkeys(BLOCK_LINEARS, fp8_compute)
     b, n, d, c = batch, tokens, cfg.dim, compute_bytes
     s = b * n * d  # elements of one token activation [B, L, dim]
     ctx = b * text_slots(cfg, text_tokens) * d  # [B, Lc + 1, dim] (the 512-slot bound by default)
@@ -219,7 +286,8 @@ def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes
     led.free("norm1")
     led.cast("h.c", "h", c != FP32, s * c)
     led.free("h")  # unnamed in the forward: only its compute-dtype copy (or itself, in fp32) lives on
-    out = _attention(led, "self_attn", s, s, rows, lse, d, c, fp8_compute, rope=True)
+    out = _attention(led, "self_attn", s, s, rows, lse, d, c, {k: modes[f"self_attn.{k}"] for k in "qkvo"},
+                     rope=True)
     led.free("h.c")
     led.new("x1", s * FP32)  # addcmul(x, out, gate): compute dtype * fp32 gate -> fp32
     led.free(out)
@@ -228,7 +296,8 @@ def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes
     _layer_norm(led, "norm3", s, rows)
     led.cast("norm3.c", "norm3", c != FP32, s * c)
     led.free("norm3")
-    out = _attention(led, "cross_attn", s, ctx, rows, lse, d, c, fp8_compute, rope=False)
+    out = _attention(led, "cross_attn", s, ctx, rows, lse, d, c, {k: modes[f"cross_attn.{k}"] for k in "qkvo"},
+                     rope=False)
     led.free("norm3.c")
     led.new("x2", s * FP32)
     led.free(out, "x1")
@@ -239,9 +308,9 @@ def block_activation_peak(cfg: DiTConfig, tokens: int, batch: int, compute_bytes
     led.free("norm2")
     led.cast("h2.c", "h2", c != FP32, s * c)
     led.free("h2")
-    _linear(led, "ffn.0", s, hidden, d * cfg.ffn_dim, c, fp8_compute)
+    _linear(led, "ffn.0", s, hidden, d * cfg.ffn_dim, c, modes["ffn.0"])
     # the GELU runs in place on ffn.0's output (FeedForward): no new tensor
-    _linear(led, "ffn.2", hidden, s, d * cfg.ffn_dim, c, fp8_compute)
+    _linear(led, "ffn.2", hidden, s, d * cfg.ffn_dim, c, modes["ffn.2"])
     led.free("ffn.0", "h2.c")
     led.new("x_out", s * FP32)  # addcmul(x, ffn, gate)
     return led.peak, led.peak_at, led.peak_live
@@ -265,10 +334,14 @@ def video_tokens(cfg: DiTConfig, frames: int, height: int, width: int) -> int:
     return latent_tokens(latent_shape(frames, height, width), cfg.patch_size)
 
 
-def _check(weight_bytes_per_param, offload, swap_blocks, batch, fp8_compute, num_layers) -> None:
+def _check(weight_bytes_per_param, offload, swap_blocks, batch, fp8_compute, num_layers, gguf) -> None:
     if weight_bytes_per_param not in (1, 2, 4):
         raise ValueError(f"weight_bytes_per_param must be 1 (fp8), 2 (bf16/fp16) or 4 (fp32), "
                          f"got {weight_bytes_per_param!r}")
+    if gguf is not None:
+        gguf_linear_types(gguf)  # a known file type
+        if weight_bytes_per_param == 1:
+            raise ValueError("with gguf, weight_bytes_per_param is the compute dtype's (2 or 4), not fp8's 1")
     if offload not in OFFLOAD_MODES:  # no "auto" here: the estimate is for one placement
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}; got {offload!r}")
     expert_pair_options(offload, swap_blocks, False, num_layers)  # the placements the engine accepts
@@ -280,24 +353,26 @@ def _check(weight_bytes_per_param, offload, swap_blocks, batch, fp8_compute, num
 
 def estimate_peak_bytes(dit_cfg: DiTConfig, frames: int, height: int, width: int, *,
                         weight_bytes_per_param: int = 2, offload: str = "none", swap_blocks: int = 0,
-                        batch: int = 2, fp8_compute: str = "scaled_mm", text_tokens: int | None = None) -> dict:
+                        batch: int = 2, fp8_compute: str = "scaled_mm", text_tokens: int | None = None,
+                        gguf: str | None = None) -> dict:
     """Predicted peak device bytes (allocator view) of denoising a `frames` x `height` x `width` video.
 
     batch 2 is cond+uncond in one forward (the pipeline's default batch_cfg=True); 1 is
     batch_cfg=False or guidance 1. fp8_compute matters only for weight_bytes_per_param=1
     ("scaled_mm" on sm_89+ GPUs, "dequant" elsewhere). text_tokens: the prompt length (None: the
-    512-token bound). Returns ints in bytes: weights,
+    512-token bound). gguf: a GGUF expert file's type ("Q8_0", "Q4_K_M", ...; GGUF_FILE_TYPES), its
+    other parameters in the compute dtype of weight_bytes_per_param. Returns ints in bytes: weights,
     activations (= block_activations + persistent_activations), total; plus tokens and
     peak_at (the tensor whose allocation reaches the peak).
     """
-    _check(weight_bytes_per_param, offload, swap_blocks, batch, fp8_compute, dit_cfg.num_layers)
-    block, expert = weight_bytes(dit_cfg, weight_bytes_per_param)
+    _check(weight_bytes_per_param, offload, swap_blocks, batch, fp8_compute, dit_cfg.num_layers, gguf)
+    block, expert = weight_bytes(dit_cfg, weight_bytes_per_param, gguf)
     weights = {"none": 2 * expert, "swap_experts": expert,
                "block_swap": expert - swap_blocks * block + min(2, swap_blocks) * block}[offload]
     tokens = video_tokens(dit_cfg, frames, height, width)
     compute = FP32 if weight_bytes_per_param == 4 else 2
     fp8 = fp8_compute if weight_bytes_per_param == 1 else None
-    in_block, peak_at, _ = block_activation_peak(dit_cfg, tokens, batch, compute, fp8, text_tokens)
+    in_block, peak_at, _ = block_activation_peak(dit_cfg, tokens, batch, compute, fp8, text_tokens, gguf)
     persistent = forward_persistent_bytes(dit_cfg, tokens, batch, compute, text_tokens)
     return {"tokens": tokens, "weights": weights, "block_activations": in_block,
             "persistent_activations": persistent, "activations": in_block + persistent,
@@ -345,5 +420,36 @@ def table_720p(cfg: DiTConfig = DiTConfig(), card_gib: int = 24) -> str:
     return "\n".join(lines) + note + "\n".join(verdicts)
 
 
+SMALL_CARDS_GIB = (8, 12, 16, 24)
+SMALL_CARD_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")  # the files people download
+SMALL_CARD_VIDEOS = {"480p": (FRAMES, 480, 832), "720p": (FRAMES, HEIGHT, WIDTH)}
+
+
+def small_card_advice(cfg: DiTConfig, card_gib: int, video: str, batch: int, quant: str) -> str:
+    """What one GGUF file type needs to denoise `video` on a card: "swap_experts", "block_swap N" or
+    "no" (min_swap_blocks; both experts never stay on such a card)."""
+    need = min_swap_blocks(cfg, *SMALL_CARD_VIDEOS[video], card_gib * GIB, gguf=quant, batch=batch)
+    return "no" if need is None else "swap_experts" if need == 0 else f"block_swap {need}"
+
+
+def small_card_table(cfg: DiTConfig = DiTConfig()) -> str:
+    """Markdown table: for 8-24 GiB cards, what each GGUF file type needs at 480p and 720p (81
+    frames), with batched CFG (the node, the CLI's default) and with --no-batch-cfg (batch 1)."""
+    expert_gb = "| ".join(f"{weight_bytes(cfg, 2, q)[1] / 1e9:.1f} GB " for q in SMALL_CARD_QUANTS)
+    lines = ["| card | video | CFG | " + " | ".join(SMALL_CARD_QUANTS) + " |",
+             "|---|---|---|" + "---|" * len(SMALL_CARD_QUANTS),
+             f"| (one expert) | | | {expert_gb}|"]
+    for gib in SMALL_CARDS_GIB:
+        for video in SMALL_CARD_VIDEOS:
+            for batch, label in ((2, "batched"), (1, "--no-batch-cfg")):
+                cells = " | ".join(small_card_advice(cfg, gib, video, batch, q) for q in SMALL_CARD_QUANTS)
+                lines.append(f"| {gib} GB | {video} | {label} | {cells} |")
+    return "\n".join(lines) + (f"\n\n(block_swap N: offload block_swap with swap_blocks N; the other expert and "
+                               f"the swapped blocks wait in host memory: both experts' bytes, e.g. "
+                               f"{2 * weight_bytes(cfg, 2, 'Q4_K_M')[1] / 1e9:.1f} GB of RAM at Q4_K_M)")
+
+
 if __name__ == "__main__":
     print(table_720p())
+    print("\n## GGUF experts on small cards (81 frames)\n")
+    print(small_card_table())

@@ -68,6 +68,11 @@ def make_noise(seed: int, frames: int, height: int, width: int) -> torch.Tensor:
     return torch.randn(latent_shape(frames, height, width), generator=g, dtype=torch.float32)
 
 
+def video_seed(seed: int, index: int) -> int:
+    """The seed of video `index` of a batch: seed + index, as ComfyUI seeds batch items (wrapping at 2**64)."""
+    return (seed + index) % 2**64
+
+
 class Experts(Protocol):
     """What the loop needs of an expert holder: the expert for a step (placed where it computes),
     that device, and both experts by name as they are (for error messages; reading them moves
@@ -77,6 +82,11 @@ class Experts(Protocol):
     experts: dict[str, nn.Module]
 
     def get(self, name: str) -> nn.Module: ...
+
+    def agree_to_reuse(self, reuse: bool) -> bool:
+        """The step cache's vote: True iff every holder sharing this one's collectives would reuse
+        the step (replicas under FSDP); a holder that samples alone returns `reuse`."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -188,9 +198,9 @@ def _sample(experts, positive, negative, noise, latent, settings, schedule, batc
     cond, uncond = positive.to(device), negative.to(device)
 
     total = position.total
-    # Every rank of a worker group builds the same cache and decides alike from replicated values
-    # (sampling/step_cache.py's docstring).
-    cache = StepCache(settings.step_cache)
+    # Every rank of a replica builds the same cache and decides alike from replicated values; the
+    # replicas vote through the holder (sampling/step_cache.py's docstring).
+    cache = StepCache(settings.step_cache, agree=experts.agree_to_reuse)
     for i, t in enumerate(schedule.timesteps.tolist()):
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"cancelled before step {i + 1}/{total}")

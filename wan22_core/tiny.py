@@ -5,7 +5,8 @@ No weights can be downloaded here, so every format we load is also one we can wr
 file is the seeded modules' tensors, cast to that layout's dtype (official: fp32 experts and
 VAE, bf16 T5; comfy: fp16; comfy-fp8: scaled fp8 block Linears, fp16 elsewhere; diffusers:
 official dtypes). Loaded with a common dtype that every layout holds exactly (fp16), all of
-them give bit-identical parameters.
+them give bit-identical parameters. gguf (ComfyUI-GGUF's layout, `--quant` Q8_0 ... Q2_K) rounds
+the quantised tensors to their blocks, so its weights are those blocks' values instead.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoints import ModelFiles
-from .checkpoints.keymaps import dit_official_to_diffusers, vae_official_to_diffusers
+from .checkpoints.gguf import ORIG_SHAPE_KEY
+from .checkpoints.keymaps import dit_official_to_diffusers, t5_transformers_to_llamacpp, vae_official_to_diffusers
 from .checkpoints.layouts import (COMFY_DIRS, DIFFUSERS_DIRS, HIGH_NOISE_DIR, LOW_NOISE_DIR, NUM_HEADS_KEY, T5_FILE,
                                   T5_TOKENIZER_DIR, VAE_FILE)
 from .config import (DEFAULT_NEGATIVE_PROMPT, LATENT_MEAN, LATENT_STD, TINY, DiTConfig, ModelConfig,
@@ -34,8 +36,10 @@ from .models.text_encoder import SCALED_FP8_MARKER, SPIECE_KEY, build_umt5, offi
 from .models.tokenizer import EOS_ID, PAD_ID, UNK_ID
 from .models.transformer import WanModel
 from .models.vae import WanVAE
+from .quant import TYPES
+from .quant.gguf_quantize import quantize as quantize_gguf
 
-FORMATS = ("official", "comfy", "comfy-fp8", "diffusers")
+FORMATS = ("official", "comfy", "comfy-fp8", "diffusers", "gguf")
 SHARDS = 2  # the official and diffusers expert folders are sharded with an index json; exercise that path
 # Comfy-Org's repackaged file names, per format: (high-noise, low-noise, text encoder).
 COMFY_FILES = {
@@ -45,6 +49,15 @@ COMFY_FILES = {
                   "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
 }
 COMFY_VAE_FILE = "wan_2.1_vae.safetensors"
+# make-tiny --format gguf --quant: every block type we read and can write (K-quants: our encoder)
+GGUF_QUANTS = tuple(name for name, kind in TYPES.items() if kind.block_size > 1)
+DEFAULT_GGUF_QUANT = "Q8_0"
+# QuantStack's and city96's file names for Wan2.2 T2V experts and the umt5-xxl encoder.
+GGUF_FILES = ("Wan2.2-T2V-A14B-HighNoise-{quant}.gguf", "Wan2.2-T2V-A14B-LowNoise-{quant}.gguf",
+              "umt5-xxl-encoder-{quant}.gguf")
+# ComfyUI-GGUF stores Wan's tensors unflattened; the tiny set flattens this one as its converter does
+# for SD models, so the `comfy.gguf.orig_shape` path is exercised.
+GGUF_FLATTENED = "text_embedding.0.weight"
 DIFFUSERS_VERSION = "0.35.0"  # written into configs, as diffusers does; nothing reads it back
 
 
@@ -284,26 +297,146 @@ def write_diffusers(out_dir: Path, tiny: TinySet) -> None:
         indent=2))
 
 
+def _gguf_writer(arch: str, quant: str):
+    from gguf import GGML_QUANT_VERSION, GGUFWriter, LlamaFileType
+
+    writer = GGUFWriter(path=None, arch=arch)  # adds general.architecture
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+    file_type = getattr(LlamaFileType, f"MOSTLY_{quant}", None) or getattr(LlamaFileType, f"MOSTLY_{quant}_M")
+    writer.add_file_type(file_type)
+    return writer
+
+
+def _add_gguf_tensor(writer, name: str, tensor: torch.Tensor, qtype: str) -> None:
+    """One tensor as ggml stores it: F32/F16 as plain numbers, block types as [rows, bytes per row]."""
+    from gguf import GGMLQuantizationType
+
+    values = tensor.float()
+    if qtype in ("F32", "F16"):  # the writer takes numpy floats as they are (any rank)
+        writer.add_tensor(name, values.numpy() if qtype == "F32" else values.half().numpy())
+        return
+    data = quantize_gguf(values.reshape(-1, values.shape[-1]), qtype).numpy()
+    writer.add_tensor(name, data, raw_dtype=GGMLQuantizationType[qtype])
+
+
+def _flattens(shape: torch.Size) -> bool:
+    """ComfyUI-GGUF convert.py's rule for storing a tensor as (n / 256, 256) with its orig_shape."""
+    n = math.prod(shape)
+    return len(shape) > 1 and n >= 512 and n % 256 == 0 and shape[-1] % 256 != 0
+
+
+def _write_gguf_file(writer, path: Path) -> None:
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def write_gguf_dit(path: Path, sd: dict[str, torch.Tensor], cfg: DiTConfig, quant: str) -> None:
+    """A Wan expert as ComfyUI-GGUF's tools write it: block Linears in `quant` (K-quant rows of
+    256), the 5-D patch embedding F32 (fix_5d_tensors), 1-D, small (<= 1024) and modulation
+    tensors F32 (convert.py from an fp32 source), other tensors F16, no name prefix."""
+    with torch.device("meta"):
+        quantised = _linear_weights(WanModel(cfg), "blocks.")
+    writer = _gguf_writer("wan", quant)
+    writer.add_uint32("wan.attention.head_count", cfg.num_heads)  # tiny heads are not Wan's 128 wide
+    for name, tensor in sd.items():
+        if name in quantised:
+            qtype = quant
+        elif name == "patch_embedding.weight" or tensor.ndim == 1 or tensor.numel() <= 1024 or ".modulation" in name:
+            qtype = "F32"
+        else:
+            qtype = "F16"
+        if name == GGUF_FLATTENED and _flattens(tensor.shape):
+            writer.add_array(ORIG_SHAPE_KEY + name, list(tensor.shape))  # INT32, as the converter writes it
+            tensor = tensor.reshape(-1, 256)
+        _add_gguf_tensor(writer, name, tensor, qtype)
+    _write_gguf_file(writer, path)
+
+
+def _add_gguf_tokenizer(writer, spiece: bytes) -> None:
+    """The SentencePiece vocabulary as llama.cpp's T5 converter writes it (`tokenizer.ggml.*`)."""
+    from sentencepiece import sentencepiece_model_pb2 as sp
+
+    model = sp.ModelProto()
+    model.ParseFromString(spiece)
+    writer.add_tokenizer_model("t5")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([p.piece for p in model.pieces])
+    writer.add_token_scores([p.score for p in model.pieces])
+    writer.add_token_types([int(p.type) for p in model.pieces])
+    writer.add_add_space_prefix(model.normalizer_spec.add_dummy_prefix)
+    writer.add_remove_extra_whitespaces(model.normalizer_spec.remove_extra_whitespaces)
+    writer.add_precompiled_charsmap(model.normalizer_spec.precompiled_charsmap)
+    writer.add_unk_token_id(model.trainer_spec.unk_id)
+    writer.add_eos_token_id(model.trainer_spec.eos_id)
+    writer.add_pad_token_id(model.trainer_spec.pad_id)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(True)
+
+
+def write_gguf_text_encoder(path: Path, t5: dict[str, torch.Tensor], spiece: bytes, quant: str) -> None:
+    """A UMT5 encoder as llama.cpp's converter and llama-quantize write it: llama.cpp's T5 names,
+    2-D weights in `quant` (Q8_0 where a row is not whole blocks of it, as llama-quantize falls
+    back), relative-position tables and norms F32, the vocabulary in the metadata."""
+    writer = _gguf_writer("t5encoder", quant)
+    for name, tensor in t5.items():
+        rows_fit = tensor.ndim == 2 and tensor.shape[1] % TYPES[quant].block_size == 0
+        qtype = "F32" if tensor.ndim == 1 or "relative_attention_bias" in name else quant if rows_fit else "Q8_0"
+        _add_gguf_tensor(writer, t5_transformers_to_llamacpp(name), tensor, qtype)
+    _add_gguf_tokenizer(writer, spiece)
+    _write_gguf_file(writer, path)
+
+
+def write_gguf(out_dir: Path, tiny: TinySet, quant: str = DEFAULT_GGUF_QUANT) -> None:
+    """ComfyUI's models folders with GGUF experts and encoder (QuantStack's and city96's names) and
+    the Comfy-Org VAE (there are no GGUF VAEs)."""
+    cfg = tiny.cfg.dit
+    if quant not in GGUF_QUANTS:
+        raise ValueError(f"--quant must be one of {', '.join(GGUF_QUANTS)}; got {quant!r}")
+    block = TYPES[quant].block_size
+    if cfg.dim % block or cfg.ffn_dim % block:
+        raise ValueError(f"{quant} stores each row in blocks of {block} weights: --dim and --ffn-dim must be "
+                         f"multiples of {block} (got {cfg.dim} and {cfg.ffn_dim}); e.g. --dim 256 --ffn-dim 512")
+    folders = {key: out_dir / sub for key, sub in COMFY_DIRS.items()}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+    high_name, low_name, t5_name = (name.format(quant=quant) for name in GGUF_FILES)
+    write_gguf_dit(folders["experts"] / high_name, tiny.high, cfg, quant)
+    write_gguf_dit(folders["experts"] / low_name, tiny.low, cfg, quant)
+    write_gguf_text_encoder(folders["text_encoder"] / t5_name, tiny.t5, tiny.spiece, quant)
+    save_file({k: v.to(torch.float16) for k, v in tiny.vae.items()}, str(folders["vae"] / COMFY_VAE_FILE),
+              metadata={"format": "pt"})
+
+
 WRITERS = {"official": write_official, "comfy": write_comfy,
-           "comfy-fp8": lambda out, tiny: write_comfy(out, tiny, fp8=True), "diffusers": write_diffusers}
+           "comfy-fp8": lambda out, tiny: write_comfy(out, tiny, fp8=True), "diffusers": write_diffusers,
+           "gguf": write_gguf}
 
 
-def make_tiny(out_dir: str | Path, fmt: str = "official", cfg: ModelConfig = TINY, seed: int = 0) -> Path:
+def make_tiny(out_dir: str | Path, fmt: str = "official", cfg: ModelConfig = TINY, seed: int = 0,
+              quant: str | None = None) -> Path:
     """Write a complete tiny model set to `out_dir` (must not exist or be empty).
 
+    quant: the GGUF type of the quantised tensors (format "gguf" only; default Q8_0).
     Written into a temporary sibling folder and renamed at the end, so an interrupted run
     never leaves a half-written model set under `out_dir`.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    if quant is not None and fmt != "gguf":
+        raise ValueError(f"--quant {quant} applies to --format gguf only (got --format {fmt})")
+    writer = (lambda out, tiny: write_gguf(out, tiny, quant or DEFAULT_GGUF_QUANT)) if fmt == "gguf" else WRITERS[fmt]
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder or delete it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        WRITERS[fmt](staging, tiny_set(cfg, seed))
-        (staging / "tiny_config.json").write_text(json.dumps({"seed": seed, "format": fmt, **asdict(cfg)}, indent=2))
+        writer(staging, tiny_set(cfg, seed))
+        quant_field = {"quant": quant or DEFAULT_GGUF_QUANT} if fmt == "gguf" else {}
+        (staging / "tiny_config.json").write_text(json.dumps({"seed": seed, "format": fmt, **quant_field,
+                                                              **asdict(cfg)}, indent=2))
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(staging, out_dir)

@@ -7,7 +7,10 @@ Layouts, recognised by tensor names and shapes (never by file names):
 - scaled fp8 (a root `scaled_fp8` marker, fp8 weights and per-Linear `.scale_weight`, or newer
   ComfyUI's `.weight_scale`): block Linears stay fp8 (see `fp8.py`), the rest is dequantised;
 - diffusers `Wan-AI/Wan2.2-T2V-A14B-Diffusers`: `transformer/`, `transformer_2/`, `vae/`
-  (renamed through `keymaps`), `text_encoder/` (transformers UMT5) and `tokenizer/`.
+  (renamed through `keymaps`), `text_encoder/` (transformers UMT5) and `tokenizer/`;
+- GGUF (`gguf.py`): ComfyUI-GGUF's Wan experts (`general.architecture` wan, official names,
+  block Linears quantised) and llama.cpp's UMT5 encoders (llama.cpp's T5 names, tokenizer in
+  the metadata); any other architecture is named in the refusal.
 `check_slot` tells a file in the wrong slot (a VAE as an expert, an I2V or TI2V-5B model, a
 LoRA, ...) from its header alone; every loader calls it first, `ModelFiles.check` for a set.
 
@@ -28,17 +31,20 @@ import torch
 from ..config import DiTConfig, VAEConfig
 from ..models.text_encoder import SCALED_FP8_MARKER, SPIECE_KEY
 from ..models.transformer import WanModel
-from .keymaps import COMFY_DIT_PREFIX, dit_diffusers_to_official, vae_diffusers_to_official
+from .gguf import DIT_ARCHITECTURES, TEXT_ARCHITECTURES, TOKENIZER_KEY
+from .keymaps import COMFY_DIT_PREFIX, dit_diffusers_to_official, t5_llamacpp_to_transformers, vae_diffusers_to_official
 from .layouts import DIFFUSERS_DIRS, WAN_HEAD_DIM
 from .reading import Checkpoint, CheckpointError
 
 DIT, VAE, TEXT_ENCODER = "Wan DiT expert", "Wan2.1 VAE", "UMT5-XXL text encoder"
 SLOT_NEEDS = {
     DIT: "a Wan2.2 T2V-A14B expert (wan2.2_t2v_{high,low}_noise_14B_*.safetensors, an official "
-         "high_noise_model/low_noise_model folder, or diffusers transformer/ transformer_2/)",
+         "high_noise_model/low_noise_model folder, diffusers transformer/ transformer_2/, or a GGUF "
+         "Wan2.2-T2V-A14B-{High,Low}Noise-<quant>.gguf)",
     VAE: "the Wan2.1 VAE (wan_2.1_vae.safetensors, Wan2.1_VAE.pth or a diffusers vae/ folder)",
     TEXT_ENCODER: "the UMT5-XXL encoder (umt5_xxl_fp16.safetensors, umt5_xxl_fp8_e4m3fn_scaled.safetensors, "
-                  "models_t5_umt5-xxl-enc-bf16.pth or a diffusers text_encoder/ folder)",
+                  "models_t5_umt5-xxl-enc-bf16.pth, a diffusers text_encoder/ folder or a GGUF "
+                  "umt5-xxl-encoder-<quant>.gguf)",
 }
 # Modules only other Wan variants have (the markers ComfyUI's model_detection looks for).
 _VARIANT_PREFIXES = {
@@ -54,7 +60,7 @@ class Identity:
     """What a file is. `names` maps stored names to our (official) names for its kind."""
 
     kind: str  # DIT, VAE, TEXT_ENCODER, "LoRA" or "unknown"
-    layout: str  # "official", "comfy", "comfy-prefixed", "diffusers" or ""
+    layout: str  # "official", "comfy", "comfy-prefixed", "diffusers", "gguf" or ""
     description: str  # for messages: "a Wan DiT expert (dim 5120, 40 layers, 14.3B parameters, float16)"
     names: dict[str, str]
     scaled_fp8: bool = False
@@ -64,6 +70,8 @@ class Identity:
 
 def identify(ckpt: Checkpoint) -> Identity:
     """Recognise a checkpoint from its header (no tensor data is read)."""
+    if ckpt.gguf is not None:
+        return _identify_gguf(ckpt)
     names = list(ckpt.entries)
     if any(_LORA_NAME.search(n) for n in names):
         pairs = sum(bool(re.search(r"lora_(A|down)\b|\.lora\.down\.", n)) for n in names)
@@ -119,19 +127,23 @@ def _dit_names(names: list[str]) -> dict[str, str]:
 
 
 def dtype_summary(ckpt: Checkpoint, names) -> str:
-    """Stored dtypes by share of elements, e.g. "float8_e4m3fn/float16" (tokenizer and fp8 scales left out)."""
+    """Stored dtypes by share of elements, e.g. "float8_e4m3fn/float16", or GGUF types such as
+    "Q8_0/F32" (tokenizer and fp8 scales left out)."""
     counts: dict[str, int] = {}
     for n in names:
         if n in (SPIECE_KEY, SCALED_FP8_MARKER) or n.endswith(_STORED_SCALE_SUFFIXES):
             continue
         entry = ckpt.entries[n]
-        dtype = str(entry.dtype).removeprefix("torch.")
+        dtype = entry.qtype.name if entry.qtype is not None else str(entry.dtype).removeprefix("torch.")
         counts[dtype] = counts.get(dtype, 0) + math.prod(entry.shape)
     return "/".join(sorted(counts, key=counts.get, reverse=True))
 
 
 def _layout(ckpt: Checkpoint, official_names: bool) -> str:
-    """"official" (folder or .pth), "comfy" (one safetensors file, official or transformers names), "diffusers"."""
+    """"official" (folder or .pth), "comfy" (one safetensors file, official or transformers names),
+    "diffusers", "gguf"."""
+    if ckpt.gguf is not None:
+        return "gguf"
     if not official_names:
         return "diffusers" if ckpt.path.is_dir() else "comfy"
     return "comfy" if ckpt.path.suffix == ".safetensors" else "official"
@@ -142,7 +154,7 @@ def _params(count: int) -> str:
 
 
 def _identify_dit(ckpt: Checkpoint, names: dict[str, str]) -> Identity:
-    layout = ("comfy-prefixed" if next(iter(names)).startswith(COMFY_DIT_PREFIX)
+    layout = ("comfy-prefixed" if ckpt.gguf is None and next(iter(names)).startswith(COMFY_DIT_PREFIX)
               else _layout(ckpt, not any(n.startswith("condition_embedder.") for n in names)))
     scaled = _is_scaled_fp8(ckpt, names)
     sd = ckpt.meta_tensors(names)
@@ -220,24 +232,46 @@ def _identify_vae(ckpt: Checkpoint) -> Identity:
     return Identity(VAE, _layout(ckpt, not diffusers), what.format(VAE), names)
 
 
-def _identify_text_encoder(ckpt: Checkpoint) -> Identity:
-    names = _fp8_names({n: n for n in ckpt.entries})
-    official = "token_embedding.weight" in names
+def _identify_text_encoder(ckpt: Checkpoint, names: dict[str, str] | None = None) -> Identity:
+    """names: {stored: transformers or official name} (default: the stored names, fp8 scales renamed)."""
+    names = names if names is not None else _fp8_names({n: n for n in ckpt.entries})
+    official = "token_embedding.weight" in names.values()
     scaled = _is_scaled_fp8(ckpt, names)
-    embedding = ckpt.entries.get("token_embedding.weight" if official else "shared.weight")
+    stored_of = {name: stored for stored, name in names.items()}
+    embedding = ckpt.entries.get(stored_of.get("token_embedding.weight" if official else "shared.weight", ""))
     size = f"vocab {embedding.shape[0]}, dim {embedding.shape[1]}, " if embedding and len(embedding.shape) == 2 else ""
     layout = _layout(ckpt, official)
+    tokenizer = SPIECE_KEY in names or (ckpt.gguf is not None and TOKENIZER_KEY + "tokens" in ckpt.gguf)
     what = f"a {{}} ({size}{dtype_summary(ckpt, names)}" \
-           f"{', scaled fp8' if scaled else ''}{', with tokenizer' if SPIECE_KEY in names else ''})"
+           f"{', scaled fp8' if scaled else ''}{', with tokenizer' if tokenizer else ''})"
     # UMT5 has a relative-position table in every block; T5 v1.1 (Flux's / SD3's t5xxl) only in block 0.
     bias = "blocks.1.pos_embedding.embedding.weight" if official else \
         "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"
-    has_second_block = any(n.startswith(("blocks.1.", "encoder.block.1.")) for n in names)
-    if has_second_block and bias not in names:
+    has_second_block = any(n.startswith(("blocks.1.", "encoder.block.1.")) for n in names.values())
+    if has_second_block and bias not in names.values():
         return Identity(TEXT_ENCODER, layout, what.format("T5 v1.1 encoder (one shared position table)"), names,
                         scaled, problem="that is the T5-XXL of Flux/SD3, not UMT5-XXL; "
                                         "choose umt5_xxl_fp16.safetensors")
     return Identity(TEXT_ENCODER, layout, what.format(TEXT_ENCODER), names, scaled)
+
+
+def _identify_gguf(ckpt: Checkpoint) -> Identity:
+    """A GGUF file by its architecture: a Wan DiT (files of other tools may have none, then the
+    names decide), a UMT5/T5 encoder, or another model, named."""
+    arch = ckpt.gguf.architecture
+    if arch in TEXT_ARCHITECTURES:
+        names = {stored: name for stored in ckpt.entries if (name := t5_llamacpp_to_transformers(stored))}
+        return _identify_text_encoder(ckpt, names)
+    official = _dit_names(list(ckpt.entries))
+    if arch in DIT_ARCHITECTURES and "patch_embedding.weight" not in official.values():
+        return Identity(DIT, "gguf", f"an unfinished GGUF conversion of a Wan DiT ({dtype_summary(ckpt, official)}, "
+                                     "no patch_embedding.weight)", official,
+                        problem="ComfyUI-GGUF's convert.py leaves the 5-D patch embedding out and its "
+                                "tools/fix_5d_tensors.py adds it back: run that, or download a finished file")
+    if arch in (None, *DIT_ARCHITECTURES) and "patch_embedding.weight" in official.values():
+        return _identify_dit(ckpt, official)
+    what = f"GGUF {arch} model (general.architecture {arch!r})" if arch else "GGUF file of no known model"
+    return Identity("unknown", "gguf", f"a {what}, not Wan (first tensors: {', '.join(list(ckpt.entries)[:3])})", {})
 
 
 def check_slot(path: str | Path, slot: str, label: str | None = None) -> tuple[Checkpoint, Identity]:
@@ -277,18 +311,23 @@ def dit_config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | Non
 
 
 def tokenizer_folder(ckpt: Checkpoint, tokenizer_dir: str | Path | None) -> Path | None:
-    """The tokenizer folder to use, or None when the file embeds `spiece_model`; fails early otherwise."""
+    """The tokenizer folder to use, or None when the file embeds `spiece_model` (a GGUF: its
+    `tokenizer.ggml.*` vocabulary); fails early otherwise."""
     if tokenizer_dir is not None:
         folder = Path(tokenizer_dir)
         if not (folder / "spiece.model").is_file():
             raise CheckpointError(f"tokenizer folder {folder} has no spiece.model; point at the google/umt5-xxl "
                                   "folder or a diffusers tokenizer/ folder")
         return folder
-    if SPIECE_KEY in ckpt.entries:
+    if SPIECE_KEY in ckpt.entries or (ckpt.gguf is not None and TOKENIZER_KEY + "tokens" in ckpt.gguf):
         return None
     sibling = ckpt.path.parent / DIFFUSERS_DIRS["tokenizer"]  # a diffusers text_encoder/ has one next to it
     if ckpt.path.is_dir() and (sibling / "spiece.model").is_file():
         return sibling
+    if ckpt.gguf is not None:
+        raise CheckpointError(f"{ckpt.path.name} is a UMT5 GGUF encoder without a tokenizer in its metadata (no "
+                              f"{TOKENIZER_KEY}tokens): pass --tokenizer / tokenizer_dir with a folder holding "
+                              "spiece.model (google/umt5-xxl), or use a GGUF made by llama.cpp's converter")
     raise CheckpointError(f"{ckpt.path.name} is a UMT5 text encoder without a tokenizer (no '{SPIECE_KEY}' tensor "
                           f"inside): pass --tokenizer / tokenizer_dir with a folder holding spiece.model "
                           f"(google/umt5-xxl), or use Comfy-Org's umt5_xxl_fp16.safetensors, which embeds it")

@@ -1,5 +1,7 @@
 """Parameter-name mappings between the official Wan naming (ours) and other namings.
 
+Also llama.cpp's T5 encoder names (umt5-xxl GGUF files) -> transformers' UMT5 names.
+
 The DiT table is the checked official <-> diffusers equivalence from
 shared/reference/mappings.md. ComfyUI's files use the official names, optionally under
 `COMFY_DIT_PREFIX`. The VAE tables are written from the structure of diffusers'
@@ -7,7 +9,7 @@ shared/reference/mappings.md. ComfyUI's files use the official names, optionally
 
 Each table is a list of (official, diffusers) name fragments, read in both directions: literal
 text, `^` / `$` anchors, and placeholders `{n}` (a number), `{qk}`, `{qkv}` (one of those
-letters) and `{side}` (encoder or decoder) that carry over to the other name.
+letters; `{qkvo}` also o) and `{side}` (encoder or decoder) that carry over to the other name.
 """
 from __future__ import annotations
 
@@ -35,8 +37,8 @@ _DIT_PAIRS = [
     ("^blocks.{n}.norm3.", "^blocks.{n}.norm2."),  # official norm1/norm2 carry no weights
 ]
 
-_PLACEHOLDER = re.compile(r"\{(n|qk|qkv|side)\}")
-_GROUPS = {"n": r"(\d+)", "qk": "([qk])", "qkv": "([qkv])", "side": "(encoder|decoder)"}
+_PLACEHOLDER = re.compile(r"\{(n|qk|qkv|qkvo|side)\}")
+_GROUPS = {"n": r"(\d+)", "qk": "([qk])", "qkv": "([qkv])", "qkvo": "([qkvo])", "side": "(encoder|decoder)"}
 
 
 def _rule(source: str, target: str) -> tuple[str, str]:
@@ -143,3 +145,33 @@ def vae_diffusers_to_official(names) -> dict[str, str]:
         return _rename(name, _VAE_BLOCK_RULES_INVERSE)
 
     return {name: rename(name) for name in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# UMT5 encoder: llama.cpp's GGUF tensor names (gguf-py's TENSOR_NAMES for T5) <-> transformers'
+# UMT5EncoderModel names (the ones ComfyUI-GGUF's loader maps them to).
+
+_T5_PAIRS = [
+    ("^token_embd.", "^shared."),
+    ("^enc.output_norm.", "^encoder.final_layer_norm."),
+    ("^enc.blk.{n}.attn_norm.", "^encoder.block.{n}.layer.0.layer_norm."),
+    ("^enc.blk.{n}.attn_{qkvo}.", "^encoder.block.{n}.layer.0.SelfAttention.{qkvo}."),
+    ("^enc.blk.{n}.attn_rel_b.", "^encoder.block.{n}.layer.0.SelfAttention.relative_attention_bias."),
+    ("^enc.blk.{n}.ffn_norm.", "^encoder.block.{n}.layer.1.layer_norm."),
+    ("^enc.blk.{n}.ffn_gate.", "^encoder.block.{n}.layer.1.DenseReluDense.wi_0."),
+    ("^enc.blk.{n}.ffn_up.", "^encoder.block.{n}.layer.1.DenseReluDense.wi_1."),
+    ("^enc.blk.{n}.ffn_down.", "^encoder.block.{n}.layer.1.DenseReluDense.wo."),
+]
+_T5_RULES, _T5_RULES_INVERSE = _rules(_T5_PAIRS), _rules(_T5_PAIRS, inverse=True)
+
+
+def t5_llamacpp_to_transformers(name: str) -> str | None:
+    """A llama.cpp T5 encoder tensor name in transformers' UMT5 naming; None for names without one
+    (a full T5 file's decoder `dec.*`, which an encoder does not use)."""
+    renamed = _rename(name, _T5_RULES)
+    return renamed if renamed != name else None
+
+
+def t5_transformers_to_llamacpp(name: str) -> str:
+    """The inverse of `t5_llamacpp_to_transformers` (for writing tiny GGUF encoders)."""
+    return _rename(name, _T5_RULES_INVERSE)

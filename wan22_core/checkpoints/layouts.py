@@ -9,7 +9,10 @@ VAE_FILE = "Wan2.1_VAE.pth"
 # Wan-AI/Wan2.2-T2V-A14B-Diffusers folder names (transformer = high-noise expert).
 DIFFUSERS_DIRS = {"high_noise": "transformer", "low_noise": "transformer_2", "text_encoder": "text_encoder",
                   "tokenizer": "tokenizer", "vae": "vae"}
-# ComfyUI's model folders (`DIR` can be ComfyUI's `models/`).
+# ComfyUI's model folders (`DIR` can be ComfyUI's `models/`), and the legacy names ComfyUI still
+# reads (where ComfyUI-GGUF users often keep their .gguf files).
 COMFY_DIRS = {"experts": "diffusion_models", "text_encoder": "text_encoders", "vae": "vae"}
+COMFY_LEGACY_DIRS = {"experts": "unet", "text_encoder": "clip"}
+MODEL_FILE_SUFFIXES = (".safetensors", ".gguf")  # single-file checkpoints a models folder may hold
 WAN_HEAD_DIM = 128  # every released Wan DiT uses 128-wide heads; files without a config rely on it
 NUM_HEADS_KEY = "num_heads"  # safetensors metadata key for the head count in files we write

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from ..config import DiTConfig
 from .identify import DIT, TEXT_ENCODER, VAE, Identity, check_slot, identify, tokenizer_folder
-from .layouts import (COMFY_DIRS, DIFFUSERS_DIRS, HIGH_NOISE_DIR, LOW_NOISE_DIR, T5_FILE, T5_TOKENIZER_DIR,
-                      VAE_FILE)
+from .layouts import (COMFY_DIRS, COMFY_LEGACY_DIRS, DIFFUSERS_DIRS, HIGH_NOISE_DIR, LOW_NOISE_DIR,
+                      MODEL_FILE_SUFFIXES, T5_FILE, T5_TOKENIZER_DIR, VAE_FILE)
 from .reading import Checkpoint, CheckpointError
 
 
@@ -24,13 +24,14 @@ class ModelFiles:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> "ModelFiles":
         """An official Wan2.2-T2V-A14B folder, a diffusers -Diffusers folder, or a ComfyUI models
-        folder (diffusion_models/ with one file named *high* and one *low*, text_encoders/, vae/)."""
+        folder (diffusion_models/ or unet/ with one file named *high* and one *low*, text_encoders/
+        or clip/, vae/; safetensors or GGUF)."""
         root = Path(model_dir)
         if not root.is_dir():
             raise CheckpointError(f"--model-dir {root} is not a folder")
         if (root / "model_index.json").is_file():
             return cls._diffusers(root)
-        if (root / COMFY_DIRS["experts"]).is_dir():
+        if (root / COMFY_DIRS["experts"]).is_dir() or (root / COMFY_LEGACY_DIRS["experts"]).is_dir():
             return cls._comfy(root)
         return cls._official(root)
 
@@ -60,10 +61,12 @@ class ModelFiles:
     def _comfy(cls, root: Path) -> "ModelFiles":
         """Each folder's files are recognised from their headers (a real ComfyUI models folder holds
         other models too); which expert is which can only come from the name."""
-        return cls(high_noise=_only_usable(root, COMFY_DIRS["experts"], DIT, "high"),
-                   low_noise=_only_usable(root, COMFY_DIRS["experts"], DIT, "low"),
-                   text_encoder=_only_usable(root, COMFY_DIRS["text_encoder"], TEXT_ENCODER),
-                   vae=_only_usable(root, COMFY_DIRS["vae"], VAE))
+        experts = [COMFY_DIRS["experts"], COMFY_LEGACY_DIRS["experts"]]
+        encoders = [COMFY_DIRS["text_encoder"], COMFY_LEGACY_DIRS["text_encoder"]]
+        return cls(high_noise=_only_usable(root, experts, DIT, "high"),
+                   low_noise=_only_usable(root, experts, DIT, "low"),
+                   text_encoder=_only_usable(root, encoders, TEXT_ENCODER),
+                   vae=_only_usable(root, [COMFY_DIRS["vae"]], VAE))
 
     def check(self, vae: bool = True) -> dict[str, Identity]:
         """Recognise every file from its header and fail on the first that does not fit its slot,
@@ -106,8 +109,8 @@ def expert_config(path: str | Path) -> DiTConfig:
     return check_slot(path, DIT)[1].dit
 
 
-def _only_usable(root: Path, sub: str, slot: str, name_part: str = "") -> Path:
-    """The one file in root/sub that fits `slot` (and has `name_part` in its name)."""
+def _only_usable(root: Path, subs: list[str], slot: str, name_part: str = "") -> Path:
+    """The one file in root/<each of subs> that fits `slot` (and has `name_part` in its name)."""
     def usable(path: Path) -> bool:
         try:
             found = identify(Checkpoint(path))
@@ -115,10 +118,12 @@ def _only_usable(root: Path, sub: str, slot: str, name_part: str = "") -> Path:
             return False
         return found.kind == slot and found.problem is None
 
-    candidates = [p for p in sorted((root / sub).glob("*.safetensors")) if name_part in p.name.lower() and usable(p)]
+    files = sorted(p for sub in subs for p in (root / sub).glob("*") if p.suffix in MODEL_FILE_SUFFIXES)
+    candidates = [p for p in files if name_part in p.name.lower() and usable(p)]
     if len(candidates) != 1:
         what = f"{slot} named *{name_part}*" if name_part else slot
-        listed = ", ".join(p.name for p in candidates) or "none"
-        raise CheckpointError(f"{root} as a ComfyUI models folder needs exactly one {what} in {sub}/, found "
-                              f"{listed}; pass the files with --high-noise --low-noise --text-encoder --vae instead")
+        listed = ", ".join(str(p.relative_to(root)) for p in candidates) or "none"
+        raise CheckpointError(f"{root} as a ComfyUI models folder needs exactly one {what} in "
+                              f"{' or '.join(s + '/' for s in subs)}, found {listed}; pass the files with "
+                              "--high-noise --low-noise --text-encoder --vae instead")
     return candidates[0]

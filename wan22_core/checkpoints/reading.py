@@ -8,10 +8,15 @@ model plus one fp32 tensor: no full fp32 copy, and no memory-mapped pages counte
 process (reading through an mmap keeps every touched page of the file resident: 3x the bf16
 size at peak for an fp32 file, measured). `Checkpoint.read_rows` reads a row range of one tensor,
 so each rank of a sharded model reads just its part from disk (`DitRowReader`).
+
+GGUF files (recognised by their magic, whatever the name) are read the same way: `gguf.py`
+parses the header, then the bytes are plain reads. A quantised tensor comes back as a
+`GGUFWeight` (its block bytes, type and real shape) for the loader to keep or dequantise.
 """
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import Wan22Error
+from ..quant import GGUFWeight, QuantType
+from .gguf import GGUFFormatError, GGUFMetadata, is_gguf, read_header
 from .layouts import COMFY_DIRS, HIGH_NOISE_DIR, NUM_HEADS_KEY
 
 
@@ -39,13 +46,23 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """Where one tensor's bytes are (`start` is the absolute file offset; -1 for `.pth`)."""
+    """Where one tensor's bytes are (`start` is the absolute file offset; -1 for `.pth`).
+
+    GGUF tensors also have their ggml `qtype`; a quantised one has dtype uint8 (its block bytes)
+    and `shape` is its real shape.
+    """
 
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: Path
     start: int
     nbytes: int
+    qtype: QuantType | None = None
+
+    @property
+    def quantized(self) -> bool:
+        """Stored in GGUF blocks (read back as a `GGUFWeight`), not as plain numbers."""
+        return self.qtype is not None and self.qtype.block_size > 1
 
 
 class Checkpoint:
@@ -60,10 +77,18 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint not found: {self.path}")
         self.entries: dict[str, TensorEntry] = {}
         self.metadata: dict[str, str] = {}
+        self.gguf: GGUFMetadata | None = None  # a GGUF file's key/value metadata
         self._pickled: dict[str, torch.Tensor] = {}
         config = self.path / "config.json"
         self.config: dict = _read_json(config) if self.path.is_dir() and config.is_file() else {}
-        if self.path.is_file() and self.path.suffix in _PICKLE_SUFFIXES:
+        if self.path.is_file():
+            _check_readable(self.path)  # one clear message for an unreadable file, whatever its format
+        if self.path.is_file() and is_gguf(self.path):
+            self._add_gguf(self.path)
+        elif self.path.is_file() and self.path.suffix == ".gguf":
+            raise CheckpointError(f"{self.path.name} is not a GGUF file (it does not start with the GGUF magic); "
+                                  "the download is damaged or incomplete, download it again")
+        elif self.path.is_file() and self.path.suffix in _PICKLE_SUFFIXES:
             self._pickled = _load_pickle_safely(self.path)
             self.entries = {k: TensorEntry(v.dtype, tuple(v.shape), self.path, -1, v.nbytes)
                             for k, v in self._pickled.items()}
@@ -93,11 +118,21 @@ class Checkpoint:
             self.entries[name] = TensorEntry(_SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), file,
                                              data_start + begin, end - begin)
 
+    def _add_gguf(self, file: Path) -> None:
+        try:
+            tensors, self.gguf = read_header(file)
+        except GGUFFormatError as err:
+            raise CheckpointError(str(err)) from err
+        self.entries = {name: TensorEntry(t.dtype, t.shape, file, t.start, t.nbytes, t.qtype)
+                        for name, t in tensors.items()}
+
     @property
     def num_heads(self) -> int | None:
-        """The DiT head count from config.json (official or diffusers) or our metadata, if any."""
+        """The DiT head count from config.json (official or diffusers) or our metadata, if any
+        (a GGUF file's llama.cpp-style `<architecture>.attention.head_count`)."""
+        gguf_heads = self.gguf.get(f"{self.gguf.architecture}.attention.head_count") if self.gguf else None
         heads = (self.config.get("num_heads") or self.config.get("num_attention_heads")
-                 or self.metadata.get(NUM_HEADS_KEY))
+                 or self.metadata.get(NUM_HEADS_KEY) or gguf_heads)
         if heads is None:
             return None
         if isinstance(heads, bool) or not isinstance(heads, (int, str)) or not str(heads).isdecimal() \
@@ -115,7 +150,8 @@ class Checkpoint:
     def read(self, names, device: torch.device | str = "cpu",
              dtype: torch.dtype | dict[str, torch.dtype] | None = None,
              transient: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) in file order, each on `device` before the next is read.
+        """(name, tensor) in file order, each on `device` before the next is read; a quantised GGUF
+        tensor as a `GGUFWeight` (its bytes on `device`).
 
         dtype: floating tensors are cast to it (one dtype, or {name: dtype}; names not in the
         dict keep their stored dtype). fp8 tensors are never cast: their value needs a scale.
@@ -140,7 +176,8 @@ class Checkpoint:
                 else:
                     buffer = scratch[:entry.nbytes] if name in converted else None
                     tensor = _read_bytes(_handle(handles, entry.file), entry, name, buffer)
-                yield name, tensor.to(device, targets[name])
+                tensor = tensor.to(device, targets[name])
+                yield name, GGUFWeight(tensor, entry.qtype, entry.shape) if entry.quantized else tensor
         finally:
             for handle in handles.values():
                 handle.close()
@@ -153,11 +190,12 @@ class Checkpoint:
         return wanted
 
     def read_rows(self, name: str, start: int, stop: int, handles: dict[Path, object],
-                  label: str | None = None) -> torch.Tensor:
+                  label: str | None = None) -> torch.Tensor | GGUFWeight:
         """Rows [start, stop) of tensor `name` (dim 0) as stored, reading only their bytes.
 
-        A row range of a C-contiguous tensor is one contiguous byte range of a safetensors
-        file; a `.pth` file is memory-mapped, so slicing it touches only those rows. handles:
+        A row range of a C-contiguous tensor is one contiguous byte range of a safetensors or
+        GGUF file (GGUF blocks run along rows: a `GGUFWeight` when each row is whole blocks, else
+        ValueError); a `.pth` file is memory-mapped, so slicing it touches only those rows. handles:
         {file: open binary file} kept by the caller across calls (opened here when missing, closed
         by the caller). label: the tensor's name in messages (default `name`).
         """
@@ -166,7 +204,8 @@ class Checkpoint:
             raise ValueError(f"rows [{start}, {stop}) of {name} with shape {list(entry.shape)}")
         if entry.start < 0:
             return self._pickled[name][start:stop]
-        return _read_bytes(_handle(handles, entry.file), entry, label or name, None, (start, stop))
+        rows = _read_bytes(_handle(handles, entry.file), entry, label or name, None, (start, stop))
+        return GGUFWeight(rows, entry.qtype, (stop - start, *entry.shape[1:])) if entry.quantized else rows
 
 
 def _handle(handles: dict[Path, object], file: Path):
@@ -179,17 +218,19 @@ def _handle(handles: dict[Path, object], file: Path):
 def _read_bytes(handle, entry: TensorEntry, name: str, buffer: torch.Tensor | None,
                 rows: tuple[int, int] | None = None) -> torch.Tensor:
     """The tensor's bytes, or rows [start, stop) of dim 0 only, read into `buffer` (uint8, reused
-    by the caller) or a fresh one."""
+    by the caller) or a fresh one; a quantised GGUF tensor's as flat block bytes."""
     shape, offset, nbytes = entry.shape, 0, entry.nbytes
     if rows is not None:
         row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
+        if entry.quantized:  # a row must be whole blocks (the error names the type)
+            row_bytes = entry.qtype.nbytes(math.prod(entry.shape[1:]))
         shape, offset = (rows[1] - rows[0], *entry.shape[1:]), rows[0] * row_bytes
         nbytes = shape[0] * row_bytes
     buffer = torch.empty(nbytes, dtype=torch.uint8) if buffer is None else buffer[:nbytes]
     handle.seek(entry.start + offset)
     if nbytes and handle.readinto(memoryview(buffer.numpy())) != nbytes:
         raise CheckpointError(f"{entry.file} ended inside tensor {name!r}; the file is truncated, download it again")
-    return buffer.view(entry.dtype).reshape(shape)
+    return buffer if entry.quantized else buffer.view(entry.dtype).reshape(shape)
 
 
 def _safetensors_files(path: Path) -> list[Path]:

@@ -13,7 +13,7 @@ from ..errors import Wan22Error
 from ..experts import load_experts
 from ..offload import expert_pair_options
 from ..parallel.launch import torchrun_world_size
-from ..pipeline import make_noise
+from ..pipeline import make_noise, video_seed
 from ..runtime import default_cuda_allocator, resolve_device, resolve_dtype
 from ..tiny import cached_tiny, make_tiny, tiny_config
 from . import parser as flags
@@ -42,11 +42,12 @@ def run_here(args: argparse.Namespace, files: ModelFiles) -> dict:
             if not report.unmatched:  # a report with unmatched keys is already logged as a warning
                 print(f"  {report}", file=sys.stderr)
     with stage("denoise", timings):  # includes the compile on the first step with --compile
-        noise = make_noise(args.seed, args.frames, args.height, args.width)
-        latent = denoise_video(experts, embeds.positive, embeds.negative, noise, settings, batch_cfg=args.batch_cfg,
-                               progress=not args.quiet, report=True)
+        latents = [denoise_video(experts, embeds.positive, embeds.negative,
+                                 make_noise(video_seed(args.seed, index), args.frames, args.height, args.width),
+                                 settings, batch_cfg=args.batch_cfg, progress=not args.quiet, report=True)
+                   for index in range(args.videos)]  # one after another
         del experts
-    save_outputs(latent, files.vae, device, resolve_dtype(args.dtype, device), flags.outputs(args), timings)
+    save_outputs(latents, files.vae, device, resolve_dtype(args.dtype, device), flags.outputs(args), timings)
     print_peak_memory(device)
     return timings
 
@@ -57,7 +58,8 @@ def print_warning(message: str) -> None:
 
 def parallel_requested(args: argparse.Namespace) -> bool:
     """Parallel flags given, or started by torchrun with more than one process."""
-    return args.ulysses > 1 or args.fsdp or args.cfg_parallel or torchrun_world_size() > 1
+    return ((args.ulysses or 1) > 1 or (args.ring or 1) > 1 or args.fsdp or bool(args.cfg_parallel)
+            or torchrun_world_size() > 1)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -83,8 +85,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     cfg = tiny_config(dim=args.dim, layers=args.layers, heads=args.heads, ffn_dim=args.ffn_dim,
                       text_layers=args.text_layers)
-    out = make_tiny(args.dir, args.format, cfg, args.seed)
-    print(f"wrote a tiny {args.format} model set to {out}")
+    out = make_tiny(args.dir, args.format, cfg, args.seed, quant=args.quant)
+    print(f"wrote a tiny {args.format}{f' {args.quant}' if args.quant else ''} model set to {out}")
     return 0
 
 

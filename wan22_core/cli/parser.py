@@ -15,7 +15,7 @@ from ..offload import OFFLOAD_CHOICES
 from ..parallel.plan import A14B_HEADS, valid_ulysses_degrees
 from ..pipeline import check_video_size
 from ..runtime import DTYPES
-from ..tiny import FORMATS
+from ..tiny import DEFAULT_GGUF_QUANT, FORMATS, GGUF_QUANTS
 from .stages import Outputs
 
 DEFAULTS = SamplerSettings()
@@ -39,6 +39,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser, steps: int, width: int, heig
                    help="reuse the model's last transformation while the estimated relative velocity error stays "
                         "below THRESHOLD (0 = off, exact; e.g. 0.1: fewer passes, not exact)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--videos", type=int, default=1, metavar="N",
+                   help="N videos with seeds seed, seed+1, ...: out.mp4 becomes out_00001.mp4, ... (and the "
+                        "latents likewise); one after another on one GPU, side by side on replicas under torchrun")
     p.add_argument("--fps", type=int, default=FPS)
     p.add_argument("--save-latents", type=Path, default=None,
                    help="also write the final latents (safetensors, key 'latents', [16,T,H/8,W/8] float32)")
@@ -53,11 +56,19 @@ def _add_sampling_flags(p: argparse.ArgumentParser, steps: int, width: int, heig
 
 def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("multi-GPU (under torchrun --nproc_per_node N; see docs/multigpu.md)")
-    g.add_argument("--ulysses", type=int, default=1, metavar="N",
-                   help=f"sequence-parallel degree; divides the {A14B_HEADS} heads: "
+    g.add_argument("--sp", choices=("auto", "off"), default="auto",
+                   help="sequence parallelism: auto (default) splits each video over every rank that --ulysses, "
+                        "--ring and CFG-parallel leave (Ulysses first, the ring takes the rest); off: none, "
+                        "every rank left over samples other --videos side by side")
+    g.add_argument("--ulysses", type=int, default=None, metavar="U",
+                   help=f"Ulysses degree (default: auto); divides the {A14B_HEADS} heads: "
                         f"{', '.join(map(str, valid_ulysses_degrees()))}")
+    g.add_argument("--ring", type=int, default=None, metavar="R",
+                   help="ring-attention degree (default: auto, the ranks Ulysses leaves); any count")
     g.add_argument("--fsdp", action="store_true", help="shard both experts' weights across all ranks")
-    g.add_argument("--cfg-parallel", action="store_true", help="cond and uncond passes on two halves of the ranks")
+    g.add_argument("--cfg-parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help="cond and uncond passes on two halves of the ranks (default: when the rank count is even "
+                        "and both guidance scales are not 1)")
     g.add_argument("--keep-gathered", action="store_true",
                    help="with --fsdp: keep gathered weights between steps (faster; one full expert per GPU)")
 
@@ -110,11 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="text -> video from checkpoint files")
     gen.add_argument("--model-dir", type=Path, help="an official Wan2.2-T2V-A14B folder, a diffusers "
-                     "Wan2.2-T2V-A14B-Diffusers folder, or a ComfyUI models folder (diffusion_models/ "
-                     "with one *high* and one *low* file, text_encoders/, vae/)")
-    gen.add_argument("--high-noise", type=Path)
+                     "Wan2.2-T2V-A14B-Diffusers folder, or a ComfyUI models folder (diffusion_models/ or unet/ "
+                     "with one *high* and one *low* file, text_encoders/ or clip/, vae/; safetensors or GGUF)")
+    gen.add_argument("--high-noise", type=Path, help="expert file or folder: safetensors, .pth, or GGUF (.gguf)")
     gen.add_argument("--low-noise", type=Path)
-    gen.add_argument("--text-encoder", type=Path)
+    gen.add_argument("--text-encoder", type=Path, help="UMT5 file or folder: safetensors, .pth, or GGUF (.gguf)")
     gen.add_argument("--tokenizer", type=Path, help="folder with spiece.model (if the encoder file has none)")
     gen.add_argument("--vae", type=Path)
     gen.add_argument("--output", type=Path, default=Path("out/video.mp4"))
@@ -135,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny", help="write a tiny random model set in a real checkpoint layout")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--format", default="official", choices=FORMATS)
+    tiny.add_argument("--quant", choices=GGUF_QUANTS,
+                      help=f"with --format gguf: the GGUF type of the quantised tensors (default {DEFAULT_GGUF_QUANT}; "
+                           "K-quants need --dim and --ffn-dim multiples of 256)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--dim", type=int)
     tiny.add_argument("--layers", type=int)
@@ -177,7 +191,7 @@ def outputs(args: argparse.Namespace) -> Outputs:
         raise ValueError("--no-video writes only the latents, and no --save-latents was given: "
                          "add --save-latents F.safetensors, or drop --no-video")
     return Outputs(video=None if args.no_video else args.output, latents=args.save_latents, fps=args.fps,
-                   vae_tile=args.vae_tile, overwrite=args.overwrite)
+                   vae_tile=args.vae_tile, overwrite=args.overwrite, videos=args.videos)
 
 
 def text_dtype(args: argparse.Namespace) -> torch.dtype | None:

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -31,11 +31,12 @@ from ..video import write_mp4
 
 @contextmanager
 def stage(name: str, timings: dict):
-    """Time one stage into `timings` and print it (stderr)."""
+    """Time one stage into `timings` (adding up repeats, e.g. one decode per video) and print it (stderr)."""
     start = time.perf_counter()
     yield
-    timings[name] = time.perf_counter() - start
-    print(f"  {name:<14} {timings[name]:7.2f} s", file=sys.stderr)
+    took = time.perf_counter() - start
+    timings[name] = timings.get(name, 0.0) + took
+    print(f"  {name:<14} {took:7.2f} s", file=sys.stderr)
 
 
 def print_peak_memory(device: torch.device) -> None:
@@ -97,12 +98,29 @@ class Outputs:
     fps: int = 16
     vae_tile: int | None = None  # latent pixels per VAE tile; None decodes whole frames
     overwrite: bool = False
+    videos: int = 1  # a batch of videos (seeds seed, seed + 1, ...) writes numbered files
+
+    def numbered(self, index: int) -> "Outputs":
+        """Video `index` of the batch: out.mp4 -> out_00001.mp4, and the latents likewise (one video: as given)."""
+        if self.videos == 1:
+            return self
+        video, latents = (None if path is None else numbered_path(path, index) for path in (self.video, self.latents))
+        return replace(self, video=video, latents=latents, videos=1)
 
     def check(self) -> None:
-        """Fail on an existing output before minutes of work (unless overwrite)."""
-        for path in (self.video, self.latents):
-            if path is not None and path.exists() and not self.overwrite:
-                raise FileExistsError(f"{path} exists; choose another name or pass --overwrite")
+        """Fail on a bad count or an existing output before minutes of work (unless overwrite)."""
+        if self.videos < 1:
+            raise ValueError(f"--videos must be a whole number >= 1, got {self.videos!r}")
+        for index in range(self.videos):
+            numbered = self.numbered(index)
+            for path in (numbered.video, numbered.latents):
+                if path is not None and path.exists() and not self.overwrite:
+                    raise FileExistsError(f"{path} exists; choose another name or pass --overwrite")
+
+
+def numbered_path(path: Path, index: int) -> Path:
+    """`path` with the 1-based video number appended as ComfyUI numbers its outputs: v.mp4 -> v_00001.mp4."""
+    return path.with_name(f"{path.stem}_{index + 1:05d}{path.suffix}")
 
 
 def save_latents(latent: torch.Tensor, outputs: Outputs) -> None:
@@ -128,12 +146,16 @@ def write_video(frames: torch.Tensor, outputs: Outputs, timings: dict) -> None:
     print(f"wrote {out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {outputs.fps} fps)")
 
 
-def save_outputs(latent: torch.Tensor, vae_path: Path | None, device: torch.device, dtype: torch.dtype,
+def save_outputs(latents: Sequence[torch.Tensor], vae_path: Path | None, device: torch.device, dtype: torch.dtype,
                  outputs: Outputs, timings: dict) -> None:
-    """One process: the latents (when asked), then the VAE decode and the mp4 unless --no-video."""
-    save_latents(latent, outputs)
-    if outputs.video is None:
-        return
-    with stage("vae decode", timings):
-        frames = decode_to_video(load_decoder(vae_path, device, dtype), latent, tile_size=outputs.vae_tile)
-    write_video(frames, outputs, timings)
+    """One process: each video's latents (when asked), then its VAE decode and mp4 unless --no-video."""
+    vae = None
+    for index, latent in enumerate(latents):
+        mine = outputs.numbered(index)
+        save_latents(latent, mine)
+        if mine.video is None:
+            continue
+        with stage("vae decode", timings):
+            vae = vae or load_decoder(vae_path, device, dtype)
+            frames = decode_to_video(vae, latent, tile_size=mine.vae_tile)
+        write_video(frames, mine, timings)

@@ -1,58 +1,86 @@
-"""`generate` on P ranks: `torchrun --nproc_per_node P -m wan22_core generate --ulysses P --fsdp ...`.
+"""`generate` on P ranks: `torchrun --nproc_per_node P -m wan22_core generate --fsdp ...`.
 
-Every rank loads its shards and runs the same loop. Rank 0 encodes the prompt on its CPU (in
---text-dtype) and broadcasts the embeddings; with GPU ranks it does so in a thread while the
-ranks read their shards (the two overlap instead of adding up). Every rank then decodes a band
-of the video's rows (parallel.vae_decode; rank 0 alone with --vae-tile, or when the latent has
-fewer rows than there are ranks), and rank 0 writes the outputs (only the latents with
---no-video). LoRAs are merged into each rank's shards while it reads them; --attention applies
-on every rank. The process group is `parallel.launch`'s; this module only reads the flags.
+The split of the ranks comes from --ulysses / --ring / --cfg-parallel / --sp (what is not set is
+chosen: `parallel.plan.choose_split`) and is printed in one line before any work. Every rank
+loads its shards and runs the same loop. Rank 0 encodes the prompt on its CPU (in --text-dtype)
+and broadcasts the embeddings; with GPU ranks it does so in a thread while the ranks read their
+shards (the two overlap instead of adding up). With --videos N the replicas sample the videos
+side by side (`parallel.replicas`). Every rank then decodes a band of each video's rows
+(parallel.vae_decode; rank 0 alone with --vae-tile, or when the latent has fewer rows than there
+are ranks), and rank 0 writes the outputs (only the latents with --no-video). LoRAs are merged
+into each rank's shards while it reads them; --attention applies on every rank. The process
+group is `parallel.launch`'s; this module only reads the flags.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
 from ..checkpoints import ModelFiles, expert_config
-from ..models.vae import denormalize_latent, to_images
+from ..config import DiTConfig
+from ..memory import video_tokens
+from ..models.vae import WanVAE, denormalize_latent, to_images
 from ..parallel.launch import (Rank0Task, cpu_threads_per_rank, local_device, torchrun_group, torchrun_world_size,
                                under_torchrun)
 from ..parallel.loading import load_expert_pair
-from ..parallel.plan import ParallelPlan, check_parallel_options
+from ..parallel.plan import ParallelPlan, check_parallel_options, choose_split
+from ..parallel.replicas import sample_videos
 from ..parallel.vae_decode import can_split_rows, decode_on_ranks
-from ..pipeline import decode_to_video, make_noise
+from ..pipeline import decode_to_video, make_noise, video_seed
 from ..runtime import resolve_dtype
 from . import parser as flags
 from .stages import (check_model_options, denoise_video, encode_prompt, load_decoder, print_peak_memory,
                      save_latents, stage, write_video)
 
 
-def parallel_plan(args: argparse.Namespace, world_size: int, num_heads: int) -> ParallelPlan:
-    """--ulysses / --cfg-parallel / --fsdp / --keep-gathered on `world_size` ranks."""
-    return ParallelPlan(world_size=world_size, ulysses=args.ulysses, cfg_parallel=2 if args.cfg_parallel else 1,
-                        fsdp=args.fsdp, reshard_after_forward=not args.keep_gathered, num_heads=num_heads)
+def parallel_plan(args: argparse.Namespace, world_size: int, num_heads: int,
+                  ranks_per_node: int | None = None) -> ParallelPlan:
+    """--sp / --ulysses / --ring / --cfg-parallel / --fsdp / --keep-gathered on `world_size` ranks."""
+    if args.sp == "off" and (args.ulysses or 1) * (args.ring or 1) > 1:
+        raise ValueError(f"--sp off splits no sequence but --ulysses {args.ulysses or 1} --ring {args.ring or 1} "
+                         "ask for one; drop one or the other")
+    ulysses, ring = (1, 1) if args.sp == "off" else (args.ulysses or 0, args.ring or 0)
+    guidance_batched = args.batch_cfg and args.cfg_high != 1.0 and args.cfg_low != 1.0
+    cfg, ulysses, ring = choose_split(world_size, num_heads, ulysses=ulysses, ring=ring,
+                                      cfg_parallel=args.cfg_parallel, guidance_batched=guidance_batched,
+                                      ranks_per_node=ranks_per_node)
+    return ParallelPlan(world_size=world_size, ulysses=ulysses, ring=ring, cfg_parallel=cfg, fsdp=args.fsdp,
+                        reshard_after_forward=not args.keep_gathered, num_heads=num_heads)
+
+
+def checked_plan(args: argparse.Namespace, dit: DiTConfig) -> ParallelPlan:
+    """The plan for torchrun's ranks, refused now (before loading anything) when it cannot run."""
+    plan = parallel_plan(args, torchrun_world_size(), dit.num_heads,
+                         int(os.environ.get("LOCAL_WORLD_SIZE", torchrun_world_size())))
+    check_parallel_options(flags.expert_options(args), cfg_parallel=plan.cfg_parallel_enabled,
+                           batch_cfg=args.batch_cfg, ring=plan.ring)
+    plan.check_tokens(video_tokens(dit, args.frames, args.height, args.width))
+    return plan
 
 
 def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
     """This rank's part of `generate`; returns the stage timings (printed on rank 0 only)."""
-    check_parallel_options(flags.expert_options(args), cfg_parallel=args.cfg_parallel, batch_cfg=args.batch_cfg)
+    check_parallel_options(flags.expert_options(args), cfg_parallel=bool(args.cfg_parallel),
+                           batch_cfg=args.batch_cfg, ring=args.ring or 1)
     check_model_options(args.attention, [*args.lora_high, *args.lora_low])  # once, not on every rank after loading
     if not under_torchrun():
-        raise ValueError("--ulysses, --fsdp and --cfg-parallel run under torchrun: "
+        raise ValueError("--ulysses, --ring, --fsdp and --cfg-parallel run under torchrun: "
                          "torchrun --nproc_per_node N -m wan22_core generate ... (see docs/multigpu.md)")
-    plan = parallel_plan(args, torchrun_world_size(), expert_config(files.high_noise).num_heads)
     settings = flags.sampler_settings(args)
+    plan = checked_plan(args, expert_config(files.high_noise))
     device = local_device(args.device)
     dtype, text_dtype = resolve_dtype(args.dtype, device), flags.text_dtype(args)
     outputs = flags.outputs(args)
     started = time.perf_counter()
     with torchrun_group(plan, device) as groups:
         rank0 = groups.rank == 0
+        if rank0:
+            print(plan.describe("GPU" if device.type == "cuda" else "CPU rank"), file=sys.stderr)
         timings: dict[str, float] = {}
         timed = stage if rank0 else (lambda name, timings: nullcontext())
         encoding = Rank0Task(lambda: encode_on_rank0(files, args.prompt, args.negative_prompt, text_dtype, device),
@@ -67,17 +95,23 @@ def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
             when = "while loading" if encoding.background else "before loading"
             print(f"  {'text encoder':<14} {encoding.seconds:7.2f} s  (rank 0's CPU, {when})", file=sys.stderr)
         with timed("denoise", timings):
-            noise = make_noise(args.seed, args.frames, args.height, args.width)
-            latent = denoise_video(experts, embeds.positive, embeds.negative, noise, settings,
-                                   batch_cfg=args.batch_cfg, progress=rank0 and not args.quiet, report=rank0)
+            def sample(video: int, _round: int):
+                noise = make_noise(video_seed(args.seed, video), args.frames, args.height, args.width)
+                return denoise_video(experts, embeds.positive, embeds.negative, noise, settings,
+                                     batch_cfg=args.batch_cfg, progress=rank0 and not args.quiet, report=rank0)
+
+            latents = sample_videos(sample, groups, args.videos)
             del experts
         if rank0:
-            save_latents(latent, outputs)
+            for index, latent in enumerate(latents):
+                save_latents(latent, outputs.numbered(index))
         if outputs.video is not None:
-            with timed("vae decode", timings):
-                frames = decode_on_ranks_stage(latent, files.vae, device, dtype, outputs.vae_tile, rank0)
-            if rank0:
-                write_video(frames, outputs, timings)
+            vae = load_decoder(files.vae, device, dtype) if rank0 or outputs.vae_tile is None else None
+            for index, latent in enumerate(latents):
+                with timed("vae decode", timings):
+                    frames = decode_on_ranks_stage(latent, vae, outputs.vae_tile, rank0)
+                if rank0:
+                    write_video(frames, outputs.numbered(index), timings)
         if rank0:
             print_peak_memory(device)
             print(f"  {'total':<14} {time.perf_counter() - started:7.2f} s  ({plan.world_size} rank"
@@ -95,12 +129,12 @@ def encode_on_rank0(files: ModelFiles, prompt: str, negative_prompt: str | None,
     return encode_prompt(files, prompt, negative_prompt, dtype)
 
 
-def decode_on_ranks_stage(latent: torch.Tensor, vae_path: Path, device: torch.device, dtype: torch.dtype,
-                          vae_tile: int | None, rank0: bool) -> torch.Tensor | None:
+def decode_on_ranks_stage(latent: torch.Tensor, vae: WanVAE | None, vae_tile: int | None,
+                          rank0: bool) -> torch.Tensor | None:
     """Frames on rank 0 (None elsewhere): every rank decodes a band of the rows, or, with --vae-tile
-    (the user asked for rank 0's tiled decode) or a latent with fewer rows than ranks, rank 0 alone."""
+    (the user asked for rank 0's tiled decode) or a latent with fewer rows than ranks, rank 0 alone.
+    `vae` is loaded once for all videos, on every rank that decodes (None on the others)."""
     ranks = torchrun_world_size()
-    vae = load_decoder(vae_path, device, dtype) if rank0 or vae_tile is None else None
     if vae_tile is None and can_split_rows(vae, latent.shape[-2], ranks):
         if rank0 and ranks > 1:
             print(f"  vae decode on {ranks} ranks, a band of rows each", file=sys.stderr)

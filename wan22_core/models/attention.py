@@ -18,6 +18,12 @@ Backends (imported lazily, only when selected):
   the GPU: INT8 QK^T with FP8 PV on Ada, Hopper and RTX 50, FP16 PV on Ampere. 1.x is refused.
 `auto` picks the fastest exact backend that is installed, by GPU generation (`AUTO_ORDER`).
 The non-SDPA kernels run as one opaque custom op, so `torch.compile` keeps a block in one graph.
+
+`AttentionKernel.forward_with_lse` also returns each query's log-sum-exp, which ring attention
+(`wan22_core.parallel.ring`) needs to merge partial results over key blocks: on the CPU torch's
+flash kernel for CPU, on CUDA SDPA's flash (fp16/bf16) or memory-efficient (fp32) kernel, or the
+selected flash-attention package's own (FA2/FA3 `return_attn_probs`, FA4 `return_lse`).
+SageAttention returns none; the parallel plan refuses it with a ring.
 """
 from __future__ import annotations
 
@@ -119,6 +125,19 @@ def _external_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backe
     return out[0] if isinstance(out, tuple) else out  # FA3/FA4 return (out, lse)
 
 
+def _external_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_external_attention` plus the log-sum-exp [B, heads, Lq] fp32 of each query's scaled logits."""
+    if backend == "sage":
+        raise ValueError("attention backend 'sage' returns no log-sum-exp, which ring attention needs; "
+                         "choose another backend or ring degree 1")
+    if backend == "flash_attn4":
+        out, lse = _import(backend).flash_attn_func(q, k, v, return_lse=True)
+    else:  # FlashAttention 2 returns (out, lse, probabilities), 3 (out, lse)
+        out, lse = _import(backend).flash_attn_func(q, k, v, return_attn_probs=True)[:2]
+    return out, lse
+
+
 def _sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if sage_kernel(q.device) == SAGE3_MODULE:
         # it takes [B, heads, L, head_dim] only and subtracts the key mean in place: k goes as a copy
@@ -128,19 +147,44 @@ def _sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return _import("sage").sageattn(q, k, v, tensor_layout="NHD")
 
 
-def _opaque_op():
-    """`_external_attention` as the custom op torch.ops.wan22.external_attention, defined once per
-    process: this file can be imported twice under two package names (ComfyUI imports the pack by
-    its folder, the engine as `wan22_core`), and a second definition would break the first."""
+def _opaque_op(name: str, kernel, fake):
+    """`kernel` as the custom op torch.ops.wan22.<name>, defined once per process: this file can
+    be imported twice under two package names (ComfyUI imports the pack by its folder, the engine
+    as `wan22_core`), and a second definition would break the first."""
     try:
-        return torch.ops.wan22.external_attention
+        return getattr(torch.ops.wan22, name)
     except AttributeError:
-        op = torch.library.custom_op("wan22::external_attention", _external_attention, mutates_args=())
-        op.register_fake(lambda q, k, v, backend: q.new_empty(*q.shape[:-1], v.shape[-1]))
-        return torch.ops.wan22.external_attention
+        op = torch.library.custom_op(f"wan22::{name}", kernel, mutates_args=())
+        op.register_fake(fake)
+        return getattr(torch.ops.wan22, name)
 
 
-external_attention = _opaque_op()
+external_attention = _opaque_op("external_attention", _external_attention,
+                                lambda q, k, v, backend: q.new_empty(*q.shape[:-1], v.shape[-1]))
+external_attention_lse = _opaque_op(
+    "external_attention_lse", _external_attention_lse,
+    lambda q, k, v, backend: (q.new_empty(*q.shape[:-1], v.shape[-1]),
+                              q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)))
+
+
+def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's own kernels on [B, L, heads, head_dim], with the log-sum-exp [B, heads, Lq] fp32.
+
+    The public SDPA drops the log-sum-exp, so this calls the kernels it dispatches to: flash
+    for CPU (any float dtype); on CUDA flash for fp16/bf16 on Ampere and Hopper (the GPUs torch's
+    FlashAttention-2 build is documented for), memory-efficient otherwise (its log-sum-exp is
+    padded to a multiple of 32 queries). Not run on a GPU here yet (no CUDA machine in CI).
+    """
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, L, head_dim] views
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)
+    elif (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+          and torch.cuda.get_device_capability(q.device)[0] in (8, 9)):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
+        lse = lse[..., :q.shape[1]]
+    return out.transpose(1, 2), lse
 
 
 class AttentionKernel(nn.Module):
@@ -163,6 +207,19 @@ class AttentionKernel(nn.Module):
         if dtype not in (torch.float16, torch.bfloat16):  # flash kernels take half precision only
             q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
         return external_attention(q, k, v, self.backend).to(dtype)
+
+    def forward_with_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` without bias, plus the log-sum-exp [B, H, Lq] fp32 of each query's scaled logits.
+
+        Two results over disjoint key sets merge into the result over both (ring attention).
+        """
+        if self.backend == "sdpa" or q.device.type != "cuda":
+            return sdpa_with_lse(q, k, v)
+        dtype = q.dtype
+        if dtype not in (torch.float16, torch.bfloat16):  # flash kernels take half precision only
+            q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+        out, lse = external_attention_lse(q, k, v, self.backend)
+        return out.to(dtype), lse
 
 
 def inexact_backend(model: nn.Module) -> str | None:

@@ -6,6 +6,7 @@ weights are exactly what a single GPU would hold and the numerics match a one-GP
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -37,7 +38,23 @@ def apply_fsdp(model: nn.Module, mesh, dtype: torch.dtype, reshard_after_forward
     # Explicit bool on the root: left at None, FSDP2 keeps the root gathered after forward
     # (training wants it for backward at once), which inference never needs.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    prefetch_next_blocks(model)
     return model
+
+
+def prefetch_next_blocks(model: nn.Module) -> None:
+    """Issue each block's all-gather when the unit before it starts, not when the block itself does.
+
+    Left alone, FSDP2 issues a unit's all-gather in that unit's own pre-forward: it overlaps the
+    previous block only while the CPU runs ahead of the GPU, so anything that makes the CPU wait
+    (a host sync, a CPU collective such as gloo's) issues it late. Explicitly, the root starts
+    block 0's gather before the embeddings and block i starts block i + 1's: at most two blocks
+    are gathered at once, as with the implicit prefetch.
+    """
+    blocks = list(model.blocks)
+    model.set_modules_to_forward_prefetch(blocks[:1])
+    for block, following in zip(blocks, blocks[1:]):
+        block.set_modules_to_forward_prefetch([following])
 
 
 class ShardedExperts:
@@ -48,10 +65,20 @@ class ShardedExperts:
     takes it as it takes a one-process `ExpertPair` (`pipeline.Experts`).
     """
 
-    def __init__(self, high: nn.Module, low: nn.Module, device: torch.device):
+    def __init__(self, high: nn.Module, low: nn.Module, device: torch.device, replicas: int = 1):
         self.experts = {HIGH: high, LOW: low}
         self.device = torch.device(device)
         self.active: str | None = None
+        self.replicas = replicas  # replicas sample other videos but share every all-gather
+
+    def agree_to_reuse(self, reuse: bool) -> bool:
+        """The step cache's vote over all ranks: a step is reused only if every replica reuses it,
+        since a replica that skipped its forward would leave the others in an all-gather."""
+        if self.replicas == 1:
+            return reuse  # every rank decided alike from the same values
+        flag = torch.tensor([int(reuse)], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def get(self, name: str) -> nn.Module:
         if self.active is not None and name != self.active:

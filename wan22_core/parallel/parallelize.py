@@ -8,19 +8,20 @@ from .mesh import ParallelGroups
 
 
 def parallelize(model: nn.Module, groups: ParallelGroups, dtype: torch.dtype) -> nn.Module:
-    """Ulysses, then FSDP, then the CFG split; returns the module the sampling loop calls.
+    """Sequence parallelism (Ulysses x Ring), then FSDP, then the CFG split; returns the module the
+    sampling loop calls.
 
-    Ulysses first: it only swaps parameter-free seam modules, so FSDP then wraps blocks that
-    already hold their final kernels. The CFG split wraps the root last because it decides
+    Sequence parallelism first: it only swaps parameter-free seam modules, so FSDP then wraps
+    blocks that already hold their final kernels. The CFG split wraps the root last because it decides
     which batch row this rank feeds into the whole (sharded, sequence-parallel) model.
     Each parallelism is imported when a plan uses it: torch.distributed.fsdp alone adds 0.6 to
     1.2 s to every start (the CLI's, a ComfyUI node's), measured with python -X importtime.
     """
     plan = groups.plan
-    if plan.ulysses_enabled:
-        from .ulysses import apply_ulysses
+    if plan.sequence_enabled:
+        from .sequence import apply_sequence_parallel
 
-        apply_ulysses(model, groups.ulysses)
+        apply_sequence_parallel(model, groups.sequence, groups.ulysses, groups.ring)
     if plan.fsdp:
         from .fsdp import apply_fsdp
 

@@ -1,9 +1,13 @@
 """Parallel degrees and devices, validated before any process starts.
 
-Ranks form a grid (replica, cfg, ulysses) with the Ulysses index fastest, so each Ulysses group
-is a run of neighbouring ranks (neighbouring GPUs share the fastest links). FSDP shards the
-weights over *all* ranks: every rank runs the same modules in the same order (the CFG halves
-run the same expert on different text), so one all-gather per module serves the whole grid.
+Ranks form a grid (replica, cfg, ring, ulysses) with the Ulysses index fastest, so each Ulysses
+group is a run of neighbouring ranks (neighbouring GPUs share the fastest links: the all-to-alls
+stay inside a node) and the ring, which passes one K/V block to one neighbour at a time, spans
+the slower links. A sequence group (ulysses x ring ranks, consecutive) holds one video's tokens;
+a replica (cfg x ring x ulysses ranks, consecutive) samples one video at a time, and the replicas
+sample different videos side by side. FSDP shards the weights over *all* ranks: every rank runs
+the same modules in the same order (the CFG halves run the same expert on different text, the
+replicas on different noise), so one all-gather per module serves the whole grid.
 
 Nothing here touches torch.distributed; the node, the CLI and the worker group validate with
 these before spawning anything, including which one-process options the ranks refuse
@@ -26,7 +30,11 @@ HEARTBEAT_S = 60.0  # seconds of silence from a rank before it counts as hung
 
 def valid_ulysses_degrees(num_heads: int = A14B_HEADS) -> list[int]:
     """Ulysses scatters whole heads, so the degree must divide the head count (40 -> 1, 2, 4, 5, 8, 10, 20, 40)."""
-    return [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+    return divisors(num_heads)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -34,21 +42,27 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def _listed(values: Sequence[int]) -> str:
+    return ", ".join(map(str, values)) or "none"
+
+
 @dataclass(frozen=True)
 class ParallelPlan:
-    """How `world_size` ranks split one sampling run.
+    """How `world_size` ranks split the sampling.
 
-    ulysses: sequence-parallel degree (tokens and heads split across this many ranks).
-    cfg_parallel: 2 runs the conditional and unconditional passes on two halves of the ranks.
+    ulysses: Ulysses degree (all-to-all heads <-> sequence inside a group of this many ranks).
+    ring: ring-attention degree (the Ulysses groups of one video pass K/V blocks around a ring).
+        ulysses x ring ranks share one video's tokens (the sequence degree).
+    cfg_parallel: 2 runs the conditional and unconditional passes on two halves of a replica.
     fsdp: shard both experts' weights across all ranks (each rank holds 1/world_size).
     reshard_after_forward: with fsdp, free gathered weights after each module (False keeps a
         full copy of each expert once used: faster, needs memory for both full experts).
-    Ranks beyond ulysses x cfg_parallel are replicas that repeat the same work, which is only
-    useful to spread the weights with fsdp (e.g. "FSDP only" on 2 GPUs).
+    Ranks beyond cfg x ulysses x ring form replicas: each samples other videos (seeds seed + i).
     """
 
     world_size: int
     ulysses: int = 1
+    ring: int = 1
     cfg_parallel: int = 1
     fsdp: bool = False
     reshard_after_forward: bool = True
@@ -58,30 +72,51 @@ class ParallelPlan:
         _check_int("world_size", self.world_size, 1)
         _check_int("num_heads", self.num_heads, 1)
         _check_int("ulysses", self.ulysses, 1)
+        _check_int("ring", self.ring, 1)
         if self.cfg_parallel not in (1, 2):
             raise ValueError(f"cfg_parallel must be 1 or 2 (cond and uncond), got {self.cfg_parallel!r}")
         if self.num_heads % self.ulysses:
             raise ValueError(
                 f"ulysses degree {self.ulysses} does not divide the {self.num_heads} attention heads; "
-                f"valid degrees: {', '.join(map(str, valid_ulysses_degrees(self.num_heads)))}")
-        used = self.ulysses * self.cfg_parallel
-        if self.world_size % used:
-            raise ValueError(
-                f"{self.world_size} ranks cannot be split into groups of ulysses {self.ulysses} x "
-                f"cfg_parallel {self.cfg_parallel} = {used}; use a rank count that is a multiple of {used}")
-        if self.world_size > used and not self.fsdp:
-            raise ValueError(
-                f"{self.world_size} ranks but ulysses {self.ulysses} x cfg_parallel {self.cfg_parallel} = {used}: "
-                f"the other ranks would repeat the same work; set ulysses to {self.world_size // self.cfg_parallel} "
-                "(if it divides the heads) or enable fsdp to use them for weight sharding")
+                f"valid degrees: {_listed(valid_ulysses_degrees(self.num_heads))}")
+        if self.world_size % (self.cfg_parallel * self.sequence_degree):
+            raise ValueError(self._misfit())
+
+    def _misfit(self) -> str:
+        """Why the degrees do not fill the ranks, with the degrees that would."""
+        c, u, r, world = self.cfg_parallel, self.ulysses, self.ring, self.world_size
+        used = f"{world} ranks cannot be split into cfg_parallel {c} x ulysses {u} x ring {r} = {c * u * r}"
+        if world % c:
+            return f"{used}: cfg_parallel 2 needs an even number of ranks"
+        if world % (c * u):
+            fitting = [d for d in valid_ulysses_degrees(self.num_heads) if (world // c) % (d * r) == 0]
+            return f"{used}; valid ulysses degrees with ring {r}: {_listed(fitting)}"
+        return f"{used}; valid ring degrees with ulysses {u}: {_listed(divisors(world // (c * u)))}"
+
+    @property
+    def sequence_degree(self) -> int:
+        """Ranks that share one video's tokens (ulysses x ring)."""
+        return self.ulysses * self.ring
+
+    @property
+    def replica_size(self) -> int:
+        return self.cfg_parallel * self.sequence_degree
 
     @property
     def replicas(self) -> int:
-        return self.world_size // (self.ulysses * self.cfg_parallel)
+        return self.world_size // self.replica_size
 
     @property
     def ulysses_enabled(self) -> bool:
         return self.ulysses > 1
+
+    @property
+    def ring_enabled(self) -> bool:
+        return self.ring > 1
+
+    @property
+    def sequence_enabled(self) -> bool:
+        return self.sequence_degree > 1
 
     @property
     def cfg_parallel_enabled(self) -> bool:
@@ -89,14 +124,75 @@ class ParallelPlan:
 
     def ulysses_groups(self) -> list[list[int]]:
         """Rank lists of the Ulysses groups: runs of `ulysses` consecutive ranks."""
-        u = self.ulysses
-        return [list(range(start, start + u)) for start in range(0, self.world_size, u)]
+        return _runs(self.world_size, self.ulysses)
+
+    def ring_groups(self) -> list[list[int]]:
+        """Rank lists of the rings, in ring order: the same Ulysses position in each Ulysses group
+        of one sequence group."""
+        u, s = self.ulysses, self.sequence_degree
+        return [[start + i + k * u for k in range(self.ring)] for start in range(0, self.world_size, s) for i in range(u)]
+
+    def sequence_groups(self) -> list[list[int]]:
+        """Rank lists of the sequence groups (one video's tokens): runs of ulysses x ring ranks,
+        rank order = token order (ring position major, Ulysses position minor)."""
+        return _runs(self.world_size, self.sequence_degree)
 
     def cfg_groups(self) -> list[list[int]]:
-        """Rank lists of the CFG pairs: same Ulysses position, the two halves of one replica."""
-        u, c = self.ulysses, self.cfg_parallel
-        return [[base + i + k * u for k in range(c)]
-                for base in range(0, self.world_size, u * c) for i in range(u)]
+        """Rank lists of the CFG pairs: same sequence position, the two halves of one replica."""
+        s, c = self.sequence_degree, self.cfg_parallel
+        return [[base + i + k * s for k in range(c)] for base in range(0, self.world_size, s * c) for i in range(s)]
+
+    def replica_groups(self) -> list[list[int]]:
+        """Rank lists of the replicas (each samples its own videos): runs of cfg x ulysses x ring ranks."""
+        return _runs(self.world_size, self.replica_size)
+
+    def replica_of(self, rank: int) -> int:
+        return rank // self.replica_size
+
+    def check_tokens(self, tokens: int) -> None:
+        """Refuse a sequence split finer than the video: every sequence rank needs a token."""
+        if self.sequence_degree > tokens:
+            fitting = [d for d in divisors(self.world_size // self.cfg_parallel) if d <= tokens]
+            raise ValueError(
+                f"ulysses {self.ulysses} x ring {self.ring} = {self.sequence_degree} sequence ranks but the video "
+                f"has only {tokens} tokens (latent frames x height/16 x width/16); make the video larger or use a "
+                f"sequence degree (ulysses x ring) of {_listed(fitting)}")
+
+    def describe(self, unit: str = "GPU") -> str:
+        """One line, e.g. "6 GPUs: CFG 2 x Ulysses 1 x Ring 3" (+ " x 2 replicas, one video each")."""
+        line = (f"{self.world_size} {unit}{'s' if self.world_size != 1 else ''}: CFG {self.cfg_parallel} x "
+                f"Ulysses {self.ulysses} x Ring {self.ring}")
+        return line + (f" x {self.replicas} replicas, one video each" if self.replicas > 1 else "")
+
+
+def _runs(world_size: int, size: int) -> list[list[int]]:
+    return [list(range(start, start + size)) for start in range(0, world_size, size)]
+
+
+def choose_split(world_size: int, num_heads: int = A14B_HEADS, *, ulysses: int = 0, ring: int = 0,
+                 cfg_parallel: bool | None = None, guidance_batched: bool = True,
+                 ranks_per_node: int | None = None) -> tuple[int, int, int]:
+    """(cfg_parallel, ulysses, ring) for `world_size` ranks; 0 / None means "choose".
+
+    CFG-parallel, unless set, where it helps: an even rank count, both guidance passes batched
+    (batch_cfg, no guidance scale of 1), and the set degrees fit in a half; its one exchange per
+    step is the cheapest split there is. Ulysses next, unless set: the largest divisor of the
+    heads that divides what is left and the ranks of one node (one all-to-all pair per layer,
+    cheapest on NVLink). Ring, unless set, takes the rest. Ranks left over become replicas.
+    Degrees that cannot fit are returned as given, for ParallelPlan to refuse with the valid ones.
+    """
+    fixed = (ulysses or 1) * (ring or 1)
+    if cfg_parallel is None:
+        cfg_parallel = guidance_batched and world_size % (2 * fixed) == 0
+    cfg = 2 if cfg_parallel else 1
+    rest = world_size // cfg if world_size % cfg == 0 else world_size
+    if not ulysses:
+        room = rest // ring if ring and rest % ring == 0 else (1 if ring else rest)
+        node = ranks_per_node or world_size
+        ulysses = max(d for d in valid_ulysses_degrees(num_heads) if room % d == 0 and node % d == 0)
+    if not ring:
+        ring = rest // ulysses if rest % ulysses == 0 else 1
+    return cfg, ulysses, ring
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +243,10 @@ class ParallelConfig:
     def backend(self) -> str:
         return backend_for(self.devices)
 
+    def describe(self) -> str:
+        """The split in one line, e.g. "6 GPUs: CFG 2 x Ulysses 1 x Ring 3" (the node shows it)."""
+        return self.plan.describe("GPU" if self.backend == "nccl" else "CPU rank")
+
 
 def backend_for(devices: Sequence[str]) -> str:
     """torch.distributed backend of a group on `devices` (parse_gpus never mixes CUDA and CPU)."""
@@ -154,21 +254,26 @@ def backend_for(devices: Sequence[str]) -> str:
 
 
 def parallel_config(gpus: str = "all", ulysses_degree: int = 0, fsdp: bool = True, cfg_parallel: bool = False,
-                    *, num_heads: int = A14B_HEADS, reshard_after_forward: bool = True,
+                    *, ring_degree: int = 0, num_heads: int = A14B_HEADS, reshard_after_forward: bool = True,
                     heartbeat_timeout: float = HEARTBEAT_S) -> ParallelConfig:
-    """The multi-GPU node's inputs -> a validated ParallelConfig (ulysses_degree 0: all ranks of a CFG half)."""
+    """The multi-GPU node's inputs -> a validated ParallelConfig.
+
+    ulysses_degree and ring_degree 0 choose automatically (`choose_split`: Ulysses first, the
+    ring takes the rest of each CFG half); both set leaves any ranks over as replicas.
+    """
     devices = parse_gpus(gpus)
     check_backend(backend_for(devices))  # e.g. a torch build without NCCL
-    cfg = 2 if cfg_parallel else 1
     _check_int("ulysses_degree", ulysses_degree, 0)
+    _check_int("ring_degree", ring_degree, 0)
     if cfg_parallel and len(devices) % 2:
         raise ValueError(f"cfg_parallel needs an even number of ranks (two halves); gpus {gpus!r} gives {len(devices)}")
-    ulysses = ulysses_degree or len(devices) // cfg
     # inf is no bound; NaN, a bool or an int past the float range (2**1100) is no number of seconds
     if not (is_real(heartbeat_timeout) and heartbeat_timeout > 0
             and (is_finite_real(heartbeat_timeout) or heartbeat_timeout == math.inf)):
         raise ValueError(f"heartbeat_timeout must be a number of seconds > 0, got {heartbeat_timeout!r}")
-    plan = ParallelPlan(world_size=len(devices), ulysses=ulysses, cfg_parallel=cfg, fsdp=fsdp,
+    cfg, ulysses, ring = choose_split(len(devices), num_heads, ulysses=ulysses_degree, ring=ring_degree,
+                                      cfg_parallel=bool(cfg_parallel))
+    plan = ParallelPlan(world_size=len(devices), ulysses=ulysses, ring=ring, cfg_parallel=cfg, fsdp=fsdp,
                         reshard_after_forward=reshard_after_forward, num_heads=num_heads)
     return ParallelConfig(devices=devices, plan=plan, heartbeat_timeout=float(heartbeat_timeout))
 
@@ -177,7 +282,8 @@ def parallel_config(gpus: str = "all", ulysses_degree: int = 0, fsdp: bool = Tru
 # Options: what the ranks do not implement of the one-process options
 
 
-def parallel_refusals(options: ExpertOptions, *, cfg_parallel: bool, batch_cfg: bool = True) -> list[str]:
+def parallel_refusals(options: ExpertOptions, *, cfg_parallel: bool, batch_cfg: bool = True,
+                      ring: int = 1) -> list[str]:
     """Why each of `options` cannot run on the ranks of a multi-GPU run, with the fix ([]: all can).
 
     Accepted as they are: dtype, weight_dtype auto/bf16/fp16 (fp8 files are dequantised into
@@ -198,12 +304,24 @@ def parallel_refusals(options: ExpertOptions, *, cfg_parallel: bool, batch_cfg: 
     if cfg_parallel and not batch_cfg:
         refused.append("batch_cfg=False with cfg_parallel (CFG-parallel splits the batched cond/uncond pair over two "
                        "halves of the ranks: turn one of them off)")
+    ring_refused = ring_attention_refusal(options.attention, ring)
+    if ring_refused:
+        refused.append(ring_refused)
     return refused
 
 
-def check_parallel_options(options: ExpertOptions, *, cfg_parallel: bool, batch_cfg: bool = True) -> None:
+def ring_attention_refusal(attention: str, ring: int) -> str | None:
+    """Why `attention` cannot run ring attention of degree `ring` (None: it can)."""
+    if ring > 1 and attention == "sage":
+        return (f"attention='sage' with ring {ring} (ring attention merges partial results by their log-sum-exp, "
+                "which SageAttention does not return: choose another attention, or ring 1)")
+    return None
+
+
+def check_parallel_options(options: ExpertOptions, *, cfg_parallel: bool, batch_cfg: bool = True,
+                           ring: int = 1) -> None:
     """ValueError naming every option the ranks refuse (`parallel_refusals`), before anything starts."""
-    refused = parallel_refusals(options, cfg_parallel=cfg_parallel, batch_cfg=batch_cfg)
+    refused = parallel_refusals(options, cfg_parallel=cfg_parallel, batch_cfg=batch_cfg, ring=ring)
     if refused:
         raise ValueError(f"not on the multi-GPU path: {'; '.join(refused)}")
 

@@ -5,8 +5,9 @@ sys.path and imports `wan22_core` as a top-level package, so it works however th
 imported us (ComfyUI loads the pack under a mangled module name the child could not import).
 
 Messages are plain pickled dicts of built-in types and tensors, never our own classes, for
-the same reason. Controller -> rank: job (sampling), decode (the VAE, a band of rows per rank),
-update (new LoRAs / attention backend), proceed (rank 0, the cancel decision), shutdown.
+the same reason. Controller -> rank: job (sampling a batch of videos, one noise each, that the
+replicas share out: `replicas.sample_videos`), decode (the VAE, a band of rows per rank), update
+(new LoRAs / attention backend), proceed (rank 0, the cancel decision), shutdown.
 Rank -> controller: beat, ready (after start-up and after an update), boundary, step and frame
 (rank 0), done (with the rank's seconds for the job), error.
 """
@@ -38,6 +39,7 @@ from .fsdp import forget_forward_records
 from .loading import load_expert_pair, local_parameter_bytes, set_expert_loras
 from .mesh import init_groups
 from .plan import ParallelPlan
+from .replicas import sample_videos
 from .vae_decode import decode_on_ranks
 from .worker_group import ModelSpec, recv_message, send_message
 
@@ -129,10 +131,10 @@ class Worker:
         dist.init_process_group(self.setup["backend"], store=store, rank=self.rank,
                                 world_size=self.plan.world_size,
                                 device_id=self.device if self.device.type == "cuda" else None)
-        groups = init_groups(self.plan, self.device)
+        self.groups = init_groups(self.plan, self.device)
         started = time.perf_counter()
         spec = ModelSpec.from_message(self.setup["spec"])
-        self.experts = load_expert_pair(spec.high_noise, spec.low_noise, groups, self.device,
+        self.experts = load_expert_pair(spec.high_noise, spec.low_noise, self.groups, self.device,
                                         resolve_dtype(spec.dtype, self.device), spec.loras_high, spec.loras_low,
                                         on_tensor=lambda name: self.channel.beat(f"loading {name}-noise expert"),
                                         attention=spec.attention)
@@ -175,19 +177,27 @@ class Worker:
         self.channel.status = "ready"
 
     def run_job(self, job: dict) -> None:
-        """The lockstep loop; ends with one "done" message per rank (rank 0's carries the latent)."""
+        """The lockstep loop over the job's videos; ends with one "done" message per rank (rank 0's
+        carries every video's latent)."""
         self.channel.busy = True
         started = time.perf_counter()
         cancel = CollectiveCancel(self, job["id"])
-        on_step = self._on_step_sender(job) if self.rank == 0 else (
-            lambda info: self.channel.beat(f"step {info.index + 1}/{info.total}"))
+        settings = SamplerSettings(**job["settings"])
+
+        def sample(video: int, round_index: int) -> torch.Tensor:
+            on_step = self._on_step_sender(job, round_index) if self.rank == 0 else (
+                lambda info: self.channel.beat(f"step {info.index + 1}/{info.total}"))
+            return denoise(self.experts, job["positive"], job["negative"], job["noises"][video], settings,
+                           latent=job["latents"][video], denoise_strength=job["denoise_strength"], batch_cfg=True,
+                           on_step=on_step, should_cancel=cancel)
+
         try:
-            latent = denoise(self.experts, job["positive"], job["negative"], job["noise"],
-                             SamplerSettings(**job["settings"]), latent=job["latent"],
-                             denoise_strength=job["denoise_strength"], batch_cfg=True,
-                             on_step=on_step, should_cancel=cancel)
-            outcome = dict(status="ok", steps=cancel.checks, latent=latent.cpu() if self.rank == 0 else None)
-        except (Cancelled, NumericalError) as err:  # raised by every rank at the same step: the group stays
+            latents = sample_videos(sample, self.groups, len(job["noises"]))
+            outcome = dict(status="ok", steps=cancel.checks,
+                           latents=[latent.cpu() for latent in latents] if self.rank == 0 else None)
+        # Raised by every rank of a replica at the same step: the group stays. (A NaN in one replica's
+        # video alone would leave the others waiting in a collective: the heartbeat ends that run.)
+        except (Cancelled, NumericalError) as err:
             outcome = dict(status=type(err).__name__, message=str(err), steps=cancel.checks - 1)
         forget_forward_records(self.experts)  # else FSDP2's per-forward records grow every job
         self._finish(job, outcome, started)
@@ -230,10 +240,10 @@ class Worker:
             self.vae = (key, vae)
         return self.vae[1]
 
-    def _on_step_sender(self, job: dict):
+    def _on_step_sender(self, job: dict, round_index: int):
         def send(info) -> None:
             tensors = dict(latent=info.latent.cpu(), denoised=info.denoised.cpu()) if job["stream"] else {}
-            self.channel.send(type="step", id=job["id"], index=info.index, total=info.total,
+            self.channel.send(type="step", id=job["id"], round=round_index, index=info.index, total=info.total,
                               timestep=info.timestep, expert=info.expert, model_ran=info.model_ran, **tensors)
         return send
 

@@ -1,10 +1,11 @@
 """The persistent multi-process group that a sampler node drives (design.md §4).
 
-    config = parallel_config(gpus="0,1,2,3", ulysses_degree=0, fsdp=True)
+    config = parallel_config(gpus="0,1,2,3", ulysses_degree=0, ring_degree=0, fsdp=True)
     group = WorkerGroup.get_or_create(ModelSpec(high, low), config)
     latent = group.run(Job(positive, negative, noise, settings), on_step=..., should_cancel=...)
     frames = group.decode(vae, raw_latent, on_frame=..., should_cancel=...)  # each rank a band of rows
     group.stage_line()  # "start 14.0 s (load 12.1 s), sampling 45.2 s, decode 3.1 s"
+    latents = group.run_batch([job0, job1, ...])  # one video each, side by side on the replicas
 
 One process per device, started as a fresh interpreter (what multiprocessing calls "spawn";
 started with subprocess so the child does not re-run the host's `__main__`, which for ComfyUI
@@ -50,9 +51,9 @@ from ..memory import GIB
 from ..models.attention import resolve_backend
 from ..models.transformer import WanModel
 from ..models.vae import WanVAE
-from ..pipeline import StepInfo
+from ..pipeline import StepInfo, latent_tokens
 from ..runtime import DTYPES, default_cuda_allocator
-from .plan import ParallelConfig, ParallelPlan
+from .plan import ParallelConfig, ParallelPlan, ring_attention_refusal
 from .vae_decode import check_bands
 
 PACK_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the wan22_core package
@@ -197,16 +198,21 @@ class Job:
     denoise_strength: float = 1.0
 
 
-def validate_spec(spec: ModelSpec, plan: ParallelPlan) -> tuple[ParallelPlan, dict[str, tuple[LoraReport, ...]]]:
+def validate_spec(spec: ModelSpec, plan: ParallelPlan) -> tuple[ParallelPlan, dict[str, tuple[LoraReport, ...]],
+                                                                 DiTConfig]:
     """Check the files, the LoRAs and the plan against the model's real head count, before any
-    process starts; returns the plan with that head count and what each LoRA patches."""
+    process starts; returns the plan with that head count, what each LoRA patches and the
+    experts' config."""
     if spec.dtype != "auto" and spec.dtype not in DTYPES:
         raise ValueError(f"multi-GPU compute dtype must be auto, {', '.join(DTYPES)}; got {spec.dtype!r} "
                          "(fp8 checkpoint files are fine: their shards are dequantised into this dtype)")
     resolve_backend(spec.attention)  # unknown names and missing packages fail here, not on every rank
+    refused = ring_attention_refusal(spec.attention, plan.ring)
+    if refused:
+        raise ValueError(f"not on the multi-GPU path: {refused}")
     high, _ = check_expert_pair(spec.high_noise, spec.low_noise)  # headers only: one model's two experts
     reports = check_loras(spec, high.dit)
-    return replace(plan, num_heads=high.dit.num_heads), reports  # replace re-runs the plan's checks
+    return replace(plan, num_heads=high.dit.num_heads), reports, high.dit  # replace re-runs the plan's checks
 
 
 # (expert config, LoRA file key) -> report at strength 1: a file is read here once while unchanged
@@ -264,9 +270,10 @@ class WorkerGroup:
             return cls._current
 
     def __init__(self, spec: ModelSpec, config: ParallelConfig, on_status: Callable[[int, str], None] | None,
-                 plan: ParallelPlan, lora_reports: dict[str, tuple[LoraReport, ...]]):
-        """Start the ranks; `plan` and `lora_reports` are validate_spec's result (get_or_create)."""
+                 plan: ParallelPlan, lora_reports: dict[str, tuple[LoraReport, ...]], dit: DiTConfig):
+        """Start the ranks; `plan`, `lora_reports` and `dit` are validate_spec's result (get_or_create)."""
         self.spec, self.config, self.on_status = spec, config, on_status
+        self.plan, self.dit = plan, dit
         self.lora_reports = lora_reports  # for the caller to show
         self._procs: dict[int, subprocess.Popen] = {}
         self._conns: dict[int, Connection] = {}
@@ -310,21 +317,38 @@ class WorkerGroup:
         on_step gets rank 0's StepInfo after each step (latent and preview included); a True
         from should_cancel stops every rank before the same step and raises Cancelled.
         """
+        return self.run_batch([job], on_step and (lambda round_index, info: on_step(info)), should_cancel)[0]
+
+    def run_batch(self, jobs: Sequence[Job], on_step: Callable[[int, StepInfo], None] | None = None,
+                  should_cancel: Callable[[], bool] | None = None) -> list[torch.Tensor]:
+        """Run a batch of videos that differ only in noise and start latent; their final latents.
+
+        The plan's replicas sample them side by side, ceil(len(jobs) / replicas) rounds;
+        on_step(round, info) follows rank 0, which samples one video per round.
+        """
         if self._closed:
             raise WorkerGroupError("this worker group was shut down; call WorkerGroup.get_or_create again")
-        job.settings.validate()
+        first = jobs[0]
+        first.settings.validate()
+        self.plan.check_tokens(latent_tokens(first.noise.shape, self.dit.patch_size))
+        if any(not (torch.equal(job.positive, first.positive) and torch.equal(job.negative, first.negative)
+                    and job.settings == first.settings and job.denoise_strength == first.denoise_strength)
+               for job in jobs[1:]):
+            raise ValueError("the videos of one batch share their prompt embeddings, settings and denoise strength; "
+                             "run a separate batch for each")
         self._job_id += 1
-        message = dict(type="job", id=self._job_id, positive=job.positive.cpu(), negative=job.negative.cpu(),
-                       noise=job.noise.cpu(), latent=None if job.latent is None else job.latent.cpu(),
-                       denoise_strength=job.denoise_strength, settings=asdict(job.settings),
+        message = dict(type="job", id=self._job_id, positive=first.positive.cpu(), negative=first.negative.cpu(),
+                       noises=[job.noise.cpu() for job in jobs],
+                       latents=[None if job.latent is None else job.latent.cpu() for job in jobs],
+                       denoise_strength=first.denoise_strength, settings=asdict(first.settings),
                        stream=on_step is not None)
 
         def progress(step: dict) -> None:
             if on_step is not None:
-                on_step(StepInfo(step["index"], step["total"], step["timestep"], step["expert"], step.get("latent"),
-                                 step.get("denoised"), model_ran=step["model_ran"]))
+                on_step(step["round"], StepInfo(step["index"], step["total"], step["timestep"], step["expert"],
+                                                step.get("latent"), step.get("denoised"), model_ran=step["model_ran"]))
 
-        return self._run_job(message, progress, should_cancel, "sampling", "latent")
+        return self._run_job(message, progress, should_cancel, "sampling", "latents")
 
     def decode(self, vae: WanVAE, raw: torch.Tensor, on_frame: Callable[[int, int], None] | None = None,
                should_cancel: Callable[[], bool] | None = None) -> torch.Tensor:

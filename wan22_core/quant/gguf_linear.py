@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gguf_dequant import QuantType, dequantize, quant_type
+from .swap import replace_linears
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,6 @@ def swap_to_gguf(model: nn.Module, qtypes: Mapping[str, QuantType | int | str],
                  bias_dtype: torch.dtype = torch.bfloat16) -> None:
     """Replace each named `nn.Linear` by an empty `GGUFLinear` of its type, on the same device
     (meta before loading); the caller loads the bytes (`GGUFWeight.by_rows()`) into `weight`."""
-    for name, qtype in qtypes.items():
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear; only Linears can hold GGUF blocks")
-        parent_name, _, child = name.rpartition(".")
-        replacement = GGUFLinear(linear.in_features, linear.out_features, qtype, bias=linear.bias is not None,
-                                 device=linear.weight.device, bias_dtype=bias_dtype)
-        setattr(model.get_submodule(parent_name), child, replacement)
+    replace_linears(model, qtypes, lambda name, linear: GGUFLinear(
+        linear.in_features, linear.out_features, qtypes[name], bias=linear.bias is not None,
+        device=linear.weight.device, bias_dtype=bias_dtype), holds="GGUF blocks")

@@ -32,12 +32,12 @@ inputs give equal reductions on equal GPUs, so all ranks decide alike with no co
 group mixing GPU models could round a reduction differently; there rank 0 would have to decide and
 broadcast one flag per step (the cancel check's protocol).
 
-Replica groups (ranks that generate different videos while FSDP all-gathers run over all ranks)
-would see different latents and decide differently, and a replica that skipped would leave the
-others waiting in an all-gather. Such groups must agree per step: a replica that would reuse still
-runs the forward (and discards it) whenever any replica runs, so each video equals its own
-one-process cached run; the pass is saved only when every replica reuses (one all-reduce of a
-flag per step over the world group). Not needed yet: every rank works on the same video.
+Replicas (rank groups that sample different videos while FSDP's all-gathers span every rank)
+see different latents and decide differently, and a replica that skipped would leave the others
+waiting in an all-gather. So they agree per step through `agree` (the holder's
+`agree_to_reuse`: one all-reduce of a flag over all ranks): a replica that would reuse still runs
+the forward, and discards it, whenever any replica runs, so each video equals its own
+one-process cached run; the pass is saved only when every replica reuses.
 """
 from __future__ import annotations
 
@@ -91,11 +91,13 @@ class StepCache:
     Use one per sampling run, calling `velocity` once per step in order.
     """
 
-    def __init__(self, threshold: float, warmup: int = STEP_CACHE_WARMUP):
+    def __init__(self, threshold: float, warmup: int = STEP_CACHE_WARMUP,
+                 agree: Callable[[bool], bool] | None = None):
         self.threshold = check_step_cache(threshold)
         if not is_integer(warmup) or warmup < 2:
             raise ValueError(f"step cache warmup must be an integer >= 2 (the rate needs two passes), got {warmup!r}")
         self.warmup = int(warmup)
+        self.agree = agree  # this rank would reuse -> every replica reuses (None: one video at a time)
         self.ran: list[bool] = []
         self._state: _ExpertState | None = None
 
@@ -109,10 +111,12 @@ class StepCache:
         if self._state is None or self._state.expert != expert:
             self._state = _ExpertState(expert)  # the switch: nothing of the other expert survives
         state = self._state
-        may_reuse = not last and state.steps >= self.warmup
-        # The decision. Equal on every rank from replicated values; replica groups need the joint
-        # rule of the module docstring here (any replica runs -> all run their forward).
-        if may_reuse and state.accumulate(x) < self.threshold:
+        may_reuse = not last and state.steps >= self.warmup  # the same steps on every rank
+        reuse = may_reuse and state.accumulate(x) < self.threshold
+        every_replica_reuses = self.agree(reuse) if may_reuse and self.agree is not None else reuse
+        if reuse:
+            if not every_replica_reuses:
+                compute()  # another replica runs: join its collectives, keep this video's decision
             v, ran = x + state.transformation, False
         else:
             v, ran = compute(), True

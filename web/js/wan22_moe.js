@@ -3,6 +3,9 @@
 // - expert_split: which steps each expert runs, e.g. "high-noise steps 1-26 | low-noise 27-40",
 //   recomputed from the node's own widgets every time the node is drawn, so it follows
 //   steps/shift/boundary/solver/denoise edits, undo and workflow loads without listening to each.
+// - parallel_split: with the `parallel` input connected, how the last run split the GPUs, e.g.
+//   "6 GPUs: CFG 2 x Ulysses 1 x Ring 3" (the sampler's `ui` output: the split is chosen on the
+//   server, where the GPU count is known).
 // - worker_status: with the `parallel` input connected, what each multi-GPU worker rank is doing
 //   (from the server's wan22moe.worker_status events).
 // - lora_report: after a run with LoRAs, what each LoRA patched (the sampler's `ui` output).
@@ -42,6 +45,9 @@ const LINES = {
   expert_split(node) {
     const settings = currentSettings(node);
     return [settings ? describeSplit(settings) : "expert split: set by a linked input"];
+  },
+  parallel_split(node) {
+    return isLinked(node, "parallel") ? node.wan22Split ?? [] : [];
   },
   worker_status(node) {
     return isLinked(node, "parallel") || node.wan22Workers ? [describeRanks(node.wan22Workers)] : [];
@@ -129,6 +135,7 @@ app.registerExtension({
     });
     chain(proto, "onExecuted", "showing the run's reports", function (output) {
       this.wan22Lora = output?.lora_report ?? [];
+      this.wan22Split = output?.parallel_split ?? [];
       this.wan22StepCache = output?.step_cache ?? [];
       refresh(this);
     });

@@ -76,6 +76,9 @@ ATTENTION_TOL = 1e-5  # fp32 kernels against a float64 softmax; measured <= 1.6e
 # after its 5 warm-up steps; measured in one process on the "16 tokens" shape: 10 of 12 passes run.
 CACHED, CACHED_SHAPE = SamplerSettings(steps=12, step_cache=0.2), "16 tokens"
 CACHED_SCENARIOS = ("ulysses+fsdp", "cfg")  # of the 2-rank ones
+# The replicas' videos (seeds 5, 6, 7 on "27 tokens") with a threshold where their decisions differ:
+# 0.175 gives three patterns; the nearest estimate is 0.68% from it (1e-7 rounding cannot flip it).
+REPLICA_CACHED = SamplerSettings(steps=12, step_cache=0.175)
 
 
 def job_inputs(shape_name, seed=SEED):
@@ -270,14 +273,15 @@ def reference(tiny_model_dir, loras):
             out["cached"] = cached_run(experts)
             out["videos"] = [denoise(experts, *job_inputs(REPLICA_SHAPE, SEED + video), SETTINGS)
                              for video in range(REPLICA_VIDEOS)]
-            out["cached videos"] = [cached_run(experts, REPLICA_SHAPE, SEED + video) for video in range(REPLICA_VIDEOS)]
+            out["cached videos"] = [cached_run(experts, REPLICA_SHAPE, SEED + video, REPLICA_CACHED)
+                                  for video in range(REPLICA_VIDEOS)]
     return out
 
 
-def cached_run(experts, shape_name=CACHED_SHAPE, seed=SEED) -> tuple[torch.Tensor, list[bool]]:
+def cached_run(experts, shape_name=CACHED_SHAPE, seed=SEED, settings=CACHED) -> tuple[torch.Tensor, list[bool]]:
     """The final latent and StepInfo.model_ran per step of a run with the step cache."""
     ran = []
-    latent = denoise(experts, *job_inputs(shape_name, seed), CACHED, on_step=lambda info: ran.append(info.model_ran))
+    latent = denoise(experts, *job_inputs(shape_name, seed), settings, on_step=lambda info: ran.append(info.model_ran))
     return latent, ran
 
 
@@ -641,7 +645,8 @@ def run_scenario(world, scenario, degrees, model_dir, loras, sent):
         return dict(videos=sample_videos(
             lambda video, _round: denoise(experts, *job_inputs(REPLICA_SHAPE, SEED + video), SETTINGS), groups, videos),
             cached_videos=sample_videos(
-                lambda video, _round: cached_run(experts, REPLICA_SHAPE, SEED + video)[0], groups, videos))
+                lambda video, _round: cached_run(experts, REPLICA_SHAPE, SEED + video, REPLICA_CACHED)[0], groups,
+                videos))
     sent.clear()
     result = dict(param_bytes=sum(local_parameter_bytes(e) for e in experts.experts.values()),
                   latents={name: denoise(experts, *job_inputs(name), SETTINGS) for name in SHAPES},

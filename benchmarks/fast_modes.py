@@ -10,10 +10,6 @@ and PSNR of the decoded frames against the threshold-0 run (the exact loop: the 
 The tiny model has random weights: these numbers show the mechanism (passes saved, deviation that
 grows with the threshold), not how a video looks at a threshold on the real model; the published
 EasyCache quality figures are quoted next to them in the README.
-
-Needs the loop integration (issue 20, step 2): `sample` is the one place that runs the engine's
-loop with a step cache; until `SamplerSettings.step_cache` and `StepInfo.model_ran` exist it
-raises TypeError.
 """
 from __future__ import annotations
 
@@ -68,8 +64,7 @@ def build(steps: int, frames: int, size: int, seed: int = 0) -> Setup:
 
 
 def sample(setup: Setup, threshold: float) -> tuple[torch.Tensor, int]:
-    """INTEGRATION POINT (issue 20, step 2): the engine's loop with the step cache at `threshold`.
-    Returns the final latent and how many model passes ran."""
+    """The engine's loop with the step cache at `threshold`: the final latent and how many model passes ran."""
     ran: list[bool] = []
     latent = denoise(setup.experts, setup.positive, setup.negative, setup.noise,
                      replace(setup.settings, step_cache=threshold), on_step=lambda info: ran.append(info.model_ran))
@@ -116,12 +111,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def chart_rows(rows: list[dict]) -> tuple[list[dict], list[float]]:
+    """The rows the chart plots, those that saved passes, and the thresholds that saved none: their
+    run is the exact one (relative L2 0, PSNR inf), which log and dB axes cannot show."""
+    saved = [r for r in rows if r["passes_run"] < r["steps"]]
+    return saved, [r["threshold"] for r in rows if r["threshold"] > 0 and r["passes_run"] == r["steps"]]
+
+
 def draw(rows: list[dict], path: Path, title: str) -> None:
     """Passes saved (x) against the deviation: relative L2 (left) and PSNR (right)."""
     from charts import pyplot
 
     plt = pyplot()
-    cached = [r for r in rows if r["threshold"] > 0]
+    cached, exact = chart_rows(rows)
     saved = [100 * (1 - r["passes_run"] / r["steps"]) for r in cached]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "rel_l2", "relative L2 of the final latents"),
@@ -133,8 +135,11 @@ def draw(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("model passes saved (%)")
         ax.set_ylabel(label)
     axes[0].set_yscale("log")
+    if exact:
+        fig.text(0.5, 0.01, f"thresholds {', '.join(f'{t:g}' for t in exact)}: no pass saved, the exact result",
+                 ha="center", fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

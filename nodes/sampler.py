@@ -20,6 +20,7 @@ from ..wan22_core.models.vae import denormalize_latent, normalize_latent
 from ..wan22_core.parallel import ParallelConfig
 from ..wan22_core.pipeline import check_video_size, latent_shape, make_noise, video_seed
 from ..wan22_core.pipeline import denoise as run_denoise
+from ..wan22_core.sampling.step_cache import passes_summary
 from . import comfy_adapter
 from .loaders import CATEGORY, MoEModel
 from .parallel import release_gpu_group, sample_on_group
@@ -70,14 +71,19 @@ def start_latents(latent: dict | None, frames: int, height: int, width: int,
 
 class _Progress:
     """Maps the engine's per-step callback onto one ComfyUI progress bar over the whole batch:
-    `rounds` runs of `steps` (one video per round here, one per replica on a worker group)."""
+    `rounds` runs of `steps` (one video per round here, one per replica on a worker group), and
+    counts the model passes that ran (the step cache's report; on a worker group, rank 0's videos)."""
 
     def __init__(self, runtime, steps: int, rounds: int):
         self.bar = runtime.progress_bar(steps * rounds)
         self.previews = runtime.previews_enabled()
         self.steps = steps
+        self.passes_run = 0  # over the batch
+        self.steps_done = 0
 
     def on_round_step(self, round_index: int, info) -> None:
+        self.passes_run += info.model_ran
+        self.steps_done += 1
         preview = latent_to_rgb(info.denoised) if self.previews else None
         self.bar.update(round_index * self.steps + info.index + 1, preview)
 
@@ -127,6 +133,10 @@ class Wan22MoESampler:
                 "videos": _int(1, 1, MAX_VIDEOS, 1, "Without a latent: how many videos, seeds seed, seed+1, ... "
                                                    "(one after another here; side by side on the replicas of a "
                                                    "multi-GPU split). Set Wan22SaveVideo's videos to match."),
+                "step_cache": _float(d.step_cache, 0.0, 1.0, 0.01,
+                                     "0 = off (exact). Above 0 the sampler reuses the model's last transformation "
+                                     "while the estimated relative error stays below this: fewer model passes, not "
+                                     "exact. Not the same scale as ComfyUI's EasyCache node."),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},  # addresses the worker status line to this node
         }
@@ -134,9 +144,9 @@ class Wan22MoESampler:
     def sample(self, model: MoEModel, embeds, width: int, height: int, frames: int, steps: int, cfg_high: float,
                cfg_low: float, boundary: float, shift: float, solver: str, seed: int, latent: dict | None = None,
                denoise: float = 1.0, parallel: ParallelConfig | None = None, videos: int = 1,
-               unique_id: str | None = None):
+               step_cache: float = 0.0, unique_id: str | None = None):
         settings = SamplerSettings(steps=steps, shift=shift, boundary=boundary, cfg_high=cfg_high,
-                                   cfg_low=cfg_low, solver=solver).validate()
+                                   cfg_low=cfg_low, solver=solver, step_cache=step_cache).validate()
         check_video_size(frames, height, width)
         starts = start_latents(latent, frames, height, width, videos)
         jobs = [(make_noise(video_seed(seed, offset), frames, height, width), start) for offset, start in starts]
@@ -153,7 +163,9 @@ class Wan22MoESampler:
         except Cancelled:
             runtime.raise_if_interrupted()  # inside ComfyUI: its "interrupted", not an error
             raise
-        ui = {"lora_report": [lora_line(expert, r) for expert, r in reports]}
+        ui = {"lora_report": [lora_line(expert, r) for expert, r in reports],
+              "step_cache": [passes_summary(progress.passes_run, progress.steps_done)] if settings.step_cache > 0
+              else []}
         if parallel is not None:  # e.g. "6 GPUs: CFG 2 x Ulysses 1 x Ring 3", for a line under the node
             ui["parallel_split"] = [parallel.describe()]
         return {"ui": ui, "result": ({"samples": denormalize_latent(torch.stack(outputs))},)}

@@ -28,15 +28,17 @@ PACKAGE = "comfyui-frontend-package"
 # published when the extension was last checked; README's "Frontend versions" lists the same two.
 TESTED_FRONTENDS = ("1.27.10", "1.58.1")
 SAMPLER = "Wan22MoESampler"
-LINE_NAMES = ("expert_split", "parallel_split", "worker_status", "lora_report")
+LINE_NAMES = ("expert_split", "parallel_split", "worker_status", "lora_report", "step_cache_report")
 # The sampler's read-only lines right after loading each UI example workflow.
 SPLIT_40, SPLIT_4 = "high-noise steps 1-26 | low-noise 27-40", "high-noise steps 1-2 | low-noise 3-4"
 EXPECTED_LINES = {
-    "wan22_t2v_a14b": {"expert_split": SPLIT_40, "parallel_split": "", "worker_status": "", "lora_report": ""},
+    "wan22_t2v_a14b": {"expert_split": SPLIT_40, "parallel_split": "", "worker_status": "", "lora_report": "",
+                       "step_cache_report": ""},
     "wan22_t2v_a14b_multigpu": {"expert_split": SPLIT_40, "parallel_split": "",  # known after a run
-                                "worker_status": "workers: start on the first run", "lora_report": ""},
+                                "worker_status": "workers: start on the first run", "lora_report": "",
+                                "step_cache_report": ""},
     "wan22_t2v_a14b_4step_lora": {"expert_split": SPLIT_4, "parallel_split": "", "worker_status": "",
-                                  "lora_report": ""},
+                                  "lora_report": "", "step_cache_report": ""},
 }
 EXTENSION_MARKS = ("/extensions/wan22-moe/", "[wan22-moe]")  # our files' URLs and our reports' prefix
 VIEWPORT = {"width": 1600, "height": 1000}
@@ -174,7 +176,7 @@ async function paintedLines(node) {  // since the script began (or clear_painted
   app.canvas.centerOnNode(node);
   app.canvas.setDirty(true, true);
   await frames(4);
-  return [...window.__wan22Painted].filter((t) => /^(high-noise|expert split|workers:|LoRA |\\d+ (GPU|CPU rank)s?: CFG )/.test(t));
+  return [...window.__wan22Painted].filter((t) => /^(high-noise|expert split|workers:|LoRA |step cache: |\\d+ (GPU|CPU rank)s?: CFG )/.test(t));
 }
 """ % json.dumps(list(LINE_NAMES))
 

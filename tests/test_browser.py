@@ -7,7 +7,7 @@ files, /workflow_templates with example_workflows/. Checked on each frontend: ev
 workflow loads with all its nodes, the sampler's lines are on it and painted where they show, the
 frontend turns each workflow into its API twin; each of our node types is created from the node
 library's code path (LiteGraph.createNode + graph.add) and the sampler's split line follows an
-edit; the worker-status and LoRA lines follow websocket events; a failing extra is reported once
+edit; the worker-status, LoRA and step-cache lines follow websocket events; a failing extra is reported once
 and leaves the sampler working; "Nodes 2.0" (Comfy.VueNodes.Enabled) shows the lines where the
 frontend hosts canvas-drawn widgets and leaves them out without an error where it does not.
 No error from our files may reach the console or the page.
@@ -108,25 +108,29 @@ def test_each_node_type_is_created_from_the_library(frontend):
 
 
 def push_run_events(frontend, sampler_id) -> dict:
-    """What a multi-GPU run with LoRAs sends: two rank statuses, then the sampler's ui output
-    (the LoRA report and the split)."""
+    """What a multi-GPU run with LoRAs and a step cache sends: two rank statuses, then the sampler's
+    ui output (the LoRA report, the split and the step cache's passes)."""
     for rank, status in ((0, "step 2/4"), (1, "ready")):
         frontend.server.broadcast("wan22moe.worker_status", {"node": sampler_id, "rank": rank, "ranks": 2,
                                                              "status": status})
     report = ["high: lightx2v_high.safetensors x1, 400 parameters patched",
               "low: lightx2v_low.safetensors x1, 400 parameters patched"]
+    passes = ["19 of 40 model passes run"]
     split = "2 GPUs: CFG 1 x Ulysses 2 x Ring 1"
     frontend.server.broadcast("executed", {"node": str(sampler_id), "display_node": str(sampler_id),
-                                           "output": {"lora_report": report, "parallel_split": [split]},
+                                           "output": {"lora_report": report, "parallel_split": [split],
+                                                      "step_cache": passes},
                                            "prompt_id": "standin"})
     frontend.page.wait_for_function(
-        "(id) => app.graph.getNodeById(id)?.widgets?.find((w) => w.name === 'lora_report')?.value", arg=sampler_id)
+        "(id) => app.graph.getNodeById(id)?.widgets?.find((w) => w.name === 'step_cache_report')?.value",
+        arg=sampler_id)
     return {"expert_split": fe.SPLIT_40, "parallel_split": split,
             "worker_status": "workers: rank 0: step 2/4 | rank 1: ready",
-            "lora_report": "\n".join(f"LoRA {line}" for line in report)}
+            "lora_report": "\n".join(f"LoRA {line}" for line in report),
+            "step_cache_report": "step cache: 19 of 40 model passes run"}
 
 
-def test_worker_status_and_lora_report_follow_the_server(frontend):
+def test_worker_status_lora_report_and_step_cache_follow_the_server(frontend):
     since = len(frontend.log.errors)
     loaded = fe.load_workflow(frontend.page, "wan22_t2v_a14b_multigpu")
     fe.clear_painted(frontend.page)

@@ -6,6 +6,7 @@ the same thing. Offload and LoRA wiring must give identical latents (the same fl
 same order); sequential CFG reorders nothing either on CPU, but is held to 1e-5 relative as in
 test_pipeline.py.
 """
+import re
 import subprocess
 import sys
 
@@ -107,6 +108,33 @@ def test_offload_and_attention_flags_reach_the_experts(generate, default_latents
                     (False, 1, {"sdpa"}), (True, 0, {"sage"})]
 
 
+def test_step_cache_flag_reports_the_passes_and_equals_the_python_api(tiny_model_dir, generate, capsys):
+    code, latents = generate("--steps", "12", "--step-cache", "0.2")
+    assert code == 0
+    err = capsys.readouterr().err
+    passes = re.findall(r"^step cache: (\d+) of 12 model passes run$", err, re.MULTILINE)
+    assert len(passes) == 1 and int(passes[0]) < 12, err  # measured: 10 of 12
+
+    files = ModelFiles.from_model_dir(tiny_model_dir)
+    embeds = load_text_encoder(files.text_encoder, files.tokenizer).encode_prompt(PROMPT, NEGATIVE)
+    ran = []
+    experts = ExpertPair(load_dit(files.high_noise), load_dit(files.low_noise), torch.device("cpu"))
+    direct = denoise(experts, embeds.positive, embeds.negative, make_noise(SEED, **SIZE),
+                     SamplerSettings(steps=12, step_cache=0.2), on_step=lambda info: ran.append(info.model_ran))
+    assert torch.equal(latents, direct) and sum(ran) == int(passes[0])
+    code, exact = generate("--steps", "12")  # off by default: every pass, no line
+    assert code == 0 and "step cache" not in capsys.readouterr().err and rel_l2(latents, exact) > 0
+
+
+def test_demo_prints_the_passes_run_with_a_step_cache(tiny_model_dir, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "tiny-official-seed0").symlink_to(tiny_model_dir)  # what `demo` makes on first use
+    assert main(["demo", "--cache-dir", str(cache), "--output", str(tmp_path / "demo.mp4"), "--steps", "12",
+                 "--frames", "5", "--width", "32", "--height", "32", "--step-cache", "0.2", "--quiet"]) == 0
+    assert re.search(r"^step cache: \d+ of 12 model passes run$", capsys.readouterr().err, re.MULTILINE)
+
+
 def test_sequential_cfg_matches_batched(generate, default_latents):
     code, latents = generate("--no-batch-cfg")
     assert code == 0 and rel_l2(latents, default_latents) <= 1e-5
@@ -148,6 +176,9 @@ def test_missing_attention_package_exits_2_with_the_engines_message(generate, mo
                                                              "place the experts themselves"),
     (("--fsdp", "--swap-blocks", "1"), "not on the multi-GPU path: swap_blocks=1 (block swap is for one process"),
     (("--cfg-parallel", "--no-batch-cfg"), "not on the multi-GPU path: batch_cfg=False with cfg_parallel"),
+    (("--step-cache", "-1"), "step_cache must be a finite number >= 0 (0 = off, every model pass runs; 0.05 skips "
+                             "some), got -1.0"),
+    (("--step-cache", "nan"), "step_cache must be a finite number >= 0 (0 = off"),
     (("--ring", "3", "--attention", "sage"), "not on the multi-GPU path: attention='sage' with ring 3"),
     (("--videos", "0"), "--videos must be a whole number >= 1, got 0"),
 ])
@@ -198,8 +229,11 @@ def test_dtype_and_format_choices_are_the_engines_names():
     assert list({a.dest: a for a in subparsers["make-tiny"]._actions}["format"].choices) == list(FORMATS)
 
 
-def test_denoise_video_shows_one_bar_only_when_asked_and_closes_it_on_errors(monkeypatch):
-    """The denoise stage both the one-process CLI and the torchrun ranks run (rank 0 alone shows a bar)."""
+def test_denoise_video_shows_one_bar_and_the_passes_only_when_asked_and_closes_the_bar_on_errors(monkeypatch, capsys):
+    """The denoise stage both the one-process CLI and the torchrun ranks run (rank 0 alone shows a bar
+    and the step cache's line)."""
+    from types import SimpleNamespace
+
     from wan22_core.cli import stages
 
     bars, calls = [], []
@@ -216,23 +250,28 @@ def test_denoise_video_shows_one_bar_only_when_asked_and_closes_it_on_errors(mon
             self.closed = True
 
     def fake_denoise(experts, positive, negative, noise, settings, batch_cfg, on_step):
-        calls.append((experts, positive, negative, noise, batch_cfg, on_step is None))
+        calls.append((experts, positive, negative, noise, batch_cfg))
         for step in range(settings.steps):
-            on_step and on_step(step)
+            on_step(SimpleNamespace(model_ran=step != 1))  # the second step reused
         if experts == "broken":
             raise RuntimeError("step failed")
         return "latent"
 
     monkeypatch.setattr(stages, "progress_bar", Bar)
     monkeypatch.setattr(stages, "denoise", fake_denoise)
-    settings = SamplerSettings(steps=3)
-    assert stages.denoise_video("experts", "pos", "neg", "noise", settings, batch_cfg=False, progress=True) == "latent"
+    exact, cached = SamplerSettings(steps=3), SamplerSettings(steps=3, step_cache=0.1)
+    assert stages.denoise_video("experts", "pos", "neg", "noise", cached, batch_cfg=False, progress=True,
+                                report=False) == "latent"
     assert [(b.total, b.steps, b.closed) for b in bars] == [(3, 3, True)]
-    assert calls[0] == ("experts", "pos", "neg", "noise", False, False)
-    assert stages.denoise_video("experts", "pos", "neg", "noise", settings, batch_cfg=True, progress=False) == "latent"
-    assert len(bars) == 1 and calls[1][-2:] == (True, True)  # no bar, no on_step
+    assert calls[0] == ("experts", "pos", "neg", "noise", False)
+    assert capsys.readouterr().err == ""  # not rank 0
+    assert stages.denoise_video("experts", "pos", "neg", "noise", cached, batch_cfg=True, progress=False,
+                                report=True) == "latent"
+    assert len(bars) == 1 and capsys.readouterr().err == "step cache: 2 of 3 model passes run\n"
+    stages.denoise_video("experts", "pos", "neg", "noise", exact, batch_cfg=True, progress=False, report=True)
+    assert capsys.readouterr().err == ""  # no cache, no line
     with pytest.raises(RuntimeError, match="step failed"):
-        stages.denoise_video("broken", "pos", "neg", "noise", settings, batch_cfg=True, progress=True)
+        stages.denoise_video("broken", "pos", "neg", "noise", cached, batch_cfg=True, progress=True, report=True)
     assert [(b.total, b.steps, b.closed) for b in bars[1:]] == [(3, 3, True)]
 
 

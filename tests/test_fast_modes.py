@@ -1,5 +1,5 @@
-"""benchmarks/fast_modes.py (step caching: passes saved vs deviation): its pieces now, and its dry run,
-which needs the loop integration of issue 20 step 2 and is marked as expected to fail until then."""
+"""benchmarks/fast_modes.py (step caching: passes saved vs deviation): its pieces, and its dry run through
+the engine's loop with the step cache."""
 import json
 import math
 
@@ -23,6 +23,12 @@ def test_table_names_every_threshold_with_its_passes():
     assert lines[3] == "| 0.05 | 31 of 40 | 1.60 (0.80) | 2.00e-03 | 48.2 |"
 
 
+def test_the_chart_plots_the_rows_that_saved_passes_and_names_the_others():
+    rows = [dict(threshold=t, passes_run=p, steps=40) for t, p in ((0.0, 40), (0.02, 40), (0.1, 36), (0.2, 19))]
+    plotted, exact = fast_modes.chart_rows(rows)
+    assert [r["threshold"] for r in plotted] == [0.1, 0.2] and exact == [0.02]
+
+
 def test_the_exact_run_comes_first():
     with pytest.raises(ValueError, match="the first threshold must be 0"):
         fast_modes.measure(None, (0.05, 0.0), repeats=1)
@@ -36,9 +42,6 @@ def test_build_makes_a_tiny_problem_the_loop_and_vae_run():
     assert frames.shape == (5, 32, 32, 3) and torch.isfinite(frames).all()
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="needs SamplerSettings.step_cache and StepInfo.model_ran (issue 20 step 2); "
-                          "drop this mark when the loop runs the step cache")
 def test_dry_run_saves_passes_and_measures_the_deviation(tmp_path):
     fast_modes.main(["--dry-run", "--json", str(tmp_path / "fast.json")])
     data = json.loads((tmp_path / "fast.json").read_text())

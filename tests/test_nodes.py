@@ -56,7 +56,7 @@ CONTRACT = {
     "Wan22VAELoader": (["vae_name"], []),
     "Wan22MultiGPUConfig": (["gpus", "ulysses_degree", "ring_degree", "fsdp", "cfg_parallel"], ["batch_cfg"]),
     "Wan22MoESampler": (["model", "embeds", "width", "height", "frames", "steps", "cfg_high", "cfg_low", "boundary",
-                         "shift", "solver", "seed"], ["latent", "denoise", "parallel", "videos"]),
+                         "shift", "solver", "seed"], ["latent", "denoise", "parallel", "videos", "step_cache"]),
     "Wan22VAEDecode": (["vae", "samples", "tiled"], ["parallel"]),
     "Wan22SaveVideo": (["images", "fps", "filename_prefix"], ["videos"]),
 }
@@ -984,6 +984,35 @@ def test_a_lora_that_fits_nothing_fails_clearly_and_keeps_the_cached_experts(run
         assert CACHE.loads == loads  # the experts were left as they were, not reloaded
     finally:
         (models_dir / "loras" / "flux_lora.safetensors").unlink()
+
+
+def test_the_step_cache_reports_the_passes_run_over_the_batch_and_off_reports_nothing(runtime):
+    embeds, model, _ = load_all()
+    batch = {"samples": torch.zeros(2, 16, 2, 4, 4)}
+    cached = run_sampler(model, embeds, steps=12, step_cache=0.2, latent=batch)
+    (line,) = cached["ui"]["step_cache"]  # one line for the batch: 2 videos of 12 steps
+    run = int(re.fullmatch(r"(\d+) of 24 model passes run", line).group(1))
+    assert run < 24
+
+    ran = []  # the engine's own count for the same two videos
+    for offset, start in enumerate(engine("models.vae").normalize_latent(batch["samples"])):
+        engine("pipeline").denoise(model.experts(CPU)[0], embeds.positive, embeds.negative,
+                                   engine("pipeline").make_noise(7 + offset, 5, 32, 32),
+                                   engine("config").SamplerSettings(steps=12, step_cache=0.2), latent=start,
+                                   on_step=lambda info: ran.append(info.model_ran))
+    assert sum(ran) == run
+    exact = run_sampler(model, embeds, steps=12, latent=batch)
+    assert exact["ui"]["step_cache"] == []  # off (the default): no line
+    assert rel_l2(cached["result"][0]["samples"], exact["result"][0]["samples"]) > 0
+
+
+def test_the_step_cache_on_the_worker_group_equals_in_process(fake):
+    embeds, model, _ = load_all()
+    here = run_sampler(model, embeds, steps=12, step_cache=0.2)
+    there = run_sampler(model, embeds, steps=12, step_cache=0.2, parallel=multigpu_config())
+    assert here["ui"]["step_cache"] != ["12 of 12 model passes run"]  # some passes reused
+    assert there["ui"]["step_cache"] == here["ui"]["step_cache"]  # rank 0's step messages carry model_ran
+    assert rel_l2(there["result"][0]["samples"], here["result"][0]["samples"]) <= TOL
 
 
 def test_loras_on_the_worker_group_equal_in_process(fake):

@@ -10,6 +10,7 @@ bf16 (see BF16_TOL). The ranks also run the sequence-parallel attention alone ag
 float64 softmax, with padded keys, and record FSDP's forward prefetch order.
 """
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,14 @@ SEED = 5
 # position with padding only, 12 divides every sequence degree here
 ATTENTION_LENGTHS = (5, 7, 12)
 ATTENTION_TOL = 1e-5  # fp32 kernels against a float64 softmax; measured <= 1.6e-7
+
+# The step cache on 2 ranks: 12 steps (8 high-noise, 4 low-noise), so the high-noise expert can reuse
+# after its 5 warm-up steps; measured in one process on the "16 tokens" shape: 10 of 12 passes run.
+CACHED, CACHED_SHAPE = SamplerSettings(steps=12, step_cache=0.2), "16 tokens"
+CACHED_SCENARIOS = ("ulysses+fsdp", "cfg")  # of the 2-rank ones
+# The replicas' videos (seeds 5, 6, 7 on "27 tokens") with a threshold where their decisions differ:
+# 0.175 gives three patterns; the nearest estimate is 0.68% from it (1e-7 rounding cannot flip it).
+REPLICA_CACHED = SamplerSettings(steps=12, step_cache=0.175)
 
 
 def job_inputs(shape_name, seed=SEED):
@@ -261,9 +270,19 @@ def reference(tiny_model_dir, loras):
         experts = ExpertPair(high, low, torch.device("cpu"))
         out[key] = {name: denoise(experts, *job_inputs(name), SETTINGS) for name in SHAPES}
         if key == torch.float32:
+            out["cached"] = cached_run(experts)
             out["videos"] = [denoise(experts, *job_inputs(REPLICA_SHAPE, SEED + video), SETTINGS)
                              for video in range(REPLICA_VIDEOS)]
+            out["cached videos"] = [cached_run(experts, REPLICA_SHAPE, SEED + video, REPLICA_CACHED)
+                                  for video in range(REPLICA_VIDEOS)]
     return out
+
+
+def cached_run(experts, shape_name=CACHED_SHAPE, seed=SEED, settings=CACHED) -> tuple[torch.Tensor, list[bool]]:
+    """The final latent and StepInfo.model_ran per step of a run with the step cache."""
+    ran = []
+    latent = denoise(experts, *job_inputs(shape_name, seed), settings, on_step=lambda info: ran.append(info.model_ran))
+    return latent, ran
 
 
 def start_ranks(world, model_dir, out_dir, loras):
@@ -367,6 +386,18 @@ def test_replicas_sample_other_videos_side_by_side(runs, reference):
     assert not torch.equal(reference["videos"][0], reference["videos"][1])  # the seeds differ
 
 
+def test_replicas_with_the_step_cache_agree_per_step_and_keep_each_video_exact(runs, reference):
+    """The replicas' videos decide differently (asserted on the one-process runs), yet FSDP's
+    all-gathers span every rank: a replica that would reuse still runs the forward while another
+    runs (sampling/step_cache.py), so no rank waits forever and each video equals its own
+    one-process cached run."""
+    expected = reference["cached videos"]
+    assert len({tuple(ran) for _latent, ran in expected}) > 1  # the decisions differ between the seeds
+    for results in runs[4]:
+        for got, (latent, _ran) in zip(results["replicas"]["cached_videos"], expected, strict=True):
+            assert rel_l2(got, latent) <= TOL
+
+
 RING_CASES = [(world, scenario) for world in SCENARIOS for scenario, degrees in SCENARIOS[world].items()
               if degrees.get("ring", 1) > 1 and "dtype" not in degrees]
 
@@ -409,6 +440,19 @@ def test_fsdp_forward_records_are_forgotten_after_a_job(runs, world):
             before, after = results[scenario]["records"]
             assert before > 0 and after == 0, (scenario, before, after)
             assert torch.equal(results[scenario]["after_forgetting"], results[scenario]["latents"][first])
+
+
+@pytest.mark.parametrize("scenario", CACHED_SCENARIOS)
+def test_step_cache_on_two_ranks_takes_the_single_process_decisions(runs, reference, scenario):
+    """Every rank decides from its replicated latent and velocity, with no communication: the same
+    passes as one process, on every rank, and the same final latent."""
+    expected, expected_ran = reference["cached"]
+    assert not all(expected_ran)  # some passes are reused, so a different decision would show
+    per_rank = [results[scenario]["cached"] for results in runs[2]]
+    for rank, (latent, ran) in enumerate(per_rank):
+        assert ran == expected_ran, f"rank {rank}"
+        assert torch.equal(latent, per_rank[0][0]), f"rank {rank} differs from rank 0"
+    assert rel_l2(per_rank[0][0], expected) <= TOL
 
 
 def test_cli_parallel_flags_make_the_plan():
@@ -461,21 +505,25 @@ def test_one_rule_says_what_the_ranks_refuse_and_accepts_the_rest():
     assert str(refused.value) == "not on the multi-GPU path: " + "; ".join(reasons) and "\n" not in str(refused.value)
 
 
-def test_torchrun_cli_with_loras_matches_single_process(tiny_model_dir, loras, tmp_path):
+def test_torchrun_cli_with_loras_and_a_step_cache_matches_single_process(tiny_model_dir, loras, tmp_path, capsys):
     """Both paths merge the same --lora-high/--lora-low: the one process into whole tensors, the
-    ranks into their FSDP shards while reading them."""
+    ranks into their FSDP shards while reading them. Both take the same --step-cache decisions, and
+    rank 0 alone reports them."""
     from wan22_core.cli import main
 
     lora_flags = [arg for expert, pairs in loras.items() for path, strength in pairs
                   for arg in (f"--lora-{expert}", f"{path}:{strength}")]
     common = ["generate", "--model-dir", str(tiny_model_dir), "--frames", "9", "--height", "48", "--width", "48",
-              "--steps", "4", "--shift", "5", "--quiet", *lora_flags]
+              "--steps", "12", "--step-cache", "0.2", "--quiet", *lora_flags]
     torchrun = start_torchrun_generate([*common, "--ulysses", "2", "--fsdp", "--output", str(tmp_path / "two.mp4"),
                                         "--save-latents", str(tmp_path / "two.st")], cwd=tmp_path)
     assert main(common + ["--output", str(tmp_path / "one.mp4"), "--save-latents", str(tmp_path / "one.st")]) == 0
     output = torchrun.communicate(timeout=300)[0]
     assert torchrun.returncode == 0, output
     assert output.count("wrote ") == 1  # rank 0 alone writes
+    passes = re.findall(r"^step cache: \d+ of 12 model passes run$", output, re.MULTILINE)
+    assert passes == re.findall(r"^step cache: \d+ of 12 model passes run$", capsys.readouterr().err, re.MULTILINE)
+    assert len(passes) == 1 and passes[0] != "step cache: 12 of 12 model passes run"
     two, one = load_file(tmp_path / "two.st")["latents"], load_file(tmp_path / "one.st")["latents"]
     assert rel_l2(two, one) <= TOL
     assert (tmp_path / "two.mp4").stat().st_size > 0
@@ -593,13 +641,18 @@ def run_scenario(world, scenario, degrees, model_dir, loras, sent):
     groups = init_groups(ParallelPlan(world_size=world, num_heads=HEADS, **degrees), cpu)
     experts = load_expert_pair(model_dir / "high_noise_model", model_dir / "low_noise_model", groups, cpu, dtype,
                                merged["high"], merged["low"])
-    if videos:  # the replicas' batch alone
+    if videos:  # the replicas' batch alone, exact and with the step cache
         return dict(videos=sample_videos(
-            lambda video, _round: denoise(experts, *job_inputs(REPLICA_SHAPE, SEED + video), SETTINGS), groups, videos))
+            lambda video, _round: denoise(experts, *job_inputs(REPLICA_SHAPE, SEED + video), SETTINGS), groups, videos),
+            cached_videos=sample_videos(
+                lambda video, _round: cached_run(experts, REPLICA_SHAPE, SEED + video, REPLICA_CACHED)[0], groups,
+                videos))
     sent.clear()
     result = dict(param_bytes=sum(local_parameter_bytes(e) for e in experts.experts.values()),
                   latents={name: denoise(experts, *job_inputs(name), SETTINGS) for name in SHAPES},
                   sent=dict(sent))  # bytes this rank sent, per kind of collective
+    if world == 2 and scenario in CACHED_SCENARIOS:
+        result["cached"] = cached_run(experts)
     if groups.plan.sequence_enabled and not degrees.get("fsdp"):
         result["attention"] = {length: sequence_attention(groups, length) for length in ATTENTION_LENGTHS}
     if scenario == "ulysses+fsdp":

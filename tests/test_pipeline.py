@@ -6,6 +6,7 @@ from reference import rel_l2, run_wan_pipeline, wan_pipeline
 
 from wan22_core.config import TINY, SamplerSettings
 from wan22_core.errors import Cancelled, NumericalError
+from wan22_core.models.attention import AttentionKernel
 from wan22_core.models.transformer import WanModel
 from wan22_core.pipeline import check_video_size, denoise, latent_shape, make_noise
 from wan22_core.placement import ExpertPair
@@ -153,6 +154,31 @@ def test_nan_stops_with_step_and_expert():
     with pytest.raises(NumericalError, match=r"step 1/3 .*high-noise expert"):
         denoise(ExpertPair(high, low, torch.device("cpu")), torch.ones(2, 4), torch.zeros(2, 4),
                 make_noise(0, 5, 32, 32), SamplerSettings(steps=3))
+
+
+class SageExpert(ConstantExpert):
+    """A constant-velocity fake whose attention kernel is set to the inexact 'sage' backend (as
+    set_attention_backend leaves a model; the kernel never runs here, so no package is needed)."""
+
+    def __init__(self, value):
+        super().__init__(value)
+        self.attention = AttentionKernel("sdpa")
+        self.attention.backend = "sage"
+
+
+def test_nan_with_an_inexact_attention_backend_names_it_and_suggests_sdpa():
+    pair = ExpertPair(ConstantExpert(0.1), SageExpert(float("nan")), torch.device("cpu"))
+    with pytest.raises(NumericalError) as err:
+        denoise(pair, torch.ones(2, 4), torch.zeros(2, 4), make_noise(0, 5, 32, 32), SamplerSettings(steps=3))
+    message = str(err.value)
+    assert message.startswith("NaN/Inf in the latents after step 3/3 (timestep 856, low-noise expert); the 'sage' "
+                              "attention backend is not exact and can overflow: choose attention 'sdpa'")
+    assert "\n" not in message and "weights or the dtype" not in message
+    # the same NaN from an exact backend blames the weights or the dtype
+    with pytest.raises(NumericalError, match="the weights or the dtype overflowed") as err:
+        denoise(ExpertPair(ConstantExpert(0.1), ConstantExpert(float("nan")), torch.device("cpu")), torch.ones(2, 4),
+                torch.zeros(2, 4), make_noise(0, 5, 32, 32), SamplerSettings(steps=3))
+    assert "sage" not in str(err.value)
 
 
 def test_noise_contract():

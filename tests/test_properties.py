@@ -73,15 +73,17 @@ def number(value) -> float:
         return math.nan
 
 
-def sampler_problems(steps, shift, boundary, cfg_high, cfg_low, solver) -> list[str]:
+def sampler_problems(steps, shift, boundary, cfg_high, cfg_low, solver, step_cache) -> list[str]:
     """The fields the documented rules refuse: steps a whole number 1..MAX_STEPS, shift a finite
-    number >= MIN_SHIFT, boundary in [0, 1], CFG scales finite and >= 0, a listed solver."""
+    number >= MIN_SHIFT, boundary in [0, 1], CFG scales finite and >= 0, a listed solver, a step
+    cache threshold finite and >= 0."""
     rules = {"steps": is_whole(steps) and 1 <= steps <= MAX_STEPS,
              "shift": MIN_SHIFT <= number(shift) < math.inf,
              "boundary": 0 <= number(boundary) <= 1,
              "cfg_high": 0 <= number(cfg_high) < math.inf,
              "cfg_low": 0 <= number(cfg_low) < math.inf,
-             "solver": isinstance(solver, str) and solver in SOLVERS}
+             "solver": isinstance(solver, str) and solver in SOLVERS,
+             "step_cache": 0 <= number(step_cache) < math.inf}
     return [name for name, valid in rules.items() if not valid]
 
 
@@ -99,11 +101,11 @@ valid_cfg = st.one_of(st.floats(0, 10), st.floats(0, allow_infinity=False), st.i
        boundary=mostly(st.one_of(st.floats(0, 1), st.sampled_from([0, 1]), st.floats(0, 1).map(np.float32)),
                        other_values),
        cfg_high=mostly(valid_cfg, other_values), cfg_low=mostly(valid_cfg, other_values),
-       solver=mostly(st.sampled_from(SOLVERS), st.text(max_size=6)))
-def test_sampler_settings_are_accepted_iff_valid(steps, shift, boundary, cfg_high, cfg_low, solver):
-    problems = sampler_problems(steps, shift, boundary, cfg_high, cfg_low, solver)
+       solver=mostly(st.sampled_from(SOLVERS), st.text(max_size=6)), step_cache=mostly(valid_cfg, other_values))
+def test_sampler_settings_are_accepted_iff_valid(steps, shift, boundary, cfg_high, cfg_low, solver, step_cache):
+    problems = sampler_problems(steps, shift, boundary, cfg_high, cfg_low, solver, step_cache)
     settings_ = SamplerSettings(steps=steps, shift=shift, boundary=boundary, cfg_high=cfg_high, cfg_low=cfg_low,
-                                solver=solver)
+                                solver=solver, step_cache=step_cache)
     try:
         settings_.validate()
     except ValueError as err:

@@ -1,9 +1,11 @@
 """The step cache (sampling/step_cache.py) on fake experts: which passes run, what a reused step returns.
 
-`sample` drives the cache the way the loop will once it is wired in (issue 20, step 2): the real
-schedule, expert routing, guided prediction and UniPC solver, one decision per step.
+`sample` is the loop written out by hand (the real schedule, expert routing, guided prediction and
+UniPC solver, one decision per step) with the cache optional; the last tests run the engine's loop
+(`pipeline.denoise` with `SamplerSettings.step_cache`) against it.
 """
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,12 +13,13 @@ import torch
 from fakes import ConstantExpert, NoiseExpert, ShiftExpert
 from reference import rel_l2
 
-from wan22_core.config import SamplerSettings
-from wan22_core.pipeline import predict_velocity
+from wan22_core.config import STEP_CACHE_WARMUP, SamplerSettings
+from wan22_core.pipeline import denoise, predict_velocity
+from wan22_core.placement import ExpertPair
 from wan22_core.sampling.moe import HIGH, LOW, guidance_scale, select_expert
 from wan22_core.sampling.schedule import flow_schedule
 from wan22_core.sampling.solvers import make_solver
-from wan22_core.sampling.step_cache import WARMUP_STEPS, StepCache, passes_summary
+from wan22_core.sampling.step_cache import StepCache, passes_summary
 
 SETTINGS = SamplerSettings()  # 40 steps: 26 high-noise, 14 low-noise
 HIGH_STEPS, LOW_STEPS = 26, 14
@@ -41,7 +44,7 @@ def sample(experts, cache=None, settings=SETTINGS, batch_cfg=True):
     return x, trace
 
 
-def runs_of(high_skipped: bool, low_skipped: bool, warmup: int = WARMUP_STEPS) -> list[bool]:
+def runs_of(high_skipped: bool, low_skipped: bool, warmup: int = STEP_CACHE_WARMUP) -> list[bool]:
     """The decisions when every step after warm-up is skipped (or none is), per expert."""
     high = [True] * warmup + [not high_skipped] * (HIGH_STEPS - warmup)
     low = [True] * warmup + [not low_skipped] * (LOW_STEPS - warmup - 1) + [True]  # the last step runs
@@ -64,7 +67,7 @@ def test_constant_transformation_skips_every_step_after_warmup_and_reproduces_th
     cache = StepCache(0.05)
     cached, _ = sample(experts, cache)
     assert cache.ran == runs_of(high_skipped=True, low_skipped=True)
-    assert experts[HIGH].calls + experts[LOW].calls == cache.passes_run == 2 * WARMUP_STEPS + 1
+    assert experts[HIGH].calls + experts[LOW].calls == cache.passes_run == 2 * STEP_CACHE_WARMUP + 1
     # x + (v_tau - x_tau) vs the model's x + offset: float32 rounding only. Measured 2.8e-8.
     assert rel_l2(cached, exact) <= 2e-7
 
@@ -89,7 +92,7 @@ def test_the_expert_switch_resets_the_cache():
     assert len(low_steps) == LOW_STEPS
     for x, v in low_steps:
         assert torch.allclose(v - x, torch.full_like(x, low_transformation), atol=1e-5)
-    assert cache.ran[HIGH_STEPS:HIGH_STEPS + WARMUP_STEPS] == [True] * WARMUP_STEPS  # the low expert warms up again
+    assert cache.ran[HIGH_STEPS:HIGH_STEPS + STEP_CACHE_WARMUP] == [True] * STEP_CACHE_WARMUP  # the low expert warms up again
 
 
 def test_the_last_step_always_runs():
@@ -112,8 +115,34 @@ def test_cond_and_uncond_share_one_decision(batch_cfg, cfg, forwards_per_pass):
     cached, _ = sample(experts, cache, settings=settings, batch_cfg=batch_cfg)
     assert cache.ran == runs_of(high_skipped=True, low_skipped=True)
     assert experts[HIGH].calls + experts[LOW].calls == forwards_per_pass * cache.passes_run
-    assert passes_summary(cache.passes_run, len(cache.ran)) == f"{2 * WARMUP_STEPS + 1} of 40 model passes run"
+    assert passes_summary(cache.passes_run, len(cache.ran)) == f"{2 * STEP_CACHE_WARMUP + 1} of 40 model passes run"
     assert rel_l2(cached, exact) <= 2e-7  # float32 rounding; measured 2.2e-8 (CFG 4), 4.3e-8 (CFG 1)
+
+
+def test_a_replica_that_would_reuse_runs_the_forward_while_another_runs_and_keeps_its_own_result():
+    """Replicas vote (`agree`): at every vote here another replica runs, so this one runs the
+    forward too (FSDP's all-gathers need every rank) but returns its reuse, as alone."""
+    alone_experts = {HIGH: ShiftExpert(0.5), LOW: ShiftExpert(-0.25)}
+    alone = StepCache(0.05)
+    expected, _ = sample(alone_experts, alone)
+    votes = []
+
+    def another_replica_runs(reuse: bool) -> bool:
+        votes.append(reuse)
+        return False
+
+    experts = {HIGH: ShiftExpert(0.5), LOW: ShiftExpert(-0.25)}
+    joint = StepCache(0.05, agree=another_replica_runs)
+    got, _ = sample(experts, joint)
+    assert torch.equal(got, expected) and joint.ran == alone.ran  # the decisions and the video as alone
+    assert experts[HIGH].calls + experts[LOW].calls == SETTINGS.steps  # but every step ran a forward
+    may_reuse = SETTINGS.steps - 2 * STEP_CACHE_WARMUP - 1  # one vote per step that may reuse, on every rank
+    assert votes == [True] * may_reuse  # (every such step is reused here)
+
+    experts = {HIGH: ShiftExpert(0.5), LOW: ShiftExpert(-0.25)}
+    everyone = StepCache(0.05, agree=lambda reuse: reuse)  # all replicas reuse: the pass is saved
+    assert torch.equal(sample(experts, everyone)[0], expected)
+    assert experts[HIGH].calls + experts[LOW].calls == alone.passes_run
 
 
 def test_reused_velocities_stay_within_the_threshold_of_the_model():
@@ -125,7 +154,7 @@ def test_reused_velocities_stay_within_the_threshold_of_the_model():
     cache = StepCache(threshold)
     _, trace = sample(experts, cache)
     reused = [(expert, x, v) for (expert, x, v), ran in zip(trace, cache.ran) if not ran]
-    high_after_warmup = cache.ran[WARMUP_STEPS:HIGH_STEPS]
+    high_after_warmup = cache.ran[STEP_CACHE_WARMUP:HIGH_STEPS]
     assert reused and any(high_after_warmup) and not all(high_after_warmup)
     for expert, x, v in reused:
         truth = predict_velocity(experts[expert], x, 0, COND, UNCOND, guidance_scale(expert, SETTINGS), True)
@@ -189,3 +218,57 @@ def test_a_bad_threshold_is_named(threshold):
 def test_a_warmup_below_two_is_refused(warmup):
     with pytest.raises(ValueError, match="warmup must be an integer >= 2"):
         StepCache(0.05, warmup=warmup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the engine's loop (pipeline.denoise with SamplerSettings.step_cache)
+
+
+class CountingPair(ExpertPair):
+    """An ExpertPair that records which expert the loop asked for at each model pass."""
+
+    def __init__(self, high, low):
+        super().__init__(high, low, torch.device("cpu"))
+        self.asked: list[str] = []
+
+    def get(self, name):
+        self.asked.append(name)
+        return super().get(name)
+
+
+def loop(experts: dict, threshold: float) -> tuple[torch.Tensor, list[bool], CountingPair]:
+    """`denoise` on `sample`'s inputs: the final latent, StepInfo.model_ran per step, the holder."""
+    pair, ran = CountingPair(experts[HIGH], experts[LOW]), []
+    x = torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    latent = denoise(pair, COND, UNCOND, x, replace(SETTINGS, step_cache=threshold),
+                     on_step=lambda info: ran.append(info.model_ran))
+    return latent, ran, pair
+
+
+def test_the_loop_with_threshold_zero_is_the_hand_written_exact_loop_bit_for_bit():
+    exact, _ = sample({HIGH: NoiseExpert(), LOW: NoiseExpert()})
+    latent, ran, _ = loop({HIGH: NoiseExpert(), LOW: NoiseExpert()}, 0.0)
+    assert SamplerSettings().step_cache == 0.0  # the default is off
+    assert torch.equal(latent, exact) and ran == [True] * SETTINGS.steps
+
+
+def test_the_loop_reuses_a_constant_transformation_and_asks_for_no_expert_on_a_reused_step():
+    exact, _ = sample({HIGH: ShiftExpert(0.5), LOW: ShiftExpert(-0.25)})
+    experts = {HIGH: ShiftExpert(0.5), LOW: ShiftExpert(-0.25)}
+    latent, ran, pair = loop(experts, 0.05)
+    assert ran == runs_of(high_skipped=True, low_skipped=True)
+    assert pair.asked == [HIGH] * STEP_CACHE_WARMUP + [LOW] * (STEP_CACHE_WARMUP + 1)  # placement only on passes
+    assert experts[HIGH].calls + experts[LOW].calls == sum(ran) == 2 * STEP_CACHE_WARMUP + 1
+    assert rel_l2(latent, exact) <= 2e-7  # as through `sample`: float32 rounding only, measured 2.8e-8
+
+
+def test_the_loop_runs_every_pass_of_a_transformation_that_changes_every_step():
+    exact, _ = sample({HIGH: NoiseExpert(), LOW: NoiseExpert()})
+    latent, ran, _ = loop({HIGH: NoiseExpert(), LOW: NoiseExpert()}, 0.05)
+    assert ran == [True] * SETTINGS.steps and torch.equal(latent, exact)
+
+
+@pytest.mark.parametrize("threshold", [-0.01, math.nan, "0.05"])
+def test_settings_refuse_a_bad_threshold_before_the_loop(threshold):
+    with pytest.raises(ValueError, match=r"step_cache must be a finite number >= 0 \(0 = off"):
+        SamplerSettings(step_cache=threshold).validate()

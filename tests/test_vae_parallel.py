@@ -175,7 +175,12 @@ def test_torchrun_cli_decodes_on_every_rank_and_writes_the_one_process_video(tin
     latent = load_file(tmp_path / "two.st")["latents"]
     frames = decode_to_video(load_vae(ModelFiles.from_model_dir(tiny_model_dir).vae), latent)
     write_mp4(frames, tmp_path / "one.mp4", fps=16)
-    assert np.array_equal(read_rgb(tmp_path / "two.mp4"), read_rgb(tmp_path / "one.mp4"))
+    # The decode itself equals one process to <= 1e-5 (test_row_parallel_decode_equals_one_process),
+    # not bit for bit, and H.264 turns a one-level flip into a few levels nearby: measured 104 of
+    # 62208 values differ, by <= 5 levels (PSNR >= 62 dB). A misplaced or missing band is < 20 dB.
+    two, one = read_rgb(tmp_path / "two.mp4"), read_rgb(tmp_path / "one.mp4")
+    assert two.shape == one.shape
+    assert 10 * np.log10(1 / np.mean((two - one) ** 2)) >= 50
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ def test_the_status_event_and_the_ui_keys_match_the_nodes():
     sampler, extension = (ROOT / "nodes/sampler.py").read_text(), (ROOT / "web/js/wan22_moe.js").read_text()
     assert 'ui = {"lora_report": ' in sampler and "output?.lora_report" in extension
     assert 'ui["parallel_split"] = ' in sampler and "output?.parallel_split" in extension
+    assert '"step_cache": [passes_summary(' in sampler and "output?.step_cache" in extension
     config = (ROOT / "nodes/parallel.py").read_text()  # the multi-GPU node's memory line
     assert '{"ui": {"memory": ' in config and "output?.memory" in extension
 

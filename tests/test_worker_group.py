@@ -95,7 +95,7 @@ def env(tmp_path_factory, tiny_model_dir):
     g = torch.Generator().manual_seed(4)
     raw = torch.randn(2, 16, 3, 7, 5, generator=g)  # 2 videos of 9 frames; 7 latent rows: bands of 4 and 3
     reference_vae = load_vae(vae_path)
-    yield dict(parallel=parallel, errors=errors, fault_file=root / "fault.json", model_dir=model_dir,
+    yield dict(parallel=parallel, errors=errors, fault_file=root / "fault.json", model_dir=model_dir, experts=experts,
                vae=importlib.import_module(f"{MANGLED}.wan22_core.checkpoints").load_vae(vae_path), raw=raw,
                frames=torch.cat([decode_raw_to_video(reference_vae, item) for item in raw]),
                spec=parallel.ModelSpec(model_dir / "high_noise_model", model_dir / "low_noise_model"),
@@ -166,6 +166,21 @@ def test_lora_changes_re_merge_the_live_shards_and_match_apply_loras(env, tmp_pa
         assert rel_l2(group.run(job), expected) <= TOL, (high, low)
     assert group.pids == pids and "merging LoRAs" in statuses
     assert not [s for s in statuses if s.startswith("loading")]
+
+
+def test_the_step_cache_settings_reach_the_ranks_and_their_decisions_reach_on_step(env):
+    """The job's settings carry the threshold, every rank decides as one process does, and rank 0's
+    step messages carry model_ran."""
+    cached = SamplerSettings(steps=12, step_cache=0.2)  # 8 high-noise steps: some reused after the warm-up
+    group = env["parallel"].WorkerGroup.get_or_create(env["spec"], config(env))
+    steps, expected_ran = [], []
+    latent = group.run(replace(env["job"], settings=cached), on_step=steps.append)
+    job = env["job"]
+    expected = denoise(env["experts"], job.positive, job.negative, job.noise, cached,
+                       on_step=lambda info: expected_ran.append(info.model_ran))
+    assert not all(expected_ran)  # measured: 10 of 12 passes run
+    assert [s.model_ran for s in steps] == expected_ran
+    assert rel_l2(latent, expected) <= TOL
 
 
 def test_cancel_stops_every_rank_at_the_same_step(env):

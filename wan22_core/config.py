@@ -123,6 +123,10 @@ class SamplerSettings:
     cfg_high: float = 4.0  # official sample_guide_scale is (low, high) = (3.0, 4.0)
     cfg_low: float = 3.0
     solver: str = "unipc"
+    # Step cache threshold (sampling/step_cache.py): 0 = off, every model pass runs (exact). Above 0
+    # a step may reuse its expert's last transformation while the estimated relative error of the
+    # velocity stays below it: fewer passes, not exact.
+    step_cache: float = 0.0
 
     def validate(self) -> "SamplerSettings":
         check_schedule_args(self.steps, self.shift, self.solver)
@@ -132,7 +136,22 @@ class SamplerSettings:
             value = getattr(self, name)
             if not (is_finite_real(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_step_cache(self.step_cache)
         return self
+
+
+# Steps each expert always runs first with a step cache. The authors run the first 5 (HunyuanVideo,
+# 50 steps), 7 (Wan2.2 A14B, 40 steps, one state for both experts) or 10 (Wan2.1, 50 steps); two are
+# the least that can work (the rate needs two passes of the same expert).
+STEP_CACHE_WARMUP = 5
+
+
+def check_step_cache(value) -> float:
+    """The step-cache threshold as a float, or a ValueError naming the allowed values."""
+    if not (is_finite_real(value) and value >= 0):
+        raise ValueError(f"step_cache must be a finite number >= 0 (0 = off, every model pass runs; "
+                         f"0.05 skips some), got {value!r}")
+    return float(value)
 
 
 # Blocks per expert the loader node keeps in CPU memory with offload block_swap unless told: half of

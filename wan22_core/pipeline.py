@@ -15,10 +15,12 @@ from torch import nn
 
 from .config import MAX_FRAMES, MAX_SIDE, SIDE_STEP, Z_DIM, DiTConfig, SamplerSettings, VAEConfig, is_integer
 from .errors import Cancelled, NumericalError, OutOfMemory, is_out_of_memory
+from .models.attention import inexact_backend
 from .models.vae import WanVAE, to_images
 from .sampling.moe import apply_guidance, guidance_scale, select_expert
 from .sampling.schedule import partial_schedule
 from .sampling.solvers import make_solver
+from .sampling.step_cache import StepCache
 
 _STRIDE_T, _STRIDE_S, _ = VAEConfig().stride  # frames / pixels per latent position
 
@@ -78,12 +80,19 @@ def video_seed(seed: int, index: int) -> int:
 
 
 class Experts(Protocol):
-    """What the loop needs of an expert holder: the expert for a step (placed where it computes)
-    and that device. One process: `placement.ExpertPair`; FSDP ranks: `parallel.fsdp.ShardedExperts`."""
+    """What the loop needs of an expert holder: the expert for a step (placed where it computes),
+    that device, and both experts by name as they are (for error messages; reading them moves
+    nothing). One process: `placement.ExpertPair`; FSDP ranks: `parallel.fsdp.ShardedExperts`."""
 
     device: torch.device
+    experts: dict[str, nn.Module]
 
     def get(self, name: str) -> nn.Module: ...
+
+    def agree_to_reuse(self, reuse: bool) -> bool:
+        """The step cache's vote: True iff every holder sharing this one's collectives would reuse
+        the step (replicas under FSDP); a holder that samples alone returns `reuse`."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,7 @@ class StepInfo:
     expert: str  # "high" or "low"
     latent: torch.Tensor  # [16, T, h, w] after the step
     denoised: torch.Tensor  # [16, T, h, w] the model's clean-latent estimate at this step (previews)
+    model_ran: bool = True  # False: the step reused its expert's last transformation (step cache)
 
 
 def stack_contexts(*contexts: torch.Tensor) -> torch.Tensor:
@@ -194,23 +204,36 @@ def _sample(experts, positive, negative, noise, latent, settings, schedule, batc
     cond, uncond = positive.to(device), negative.to(device)
 
     total = position.total
+    # Every rank of a replica builds the same cache and decides alike from replicated values; the
+    # replicas vote through the holder (sampling/step_cache.py's docstring).
+    cache = StepCache(settings.step_cache, agree=experts.agree_to_reuse)
     for i, t in enumerate(schedule.timesteps.tolist()):
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"cancelled before step {i + 1}/{total}")
         expert = select_expert(t, settings.boundary)
         position.step, position.expert = i + 1, expert
+        scale = guidance_scale(expert, settings)
         with torch.no_grad():
-            v = predict_velocity(experts.get(expert), x, t, cond, uncond,
-                                 guidance_scale(expert, settings), batch_cfg)
+            # called inside `velocity`, so x and t are this step's: a skipped step fetches no expert
+            v = cache.velocity(expert, x, lambda: predict_velocity(experts.get(expert), x, t, cond, uncond, scale,
+                                                                   batch_cfg), last=i == total - 1)
             denoised = x - float(schedule.sigmas[i]) * v
             x = solver.step(v, x)
         if not torch.isfinite(x).all():
-            raise NumericalError(
-                f"NaN/Inf in the latents after step {i + 1}/{total} (timestep {t}, {expert}-noise expert); "
-                "the weights or the dtype overflowed: try bf16 instead of fp16, or check the checkpoint")
+            raise NumericalError(_non_finite_message(i, total, t, expert, experts.experts[expert]))
         if on_step is not None:
-            on_step(StepInfo(i, total, t, expert, x, denoised))
+            on_step(StepInfo(i, total, t, expert, x, denoised, model_ran=cache.ran[-1]))
     return x
+
+
+def _non_finite_message(index: int, total: int, timestep: int, expert: str, model: nn.Module) -> str:
+    """The loop's NaN/Inf error; it names the attention backend when that one is not exact."""
+    where = f"NaN/Inf in the latents after step {index + 1}/{total} (timestep {timestep}, {expert}-noise expert)"
+    backend = inexact_backend(model)
+    if backend is not None:
+        return (f"{where}; the {backend!r} attention backend is not exact and can overflow: choose attention "
+                "'sdpa' (CLI --attention sdpa)")
+    return f"{where}; the weights or the dtype overflowed: try bf16 instead of fp16, or check the checkpoint"
 
 
 def release_cached_memory(device: torch.device) -> None:

@@ -88,6 +88,9 @@ class ExpertPair:
             self.active = name
         return self.experts[name]
 
+    def agree_to_reuse(self, reuse: bool) -> bool:
+        return reuse  # one process, or replicas that share no collective while sampling
+
     def _place(self, expert: nn.Module) -> None:
         if id(expert) in self._host:  # still placed (keep_both): copying again would hold it twice
             return

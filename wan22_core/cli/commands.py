@@ -45,7 +45,7 @@ def run_here(args: argparse.Namespace, files: ModelFiles) -> dict:
     with stage("denoise", timings):  # includes the compile on the first step with --compile
         latents = [denoise_video(experts, embeds.positive, embeds.negative,
                                  make_noise(video_seed(args.seed, index), args.frames, args.height, args.width),
-                                 settings, batch_cfg=args.batch_cfg, progress=not args.quiet)
+                                 settings, batch_cfg=args.batch_cfg, progress=not args.quiet, report=True)
                    for index in range(args.videos)]  # one after another
         del experts
     save_outputs(latents, files.vae, device, resolve_dtype(args.dtype, device), flags.outputs(args), timings)

@@ -35,6 +35,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser, steps: int, width: int, heig
     p.add_argument("--cfg-high", type=float, default=DEFAULTS.cfg_high)
     p.add_argument("--cfg-low", type=float, default=DEFAULTS.cfg_low)
     p.add_argument("--solver", choices=SOLVERS, default=DEFAULTS.solver)
+    p.add_argument("--step-cache", type=float, default=DEFAULTS.step_cache, metavar="THRESHOLD",
+                   help="reuse the model's last transformation while the estimated relative velocity error stays "
+                        "below THRESHOLD (0 = off, exact; e.g. 0.1: fewer passes, not exact)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--videos", type=int, default=1, metavar="N",
                    help="N videos with seeds seed, seed+1, ...: out.mp4 becomes out_00001.mp4, ... (and the "
@@ -179,7 +182,8 @@ def model_files(args: argparse.Namespace) -> ModelFiles:
 def sampler_settings(args: argparse.Namespace) -> SamplerSettings:
     """Validated settings and video size; also fails on existing outputs before minutes of work."""
     settings = SamplerSettings(steps=args.steps, shift=args.shift, boundary=args.boundary,
-                               cfg_high=args.cfg_high, cfg_low=args.cfg_low, solver=args.solver).validate()
+                               cfg_high=args.cfg_high, cfg_low=args.cfg_low, solver=args.solver,
+                               step_cache=args.step_cache).validate()
     check_video_size(args.frames, args.height, args.width)
     outputs(args).check()
     return settings

@@ -24,7 +24,8 @@ from ..memory import GIB
 from ..models.attention import resolve_backend
 from ..models.text_encoder import PromptEmbeds
 from ..models.vae import WanVAE
-from ..pipeline import Experts, decode_to_video, denoise
+from ..pipeline import Experts, StepInfo, decode_to_video, denoise
+from ..sampling.step_cache import passes_summary
 from ..video import write_mp4
 
 
@@ -62,16 +63,26 @@ def encode_prompt(files: ModelFiles, prompt: str, negative_prompt: str | None,
 
 
 def denoise_video(experts: Experts, positive: torch.Tensor, negative: torch.Tensor, noise: torch.Tensor,
-                  settings: SamplerSettings, *, batch_cfg: bool, progress: bool) -> torch.Tensor:
+                  settings: SamplerSettings, *, batch_cfg: bool, progress: bool, report: bool) -> torch.Tensor:
     """The noise through the sampling loop, with a progress bar when `progress` (off with --quiet,
-    and on torchrun ranks other than 0)."""
+    and on torchrun ranks other than 0); with a step cache and `report` (rank 0), how many model
+    passes ran."""
     bar = progress_bar(settings.steps) if progress else None
+    ran: list[bool] = []
+
+    def on_step(info: StepInfo) -> None:
+        ran.append(info.model_ran)
+        if bar is not None:
+            bar.update(1)
+
     try:
-        return denoise(experts, positive, negative, noise, settings, batch_cfg=batch_cfg,
-                       on_step=bar and (lambda s: bar.update(1)))
+        latent = denoise(experts, positive, negative, noise, settings, batch_cfg=batch_cfg, on_step=on_step)
     finally:
         if bar is not None:
             bar.close()
+    if report and settings.step_cache > 0:
+        print(f"step cache: {passes_summary(sum(ran), len(ran))}", file=sys.stderr)
+    return latent
 
 
 def progress_bar(total: int) -> tqdm:

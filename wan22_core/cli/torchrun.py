@@ -111,7 +111,7 @@ def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
             def sample(video: int, _round: int):
                 noise = make_noise(video_seed(args.seed, video), args.frames, args.height, args.width)
                 return denoise_video(experts, embeds.positive, embeds.negative, noise, settings,
-                                     batch_cfg=args.batch_cfg, progress=rank0 and not args.quiet)
+                                     batch_cfg=args.batch_cfg, progress=rank0 and not args.quiet, report=rank0)
 
             latents = sample_videos(sample, groups, args.videos)
             del experts

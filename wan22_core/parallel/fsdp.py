@@ -8,6 +8,7 @@ are exactly what a single GPU would hold and the numerics match a one-GPU run.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -70,10 +71,20 @@ class ShardedExperts:
     takes it as it takes a one-process `ExpertPair` (`pipeline.Experts`).
     """
 
-    def __init__(self, high: nn.Module, low: nn.Module, device: torch.device):
+    def __init__(self, high: nn.Module, low: nn.Module, device: torch.device, replicas: int = 1):
         self.experts = {HIGH: high, LOW: low}
         self.device = torch.device(device)
         self.active: str | None = None
+        self.replicas = replicas  # replicas sample other videos but share every all-gather
+
+    def agree_to_reuse(self, reuse: bool) -> bool:
+        """The step cache's vote over all ranks: a step is reused only if every replica reuses it,
+        since a replica that skipped its forward would leave the others in an all-gather."""
+        if self.replicas == 1:
+            return reuse  # every rank decided alike from the same values
+        flag = torch.tensor([int(reuse)], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def get(self, name: str) -> nn.Module:
         if self.active is not None and name != self.active:

@@ -229,5 +229,5 @@ def load_expert_pair(high_noise: str | Path, low_noise: str | Path, groups: Para
     if groups.plan.fsdp:
         from .fsdp import ShardedExperts
 
-        return ShardedExperts(*experts, device)
+        return ShardedExperts(*experts, device, replicas=groups.plan.replicas)
     return ExpertPair(*experts, device)

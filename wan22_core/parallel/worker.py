@@ -248,7 +248,7 @@ class Worker:
         def send(info) -> None:
             tensors = dict(latent=info.latent.cpu(), denoised=info.denoised.cpu()) if job["stream"] else {}
             self.channel.send(type="step", id=job["id"], round=round_index, index=info.index, total=info.total,
-                              timestep=info.timestep, expert=info.expert, **tensors)
+                              timestep=info.timestep, expert=info.expert, model_ran=info.model_ran, **tensors)
         return send
 
 

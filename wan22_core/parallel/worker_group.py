@@ -378,7 +378,7 @@ class WorkerGroup:
         def progress(step: dict) -> None:
             if on_step is not None:
                 on_step(step["round"], StepInfo(step["index"], step["total"], step["timestep"], step["expert"],
-                                                step.get("latent"), step.get("denoised")))
+                                                step.get("latent"), step.get("denoised"), model_ran=step["model_ran"]))
 
         return self._run_job(message, progress, should_cancel, "sampling", "latents")
 

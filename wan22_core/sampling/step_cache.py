@@ -31,6 +31,13 @@ all-gathers both rows, guidance and the solver are the same arithmetic on every 
 inputs give equal reductions on equal GPUs, so all ranks decide alike with no communication. A
 group mixing GPU models could round a reduction differently; there rank 0 would have to decide and
 broadcast one flag per step (the cancel check's protocol).
+
+Replicas (rank groups that sample different videos while FSDP's all-gathers span every rank)
+see different latents and decide differently, and a replica that skipped would leave the others
+waiting in an all-gather. So they agree per step through `agree` (the holder's
+`agree_to_reuse`: one all-reduce of a flag over all ranks): a replica that would reuse still runs
+the forward, and discards it, whenever any replica runs, so each video equals its own
+one-process cached run; the pass is saved only when every replica reuses.
 """
 from __future__ import annotations
 
@@ -39,20 +46,7 @@ from typing import Callable
 
 import torch
 
-from ..config import is_finite_real, is_integer
-
-# Steps each expert always runs first. The authors run the first 5 (HunyuanVideo, 50 steps), 7
-# (Wan2.2 A14B, 40 steps, one state for both experts) or 10 (Wan2.1, 50 steps); two are the least
-# that can work (the rate needs two passes of the same expert).
-WARMUP_STEPS = 5
-
-
-def check_threshold(value) -> float:
-    """The step-cache threshold as a float, or a ValueError naming the allowed values."""
-    if not (is_finite_real(value) and value >= 0):
-        raise ValueError(f"step_cache must be a finite number >= 0 (0 = off, every model pass runs; "
-                         f"0.05 skips some), got {value!r}")
-    return float(value)
+from ..config import STEP_CACHE_WARMUP, check_step_cache, is_integer
 
 
 def _mean_abs(t: torch.Tensor) -> float:
@@ -97,11 +91,13 @@ class StepCache:
     Use one per sampling run, calling `velocity` once per step in order.
     """
 
-    def __init__(self, threshold: float, warmup: int = WARMUP_STEPS):
-        self.threshold = check_threshold(threshold)
+    def __init__(self, threshold: float, warmup: int = STEP_CACHE_WARMUP,
+                 agree: Callable[[bool], bool] | None = None):
+        self.threshold = check_step_cache(threshold)
         if not is_integer(warmup) or warmup < 2:
             raise ValueError(f"step cache warmup must be an integer >= 2 (the rate needs two passes), got {warmup!r}")
         self.warmup = int(warmup)
+        self.agree = agree  # this rank would reuse -> every replica reuses (None: one video at a time)
         self.ran: list[bool] = []
         self._state: _ExpertState | None = None
 
@@ -115,8 +111,12 @@ class StepCache:
         if self._state is None or self._state.expert != expert:
             self._state = _ExpertState(expert)  # the switch: nothing of the other expert survives
         state = self._state
-        may_reuse = not last and state.steps >= self.warmup
-        if may_reuse and state.accumulate(x) < self.threshold:
+        may_reuse = not last and state.steps >= self.warmup  # the same steps on every rank
+        reuse = may_reuse and state.accumulate(x) < self.threshold
+        every_replica_reuses = self.agree(reuse) if may_reuse and self.agree is not None else reuse
+        if reuse:
+            if not every_replica_reuses:
+                compute()  # another replica runs: join its collectives, keep this video's decision
             v, ran = x + state.transformation, False
         else:
             v, ran = compute(), True

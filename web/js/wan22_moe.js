@@ -9,8 +9,10 @@
 // - worker_status: with the `parallel` input connected, what each multi-GPU worker rank is doing
 //   (from the server's wan22moe.worker_status events).
 // - lora_report: after a run with LoRAs, what each LoRA patched (the sampler's `ui` output).
-// - memory (on Wan22MultiGPUConfig): after a run, what one GPU of the plan needs for A14B at
-//   720p and 480p in bf16 and fp8, and the smallest GPU's memory (the config node's `ui` output).
+// - step_cache_report: after a run with a step cache, how many model passes ran (the sampler's `ui`
+//   output "step_cache"; the line has its own name because `step_cache` is the threshold's widget).
+// - memory (on Wan22MultiGPUConfig): after a run, its split and what one GPU of the plan needs for
+//   A14B at 720p and 480p in bf16 and fp8, and the smallest GPU's memory (the config node's `ui` output).
 // All are display-only (text_lines.js). Every extra runs behind a guard (guard.js): a failure is
 // reported once in the console and the sampler and its widgets keep working without the line.
 // Only interfaces both supported frontends offer are used (1.27.10 and 1.5x: see README).
@@ -55,6 +57,9 @@ const LINES = {
   },
   lora_report(node) {
     return (node.wan22Lora ?? []).map((line) => `LoRA ${line}`);
+  },
+  step_cache_report(node) {
+    return (node.wan22StepCache ?? []).map((line) => `step cache: ${line}`);
   },
 };
 
@@ -137,9 +142,10 @@ app.registerExtension({
     chain(proto, "onConnectionsChange", "updating the lines after a link change", function () {
       if (this.graph) refresh(this); // the status line comes and goes with the parallel link
     });
-    chain(proto, "onExecuted", "showing the LoRA report and the split", function (output) {
+    chain(proto, "onExecuted", "showing the run's reports", function (output) {
       this.wan22Lora = output?.lora_report ?? [];
       this.wan22Split = output?.parallel_split ?? [];
+      this.wan22StepCache = output?.step_cache ?? [];
       refresh(this);
     });
   },

@@ -56,6 +56,25 @@ def rank_load(expert_file: Path, video: tuple[int, int, int], options: ExpertOpt
                        batch_cfg, gguf_block_types(options, device, expert_file))
 
 
+# What a user with LoRAs on GGUF experts can do on the ranks (one process runs such LoRAs unmerged)
+GGUF_LORA_FIXES = ("load the experts dequantised (weight_dtype bf16, --weight-dtype bf16), use safetensors "
+                   "experts, or run on one GPU")
+
+
+def check_no_loras_on_gguf_blocks(expert_files: Sequence[Path], options: ExpertOptions, device: torch.device,
+                                  with_loras: bool) -> None:
+    """ValueError before anything loads when LoRAs meet experts held in GGUF blocks: the ranks merge
+    LoRAs into their shards, and a merge into GGUF blocks would re-quantise them (from the headers)."""
+    if not with_loras:
+        return
+    for path in expert_files:
+        types = gguf_block_types(options, device, Path(path))
+        if types is not None:
+            raise ValueError(f"LoRAs with {Path(path).name}: the multi-GPU ranks hold its blocks as GGUF "
+                             f"{'/'.join(sorted(set(types.values())))} and merge LoRAs into their shards, which "
+                             f"GGUF blocks cannot take: {GGUF_LORA_FIXES}")
+
+
 def _local_rows(param: nn.Parameter, name: str) -> tuple[torch.Tensor, int]:
     """(the rows of `param` this rank stores, index of the first): an FSDP shard, or the whole tensor."""
     from torch.distributed.tensor import DTensor
@@ -93,8 +112,7 @@ def _merge_quantized(layer: QuantizedLinear, rows: torch.Tensor, name: str, old:
     fly yet: refused in one line with the fixes."""
     if isinstance(layer, GGUFLinear):
         raise LoraError(f"{name} is held as GGUF {layer.qtype.name} blocks on the multi-GPU ranks, which merge LoRAs "
-                        "into their shards and cannot merge into GGUF blocks: load the experts dequantised "
-                        "(weight_dtype bf16, --weight-dtype bf16), use safetensors experts, or run on one GPU")
+                        f"into their shards and cannot merge into GGUF blocks: {GGUF_LORA_FIXES}")
     scale = getattr(layer, "scale_weight", None)
     stored, new_scale = remerge(layer.as_stored(rows), name, old, new, scale, start, whole_amax)
     if scale is not None:

@@ -136,6 +136,20 @@ def join_gloo_group(rank: int, world: int, port: int) -> None:
                             rank=rank, world_size=world)
 
 
+def run_gloo_worlds(script: str, out_dirs: dict, setup, timeout: float) -> dict[int, list]:
+    """One gloo group of `script` per world size in `out_dirs` ({world: folder}), all side by side;
+    each rank saves folder/rank{r}.pt. `setup(folder)` is the ranks' setup. Returns {world: [each
+    rank's saved result]} once every rank exited cleanly (else fails with their output)."""
+    started = {world: start_gloo_ranks([script], world, setup(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True) for world, out in out_dirs.items()}
+    results = {}
+    for world, (_, procs) in started.items():
+        failures = wait_ranks(procs, timeout=timeout)
+        assert not failures, "\n".join(failures)
+        results[world] = [torch.load(Path(out_dirs[world]) / f"rank{rank}.pt") for rank in range(world)]
+    return results
+
+
 def wait_ranks(procs, timeout: float | None = None) -> list[str]:
     """Wait for every rank (up to `timeout` seconds each); one "rank N failed" line per rank that
     exited non-zero, followed by its output where it was captured (stdout=PIPE)."""

@@ -14,14 +14,13 @@ The compiled scenario, the worker group and torchrun run the same plan and shape
 inductor cache compiles the block graph once per session.
 """
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from procs import join_gloo_group, start_gloo_ranks, wait_ranks
+from procs import join_gloo_group, run_gloo_worlds, start_torchrun_generate
 from reference import rel_l2
 from safetensors.torch import load_file
 
@@ -104,15 +103,7 @@ def reference(sources):
 def runs(sources, tmp_path_factory):
     """{world size: [per-rank results]}: one launch per world size, run side by side."""
     out = {world: tmp_path_factory.mktemp(f"fp8ranks{world}") for world in SCENARIOS}
-    started = {world: start_gloo_ranks([__file__], world, dict(sources=sources, out=str(out[world])),
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for world in SCENARIOS}
-    results = {}
-    for world, (_, procs) in started.items():
-        failures = wait_ranks(procs, timeout=400)
-        assert not failures, "\n".join(failures)
-        results[world] = [torch.load(out[world] / f"rank{rank}.pt") for rank in range(world)]
-    return results
+    return run_gloo_worlds(__file__, out, lambda folder: dict(sources=sources, out=str(folder)), timeout=400)
 
 
 CASES = [(world, scenario) for world in SCENARIOS for scenario in SCENARIOS[world]]
@@ -185,11 +176,9 @@ def test_torchrun_and_one_process_take_weight_dtype_fp8_and_compile(tiny_model_d
     common = ["generate", "--model-dir", str(tiny_model_dir), "--frames", "9", "--height", "48", "--width", "48",
               "--steps", "4", "--shift", "5", "--quiet"]
     fp8 = ["--weight-dtype", "fp8_e4m3fn"]
-    torchrun = subprocess.Popen(  # started first: it runs while this process makes the references
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "wan22_core", *common, *fp8, "--ulysses", "2", "--fsdp", *(["--compile"] if COMPILES else []),
-         "--output", str(tmp_path / "two.mp4"), "--save-latents", str(tmp_path / "two.st")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    torchrun = start_torchrun_generate(  # started first: it runs while this process makes the references
+        [*common, *fp8, "--ulysses", "2", "--fsdp", *(["--compile"] if COMPILES else []),
+         "--output", str(tmp_path / "two.mp4"), "--save-latents", str(tmp_path / "two.st")], cwd=tmp_path)
     for name, flags in (("one", fp8), ("dense", [])):
         assert main([*common, *flags, "--output", str(tmp_path / f"{name}.mp4"),
                      "--save-latents", str(tmp_path / f"{name}.st")]) == 0

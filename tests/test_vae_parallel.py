@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from live_bytes import LiveBytes
-from procs import join_gloo_group, start_gloo_ranks, wait_ranks
+from procs import join_gloo_group, run_gloo_worlds
 from reference import rel_l2
 from safetensors.torch import load_file
 
@@ -73,14 +73,7 @@ def reference():
 def runs(tmp_path_factory):
     """{world: [per-rank results]}, both worlds launched side by side."""
     out = {world: tmp_path_factory.mktemp(f"vae{world}") for world in WORLDS}
-    started = {world: start_gloo_ranks([__file__], world, dict(out_dir=str(out[world])), stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True) for world in WORLDS}
-    results = {}
-    for world, (_, procs) in started.items():
-        failures = wait_ranks(procs, timeout=240)
-        assert not failures, "\n".join(failures)
-        results[world] = [torch.load(out[world] / f"rank{rank}.pt") for rank in range(world)]
-    return results
+    return run_gloo_worlds(__file__, out, lambda folder: dict(out_dir=str(folder)), timeout=240)
 
 
 CASES = [(world, name) for world in WORLDS for name in LATENTS]

@@ -50,7 +50,9 @@ SCENARIOS = {  # degrees, plus: source (the fp8 rows' origin), compile
         "ulysses+fsdp, loras": dict(ulysses=2, fsdp=True, source="loras"),
         "ulysses+fsdp, gguf Q8_0": dict(ulysses=2, fsdp=True, source="gguf Q8_0"),
         "cfg+fsdp, gguf Q4_K": dict(cfg_parallel=2, fsdp=True, source="gguf Q4_K"),
-        **({"ulysses+fsdp, compiled": dict(ulysses=2, fsdp=True, compile=True)} if COMPILES else {})},
+        "ring+fsdp": dict(ring=2, fsdp=True),
+        **({"ulysses+fsdp, compiled": dict(ulysses=2, fsdp=True, compile=True),
+            "ring+fsdp, compiled": dict(ring=2, fsdp=True, compile=True)} if COMPILES else {})},
     4: {"ulysses+fsdp": dict(ulysses=4, fsdp=True),
         "cfg+ulysses+fsdp": dict(cfg_parallel=2, ulysses=2, fsdp=True)},
 }
@@ -119,10 +121,12 @@ def test_fp8_shards_give_the_one_process_fp8_latents(runs, reference, world, sce
 
 
 @pytest.mark.skipif(not COMPILES, reason="no C++ compiler for inductor on this machine")
-def test_compiled_ranks_equal_eager_ranks(runs):
+@pytest.mark.parametrize("eager", ["ulysses+fsdp", "ring+fsdp"])
+def test_compiled_ranks_equal_eager_ranks(runs, eager):
+    """Each block compiled, then sharded; the ring's point-to-point sends stay outside the graph."""
     for results in runs[2]:
-        assert rel_l2(results["ulysses+fsdp, compiled"]["latent"], results["ulysses+fsdp"]["latent"]) <= TOL
-        assert results["ulysses+fsdp, compiled"]["compiled_blocks"] == 2 * TINY.dit.num_layers
+        assert rel_l2(results[f"{eager}, compiled"]["latent"], results[eager]["latent"]) <= TOL
+        assert results[f"{eager}, compiled"]["compiled_blocks"] == 2 * TINY.dit.num_layers
 
 
 HELD = [(world, scenario) for world, scenario in CASES

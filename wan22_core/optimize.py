@@ -30,6 +30,12 @@ def compile_blocks(model: WanModel, device: torch.device) -> str | None:
     problem = compile_toolchain_problem(device)
     if problem is not None:
         return problem
+    # LoRAs that run on the fly (unmerged, and always on GGUF layers) are forward hooks on block
+    # Linears, added or removed when the LoRA changes, possibly after a block was compiled.
+    # Dynamo does not guard on module hooks by default, so a compiled block would go on running
+    # without a hook added later: with these guards it recompiles instead (process-wide; they only
+    # make guards stricter).
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     for block in model.blocks:
         block.compile(dynamic=False)
     return None

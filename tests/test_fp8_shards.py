@@ -50,6 +50,7 @@ SCENARIOS = {  # degrees, plus: source (the fp8 rows' origin), compile
         "ulysses+fsdp, loras": dict(ulysses=2, fsdp=True, source="loras"),
         "ulysses+fsdp, gguf Q8_0": dict(ulysses=2, fsdp=True, source="gguf Q8_0"),
         "cfg+fsdp, gguf Q4_K": dict(cfg_parallel=2, fsdp=True, source="gguf Q4_K"),
+        "ulysses+fsdp, gguf Q8_0, loras": dict(ulysses=2, fsdp=True, source="gguf Q8_0, loras"),
         "ring+fsdp": dict(ring=2, fsdp=True),
         **({"ulysses+fsdp, compiled": dict(ulysses=2, fsdp=True, compile=True),
             "ring+fsdp, compiled": dict(ring=2, fsdp=True, compile=True)} if COMPILES else {})},
@@ -79,7 +80,17 @@ def sources(tiny_model_dir, tmp_path_factory):
             "fp8 file": (*(str(comfy / name) for name in COMFY_FILES["comfy-fp8"][:2]), None, {}),
             "loras": (*official, "float8_e4m3fn", {"high": [(str(lora), 0.8)], "low": [(str(lora), -1.5)]}),
             **{f"gguf {quant}": (*(str(folder / name.format(quant=quant)) for name in GGUF_FILES[:2]), None, {})
-               for quant, folder in gguf.items()}}
+               for quant, folder in gguf.items()},
+            "gguf Q8_0, loras": (*(str(gguf["Q8_0"] / name.format(quant="Q8_0")) for name in GGUF_FILES[:2]), None,
+                                 {"high": [(str(lora), 0.8)], "low": [(str(lora), -1.5)]})}
+
+
+# A LoRA change on live ranks (the worker's update): new strengths for the same files
+UPDATED_STRENGTHS = {"high": 0.3, "low": 1.2}
+
+
+def updated(loras):
+    return {name: [(path, UPDATED_STRENGTHS[name]) for path, _ in pairs] for name, pairs in loras.items()}
 
 
 def one_process_experts(high, low, weight_dtype, loras):
@@ -98,6 +109,10 @@ def reference(sources):
     for source, spec in sources.items():
         experts = one_process_experts(*spec)
         out[source] = (denoise(ExpertPair(*experts, torch.device("cpu")), *job_inputs(), SETTINGS), experts)
+        if "gguf" in source and spec[3]:
+            *files, weight_dtype, loras = spec
+            out[f"{source}, updated"] = denoise(ExpertPair(*one_process_experts(*files, weight_dtype, updated(loras)),
+                                                           torch.device("cpu")), *job_inputs(), SETTINGS)
     return out
 
 
@@ -118,6 +133,17 @@ def test_fp8_shards_give_the_one_process_fp8_latents(runs, reference, world, sce
     assert rel_l2(per_rank[0], expected) <= TOL
     for rank, latent in enumerate(per_rank[1:], start=1):
         assert torch.equal(latent, per_rank[0]), f"rank {rank} differs from rank 0"
+
+
+def test_loras_on_gguf_shards_run_on_the_fly_and_a_strength_change_on_live_ranks(runs, reference):
+    """GGUF blocks take no merge: on the ranks, as on one GPU, their LoRA terms run as branches
+    (whole factors on every rank); the rest merges into the shards. Equal to one process, and
+    again after the worker's LoRA update (set_expert_loras) to other strengths."""
+    scenario, source = "ulysses+fsdp, gguf Q8_0, loras", "gguf Q8_0, loras"
+    assert rel_l2(reference[source][0], reference["gguf Q8_0"][0]) > 1e-2  # the LoRA changes the video
+    for results in runs[2]:
+        assert rel_l2(results[scenario]["updated"], reference[f"{source}, updated"]) <= TOL
+        assert rel_l2(results[scenario]["updated"], results[scenario]["latent"]) > 1e-2
 
 
 @pytest.mark.skipif(not COMPILES, reason="no C++ compiler for inductor on this machine")
@@ -201,7 +227,7 @@ def test_torchrun_and_one_process_take_weight_dtype_fp8_and_compile(tiny_model_d
 def rank_main(rank, world, port, sources, out):
     from torch.distributed.tensor import DTensor
 
-    from wan22_core.parallel.loading import load_expert_pair, local_parameter_bytes
+    from wan22_core.parallel.loading import load_expert_pair, local_parameter_bytes, set_expert_loras
     from wan22_core.parallel.mesh import init_groups
 
     join_gloo_group(rank, world, port)
@@ -223,6 +249,10 @@ def rank_main(rank, world, port, sources, out):
             compiled_blocks=sum(getattr(block, "_compiled_call_impl", None) is not None
                                 for e in experts.experts.values() for block in e.modules()
                                 if isinstance(block, WanBlock)))
+        if "gguf" in scenario and loras:  # the worker's LoRA update: new strengths, nothing re-read
+            for name, expert in experts.experts.items():
+                set_expert_loras(expert, [LoraSpec(p, s) for p, s in updated(loras)[name]])
+            results[scenario]["updated"] = denoise(experts, *job_inputs(), SETTINGS)
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

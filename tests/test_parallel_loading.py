@@ -155,37 +155,3 @@ def test_fsdp_ranks_hold_what_one_process_holds_for_each_weight_dtype(experts, t
         assert fp8_layers == (0 if weight_dtype in ("bfloat16", "float16") else 10 * TINY.dit.num_layers), case
 
 
-def test_loras_with_gguf_experts_are_refused_before_anything_loads(tmp_path):
-    """The same refusal from the headers alone, before the worker group spawns or torchrun's ranks
-    load (both call it); dequantised GGUF (weight_dtype bf16) and safetensors experts pass."""
-    from wan22_core.checkpoints import ModelFiles
-    from wan22_core.config import ExpertOptions
-    from wan22_core.parallel.loading import check_no_loras_on_gguf_blocks
-    from wan22_core.tiny import make_tiny
-
-    gguf = ModelFiles.from_model_dir(make_tiny(tmp_path / "q8", "gguf", TINY, seed=0, quant="Q8_0"))
-    experts, cpu = (gguf.high_noise, gguf.low_noise), torch.device("cpu")
-    with pytest.raises(ValueError) as refused:
-        check_no_loras_on_gguf_blocks(experts, ExpertOptions(), cpu, with_loras=True)
-    assert str(refused.value) == (
-        f"LoRAs with {gguf.high_noise.name}: the multi-GPU ranks hold its blocks as GGUF Q8_0 and merge LoRAs into "
-        "their shards, which GGUF blocks cannot take: load the experts dequantised (weight_dtype bf16, "
-        "--weight-dtype bf16), use safetensors experts, or run on one GPU")
-    check_no_loras_on_gguf_blocks(experts, ExpertOptions(), cpu, with_loras=False)
-    check_no_loras_on_gguf_blocks(experts, ExpertOptions(weight_dtype="bf16"), cpu, with_loras=True)
-
-
-def test_a_lora_on_gguf_blocks_is_refused_on_the_ranks_in_one_line_with_the_fixes():
-    """The ranks merge LoRAs into their shards; GGUF blocks take no merge (one process runs their
-    low-rank terms on the fly instead, test_gguf.py), so a LoRA term for such a layer is refused."""
-    from wan22_core.lora import LoraError
-    from wan22_core.parallel.loading import _merge_quantized
-    from wan22_core.quant import GGUFLinear
-
-    layer = GGUFLinear(64, 4, "Q8_0")
-    with pytest.raises(LoraError) as refused:
-        _merge_quantized(layer, layer.weight.data, "blocks.0.ffn.0.weight", None, None, 0, None)
-    assert str(refused.value) == (
-        "blocks.0.ffn.0.weight is held as GGUF Q8_0 blocks on the multi-GPU ranks, which merge LoRAs into their "
-        "shards and cannot merge into GGUF blocks: load the experts dequantised (weight_dtype bf16, "
-        "--weight-dtype bf16), use safetensors experts, or run on one GPU")

@@ -495,8 +495,8 @@ def _compute_dtype(layer: nn.Module) -> torch.dtype:
     return layer.weight.dtype
 
 
-def _set_branches(layers: dict[str, nn.Module], old: dict[str, tuple], new: dict[str, tuple],
-                  bound: Mapping[tuple, BoundLora]) -> None:
+def set_branches(layers: Mapping[str, nn.Module], old: Mapping[str, tuple], new: Mapping[str, tuple],
+                 bound: Mapping[tuple, BoundLora]) -> None:
     """Make each layer's branch hold `new[name]` = ((file key, coeff), ...); reuse it when only coeffs changed."""
     for name in set(old) | set(new):
         layer = layers[name]
@@ -549,9 +549,29 @@ def apply_loras(model: nn.Module, specs: Sequence[LoraSpec], mode: str = "merge"
     parameters = dict(model.named_parameters())
     wanted, reports = lora_deltas(specs, parameter_shapes(model), reuse=state.merged)
     layers = {f"{name}.weight": layer for name, layer in block_linears(model).items()}
+    merged, branches = split_on_the_fly(wanted, layers, unmerged=mode == "unmerged")
+
+    setattr(model, _STATE_ATTR, _LoraState(state.merged, state.branches, complete=False))
+    with torch.no_grad():
+        for name in state.merged.names | merged.names:
+            if state.merged.terms.get(name) != merged.terms.get(name):
+                _remerge_parameter(model, parameters[name], name, state.merged, merged)
+        set_branches(layers, state.branches, branches, merged.bound)
+    setattr(model, _STATE_ATTR, _LoraState(merged, branches))
+    return reports
+
+
+def split_on_the_fly(wanted: LoraDeltas, layers: Mapping[str, nn.Module],
+                     unmerged: bool = False) -> tuple[LoraDeltas, dict[str, tuple]]:
+    """(the terms to merge, {weight name: ((file key, coeff), ...)} to run on the fly as branches).
+
+    `layers` are the block Linears by weight name; GGUF ones always run their low-rank terms on the
+    fly (a merge would re-quantise them), all of them with `unmerged`. LoraError when a full delta
+    targets a GGUF layer, before anything changes.
+    """
     quantised = {name for name, layer in layers.items() if isinstance(layer, GGUFLinear)}
-    on_the_fly = set(layers) if mode == "unmerged" else quantised
-    merged_terms, branches = {}, {}  # the low-rank terms of on-the-fly layers become branches
+    on_the_fly = set(layers) if unmerged else quantised
+    merged_terms, branches = {}, {}
     for name, terms in wanted.terms.items():
         kept = tuple(t for t in terms if t[1] != LOW_RANK or name not in on_the_fly)
         branch = tuple((key, strength * wanted.bound[key].low_rank[name][2])
@@ -562,18 +582,10 @@ def apply_loras(model: nn.Module, specs: Sequence[LoraSpec], mode: str = "merge"
             branches[name] = branch
     merged = LoraDeltas(wanted.bound, merged_terms)
     _refuse_quantised_diffs(merged, quantised, layers)
-
-    setattr(model, _STATE_ATTR, _LoraState(state.merged, state.branches, complete=False))
-    with torch.no_grad():
-        for name in state.merged.names | merged.names:
-            if state.merged.terms.get(name) != merged.terms.get(name):
-                _remerge_parameter(model, parameters[name], name, state.merged, merged)
-        _set_branches(layers, state.branches, branches, merged.bound)
-    setattr(model, _STATE_ATTR, _LoraState(merged, branches))
-    return reports
+    return merged, branches
 
 
-def _refuse_quantised_diffs(merged: LoraDeltas, quantised: set[str], layers: dict[str, nn.Module]) -> None:
+def _refuse_quantised_diffs(merged: LoraDeltas, quantised: set[str], layers: Mapping[str, nn.Module]) -> None:
     """LoraError (before any weight changes) when a full delta targets a weight held in GGUF blocks."""
     for name in sorted(quantised & merged.names):
         key = next(key for key, kind, _ in merged.terms[name] if kind == DIFF)

@@ -31,7 +31,7 @@ from ..models.vae import WanVAE, denormalize_latent, to_images
 from ..optimize import compile_toolchain_problem
 from ..parallel.launch import (Rank0Task, cpu_threads_per_rank, local_device, smallest_device_memory,
                                torchrun_group, torchrun_world_size, under_torchrun)
-from ..parallel.loading import check_no_loras_on_gguf_blocks, load_expert_pair, rank_load
+from ..parallel.loading import load_expert_pair, rank_load
 from ..parallel.plan import ParallelPlan, check_parallel_options, check_plan_fits, choose_split
 from ..parallel.replicas import sample_videos
 from ..parallel.vae_decode import can_split_rows, decode_on_ranks
@@ -74,8 +74,6 @@ def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
     check_model_options(args.attention, [*args.lora_high, *args.lora_low])  # once, not on every rank after loading
     device = local_device(args.device)
     dtype, weight_dtype, fp8_matmul = expert_dtypes(options, device)
-    check_no_loras_on_gguf_blocks((files.high_noise, files.low_noise), options, device,
-                                  bool(args.lora_high or args.lora_low))
     if not under_torchrun():
         raise ValueError("--ulysses, --ring, --fsdp and --cfg-parallel run under torchrun: "
                          "torchrun --nproc_per_node N -m wan22_core generate ... (see docs/multigpu.md)")

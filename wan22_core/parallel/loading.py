@@ -18,8 +18,12 @@ rows' amax per tensor). So the ranks' rows are the single-process weights bit fo
 LoRAs are merged into the rows as they are read (`lora.lora_deltas` builds just the delta rows
 of this rank's shard), so every shard is merged when it lands and FSDP never gathers unmerged
 weights. An fp8 layer's scale is per tensor, so its merge takes the whole tensor's amax too.
-Each expert keeps the parsed LoRA factors (about the LoRA file's size), so `set_expert_loras`
-re-merges a live expert's shards in place without reading the checkpoint.
+GGUF layers take no merge (it would re-quantise their blocks): their low-rank terms run on the
+fly, as on one GPU (`lora.LowRankBranch`, a forward hook adding the branch to the layer's
+output), with the whole (small) factors on every rank, since FSDP gathers the whole weight for
+the forward. Each expert keeps the parsed LoRA factors (about the LoRA file's size), so
+`set_expert_loras` re-merges a live expert's shards and re-sets its branches in place without
+reading the checkpoint.
 
 torch.distributed.tensor and this package's fsdp module are imported where they are used, as in
 parallelize.py: they add 0.6 to 1.2 s to every start of the CLI and the nodes.
@@ -37,12 +41,13 @@ from torch import nn
 from ..checkpoints import DitRowReader, expert_config
 from ..config import ExpertOptions
 from ..experts import gguf_block_types, weight_bytes_per_param
-from ..fp8 import set_fp8_compute
-from ..lora import LoraDeltas, LoraError, LoraSpec, lora_deltas, remerge
+from ..fp8 import block_linears, set_fp8_compute
+from ..lora import (LoraDeltas, LoraSpec, lora_deltas, parameter_shapes, remerge, set_branches,
+                    split_on_the_fly)
 from ..models.attention import set_attention_backend
 from ..models.transformer import WanModel
 from ..placement import ExpertPair
-from ..quant import GGUFLinear, QuantizedLinear
+from ..quant import QuantizedLinear
 from .mesh import ParallelGroups
 from .parallelize import parallelize
 from .plan import RankLoad
@@ -54,25 +59,6 @@ def rank_load(expert_file: Path, video: tuple[int, int, int], options: ExpertOpt
     (its headers tell fp8 and GGUF) held as `options` say, `video` (frames, height, width), batched CFG or not."""
     return RankLoad.of(expert_config(expert_file), video, options, weight_bytes_per_param(options, device, expert_file),
                        batch_cfg, gguf_block_types(options, device, expert_file))
-
-
-# What a user with LoRAs on GGUF experts can do on the ranks (one process runs such LoRAs unmerged)
-GGUF_LORA_FIXES = ("load the experts dequantised (weight_dtype bf16, --weight-dtype bf16), use safetensors "
-                   "experts, or run on one GPU")
-
-
-def check_no_loras_on_gguf_blocks(expert_files: Sequence[Path], options: ExpertOptions, device: torch.device,
-                                  with_loras: bool) -> None:
-    """ValueError before anything loads when LoRAs meet experts held in GGUF blocks: the ranks merge
-    LoRAs into their shards, and a merge into GGUF blocks would re-quantise them (from the headers)."""
-    if not with_loras:
-        return
-    for path in expert_files:
-        types = gguf_block_types(options, device, Path(path))
-        if types is not None:
-            raise ValueError(f"LoRAs with {Path(path).name}: the multi-GPU ranks hold its blocks as GGUF "
-                             f"{'/'.join(sorted(set(types.values())))} and merge LoRAs into their shards, which "
-                             f"GGUF blocks cannot take: {GGUF_LORA_FIXES}")
 
 
 def _local_rows(param: nn.Parameter, name: str) -> tuple[torch.Tensor, int]:
@@ -107,12 +93,8 @@ def _whole_amax(param: nn.Parameter) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _merge_quantized(layer: QuantizedLinear, rows: torch.Tensor, name: str, old: LoraDeltas | None,
                      new: LoraDeltas, start: int, whole_amax) -> torch.Tensor:
-    """`lora.remerge` on a quantised layer's byte rows (fp8: its per-tensor scale updated in place).
-    GGUF blocks take no merge (it would re-quantise them), and the ranks do not run LoRAs on the
-    fly yet: refused in one line with the fixes."""
-    if isinstance(layer, GGUFLinear):
-        raise LoraError(f"{name} is held as GGUF {layer.qtype.name} blocks on the multi-GPU ranks, which merge LoRAs "
-                        f"into their shards and cannot merge into GGUF blocks: {GGUF_LORA_FIXES}")
+    """`lora.remerge` on a quantised layer's byte rows (fp8: its per-tensor scale updated in place;
+    GGUF layers never get here: `lora.split_on_the_fly` runs their terms as branches)."""
     scale = getattr(layer, "scale_weight", None)
     stored, new_scale = remerge(layer.as_stored(rows), name, old, new, scale, start, whole_amax)
     if scale is not None:
@@ -174,8 +156,10 @@ def build_expert(reader: DitRowReader, groups: ParallelGroups, device: torch.dev
         model = WanModel(reader.cfg).requires_grad_(False).to(dtype)
     shapes = {name: p.shape for name, p in model.named_parameters()}  # dense: what LoRAs must fit
     reader.check_names(shapes)
-    deltas, _ = lora_deltas(loras, shapes)
+    wanted, _ = lora_deltas(loras, shapes)
     reader.swap_quantized(model, dtype, weight_dtype)
+    layers = _block_linears(model)
+    deltas, branches = split_on_the_fly(wanted, layers)  # GGUF layers: their terms run on the fly
     if fp8_matmul is not None:
         set_fp8_compute(model, fp8_matmul)
     runnable = parallelize(model, groups, compile=compile)
@@ -185,8 +169,14 @@ def build_expert(reader: DitRowReader, groups: ParallelGroups, device: torch.dev
             _fill(model, param, reader, name, dtype, deltas)
             if on_tensor is not None:
                 on_tensor()
-    model.merged_loras = deltas  # the factors stay: a LoRA change re-merges without the checkpoint
+    set_branches(layers, {}, branches, deltas.bound)  # whole low-rank factors on every rank
+    # the factors stay: a LoRA change re-merges and re-branches without the checkpoint
+    model.merged_loras, model.lora_branches = deltas, branches
     return runnable.eval()
+
+
+def _block_linears(model: WanModel) -> dict[str, nn.Module]:
+    return {f"{name}.weight": layer for name, layer in block_linears(model).items()}
 
 
 def set_expert_loras(expert: nn.Module, loras: Sequence[LoraSpec], on_tensor: Callable[[], None] | None = None) -> None:
@@ -200,7 +190,9 @@ def set_expert_loras(expert: nn.Module, loras: Sequence[LoraSpec], on_tensor: Ca
 
     model = next(m for m in expert.modules() if isinstance(m, WanModel))
     old: LoraDeltas = model.merged_loras
-    new, _ = lora_deltas(loras, {name: p.shape for name, p in model.named_parameters()}, reuse=old)
+    wanted, _ = lora_deltas(loras, parameter_shapes(model), reuse=old)
+    layers = _block_linears(model)
+    new, branches = split_on_the_fly(wanted, layers)
     reshard_all(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -215,7 +207,8 @@ def set_expert_loras(expert: nn.Module, loras: Sequence[LoraSpec], on_tensor: Ca
                 local.copy_(remerge(local, name, old, new, start=start)[0])
             if on_tensor is not None:
                 on_tensor()
-    model.merged_loras = new
+        set_branches(layers, model.lora_branches, branches, new.bound)
+    model.merged_loras, model.lora_branches = new, branches
 
 
 def local_parameter_bytes(model: nn.Module) -> int:

@@ -304,8 +304,8 @@ def parallel_refusals(options: ExpertOptions, *, cfg_parallel: bool, batch_cfg: 
 
     Accepted as they are: dtype, weight_dtype (fp8 shards stay fp8: FSDP moves their bytes),
     compile (each block on every rank), attention (set on every rank), and lora_mode: the ranks
-    always merge LoRAs into their shards, and a strength change re-merges from the factors they
-    keep (the LoRA node says so).
+    merge LoRAs into their shards (GGUF blocks: run on the fly, as on one GPU), and a strength
+    change re-merges from the factors they keep (the LoRA node says so).
     """
     refused = []
     if options.offload != "auto":

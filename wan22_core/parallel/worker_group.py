@@ -54,7 +54,7 @@ from ..models.transformer import WanModel
 from ..models.vae import WanVAE
 from ..pipeline import StepInfo, latent_tokens, video_size
 from ..runtime import DTYPES, default_cuda_allocator
-from .loading import check_no_loras_on_gguf_blocks, rank_load
+from .loading import rank_load
 from .plan import ParallelConfig, ParallelPlan, check_plan_fits, device_budget, ring_attention_refusal
 from .vae_decode import check_bands
 
@@ -227,8 +227,6 @@ def validate_spec(spec: ModelSpec, config: ParallelConfig) -> tuple[ParallelPlan
     if refused:
         raise ValueError(f"not on the multi-GPU path: {refused}")
     high, _ = check_expert_pair(spec.high_noise, spec.low_noise)  # headers only: one model's two experts
-    check_no_loras_on_gguf_blocks((spec.high_noise, spec.low_noise), spec.options, torch.device(config.devices[0]),
-                                  bool(spec.loras_high or spec.loras_low))
     reports = check_loras(spec, high.dit)
     return replace(config.plan, num_heads=high.dit.num_heads), reports, high.dit  # replace re-runs the plan's checks
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' gloo rank launcher
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # wan22_core, from a checkout installed or not
 from procs import join_gloo_group, start_gloo_ranks, wait_ranks  # noqa: E402
+from record import append_results  # noqa: E402
 
 from wan22_core.config import SamplerSettings  # noqa: E402
 
@@ -393,10 +394,7 @@ def main() -> None:
     if "NO |" in text:
         raise SystemExit("measured bytes differ from the formula")
     if args.append_results:
-        results = Path(__file__).parent / "RESULTS.md"
-        with results.open("a") as f:
-            f.write(f"\n## Multi-GPU communication model (CPU-measured bytes)\n\n"
-                    f"`python benchmarks/bench_comm.py` (torch {torch.__version__}, CPU).\n\n{text}\n")
+        append_results("Multi-GPU communication model (CPU-measured bytes)", "bench_comm.py", ", CPU", text)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' gloo rank launcher
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # wan22_core, from a checkout installed or not
 from procs import join_gloo_group, start_gloo_ranks, wait_ranks  # noqa: E402
+from record import append_results  # noqa: E402
 
 from wan22_core.config import TINY, ModelConfig  # noqa: E402
 
@@ -128,9 +129,8 @@ def main() -> None:
     text = report(measure(args.ranks, args.rounds), args.ranks)
     print(text)
     if args.append_results:
-        with (Path(__file__).parent / "RESULTS.md").open("a") as f:
-            f.write(f"\n## Text encode overlapped with the load (torchrun, CPU ranks)\n\n"
-                    f"`python benchmarks/bench_stages.py` (torch {torch.__version__}, 2-core CPU box).\n\n{text}\n")
+        append_results("Text encode overlapped with the load (torchrun, CPU ranks)", "bench_stages.py",
+                       ", 2-core CPU box", text)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_comm import (LINKS, OFFICIAL_H100_480P_S, OFFICIAL_H100_720P_S, cfg_bytes, forward_flops,  # noqa: E402
                         gather_bytes, ring_bytes, ulysses_bytes, vae_decode_bytes)
+from record import append_results  # noqa: E402
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from wan22_core.config import A14B, FRAMES  # noqa: E402
@@ -217,9 +218,8 @@ def main() -> None:
     print(text)
     print(f"# {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if args.append_results:
-        with (Path(__file__).parent / "RESULTS.md").open("a") as f:
-            f.write(f"\n## Whole run on P GPUs, projected (all stages)\n\n`python benchmarks/bench_whole_run.py` "
-                    f"(torch {torch.__version__}; the write measured on this 2-core CPU box).\n\n{text}\n")
+        append_results("Whole run on P GPUs, projected (all stages)", "bench_whole_run.py",
+                       "; the write measured on this 2-core CPU box", text)
 
 
 if __name__ == "__main__":

@@ -121,12 +121,13 @@ def start_gloo_ranks(args: list[str], world: int, setup: dict, **popen_kwargs):
     return store, procs
 
 
-def start_torchrun_generate(args: list[str], cwd, world: int = 2) -> subprocess.Popen:
-    """`torchrun --standalone --nproc_per_node world -m wan22_core *args`, output captured (text).
-    Start it before making the one-process reference: it runs meanwhile."""
+def start_torchrun_generate(args: list[str], cwd, world: int = 2, **popen_kwargs) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node world -m wan22_core *args`, output captured (text;
+    stderr into stdout unless popen_kwargs say otherwise, e.g. stderr=PIPE, env=...). Start it
+    before making the one-process reference: it runs meanwhile."""
+    options = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd) | popen_kwargs
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                             str(world), "-m", "wan22_core", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+                             str(world), "-m", "wan22_core", *args], **options)
 
 
 def join_gloo_group(rank: int, world: int, port: int) -> None:

@@ -7,12 +7,11 @@ same order); sequential CFG reorders nothing either on CPU, but is held to 1e-5 
 test_pipeline.py.
 """
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 from fakes import fake_kernels, hide_package
+from procs import start_torchrun_generate
 from reference import rel_l2
 from safetensors.torch import load_file
 
@@ -400,10 +399,8 @@ def test_torchrun_encodes_in_text_dtype_on_rank_0_and_writes_only_the_latents(ti
     """`torchrun --nproc_per_node 1 ... --fsdp` (the ranks' path, run_on_ranks) from separate files
     without a VAE, next to the one-process runs with and without --text-dtype fp32."""
     ranks = tmp_path / "ranks.safetensors"
-    torchrun = subprocess.Popen(  # started first: it runs while this process makes the references
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "wan22_core",
-         *without_vae(tiny_model_dir, ranks), "--fsdp", "--no-video", "--text-dtype", "fp32"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    torchrun = start_torchrun_generate(  # started first: it runs while this process makes the references
+        [*without_vae(tiny_model_dir, ranks), "--fsdp", "--no-video", "--text-dtype", "fp32"], tmp_path, world=1)
     (code_fp32, fp32), (code_auto, auto) = generate("--no-video", "--text-dtype", "fp32"), generate("--no-video")
     output = torchrun.communicate(timeout=300)[0]
     assert torchrun.returncode == code_fp32 == code_auto == 0, output

@@ -529,12 +529,6 @@ def test_torchrun_cli_with_loras_and_a_step_cache_matches_single_process(tiny_mo
     assert (tmp_path / "two.mp4").stat().st_size > 0
 
 
-def torchrun_generate(ranks, flags, cwd):
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                             str(ranks), "-m", "wan22_core", *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=cwd)
-
-
 def test_torchrun_cli_splits_any_rank_count_and_replicas_write_other_videos(tiny_model_dir, tmp_path):
     """3 ranks with no degree flags: the ring takes all three (27 tokens, padded); 4 ranks as two
     replicas of ring 2 with --videos 2: v_00001 and v_00002 are seeds s and s + 1, as two
@@ -543,11 +537,11 @@ def test_torchrun_cli_splits_any_rank_count_and_replicas_write_other_videos(tiny
 
     common = ["generate", "--model-dir", str(tiny_model_dir), "--frames", "9", "--height", "48", "--width", "48",
               "--steps", "4", "--shift", "5", "--quiet", "--seed", "3"]
-    three = torchrun_generate(3, [*common, "--fsdp", "--output", str(tmp_path / "three.mp4"),
-                                  "--save-latents", str(tmp_path / "three.st")], tmp_path)
-    four = torchrun_generate(4, [*common, "--fsdp", "--ulysses", "1", "--ring", "2", "--no-cfg-parallel",
-                                 "--videos", "2", "--output", str(tmp_path / "four.mp4"),
-                                 "--save-latents", str(tmp_path / "four.st")], tmp_path)
+    three = start_torchrun_generate([*common, "--fsdp", "--output", str(tmp_path / "three.mp4"),
+                                     "--save-latents", str(tmp_path / "three.st")], tmp_path, world=3)
+    four = start_torchrun_generate([*common, "--fsdp", "--ulysses", "1", "--ring", "2", "--no-cfg-parallel",
+                                    "--videos", "2", "--output", str(tmp_path / "four.mp4"),
+                                    "--save-latents", str(tmp_path / "four.st")], tmp_path, world=4)
     assert main([*common, "--videos", "2", "--output", str(tmp_path / "one.mp4"),
                  "--save-latents", str(tmp_path / "one.st")]) == 0  # one after another
     second = [*common[:-1], "4"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import children_of
+from procs import children_of, start_torchrun_generate
 from test_memory import CFG, TEXT_TOKENS, measured_activation_peak
 
 from wan22_core.config import TINY, DiTConfig
@@ -143,7 +143,7 @@ def test_the_worker_group_refuses_a_plan_that_cannot_fit_before_starting_and_sta
 
     spec = ModelSpec(tiny_model_dir / "high_noise_model", tiny_model_dir / "low_noise_model")
     config = parallel_config("cpu:2", ulysses_degree=2, fsdp=True, num_heads=TINY.dit.num_heads)
-    with pytest.raises(ValueError, match="batch_cfg off with cfg_parallel: CFG-parallel splits the batched"):
+    with pytest.raises(ValueError, match=r"not on the multi-GPU path: batch_cfg=False with cfg_parallel \(CFG-parallel splits the batched"):
         parallel_config("cpu:2", cfg_parallel=True, batch_cfg=False)
     budget = (tiny_need() + tiny_need(batch_cfg=False)) // 2  # unbatched fits, batched does not
     monkeypatch.setattr(worker_group, "device_budget", lambda devices: (budget, "cpu (fake small card)"))
@@ -172,17 +172,17 @@ def test_torchrun_refuses_a_plan_that_cannot_fit_before_any_work(tiny_model_dir,
     (tmp_path / "sitecustomize.py").write_text(BUDGET_HOOK)  # the fake budget, imported at interpreter start
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
                WAN22_TEST_DEVICE_BYTES=str(tiny_need(batch_cfg=False)))  # fits only unbatched
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "wan22_core",
-         "generate", "--model-dir", str(tiny_model_dir), "--frames", "9", "--height", "48", "--width", "48",
+    run = start_torchrun_generate(
+        ["generate", "--model-dir", str(tiny_model_dir), "--frames", "9", "--height", "48", "--width", "48",
          "--steps", "2", "--quiet", "--ulysses", "2", "--fsdp", "--output", str(tmp_path / "v.mp4")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        tmp_path, stderr=subprocess.PIPE, env=env)
+    stderr = run.communicate(timeout=300)[1]
     assert run.returncode != 0
     # one line per rank, the same (two processes writing at once may join them on one line)
-    refusals = [part.splitlines()[0] for part in run.stderr.split("error: ")[1:]]
-    assert len(refusals) == 2 and refusals[0] == refusals[1], run.stderr
+    refusals = [part.splitlines()[0] for part in stderr.split("error: ")[1:]]
+    assert len(refusals) == 2 and refusals[0] == refusals[1], stderr
     assert "cannot hold 48x48x9" in refusals[0] and "cheapest change that fits: unbatched CFG" in refusals[0]
-    assert "text encoder" not in run.stderr and not (tmp_path / "v.mp4").exists()  # no work was done
+    assert "text encoder" not in stderr and not (tmp_path / "v.mp4").exists()  # no work was done
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from live_bytes import LiveBytes
-from procs import join_gloo_group, run_gloo_worlds
+from procs import join_gloo_group, run_gloo_worlds, start_torchrun_generate
 from reference import rel_l2
 from safetensors.torch import load_file
 
@@ -158,13 +158,13 @@ def test_torchrun_cli_decodes_on_every_rank_and_writes_the_one_process_video(tin
     from wan22_core.pipeline import decode_to_video
     from wan22_core.video import write_mp4
 
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "wan22_core",
-         "generate", "--model-dir", str(tiny_model_dir), "--frames", "9", "--height", "48", "--width", "48",
+    run = start_torchrun_generate(
+        ["generate", "--model-dir", str(tiny_model_dir), "--frames", "9", "--height", "48", "--width", "48",
          "--steps", "2", "--quiet", "--fsdp", "--output", str(tmp_path / "two.mp4"),
-         "--save-latents", str(tmp_path / "two.st")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "vae decode on 2 ranks" in run.stderr and "(rank 0's CPU, before loading)" in run.stderr, run.stderr
+         "--save-latents", str(tmp_path / "two.st")], tmp_path, stderr=subprocess.PIPE)
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stdout + stderr
+    assert "vae decode on 2 ranks" in stderr and "(rank 0's CPU, before loading)" in stderr, stderr
     latent = load_file(tmp_path / "two.st")["latents"]
     frames = decode_to_video(load_vae(ModelFiles.from_model_dir(tiny_model_dir).vae), latent)
     write_mp4(frames, tmp_path / "one.mp4", fps=16)

@@ -69,6 +69,8 @@ def checked_plan(args: argparse.Namespace, dit: DiTConfig) -> ParallelPlan:
 def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
     """This rank's part of `generate`; returns the stage timings (printed on rank 0 only)."""
     options = flags.expert_options(args)
+    # the flags as given, so a wrong option is named even outside torchrun; checked_plan checks
+    # again against the split it chooses (an automatic ring, CFG-parallel)
     check_parallel_options(options, cfg_parallel=bool(args.cfg_parallel), batch_cfg=args.batch_cfg,
                            ring=args.ring or 1)
     check_model_options(args.attention, [*args.lora_high, *args.lora_low])  # once, not on every rank after loading

@@ -273,9 +273,7 @@ def parallel_config(gpus: str = "all", ulysses_degree: int = 0, fsdp: bool = Tru
     ulysses_degree and ring_degree 0 choose automatically (`choose_split`: Ulysses first, the
     ring takes the rest of each CFG half); both set leaves any ranks over as replicas.
     """
-    if cfg_parallel and not batch_cfg:
-        raise ValueError("batch_cfg off with cfg_parallel: CFG-parallel splits the batched cond/uncond pair over "
-                         "two halves of the ranks; turn one of them off")
+    check_parallel_options(ExpertOptions(), cfg_parallel=bool(cfg_parallel), batch_cfg=bool(batch_cfg))
     devices = parse_gpus(gpus)
     check_backend(backend_for(devices))  # e.g. a torch build without NCCL
     _check_int("ulysses_degree", ulysses_degree, 0)
@@ -316,18 +314,10 @@ def parallel_refusals(options: ExpertOptions, *, cfg_parallel: bool, batch_cfg: 
     if cfg_parallel and not batch_cfg:
         refused.append("batch_cfg=False with cfg_parallel (CFG-parallel splits the batched cond/uncond pair over two "
                        "halves of the ranks: turn one of them off)")
-    ring_refused = ring_attention_refusal(options.attention, ring)
-    if ring_refused:
-        refused.append(ring_refused)
+    if ring > 1 and options.attention == "sage":
+        refused.append(f"attention='sage' with ring {ring} (ring attention merges partial results by their "
+                       "log-sum-exp, which SageAttention does not return: choose another attention, or ring 1)")
     return refused
-
-
-def ring_attention_refusal(attention: str, ring: int) -> str | None:
-    """Why `attention` cannot run ring attention of degree `ring` (None: it can)."""
-    if ring > 1 and attention == "sage":
-        return (f"attention='sage' with ring {ring} (ring attention merges partial results by their log-sum-exp, "
-                "which SageAttention does not return: choose another attention, or ring 1)")
-    return None
 
 
 def check_parallel_options(options: ExpertOptions, *, cfg_parallel: bool, batch_cfg: bool = True,

@@ -55,7 +55,7 @@ from ..models.vae import WanVAE
 from ..pipeline import StepInfo, latent_tokens, video_size
 from ..runtime import DTYPES, default_cuda_allocator
 from .loading import rank_load
-from .plan import ParallelConfig, ParallelPlan, check_plan_fits, device_budget, ring_attention_refusal
+from .plan import ParallelConfig, ParallelPlan, check_parallel_options, check_plan_fits, device_budget
 from .vae_decode import check_bands
 
 PACK_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the wan22_core package
@@ -223,9 +223,8 @@ def validate_spec(spec: ModelSpec, config: ParallelConfig) -> tuple[ParallelPlan
                          "(for fp8 shards set weight_dtype)")
     expert_dtypes(spec.options, torch.device(config.devices[0]))  # weight_dtype and its dtype combination
     resolve_backend(spec.attention)  # unknown names and missing packages fail here, not on every rank
-    refused = ring_attention_refusal(spec.attention, config.plan.ring)
-    if refused:
-        raise ValueError(f"not on the multi-GPU path: {refused}")
+    check_parallel_options(spec.options, cfg_parallel=config.plan.cfg_parallel_enabled, batch_cfg=config.batch_cfg,
+                           ring=config.plan.ring)
     high, _ = check_expert_pair(spec.high_noise, spec.low_noise)  # headers only: one model's two experts
     reports = check_loras(spec, high.dit)
     return replace(config.plan, num_heads=high.dit.num_heads), reports, high.dit  # replace re-runs the plan's checks

@@ -6,6 +6,7 @@ fp32), progress and previews, reuse and rebuild, cancel at a common step, and fa
 killed, raising, hanging; the controller killed) with no process left behind; the same for the
 VAE decode on the group (each rank a band of the rows), and the seconds of each stage.
 """
+import dataclasses
 import importlib.machinery
 import importlib.util
 import json
@@ -134,6 +135,10 @@ def test_group_started_under_a_mangled_module_name_matches_single_process(env):
     assert steps[-1].latent.shape == env["reference"].shape and torch.equal(steps[-1].latent, latent)
     assert steps[0].denoised.shape == latent.shape  # the preview input
     assert env["parallel"].WorkerGroup.get_or_create(env["spec"], config(env)) is group  # kept across jobs
+    # batch_cfg travels with each job: switching it keeps the ranks (and gives the same video)
+    unbatched = dataclasses.replace(config(env), batch_cfg=False)
+    assert env["parallel"].WorkerGroup.get_or_create(env["spec"], unbatched) is group
+    assert group.config.batch_cfg is False and rel_l2(group.run(env["job"]), env["reference"]) <= TOL
 
 
 def test_lora_changes_re_merge_the_live_shards_and_match_apply_loras(env, tmp_path):

@@ -278,8 +278,8 @@ class WorkerGroup:
                       video: tuple[int, int, int] | None = None) -> "WorkerGroup":
         """The live group for (spec, config); replaces a group built for anything else or broken.
 
-        A live group for the same files, dtype and config is kept: if only the LoRAs or the
-        attention backend changed, its ranks re-merge their shards in place (seconds, no
+        A live group for the same files, dtype and config (batch_cfg aside: each job carries it) is
+        kept: if only the LoRAs or the attention backend changed, its ranks re-merge their shards in place (seconds, no
         checkpoint read) instead of a rebuild. With `video` (frames, height, width), a plan whose
         ranks cannot hold it on the smallest of the GPUs is refused first (`check_memory`).
         """
@@ -288,9 +288,10 @@ class WorkerGroup:
             check_memory(spec, replace(config, plan=checked[0]), video)
         with cls._lock:
             current = cls._current
-            if (current is not None and current.spec.weights == spec.weights and current.config == config
-                    and current.alive):
-                current.on_status = on_status
+            # batch_cfg travels with each job, so changing it keeps the group
+            if (current is not None and current.spec.weights == spec.weights and current.alive
+                    and replace(current.config, batch_cfg=config.batch_cfg) == config):
+                current.on_status, current.config = on_status, config
                 if current.spec != spec:
                     current._update(spec, checked[1])
                 return current

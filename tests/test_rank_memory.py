@@ -125,6 +125,9 @@ def test_the_docs_table_is_the_models_and_the_cli_prints_a_rank(capsys):
     memory_main(["--gpus", "2", "--weights", "fp8", "--no-batch-cfg"])
     out = capsys.readouterr().out
     assert "1280x720x81 on 2 GPUs" in out and "a GPU needs 21.00 GiB" in out and "fits: 24, 32 GB" in out
+    memory_main(["--gpus", "3", "--weights", "fp8", "--no-batch-cfg"])  # the engine's split: 40 heads, no Ulysses 3
+    out = capsys.readouterr().out
+    assert "on 3 GPUs (ulysses 1, ring 3, cfg_parallel 1" in out and "a GPU needs 17.22 GiB" in out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -647,8 +647,8 @@ def main(argv: list[str] | None = None) -> None:
                                             "(default), one rank of a multi-GPU plan (--gpus), or docs/multigpu.md's "
                                             "table (--multigpu-table).")
     p.add_argument("--gpus", type=int, help="ranks of a multi-GPU plan: print one rank's estimate")
-    p.add_argument("--ulysses", type=int, default=0, help="Ulysses degree (0: all ranks of a CFG half)")
-    p.add_argument("--ring", type=int, default=1, help="ring degree")
+    p.add_argument("--ulysses", type=int, default=0, help="Ulysses degree (0: as the engine chooses)")
+    p.add_argument("--ring", type=int, default=0, help="ring degree (0: as the engine chooses)")
     p.add_argument("--cfg-parallel", action="store_true")
     p.add_argument("--no-fsdp", dest="fsdp", action="store_false")
     p.add_argument("--keep-gathered", action="store_true")
@@ -663,9 +663,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.multigpu_table:
         print(multigpu_table(cfg))
     elif args.gpus:
-        cfg_parallel = 2 if args.cfg_parallel else 1
-        ulysses = args.ulysses or args.gpus // (cfg_parallel * args.ring)
-        print(describe_rank(cfg, args.frames, args.height, args.width, args.gpus, ulysses=ulysses, ring=args.ring,
+        from .parallel.plan import choose_split  # the engine's split (plan.py imports this module)
+
+        cfg_parallel, ulysses, ring = choose_split(args.gpus, cfg.num_heads, ulysses=args.ulysses, ring=args.ring,
+                                                   cfg_parallel=args.cfg_parallel)
+        print(describe_rank(cfg, args.frames, args.height, args.width, args.gpus, ulysses=ulysses, ring=ring,
                             cfg_parallel=cfg_parallel, fsdp=args.fsdp, reshard_after_forward=not args.keep_gathered,
                             weight_bytes_per_param=WEIGHT_BYTES[args.weights], batch_cfg=args.batch_cfg))
     else:

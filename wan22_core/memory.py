@@ -29,6 +29,7 @@ from .fp8 import COMPUTE_MODES
 from .offload import OFFLOAD_MODES, expert_pair_options
 from .pipeline import latent_shape, latent_tokens
 from .quant import TYPES
+from .split import choose_split
 
 FP8_COMPUTE = tuple(mode for mode in COMPUTE_MODES if mode != "auto")  # the modes "auto" picks from
 FP32 = 4
@@ -663,8 +664,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.multigpu_table:
         print(multigpu_table(cfg))
     elif args.gpus:
-        from .parallel.plan import choose_split  # the engine's split (plan.py imports this module)
-
         cfg_parallel, ulysses, ring = choose_split(args.gpus, cfg.num_heads, ulysses=args.ulysses, ring=args.ring,
                                                    cfg_parallel=args.cfg_parallel)
         print(describe_rank(cfg, args.frames, args.height, args.width, args.gpus, ulysses=ulysses, ring=ring,

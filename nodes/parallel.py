@@ -20,7 +20,7 @@ import torch
 
 from ..wan22_core.config import A14B, SamplerSettings
 from ..wan22_core.lora import LoraReport
-from ..wan22_core.optimize import compile_toolchain_problem
+from ..wan22_core.optimize import compile_allowed
 from ..wan22_core.parallel import (Job, ModelSpec, ParallelConfig, WorkerGroup, check_parallel_options, parallel_config,
                                    valid_ulysses_degrees)
 from ..wan22_core.parallel.vae_decode import can_split_rows
@@ -84,11 +84,8 @@ def model_spec(model: MoEModel, config: ParallelConfig) -> ModelSpec:
     (`check_parallel_options`, as under torchrun): nothing the loader asked for is ignored.
     compile without a toolchain warns once and runs eager, as on one GPU."""
     check_parallel_options(model.options, cfg_parallel=config.plan.cfg_parallel_enabled, ring=config.plan.ring)
-    options = model.options
-    problem = compile_toolchain_problem(torch.device(config.devices[0])) if options.compile else None
-    if problem is not None:
-        warnings.warn(f"compile ignored: {problem}; running eager (same results, slower)")
-        options = replace(options, compile=False)
+    options = replace(model.options, compile=compile_allowed(model.options.compile, torch.device(config.devices[0]),
+                                                             warnings.warn))
     return ModelSpec.from_options(model.high_noise, model.low_noise, options, model.loras_high, model.loras_low)
 
 

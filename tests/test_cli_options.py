@@ -140,9 +140,9 @@ def test_sequential_cfg_matches_batched(generate, default_latents):
 
 
 def test_compile_without_toolchain_runs_eager_with_one_warning_line(generate, default_latents, monkeypatch, capsys):
-    import wan22_core.experts as experts
+    import wan22_core.optimize as optimize
 
-    monkeypatch.setattr(experts, "compile_toolchain_problem", lambda device: "no C++ compiler on PATH (install g++)")
+    monkeypatch.setattr(optimize, "compile_toolchain_problem", lambda device: "no C++ compiler on PATH (install g++)")
     code, latents = generate("--compile")
     assert code == 0 and torch.equal(latents, default_latents)
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]

@@ -21,7 +21,7 @@ from .lora import LoraReport, LoraSpec, apply_loras
 from .models.attention import set_attention_backend
 from .models.transformer import WanModel
 from .offload import expert_pair_options
-from .optimize import compile_blocks, compile_toolchain_problem
+from .optimize import compile_allowed, compile_blocks
 from .placement import OFFICIAL_VIDEO, ExpertPair, Video, keeps_host_copies
 from .runtime import DTYPES, resolve_dtype
 from .sampling.moe import HIGH, LOW
@@ -92,12 +92,10 @@ def load_experts(high_noise: Path, low_noise: Path, options: ExpertOptions, devi
     expert switch copies nothing back. `warn` gets one line when compile cannot work here.
     """
     load = load or (lambda slot, path, opts: load_expert(path, opts, device))
-    problem = compile_toolchain_problem(device) if options.compile else None
-    if problem is not None:
-        warn(f"compile ignored: {problem}; running eager (same results, slower)")
+    loaded = replace(options, compile=compile_allowed(options.compile, device, warn))
     experts, reports = {}, []
     for slot, path, slot_loras in ((HIGH, high_noise, loras[0]), (LOW, low_noise, loras[1])):
-        experts[slot] = expert = load(slot, path, replace(options, compile=options.compile and problem is None))
+        experts[slot] = expert = load(slot, path, loaded)
         reports += [(slot, report) for report in apply_loras(expert, slot_loras, options.lora_mode)]
         set_attention_backend(expert, options.attention, device)
     placement = expert_pair_options(options.offload, options.swap_blocks, options.compile,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+from typing import Callable
 
 import torch
 
@@ -22,6 +23,15 @@ def compile_toolchain_problem(device: torch.device) -> str | None:
     if device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
         return "no C++ compiler on PATH (install g++)"
     return None
+
+
+def compile_allowed(requested: bool, device: torch.device, warn: Callable[[str], None]) -> bool:
+    """Whether to compile on `device`: as `requested`, unless the toolchain is missing, which `warn`
+    hears once (the run goes on eager: the same results, slower)."""
+    problem = compile_toolchain_problem(device) if requested else None
+    if problem is not None:
+        warn(f"compile ignored: {problem}; running eager (same results, slower)")
+    return requested and problem is None
 
 
 def compile_blocks(model: WanModel, device: torch.device) -> str | None:

@@ -28,7 +28,7 @@ from ..config import DiTConfig
 from ..experts import expert_dtypes
 from ..memory import video_tokens
 from ..models.vae import WanVAE, denormalize_latent, to_images
-from ..optimize import compile_toolchain_problem
+from ..optimize import compile_allowed
 from ..parallel.launch import (Rank0Task, cpu_threads_per_rank, local_device, smallest_device_memory,
                                torchrun_group, torchrun_world_size, under_torchrun)
 from ..parallel.loading import load_expert_pair, rank_load
@@ -82,7 +82,6 @@ def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
     settings = flags.sampler_settings(args)
     plan = checked_plan(args, expert_config(files.high_noise))
     text_dtype = flags.text_dtype(args)
-    problem = compile_toolchain_problem(device) if options.compile else None
     outputs = flags.outputs(args)
     started = time.perf_counter()
     with torchrun_group(plan, device) as groups:
@@ -94,15 +93,15 @@ def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
         check_plan_fits(plan, load, smallest_device_memory(groups))
         timings: dict[str, float] = {}
         timed = stage if rank0 else (lambda name, timings: nullcontext())
-        if problem is not None and rank0:
-            print(f"warning: compile ignored: {problem}; running eager (same results, slower)", file=sys.stderr)
+        compiling = compile_allowed(options.compile, device,
+                                    lambda line: rank0 and print(f"warning: {line}", file=sys.stderr))
         encoding = Rank0Task(lambda: encode_on_rank0(files, args.prompt, args.negative_prompt, text_dtype, device),
                              groups, background=device.type == "cuda")
         with timed("load experts", timings):
             experts = load_expert_pair(files.high_noise, files.low_noise, groups, device, dtype, args.lora_high,
                                        args.lora_low, attention=args.attention,  # LoRAs merged into the shards
                                        weight_dtype=weight_dtype, fp8_matmul=fp8_matmul,
-                                       compile=options.compile and problem is None)
+                                       compile=compiling)
         with timed("wait for text", timings):
             embeds = encoding.result()
         timings["text encoder"] = encoding.seconds

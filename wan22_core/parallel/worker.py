@@ -34,7 +34,6 @@ from ..lora import file_key
 from ..models.attention import set_attention_backend
 from ..models.transformer import WanBlock
 from ..models.vae import ResidualBlock, WanVAE, to_images
-from ..optimize import compile_toolchain_problem
 from ..pipeline import denoise
 from ..runtime import resolve_dtype
 from .fsdp import forget_forward_records
@@ -141,7 +140,7 @@ class Worker:
                                         spec.loras_high, spec.loras_low,
                                         on_tensor=lambda name: self.channel.beat(f"loading {name}-noise expert"),
                                         attention=spec.attention, weight_dtype=weight_dtype, fp8_matmul=fp8_matmul,
-                                        compile=spec.compile and compile_toolchain_problem(self.device) is None)
+                                        compile=spec.compile)  # the group checked the toolchain
         for expert in self.experts.experts.values():
             for module in expert.modules():
                 if isinstance(module, WanBlock):  # a heartbeat per block forward while sampling

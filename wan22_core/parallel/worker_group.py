@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -52,6 +53,7 @@ from ..memory import GIB
 from ..models.attention import resolve_backend
 from ..models.transformer import WanModel
 from ..models.vae import WanVAE
+from ..optimize import compile_allowed
 from ..pipeline import StepInfo, latent_tokens, video_size
 from ..runtime import DTYPES, default_cuda_allocator
 from .loading import rank_load
@@ -283,6 +285,7 @@ class WorkerGroup:
         checkpoint read) instead of a rebuild. With `video` (frames, height, width), a plan whose
         ranks cannot hold it on the smallest of the GPUs is refused first (`check_memory`).
         """
+        spec = replace(spec, compile=compile_allowed(spec.compile, torch.device(config.devices[0]), warnings.warn))
         checked = validate_spec(spec, config)  # a bad request must not cost the working group
         if video is not None:
             check_memory(spec, replace(config, plan=checked[0]), video)

@@ -134,8 +134,9 @@ def test_a_replica_that_would_reuse_runs_the_forward_while_another_runs_and_keep
     experts = {HIGH: ShiftExpert(0.5), LOW: ShiftExpert(-0.25)}
     joint = StepCache(0.05, agree=another_replica_runs)
     got, _ = sample(experts, joint)
-    assert torch.equal(got, expected) and joint.ran == alone.ran  # the decisions and the video as alone
-    assert experts[HIGH].calls + experts[LOW].calls == SETTINGS.steps  # but every step ran a forward
+    assert torch.equal(got, expected)  # the video as alone
+    assert experts[HIGH].calls + experts[LOW].calls == SETTINGS.steps  # but every step ran a forward,
+    assert joint.ran == [True] * SETTINGS.steps and not all(alone.ran)  # and the report says so
     may_reuse = SETTINGS.steps - 2 * STEP_CACHE_WARMUP - 1  # one vote per step that may reuse, on every rank
     assert votes == [True] * may_reuse  # (every such step is reused here)
 

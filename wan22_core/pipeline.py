@@ -105,7 +105,7 @@ class StepInfo:
     expert: str  # "high" or "low"
     latent: torch.Tensor  # [16, T, h, w] after the step
     denoised: torch.Tensor  # [16, T, h, w] the model's clean-latent estimate at this step (previews)
-    model_ran: bool = True  # False: the step reused its expert's last transformation (step cache)
+    model_ran: bool = True  # False: no model pass, the step reused its expert's last transformation (step cache)
 
 
 def stack_contexts(*contexts: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,8 @@ class _ExpertState:
 
 
 class StepCache:
-    """Decides per step whether the model runs; `ran` records each decision (True = it ran).
+    """Decides per step whether the model runs; `ran` records whether each step ran a model pass
+    (with replicas, a reused step whose forward still ran for another replica counts as run).
 
     Use one per sampling run, calling `velocity` once per step in order.
     """
@@ -117,7 +118,7 @@ class StepCache:
         if reuse:
             if not every_replica_reuses:
                 compute()  # another replica runs: join its collectives, keep this video's decision
-            v, ran = x + state.transformation, False
+            v, ran = x + state.transformation, not every_replica_reuses  # `ran`: the pass cost its time
         else:
             v, ran = compute(), True
             state.record(x, v)

@@ -67,8 +67,9 @@ def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
                    help="ring-attention degree (default: auto, the ranks Ulysses leaves); any count")
     g.add_argument("--fsdp", action="store_true", help="shard both experts' weights across all ranks")
     g.add_argument("--cfg-parallel", action=argparse.BooleanOptionalAction, default=None,
-                   help="cond and uncond passes on two halves of the ranks (default: when the rank count is even "
-                        "and both guidance scales are not 1)")
+                   help="cond and uncond passes on two halves of the ranks (default: when cond and uncond run "
+                        "batched, i.e. --batch-cfg and no guidance scale of 1, and the ranks divide by 2 x the set "
+                        "--ulysses x --ring)")
     g.add_argument("--keep-gathered", action="store_true",
                    help="with --fsdp: keep gathered weights between steps (faster; one full expert per GPU)")
 

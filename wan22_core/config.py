@@ -236,9 +236,9 @@ TINY = ModelConfig(
 # Video sizes the models take; the size checks (pipeline.check_video_size) and the sampler node's
 # widgets read these.
 Z_DIM = A14B.vae.z_dim  # latent channels
-_STRIDE_T, _STRIDE_S, _ = A14B.vae.stride  # frames / pixels per latent position
+STRIDE_T, STRIDE_S, _ = A14B.vae.stride  # frames / pixels per latent position
 MAX_LATENT_POSITIONS = A14B.dit.rope_max_positions  # RoPE table rows per axis
 # The largest video the RoPE table covers (official sizes are far below).
-MAX_FRAMES = _STRIDE_T * (MAX_LATENT_POSITIONS * A14B.dit.patch_size[0] - 1) + 1
-SIDE_STEP = _STRIDE_S * A14B.dit.patch_size[1]  # pixels per token side: sizes are multiples of this
+MAX_FRAMES = STRIDE_T * (MAX_LATENT_POSITIONS * A14B.dit.patch_size[0] - 1) + 1
+SIDE_STEP = STRIDE_S * A14B.dit.patch_size[1]  # pixels per token side: sizes are multiples of this
 MAX_SIDE = SIDE_STEP * MAX_LATENT_POSITIONS

@@ -13,16 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MAX_FRAMES, MAX_SIDE, SIDE_STEP, Z_DIM, DiTConfig, SamplerSettings, VAEConfig, is_integer
+from .config import (MAX_FRAMES, MAX_SIDE, SIDE_STEP, STRIDE_S, STRIDE_T, Z_DIM, DiTConfig, SamplerSettings,
+                     is_integer)
 from .errors import Cancelled, NumericalError, OutOfMemory, is_out_of_memory
 from .models.attention import inexact_backend
-from .models.vae import WanVAE, to_images
+from .models.vae import WanVAE, denormalize_latent, to_images
 from .sampling.moe import apply_guidance, guidance_scale, select_expert
 from .sampling.schedule import partial_schedule
 from .sampling.solvers import make_solver
 from .sampling.step_cache import StepCache
-
-_STRIDE_T, _STRIDE_S, _ = VAEConfig().stride  # frames / pixels per latent position
 
 
 def check_video_size(frames: int, height: int, width: int) -> None:
@@ -31,10 +30,10 @@ def check_video_size(frames: int, height: int, width: int) -> None:
         if not is_integer(value):
             raise ValueError(f"{name} must be an integer, got {value!r}")
     frames, height, width = int(frames), int(height), int(width)  # numpy too: no uint8 wrap-around below
-    if frames < 1 or (frames - 1) % _STRIDE_T:
-        below = max(1, (frames - 1) // _STRIDE_T * _STRIDE_T + 1)
+    if frames < 1 or (frames - 1) % STRIDE_T:
+        below = max(1, (frames - 1) // STRIDE_T * STRIDE_T + 1)
         raise ValueError(f"frames must be 4k+1 (1, 5, ..., 77, 81, ...), got {frames}; "
-                         f"the nearest valid values are {below} and {below + _STRIDE_T}")
+                         f"the nearest valid values are {below} and {below + STRIDE_T}")
     if frames > MAX_FRAMES:
         raise ValueError(f"frames must be at most {MAX_FRAMES}, got {frames}")
     for name, value in (("height", height), ("width", width)):
@@ -47,13 +46,13 @@ def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, i
     """[16, T_lat, H/8, W/8] for a video of `frames` x `height` x `width` pixels."""
     check_video_size(frames, height, width)
     frames, height, width = int(frames), int(height), int(width)
-    return (Z_DIM, (frames - 1) // _STRIDE_T + 1, height // _STRIDE_S, width // _STRIDE_S)
+    return (Z_DIM, (frames - 1) // STRIDE_T + 1, height // STRIDE_S, width // STRIDE_S)
 
 
 def video_size(latent: tuple[int, ...]) -> tuple[int, int, int]:
     """(frames, height, width) of the video a latent [..., T, H/8, W/8] decodes to (latent_shape's inverse)."""
     t, h, w = latent[-3:]
-    return (t - 1) * _STRIDE_T + 1, h * _STRIDE_S, w * _STRIDE_S
+    return (t - 1) * STRIDE_T + 1, h * STRIDE_S, w * STRIDE_S
 
 
 def latent_tokens(shape: tuple[int, ...], patch_size: tuple[int, int, int]) -> int:
@@ -259,9 +258,8 @@ def _out_of_memory_message(position: _Position, noise: torch.Tensor, device, bat
 
 def decode_to_video(vae: WanVAE, latent: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
     """Normalised latent [16, T, h, w] (the engine's) -> frames [4(T-1)+1, 8h, 8w, 3] float in [0, 1] (CPU)."""
-    with torch.no_grad():
-        # no cast here: decode de-normalises in fp32 before casting to the VAE's dtype
-        return to_images(vae.decode(latent[None].to(next(vae.parameters()).device), tile_size=tile_size)).cpu()
+    # de-normalised in fp32, before the VAE's dtype (as WanVAE.decode does)
+    return decode_raw_to_video(vae, denormalize_latent(latent[None].float())[0], tile_size)
 
 
 def decode_raw_to_video(vae: WanVAE, raw: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:

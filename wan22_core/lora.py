@@ -52,7 +52,7 @@ from .checkpoints import Checkpoint, identify
 from .checkpoints.keymaps import dit_official_to_diffusers
 from .errors import Wan22Error
 from .fp8 import FP8, FP8Linear, abs_max, block_linears, dequantize_fp8, fp8_scale, to_fp8
-from .quant import GGUFLinear
+from .quant import GGUFLinear, QuantizedLinear
 
 log = logging.getLogger(__name__)
 
@@ -370,11 +370,11 @@ class LoraDeltas:
 
 
 def parameter_shapes(model: nn.Module) -> dict[str, torch.Size]:
-    """{name: shape} of the weights a LoRA is matched against: a GGUF layer's weight is
+    """{name: shape} of the weights a LoRA is matched against: a quantised layer's weight is
     [out_features, in_features] numbers, not its parameter's [out_features, bytes per row]."""
     shapes = {name: p.shape for name, p in model.named_parameters()}
     for name, module in model.named_modules():
-        if isinstance(module, GGUFLinear):
+        if isinstance(module, QuantizedLinear):
             shapes[f"{name}.weight"] = torch.Size((module.out_features, module.in_features))
     return shapes
 
@@ -490,7 +490,7 @@ def _add_branch(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
 
 
 def _compute_dtype(layer: nn.Module) -> torch.dtype:
-    if isinstance(layer, (FP8Linear, GGUFLinear)):
+    if isinstance(layer, QuantizedLinear):
         return layer.bias.dtype if layer.bias is not None else torch.bfloat16
     return layer.weight.dtype
 

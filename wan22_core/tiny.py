@@ -410,8 +410,7 @@ def write_gguf(out_dir: Path, tiny: TinySet, quant: str = DEFAULT_GGUF_QUANT) ->
 
 
 WRITERS = {"official": write_official, "comfy": write_comfy,
-           "comfy-fp8": lambda out, tiny: write_comfy(out, tiny, fp8=True), "diffusers": write_diffusers,
-           "gguf": write_gguf}
+           "comfy-fp8": lambda out, tiny: write_comfy(out, tiny, fp8=True), "diffusers": write_diffusers}
 
 
 def make_tiny(out_dir: str | Path, fmt: str = "official", cfg: ModelConfig = TINY, seed: int = 0,
@@ -426,7 +425,9 @@ def make_tiny(out_dir: str | Path, fmt: str = "official", cfg: ModelConfig = TIN
         raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     if quant is not None and fmt != "gguf":
         raise ValueError(f"--quant {quant} applies to --format gguf only (got --format {fmt})")
-    writer = (lambda out, tiny: write_gguf(out, tiny, quant or DEFAULT_GGUF_QUANT)) if fmt == "gguf" else WRITERS[fmt]
+    if fmt == "gguf":
+        quant = quant or DEFAULT_GGUF_QUANT
+    writer = (lambda out, tiny: write_gguf(out, tiny, quant)) if fmt == "gguf" else WRITERS[fmt]
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder or delete it")
@@ -434,7 +435,7 @@ def make_tiny(out_dir: str | Path, fmt: str = "official", cfg: ModelConfig = TIN
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         writer(staging, tiny_set(cfg, seed))
-        quant_field = {"quant": quant or DEFAULT_GGUF_QUANT} if fmt == "gguf" else {}
+        quant_field = {"quant": quant} if fmt == "gguf" else {}
         (staging / "tiny_config.json").write_text(json.dumps({"seed": seed, "format": fmt, **quant_field,
                                                               **asdict(cfg)}, indent=2))
         if out_dir.exists():

@@ -24,14 +24,13 @@ from typing import Any
 
 import torch
 
-from ..quant import QuantType, UnsupportedQuantType, quant_type
+from ..quant import FLOAT_TYPES, QuantType, UnsupportedQuantType, quant_type
 
 GGUF_MAGIC = b"GGUF"
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 ARCHITECTURE_KEY = "general.architecture"
 DIT_ARCHITECTURES = ("wan",)
 TEXT_ARCHITECTURES = ("t5encoder", "t5")  # llama.cpp's converter names UMT5 encoders one of these
-_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class GGUFFormatError(ValueError):
@@ -58,7 +57,7 @@ class GGUFTensor:
     @property
     def dtype(self) -> torch.dtype:
         """The torch dtype its bytes read as: a float for F32/F16/BF16, uint8 block bytes otherwise."""
-        return _FLOAT_DTYPES.get(self.qtype.name, torch.uint8)
+        return FLOAT_TYPES.get(self.qtype.name, torch.uint8)
 
 
 class GGUFMetadata:

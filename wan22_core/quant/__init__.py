@@ -6,9 +6,9 @@ reads the block formats (pure torch, any device, compilable); `gguf_linear` hold
 (`GGUFWeight`, `GGUFLinear`, `swap_to_gguf`). Reading GGUF files (headers, metadata,
 memory-mapped tensor bytes) is the `gguf` package's job; the checkpoint loader calls it.
 """
-from .gguf_dequant import TYPES, QuantType, UnsupportedQuantType, dequantize, quant_type
+from .gguf_dequant import FLOAT_TYPES, TYPES, QuantType, UnsupportedQuantType, dequantize, quant_type
 from .gguf_linear import GGUFLinear, GGUFWeight, swap_to_gguf
 from .linear import QuantizedLinear
 
-__all__ = ["TYPES", "QuantType", "UnsupportedQuantType", "dequantize", "quant_type",
+__all__ = ["FLOAT_TYPES", "TYPES", "QuantType", "UnsupportedQuantType", "dequantize", "quant_type",
            "GGUFLinear", "GGUFWeight", "swap_to_gguf", "QuantizedLinear"]

@@ -62,7 +62,7 @@ TYPES = {t.name: t for t in (
     QuantType("Q6_K", 14, QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),  # low 4 bits, high 2 bits, 16 x int8 scale, d
 )}
 _BY_ID = {t.id: t for t in TYPES.values()}
-_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # stored as plain floats
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # stored as plain floats
 
 
 class UnsupportedQuantType(ValueError):
@@ -95,8 +95,8 @@ def dequantize(data: torch.Tensor, qtype: QuantType | int | str, shape: Sequence
         raise ValueError(f"{kind.name} tensor of shape {tuple(shape)} needs {expected} bytes (uint8); "
                          f"got {data.numel()} {str(data.dtype).removeprefix('torch.')} elements")
     blocks = data.reshape(-1, kind.type_size)  # [n_blocks, type_size]
-    if kind.name in _FLOATS:  # stored as floats already: one exact view, one rounding to dtype
-        return blocks.view(_FLOATS[kind.name]).reshape(shape).to(dtype)
+    if kind.name in FLOAT_TYPES:  # stored as floats already: one exact view, one rounding to dtype
+        return blocks.view(FLOAT_TYPES[kind.name]).reshape(shape).to(dtype)
     return _DEQUANTIZE[kind.name](blocks).reshape(shape).to(dtype)
 
 

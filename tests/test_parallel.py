@@ -184,6 +184,15 @@ def test_auto_split_keeps_set_degrees_and_ulysses_inside_a_node():
     assert choose_split(6, 4, guidance_batched=False) == (1, 2, 3)  # the tiny model's 4 heads
 
 
+def test_replicas_without_a_video_of_their_own_are_named_in_one_line():
+    from wan22_core.parallel.replicas import idle_replicas_note, videos_of_replica
+
+    assert idle_replicas_note(4, 4) is None and idle_replicas_note(5, 4) is None
+    assert idle_replicas_note(1, 4) == ("4 replicas but 1 video: 3 replica(s) repeat a video and their work is "
+                                        "dropped; ask for 4 videos to use them")
+    assert [videos_of_replica(1, 4, r) for r in range(4)] == [[0]] * 4  # the repeats the line warns about
+
+
 def test_the_split_is_described_in_one_line():
     assert ParallelPlan(world_size=6, ring=3, cfg_parallel=2).describe() == "6 GPUs: CFG 2 x Ulysses 1 x Ring 3"
     assert ParallelPlan(world_size=1).describe("CPU rank") == "1 CPU rank: CFG 1 x Ulysses 1 x Ring 1"

@@ -33,7 +33,7 @@ from ..parallel.launch import (Rank0Task, cpu_threads_per_rank, local_device, sm
                                torchrun_group, torchrun_world_size, under_torchrun)
 from ..parallel.loading import load_expert_pair, rank_load
 from ..parallel.plan import ParallelPlan, check_parallel_options, check_plan_fits, choose_split
-from ..parallel.replicas import sample_videos
+from ..parallel.replicas import idle_replicas_note, sample_videos
 from ..parallel.vae_decode import can_split_rows, decode_on_ranks
 from ..pipeline import decode_to_video, make_noise, video_seed
 from . import parser as flags
@@ -88,6 +88,9 @@ def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
         rank0 = groups.rank == 0
         if rank0:
             print(plan.describe("GPU" if device.type == "cuda" else "CPU rank"), file=sys.stderr)
+            idle = idle_replicas_note(args.videos, plan.replicas)
+            if idle:
+                print(f"warning: {idle}", file=sys.stderr)
         # before any work: every rank checks against the smallest GPU of all
         load = rank_load(files.high_noise, (args.frames, args.height, args.width), options, device, args.batch_cfg)
         check_plan_fits(plan, load, smallest_device_memory(groups))

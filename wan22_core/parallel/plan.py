@@ -307,7 +307,6 @@ class RankLoad:
     weight_bytes: int  # per block-Linear weight: 1 (fp8), 2 or 4 (memory.weight_bytes); GGUF: the compute dtype's
     batch_cfg: bool = True
     fp8_compute: str = "dequant"  # or "scaled_mm" (weight_dtype fp8_e4m3fn_fast on fp8 tensor cores)
-    text_tokens: int | None = None
     gguf: tuple[tuple[str, str], ...] | None = None  # GGUF experts: (block Linear, type) pairs (memory.gguf_linear_types)
 
     @classmethod
@@ -324,7 +323,7 @@ class RankLoad:
                                cfg_parallel=plan.cfg_parallel, fsdp=plan.fsdp,
                                reshard_after_forward=plan.reshard_after_forward,
                                weight_bytes_per_param=self.weight_bytes, batch_cfg=self.batch_cfg,
-                               fp8_compute=self.fp8_compute, text_tokens=self.text_tokens,
+                               fp8_compute=self.fp8_compute,
                                gguf=None if self.gguf is None else dict(self.gguf))
 
     def need(self, plan: ParallelPlan) -> int:

@@ -18,6 +18,14 @@ import torch.distributed as dist
 from .mesh import ParallelGroups
 
 
+def idle_replicas_note(videos: int, replicas: int) -> str | None:
+    """One line when some replicas have no video of their own (their work is dropped), else None."""
+    if videos >= replicas:
+        return None
+    return (f"{replicas} replicas but {videos} video{'s' if videos > 1 else ''}: {replicas - videos} replica(s) repeat "
+            f"a video and their work is dropped; ask for {replicas} videos to use them")
+
+
 def videos_of_replica(videos: int, replicas: int, replica: int) -> list[int]:
     """The video each round of `replica` samples; past the batch's end it repeats one (dropped)."""
     rounds = math.ceil(videos / replicas)

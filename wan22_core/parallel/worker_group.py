@@ -58,6 +58,7 @@ from ..pipeline import StepInfo, latent_tokens, video_size
 from ..runtime import DTYPES, default_cuda_allocator
 from .loading import rank_load
 from .plan import ParallelConfig, ParallelPlan, check_parallel_options, check_plan_fits, device_budget
+from .replicas import idle_replicas_note
 from .vae_decode import check_bands
 
 PACK_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the wan22_core package
@@ -371,6 +372,9 @@ class WorkerGroup:
             raise ValueError("the videos of one batch share their prompt embeddings, settings and denoise strength; "
                              "run a separate batch for each")
         check_memory(self.spec, replace(self.config, plan=self.plan), first.video)  # before the ranks see it
+        idle = idle_replicas_note(len(jobs), self.plan.replicas)
+        if idle:
+            warnings.warn(idle)
         self._job_id += 1
         message = dict(type="job", id=self._job_id, positive=first.positive.cpu(), negative=first.negative.cpu(),
                        noises=[job.noise.cpu() for job in jobs],

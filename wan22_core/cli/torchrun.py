@@ -16,7 +16,6 @@ group is `parallel.launch`'s; this module only reads the flags.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -29,7 +28,7 @@ from ..experts import expert_dtypes
 from ..memory import video_tokens
 from ..models.vae import WanVAE, denormalize_latent, to_images
 from ..optimize import compile_allowed
-from ..parallel.launch import (Rank0Task, cpu_threads_per_rank, local_device, smallest_device_memory,
+from ..parallel.launch import (Rank0Task, cpu_threads_per_rank, local_device, ranks_per_node, smallest_device_memory,
                                torchrun_group, torchrun_world_size, under_torchrun)
 from ..parallel.loading import load_expert_pair, rank_load
 from ..parallel.plan import ParallelPlan, check_parallel_options, check_plan_fits, choose_split
@@ -59,7 +58,7 @@ def parallel_plan(args: argparse.Namespace, world_size: int, num_heads: int,
 def checked_plan(args: argparse.Namespace, dit: DiTConfig) -> ParallelPlan:
     """The plan for torchrun's ranks, refused now (before loading anything) when it cannot run."""
     plan = parallel_plan(args, torchrun_world_size(), dit.num_heads,
-                         int(os.environ.get("LOCAL_WORLD_SIZE", torchrun_world_size())))
+                         ranks_per_node())
     check_parallel_options(flags.expert_options(args), cfg_parallel=plan.cfg_parallel_enabled,
                            batch_cfg=args.batch_cfg, ring=plan.ring)
     plan.check_tokens(video_tokens(dit, args.frames, args.height, args.width))

@@ -61,7 +61,12 @@ def cpu_threads_per_rank() -> int:
     rank with OMP_NUM_THREADS=1, right for ranks that keep a GPU busy but not for CPU work one of
     them does while the others wait, like rank 0's text encode (UMT5-XXL, ~1e13 FLOP)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, cores // ranks_per_node())
+
+
+def ranks_per_node() -> int:
+    """torchrun's ranks on this node (LOCAL_WORLD_SIZE; all of them when it is not set)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", torchrun_world_size()))
 
 
 def from_rank0(make: Callable[[], T], groups: ParallelGroups) -> T:

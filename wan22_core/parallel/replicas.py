@@ -22,8 +22,8 @@ def idle_replicas_note(videos: int, replicas: int) -> str | None:
     """One line when some replicas have no video of their own (their work is dropped), else None."""
     if videos >= replicas:
         return None
-    return (f"{replicas} replicas but {videos} video{'s' if videos > 1 else ''}: {replicas - videos} replica(s) repeat "
-            f"a video and their work is dropped; ask for {replicas} videos to use them")
+    return (f"{replicas} replicas but {videos} video{'s' if videos > 1 else ''}: {replicas - videos} replica(s) "
+            f"repeat a video and their work is dropped; ask for {replicas} videos to use them")
 
 
 def videos_of_replica(videos: int, replicas: int, replica: int) -> list[int]:

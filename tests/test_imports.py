@@ -120,9 +120,26 @@ def test_sampling_is_math_without_models_or_placement():
         assert not [t for t in reached if t.startswith(("wan22_core.models", "wan22_core.placement"))], name
 
 
-def test_models_never_import_torch_distributed():
+def attribute_chains(source: str) -> set[str]:
+    """Dotted names the code spells (`torch.distributed.all_reduce`, ...)."""
+    chains = set()
+    for node in ast.walk(ast.parse(source)):
+        parts = []
+        while isinstance(node, ast.Attribute):
+            parts.append(node.attr)
+            node = node.value
+        if isinstance(node, ast.Name) and parts:
+            chains.add(".".join([node.id, *reversed(parts)]))
+    return chains
+
+
+def test_models_never_import_or_call_torch_distributed():
     for name in under("wan22_core.models"):
         assert not [n for n in imported_names(name) if n.startswith("torch.distributed")], name
+        chains = attribute_chains(MODULES[name].read_text(encoding="utf-8"))
+        assert not [c for c in chains if c.startswith("torch.distributed")], name
+    # what the second check catches: a call through `import torch`, which imports nothing more
+    assert "torch.distributed.all_reduce" in attribute_chains("import torch\ntorch.distributed.all_reduce(x)\n")
 
 
 def test_the_engine_never_imports_comfyui():

@@ -18,13 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 from procs import children_of, start_torchrun_generate
-from test_memory import CFG, TEXT_TOKENS, measured_activation_peak
+from test_memory import ACTIVATION_TOLERANCE, CFG, TEXT_TOKENS, measured_activation_peak
 
-from wan22_core.config import TINY, DiTConfig
+from wan22_core.config import FRAMES, HEIGHT, TINY, WIDTH, DiTConfig
 from wan22_core.memory import GIB, main as memory_main, multigpu_table, rank_peak_bytes
 from wan22_core.parallel.plan import ParallelPlan, RankLoad, check_plan_fits
 
-ACTIVATION_TOLERANCE = 0.005  # relative, as one process (test_memory.py); measured within 0.3% (see CASES)
 CASES = {  # name: (plan degrees, dtype, (frames, height, width)); |measured - model|: 0.005%, 0.014%, 0.3%,
     # ring 0.003%, 0.011%, Ulysses 2 x Ring 2 (rank 0 of 4) 0.005%
     "ulysses bf16": (dict(ulysses=2), torch.bfloat16, (17, 256, 384)),
@@ -34,7 +33,7 @@ CASES = {  # name: (plan degrees, dtype, (frames, height, width)); |measured - m
     "ring fp32": (dict(ring=2), torch.float32, (9, 256, 256)),
     "ulysses x ring bf16": (dict(ulysses=2, ring=2), torch.bfloat16, (17, 256, 384)),
 }
-A14B = DiTConfig()
+A14B = DiTConfig()  # the A14B transformer (config.A14B is the whole model set)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,9 +89,9 @@ def rank_main(out: str) -> None:
 
 
 def test_a_rank_holds_its_share_of_the_weights_and_two_gathered_blocks():
-    one = rank_peak_bytes(A14B, 81, 720, 1280, world=1, fsdp=False, weight_bytes_per_param=1)
-    two = rank_peak_bytes(A14B, 81, 720, 1280, world=2, ulysses=2, weight_bytes_per_param=1)
-    kept = rank_peak_bytes(A14B, 81, 720, 1280, world=2, ulysses=2, weight_bytes_per_param=1,
+    one = rank_peak_bytes(A14B, FRAMES, HEIGHT, WIDTH, world=1, fsdp=False, weight_bytes_per_param=1)
+    two = rank_peak_bytes(A14B, FRAMES, HEIGHT, WIDTH, world=2, ulysses=2, weight_bytes_per_param=1)
+    kept = rank_peak_bytes(A14B, FRAMES, HEIGHT, WIDTH, world=2, ulysses=2, weight_bytes_per_param=1,
                            reshard_after_forward=False)
     assert two["weights"] == one["weights"]  # both experts over 2 ranks = one expert
     assert two["local_tokens"] == 37800 and two["peak_at"] == "self_attn.recv"  # Ulysses' receive buffer
@@ -102,7 +101,7 @@ def test_a_rank_holds_its_share_of_the_weights_and_two_gathered_blocks():
 
 def test_two_24gb_cards_hold_720p_in_fp8_with_unbatched_cfg_only():
     """The README recipe's claim, and the refusal's advice for the batched plan."""
-    plan, video = ParallelPlan(2, 2, fsdp=True), (81, 720, 1280)
+    plan, video = ParallelPlan(2, 2, fsdp=True), (FRAMES, HEIGHT, WIDTH)
     check_plan_fits(plan, RankLoad(A14B, video, 1, batch_cfg=False), 24 * GIB)
     with pytest.raises(ValueError) as batched:
         check_plan_fits(plan, RankLoad(A14B, video, 1), 24 * GIB, "cuda:1 (RTX 4090)")

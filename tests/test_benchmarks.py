@@ -111,13 +111,18 @@ def test_bench_gguf_dry_run_dequantises_and_compiles(tmp_path):
 
 
 def test_bench_gguf_dry_run_times_a_block_in_bf16_q8_0_and_q4_k_in_one_run(tmp_path):
-    """The GPU section (seconds per 720p block, Q8_0 and Q4_K against bf16) on a tiny block: every
-    configuration timed, the GGUF blocks equal to bf16 blocks holding their dequantised weights."""
-    run("bench_gguf.py", "--types", "Q8_0", "--block", "--threads", "1", "--json", str(tmp_path / "gguf.json"),
-        cwd=tmp_path)
-    rows = {r["config"]: r for r in json.loads((tmp_path / "gguf.json").read_text())["block"]}
-    assert list(rows) == ["bf16", "Q8_0", "Q4_K"] and all(r["s_per_block"] > 0 and not r["compiled"]
-                                                        for r in rows.values())
+    """The GPU section as device_run.sh runs it (seconds per 720p block, Q8_0 and Q4_K against bf16,
+    eager and compiled) on a tiny block: every configuration timed, the GGUF blocks equal to bf16
+    blocks holding their dequantised weights, the compiled ones to eager within bf16 fusion ulps."""
+    run("bench_gguf.py", "--types", "Q8_0", "--block", "--compile", "--threads", "1", "--json",
+        str(tmp_path / "gguf.json"), cwd=tmp_path)
+    blocks = json.loads((tmp_path / "gguf.json").read_text())["block"]
+    compiled = {r["config"]: r for r in blocks if r["compiled"]}
+    assert list(compiled) == ["bf16", "Q8_0", "Q4_K"]
+    # bf16 blocks: inductor's fusions round differently; measured 2.5e-4 for all three
+    assert all(r["compile_s"] >= 0 and r["rel_l2_vs_eager"] <= 2e-3 for r in compiled.values()), compiled
+    rows = {r["config"]: r for r in blocks if not r["compiled"]}
+    assert list(rows) == ["bf16", "Q8_0", "Q4_K"] and all(r["s_per_block"] > 0 for r in rows.values())
     assert rows["bf16"]["over_bf16"] == 1 and rows["Q8_0"]["max_diff_vs_dequantised"] == 0
     assert rows["Q4_K"]["max_diff_vs_dequantised"] == 0
     dense = rows["bf16"]["weight_bytes"]

@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -147,15 +147,23 @@ def write_video(frames: torch.Tensor, outputs: Outputs, timings: dict) -> None:
 
 
 def save_outputs(latents: Sequence[torch.Tensor], vae_path: Path | None, device: torch.device, dtype: torch.dtype,
-                 outputs: Outputs, timings: dict) -> None:
-    """One process: each video's latents (when asked), then its VAE decode and mp4 unless --no-video."""
+                 outputs: Outputs, timings: dict, *, writer: bool = True, loads_vae: bool = True,
+                 decode: Callable | None = None, timed: Callable = stage) -> None:
+    """Each video's latents (when asked), then its VAE decode and mp4 unless --no-video.
+
+    One process takes the defaults. Under torchrun every rank calls it: `writer` (rank 0) saves
+    and writes, `loads_vae` says whether this rank decodes, and `decode(vae, latent, tile)` gives
+    the frames on the writer (None elsewhere); `timed` times on rank 0 only."""
+    decode = decode or (lambda vae, latent, tile: decode_to_video(vae, latent, tile_size=tile))
     vae = None
     for index, latent in enumerate(latents):
         mine = outputs.numbered(index)
-        save_latents(latent, mine)
+        if writer:
+            save_latents(latent, mine)
         if mine.video is None:
             continue
-        with stage("vae decode", timings):
-            vae = vae or load_decoder(vae_path, device, dtype)
-            frames = decode_to_video(vae, latent, tile_size=mine.vae_tile)
-        write_video(frames, mine, timings)
+        with timed("vae decode", timings):
+            vae = vae or (load_decoder(vae_path, device, dtype) if loads_vae else None)
+            frames = decode(vae, latent, mine.vae_tile)
+        if writer:
+            write_video(frames, mine, timings)

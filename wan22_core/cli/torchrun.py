@@ -36,8 +36,7 @@ from ..parallel.replicas import idle_replicas_note, sample_videos
 from ..parallel.vae_decode import can_split_rows, decode_on_ranks
 from ..pipeline import decode_to_video, make_noise, video_seed
 from . import parser as flags
-from .stages import (Outputs, check_model_options, denoise_video, encode_prompt, load_decoder, print_peak_memory,
-                     save_latents, stage, write_video)
+from .stages import check_model_options, denoise_video, encode_prompt, print_peak_memory, save_outputs, stage
 
 
 def parallel_plan(args: argparse.Namespace, world_size: int, num_heads: int,
@@ -118,29 +117,14 @@ def run_on_ranks(args: argparse.Namespace, files: ModelFiles) -> dict:
 
             latents = sample_videos(sample, groups, args.videos)
             del experts
-        save_outputs_on_ranks(latents, files.vae, device, dtype, outputs, rank0, timed, timings)
+        save_outputs(latents, files.vae, device, dtype, outputs, timings, writer=rank0,
+                     loads_vae=rank0 or outputs.vae_tile is None, timed=timed,
+                     decode=lambda vae, latent, tile: decode_on_ranks_stage(latent, vae, tile, rank0))
         if rank0:
             print_peak_memory(device)
             print(f"  {'total':<14} {time.perf_counter() - started:7.2f} s  ({plan.world_size} rank"
                   f"{'s' if plan.world_size > 1 else ''})", file=sys.stderr)
     return timings
-
-
-def save_outputs_on_ranks(latents: list[torch.Tensor], vae_path, device: torch.device, dtype: torch.dtype,
-                          outputs: Outputs, rank0: bool, timed, timings: dict) -> None:
-    """Rank 0 saves each video's latents; every rank decodes its band of each video (rank 0 alone
-    with --vae-tile) and rank 0 writes the mp4s."""
-    if rank0:
-        for index, latent in enumerate(latents):
-            save_latents(latent, outputs.numbered(index))
-    if outputs.video is None:
-        return
-    vae = load_decoder(vae_path, device, dtype) if rank0 or outputs.vae_tile is None else None
-    for index, latent in enumerate(latents):
-        with timed("vae decode", timings):
-            frames = decode_on_ranks_stage(latent, vae, outputs.vae_tile, rank0)
-        if rank0:
-            write_video(frames, outputs.numbered(index), timings)
 
 
 def encode_on_rank0(files: ModelFiles, prompt: str, negative_prompt: str | None, dtype: torch.dtype | None,

@@ -5,6 +5,7 @@ import types
 
 import numpy as np
 import torch
+from reference import float64_attention
 from safetensors.torch import save_file
 
 from wan22_core.config import DiTConfig
@@ -27,8 +28,7 @@ def hide_package(monkeypatch, package: str) -> None:
 
 def _attend(q, k, v):
     """Softmax attention in float64 on [B, L, heads, head_dim], returned in q's dtype."""
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / q.shape[-1] ** 0.5
-    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double()).to(q.dtype).contiguous()
+    return float64_attention(q, k, v)[0].to(q.dtype).contiguous()
 
 
 def _sage_packages(calls: list) -> dict[str, types.SimpleNamespace]:

@@ -29,6 +29,17 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def float64_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      key_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(D)) v in float64 on [B, L, heads, D], and the log-sum-exp of the scaled
+    logits [B, heads, Lq]; key_lens[b] keys of batch item b are attended (None: all)."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / q.shape[-1] ** 0.5
+    if key_lens is not None:
+        masked = torch.arange(k.shape[1])[None, :] >= key_lens[:, None]  # [B, Lk]
+        scores = scores.masked_fill(masked[:, None, None, :], -float("inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double()), scores.logsumexp(-1)
+
+
 def diffusers_twin(cfg: DiTConfig, model: torch.nn.Module) -> WanTransformer3DModel:
     """diffusers' model of the same configuration, loaded (strictly) with `model`'s weights."""
     from diffusers import WanTransformer3DModel

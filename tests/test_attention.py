@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 from fakes import fake_kernels, hide_package
-from reference import rel_l2
+from reference import float64_attention, rel_l2
 
 from wan22_core.config import TINY
 from wan22_core.models import attention
@@ -15,12 +15,6 @@ from wan22_core.models.transformer import WanModel
 from wan22_core.optimize import compile_blocks, compile_toolchain_problem
 
 CFG = TINY.dit
-
-
-def float64_attention(q, k, v):
-    """(softmax(q k^T / sqrt(D)) v, log-sum-exp of the scaled logits [B, H, Lq]) in float64."""
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / q.shape[-1] ** 0.5
-    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double()), scores.logsumexp(-1)
 
 
 def test_sdpa_kernel_equals_float64_softmax_attention():

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from procs import join_gloo_group, start_gloo_ranks, start_torchrun_generate, wait_ranks
-from reference import rel_l2
+from reference import float64_attention, rel_l2
 from safetensors.torch import load_file
 
 from wan22_core.checkpoints import load_dit
@@ -352,13 +352,6 @@ def test_fsdp_rank_holds_its_share_of_the_parameters(runs, world):
     assert unsharded == [2 * total] * world  # the control: without FSDP every rank holds everything
 
 
-def float64_attention(q, k, v):
-    """softmax(q k^T / sqrt(D)) v in float64, [B, L, H, D] layout: the reference for every split."""
-    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
-    weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
-    return (weights @ v).transpose(1, 2)
-
-
 def attention_inputs(length):
     g = torch.Generator().manual_seed(length)
     return [torch.randn(2, length, HEADS, 8, generator=g) for _ in range(3)]  # q, k, v [B, L, H, D]
@@ -374,7 +367,7 @@ def test_sequence_parallel_attention_equals_full_attention_with_padding_masked(r
     """The attention seam alone (Ulysses all-to-all and/or ring, padded keys left out) on the ranks
     against a float64 softmax over the real tokens; every rank's gathered output is the same."""
     for length in ATTENTION_LENGTHS:
-        expected = float64_attention(*attention_inputs(length))
+        expected, _ = float64_attention(*attention_inputs(length))
         outputs = [results[scenario]["attention"][length] for results in runs[world]]
         assert rel_l2(outputs[0], expected) <= ATTENTION_TOL, (length, rel_l2(outputs[0], expected))
         degrees = SCENARIOS[world][scenario]

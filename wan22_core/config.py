@@ -104,6 +104,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 FPS = 16
 # The official t2v-A14B 720p video: 81 frames (5 s at 16 fps) of 1280 x 720.
 WIDTH, HEIGHT, FRAMES = 1280, 720, 81
+WIDTH_480P, HEIGHT_480P = 832, 480  # the official 480p size (the memory tables, the multi-GPU node's line)
 # Tiled VAE decode (the loader node's `tiled`): 64 latent pixels = 512 px tiles overlapping by 64 px,
 # ComfyUI's tiled-decode defaults.
 VAE_TILE = 64

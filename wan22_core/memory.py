@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from .config import FRAMES, HEIGHT, WIDTH, DiTConfig, is_integer
+from .config import FRAMES, HEIGHT, HEIGHT_480P, WIDTH, WIDTH_480P, DiTConfig, is_integer
 from .fp8 import COMPUTE_MODES
 from .offload import OFFLOAD_MODES, expert_pair_options
 from .pipeline import latent_shape, latent_tokens
@@ -495,7 +495,7 @@ def table_720p(cfg: DiTConfig = DiTConfig(), card_gib: int = 24) -> str:
 
 SMALL_CARDS_GIB = (8, 12, 16, 24)
 SMALL_CARD_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")  # the files people download
-SMALL_CARD_VIDEOS = {"480p": (FRAMES, 480, 832), "720p": (FRAMES, HEIGHT, WIDTH)}
+SMALL_CARD_VIDEOS = {"480p": (FRAMES, HEIGHT_480P, WIDTH_480P), "720p": (FRAMES, HEIGHT, WIDTH)}
 
 
 def small_card_advice(cfg: DiTConfig, card_gib: int, video: str, batch: int, quant: str) -> str:
@@ -619,7 +619,7 @@ def multigpu_table(cfg: DiTConfig = DiTConfig(), frames: int = FRAMES) -> str:
         for weights in ("bf16", "fp8"):
             for batch_cfg in (True, False):
                 cells = []
-                for height, width in ((480, 832), (HEIGHT, WIDTH)):
+                for height, width in ((HEIGHT_480P, WIDTH_480P), (HEIGHT, WIDTH)):
                     est = rank_peak_bytes(cfg, frames, height, width, world=world, ulysses=world,
                                           weight_bytes_per_param=WEIGHT_BYTES[weights], batch_cfg=batch_cfg)
                     need = rank_budget_need(est, world)

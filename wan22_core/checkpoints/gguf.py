@@ -71,6 +71,11 @@ class GGUFMetadata:
         return key in self._fields
 
     @property
+    def has_tokenizer(self) -> bool:
+        """llama.cpp's converter stores the SentencePiece vocabulary under tokenizer.ggml.*."""
+        return TOKENIZER_KEY + "tokens" in self._fields
+
+    @property
     def architecture(self) -> str | None:
         arch = self.get(ARCHITECTURE_KEY)
         return arch if isinstance(arch, str) else None
@@ -158,7 +163,7 @@ _BYTE_PIECE = 6  # SentencePiece's piece type BYTE (llama.cpp's token_type value
 def sentencepiece_model(metadata: GGUFMetadata, label: str) -> bytes | None:
     """The serialized SentencePiece model rebuilt from `tokenizer.ggml.*`, or None when the file has
     no vocabulary. label: the file, for messages."""
-    if TOKENIZER_KEY + "tokens" not in metadata:
+    if not metadata.has_tokenizer:
         return None
     kind = metadata.get(TOKENIZER_KEY + "model")
     if kind != "t5":

@@ -241,7 +241,7 @@ def _identify_text_encoder(ckpt: Checkpoint, names: dict[str, str] | None = None
     embedding = ckpt.entries.get(stored_of.get("token_embedding.weight" if official else "shared.weight", ""))
     size = f"vocab {embedding.shape[0]}, dim {embedding.shape[1]}, " if embedding and len(embedding.shape) == 2 else ""
     layout = _layout(ckpt, official)
-    tokenizer = SPIECE_KEY in names or (ckpt.gguf is not None and TOKENIZER_KEY + "tokens" in ckpt.gguf)
+    tokenizer = SPIECE_KEY in names or (ckpt.gguf is not None and ckpt.gguf.has_tokenizer)
     what = f"a {{}} ({size}{dtype_summary(ckpt, names)}" \
            f"{', scaled fp8' if scaled else ''}{', with tokenizer' if tokenizer else ''})"
     # UMT5 has a relative-position table in every block; T5 v1.1 (Flux's / SD3's t5xxl) only in block 0.
@@ -319,7 +319,7 @@ def tokenizer_folder(ckpt: Checkpoint, tokenizer_dir: str | Path | None) -> Path
             raise CheckpointError(f"tokenizer folder {folder} has no spiece.model; point at the google/umt5-xxl "
                                   "folder or a diffusers tokenizer/ folder")
         return folder
-    if SPIECE_KEY in ckpt.entries or (ckpt.gguf is not None and TOKENIZER_KEY + "tokens" in ckpt.gguf):
+    if SPIECE_KEY in ckpt.entries or (ckpt.gguf is not None and ckpt.gguf.has_tokenizer):
         return None
     sibling = ckpt.path.parent / DIFFUSERS_DIRS["tokenizer"]  # a diffusers text_encoder/ has one next to it
     if ckpt.path.is_dir() and (sibling / "spiece.model").is_file():

@@ -21,7 +21,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import A14B, FRAMES, HEIGHT, WIDTH, DiTConfig, ExpertOptions, is_finite_real, is_integer, is_real
+from ..config import (A14B, FRAMES, HEIGHT, HEIGHT_480P, WIDTH, WIDTH_480P, DiTConfig, ExpertOptions, is_finite_real,
+                      is_integer, is_real)
 from ..memory import GIB, rank_budget_need, rank_peak_bytes
 from ..runtime import check_backend, device_memory
 from ..split import A14B_HEADS, choose_split, divisors, valid_ulysses_degrees  # noqa: F401 (the split lives there)
@@ -415,7 +416,7 @@ def memory_lines(config: ParallelConfig, cfg: DiTConfig = A14B.dit, frames: int 
     """The split, what one GPU of `config`'s plan needs for the model at 720p and 480p with bf16
     and fp8 weights (`RankLoad.need`), and the smallest GPU given: the multi-GPU node's memory line."""
     lines = [config.describe()]
-    for label, (height, width) in (("720p", (HEIGHT, WIDTH)), ("480p", (480, 832))):
+    for label, (height, width) in (("720p", (HEIGHT, WIDTH)), ("480p", (HEIGHT_480P, WIDTH_480P))):
         loads = {name: RankLoad(cfg, (frames, height, width), weight_bytes, config.batch_cfg)
                  for name, weight_bytes in (("bf16", 2), ("fp8", 1))}
         needs = [f"{name} {size(load.need(config.plan))}" for name, load in loads.items()]

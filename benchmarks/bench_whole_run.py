@@ -41,20 +41,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_comm import (LINKS, OFFICIAL_H100_480P_S, OFFICIAL_H100_720P_S, cfg_bytes, forward_flops,  # noqa: E402
-                        gather_bytes, ring_bytes, ulysses_bytes, vae_decode_bytes)
+from bench_comm import (LINKS, OFFICIAL_H100_480P_S, OFFICIAL_H100_720P_S, STEPS, cfg_bytes,  # noqa: E402
+                        forward_flops, gather_bytes, ring_bytes, ulysses_bytes, vae_decode_bytes)
 from record import append_results  # noqa: E402
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-from wan22_core.config import A14B, FRAMES  # noqa: E402
+from wan22_core.config import A14B, FRAMES, HEIGHT, HEIGHT_480P, WIDTH, WIDTH_480P  # noqa: E402
 from wan22_core.memory import video_tokens  # noqa: E402
 from wan22_core.models.vae import WanVAE  # noqa: E402
 from wan22_core.parallel.plan import choose_split  # noqa: E402
 from wan22_core.parallel.vae_decode import row_exchanges  # noqa: E402
 from wan22_core.pipeline import latent_shape  # noqa: E402
 
-STEPS = 40
-SIZES = {"480p": (480, 832), "720p": (720, 1280)}  # (height, width)
+SIZES = {"480p": (HEIGHT_480P, WIDTH_480P), "720p": (HEIGHT, WIDTH)}  # (height, width)
 GPU_COUNTS = (1, 2, 3, 4, 6, 8, 16)
 GPUS_PER_NODE = 8
 EXPERT_BYTES = 14.29e9 * 2  # one expert in bf16 (design.md §5)

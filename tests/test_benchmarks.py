@@ -94,6 +94,25 @@ def test_bench_group_dry_run_compares_the_worker_group_with_both_clis(tmp_path):
     assert comparison["cli_s_per_step"] == pytest.approx(cli["stages"]["denoise"] / 2)
 
 
+def test_bench_whole_run_projects_every_stage_with_the_engines_split():
+    """The projection's arithmetic on its own inputs (no measurement): P = 1 is one GPU's steps plus
+    the other stages; each row's split is the engine's and uses all its GPUs; totals add up."""
+    import bench_whole_run as w
+
+    for size in w.SIZES:
+        rows = w.rows(size, write_s=1.0)
+        assert [r["gpus"] for r in rows] == list(w.GPU_COUNTS)
+        for row in rows:
+            cfg, ulysses, ring = (int(n) for n in row["split"].split("x"))
+            assert cfg * ulysses * ring == row["gpus"] and (cfg, ulysses, ring) == w.auto_split(row["gpus"])
+            for link in w.LINKS:
+                stage = row[link]
+                assert stage["total"] == pytest.approx(row["load"] + stage["sampling"] + stage["decode"] + 1.0)
+        one = rows[0][next(iter(w.LINKS))]
+        assert one["sampling"] == pytest.approx(w.STEPS * w.step_seconds(size, 1, 1, 1, next(iter(w.LINKS))))
+        assert rows[-1][next(iter(w.LINKS))]["sampling"] < one["sampling"] / 8  # 16 GPUs on NVLink-class links
+
+
 def test_bench_gguf_dry_run_dequantises_and_compiles(tmp_path):
     """BF16 (bf16 output is a view: no work to time) and Q4_K, eager and compiled; one thread, as
     a busy 2-core box times steadier that way. Every type's parity is in test_gguf_dequant."""

@@ -63,6 +63,9 @@ GGUF_FILES = {"Wan2.2-T2V-A14B-HighNoise-Q8_0.gguf": "diffusion_models", "Wan2.2
 NODES = ("Wan22TextEncoderLoader", "Wan22TextEncode", "Wan22MoEModelLoader", "Wan22LoRA", "Wan22VAELoader",
          "Wan22MultiGPUConfig", "Wan22MoESampler", "Wan22VAEDecode", "Wan22SaveVideo")
 TINY_SIZE = {"width": 32, "height": 32, "frames": 5}
+# The interrupted runs: steps long enough (tens of ms) that progress messages already in flight when
+# POST /interrupt returns cannot pass for steps run after it (at 32x32 a step takes ~1 ms)
+INTERRUPT_SIZE = {"width": 128, "height": 128, "frames": 17}
 TINY_STEPS = 4  # at most: a few steps show progress, previews and the expert switch
 CPU_RANKS = 3  # the multi-GPU example's ranks: a count Ulysses cannot split (40 heads), so the ring runs
 SPLIT = "3 CPU ranks: CFG 1 x Ulysses 1 x Ring 3"  # what the sampler reports for it (parallel_split)
@@ -313,7 +316,9 @@ async def run_lora_workflow(url: str, output_dir: Path) -> None:
 async def interrupt_workflow(url: str, name: str) -> None:
     """A long tiny run, interrupted through ComfyUI at step 3, must stop within a step."""
     steps = 500
-    run = await watch_prompt(url, tiny_prompt(name, steps), interrupt_at_step=3)
+    prompt = tiny_prompt(name, steps)
+    sampler_of(prompt)[1].update(INTERRUPT_SIZE)
+    run = await watch_prompt(url, prompt, interrupt_at_step=3)
     if run["end"] != "execution_interrupted" or run["after_interrupt"] > 1:
         raise RuntimeError(f"{name} interrupt: ended with {run['end']} after progress {run['progress'][-5:]} "
                            f"({run['after_interrupt']} steps after POST /interrupt)")
